@@ -1,0 +1,235 @@
+//! The stage-kind interface. Every kind (`download`, `command`, …) implements [`StageKind`];
+//! the engine knows nothing else about them. A [`Registry`] lists the kinds a binary offers.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::de::DeserializeOwned;
+
+use crate::diag::{FieldError, FieldPath, Target};
+
+/// Where one input of a stage comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputSource {
+    /// An artifact of another stage: all its outputs, or one named output (`stage.output`).
+    Stage { stage: String, output: Option<String> },
+    /// A file or directory outside the store, resolved against the pipeline file's directory.
+    Path(PathBuf),
+}
+
+/// A named input of a configured stage. Its digest (not its location) enters the cache key.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The name the key and `status --explain` use, e.g. `input` or `data/raw.csv`.
+    pub name: String,
+    pub source: InputSource,
+    /// The field that declared it, to locate errors such as a reference to an unknown stage.
+    pub field: FieldPath,
+}
+
+/// What a kind's parser sees: the stage's fields (without `kind`), and the other stage ids so
+/// that it can tell a reference (`prep.data`) from a path.
+pub struct ParseContext<'a> {
+    pub stage_id: &'a str,
+    /// Where the stage's mapping sits in the document (`stages.<id>`).
+    pub path: FieldPath,
+    pub stage_ids: &'a [String],
+    /// The directory relative paths are resolved against (the pipeline file's).
+    pub base_dir: &'a Path,
+}
+
+impl ParseContext<'_> {
+    /// Deserialises the stage's fields into a kind's typed, `deny_unknown_fields` struct,
+    /// keeping the path of any error so it can be located in the file.
+    pub fn fields<T: DeserializeOwned>(&self, fields: serde_yaml::Value) -> Result<T, FieldError> {
+        serde_path_to_error::deserialize(fields).map_err(|e| FieldError::from_serde(&self.path, e))
+    }
+
+    /// Reads a reference string: `stage` or `stage.output` when `stage` is an id in this
+    /// pipeline, else `None`.
+    pub fn as_stage_ref(&self, text: &str) -> Option<InputSource> {
+        let (stage, output) = match text.split_once('.') {
+            Some((s, o)) => (s, Some(o.to_string())),
+            None => (text, None),
+        };
+        if self.stage_ids.iter().any(|id| id == stage) {
+            Some(InputSource::Stage {
+                stage: stage.to_string(),
+                output: output.filter(|o| !o.is_empty()),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Resolves a path written in the pipeline against the pipeline file's directory.
+    pub fn resolve_path(&self, text: &str) -> PathBuf {
+        let p = Path::new(text.strip_prefix("file://").unwrap_or(text));
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// A field error at `field` (a path below this stage).
+    pub fn error(&self, field: &str, message: impl Into<String>) -> FieldError {
+        FieldError::new(self.path.key(field), Target::Value, message)
+    }
+}
+
+/// One kind of stage. Implementations live in the `pipe-stages` crate, one module each.
+pub trait StageKind: Send + Sync {
+    /// The name written as `kind:` in a pipeline.
+    fn name(&self) -> &'static str;
+    /// Bumped whenever a change in the implementation can change its outputs; part of the key.
+    fn version(&self) -> u32;
+    /// One line for `--help` and the README's reference table.
+    fn summary(&self) -> &'static str;
+    /// Checks and types the stage's fields.
+    fn parse(
+        &self,
+        cx: &ParseContext<'_>,
+        fields: serde_yaml::Value,
+    ) -> Result<Box<dyn Stage>, FieldError>;
+}
+
+/// A stage as configured in one pipeline: what it reads, the parameters that define its
+/// result, and how to produce it.
+pub trait Stage: Send + Sync {
+    /// Everything the stage reads. Their content digests enter the cache key.
+    fn inputs(&self) -> Vec<Input>;
+    /// The effective parameters (defaults filled in, overrides applied) that enter the cache
+    /// key. Must not contain secrets or machine-specific paths.
+    fn params(&self) -> serde_json::Value;
+    /// The output names it promises (`stage.name` references are checked against them), or
+    /// `None` when they are only known after a run.
+    fn outputs(&self) -> Option<Vec<String>> {
+        None
+    }
+    /// Whether state it leaves in its work directory lets an interrupted run continue.
+    /// Non-resumable stages start from an empty work directory on every attempt.
+    fn resumable(&self) -> bool {
+        false
+    }
+    /// Produces the outputs into `cx.out_dir`.
+    fn run(&self, cx: &mut StageContext) -> anyhow::Result<()>;
+}
+
+/// The error a stage returns when it stopped because the run was interrupted.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
+/// Progress a running stage reports to the live view.
+pub trait Progress: Send + Sync {
+    fn set_length(&self, len: u64);
+    fn set_position(&self, pos: u64);
+    fn set_message(&self, msg: String);
+}
+
+/// A progress sink that shows nothing (used by tests and `--quiet`).
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn set_length(&self, _: u64) {}
+    fn set_position(&self, _: u64) {}
+    fn set_message(&self, _: String) {}
+}
+
+/// What a running stage gets from the engine.
+pub struct StageContext {
+    pub stage_id: String,
+    pub key: String,
+    /// Input name → where its bytes are (a store path or an external path).
+    pub inputs: BTreeMap<String, PathBuf>,
+    /// Everything written here becomes the stage's outputs. Empty at the start of each attempt.
+    pub out_dir: PathBuf,
+    /// Survives failures and kills of this key's attempts (when the stage is resumable).
+    pub work_dir: PathBuf,
+    /// The pipeline file's directory.
+    pub base_dir: PathBuf,
+    pub log_path: PathBuf,
+    pub(crate) log: Arc<Mutex<File>>,
+    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) progress: Arc<dyn Progress>,
+    pub(crate) metrics: Option<serde_json::Value>,
+}
+
+impl StageContext {
+    /// True once the run was asked to stop (Ctrl-C, SIGTERM): save state and return
+    /// [`Interrupted`].
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+    /// Appends a line to the stage's log file.
+    pub fn log(&self, line: &str) {
+        if let Ok(mut f) = self.log.lock() {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    /// A handle on the log file, e.g. for a child process's stdout/stderr.
+    pub fn log_file(&self) -> std::io::Result<File> {
+        self.log.lock().expect("log lock").try_clone()
+    }
+    pub fn progress(&self) -> &dyn Progress {
+        self.progress.as_ref()
+    }
+    /// A summary of the stage's metrics, recorded in its manifest and shown by `pipe show`.
+    pub fn set_metrics(&mut self, metrics: serde_json::Value) {
+        self.metrics = Some(metrics);
+    }
+    /// The path of an input, by name.
+    pub fn input(&self, name: &str) -> anyhow::Result<&Path> {
+        self.inputs
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| anyhow::anyhow!("stage `{}` has no input `{name}`", self.stage_id))
+    }
+
+    /// A context for unit-testing a kind outside the engine.
+    pub fn for_test(out_dir: PathBuf, work_dir: PathBuf, base_dir: PathBuf, log_path: PathBuf) -> Self {
+        let log = File::create(&log_path).expect("create test log");
+        StageContext {
+            stage_id: "test".into(),
+            key: "0".repeat(64),
+            inputs: BTreeMap::new(),
+            out_dir,
+            work_dir,
+            base_dir,
+            log_path,
+            log: Arc::new(Mutex::new(log)),
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress: Arc::new(NoProgress),
+            metrics: None,
+        }
+    }
+}
+
+/// The stage kinds a binary offers.
+#[derive(Default)]
+pub struct Registry {
+    kinds: Vec<Box<dyn StageKind>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn with(mut self, kind: impl StageKind + 'static) -> Self {
+        self.kinds.push(Box::new(kind));
+        self
+    }
+    pub fn get(&self, name: &str) -> Option<&dyn StageKind> {
+        self.kinds.iter().find(|k| k.name() == name).map(|k| k.as_ref())
+    }
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.iter().map(|k| k.name()).collect()
+    }
+    pub fn kinds(&self) -> impl Iterator<Item = &dyn StageKind> {
+        self.kinds.iter().map(|k| k.as_ref())
+    }
+}

@@ -1,0 +1,25 @@
+//! The pipe engine: pipeline files → a DAG of stages → cache keys → a content-addressed store,
+//! and the run loop that ties them together. Stage kinds plug in through [`kind::StageKind`].
+//!
+//! Where to look:
+//! - the stage-kind interface: [`kind`]
+//! - the cache key recipe: [`key`]
+//! - the run loop: [`runner`]
+//! - the store layout: [`store`]
+
+pub mod diag;
+pub mod digest;
+pub mod graph;
+pub mod key;
+pub mod kind;
+pub mod lock;
+pub mod progress;
+pub mod runner;
+pub mod spec;
+pub mod store;
+
+pub use diag::{FieldError, FieldPath, SpecError};
+pub use kind::{Input, InputSource, Interrupted, ParseContext, Registry, Stage, StageContext, StageKind};
+pub use runner::{Engine, RunOptions, RunSummary, Status};
+pub use spec::{load, LoadError, Pipeline};
+pub use store::Store;

@@ -1,0 +1,501 @@
+//! Pipeline files: YAML → typed stages, with `${params.x}` substitution and `--set` overrides.
+//! Every error is located (file:line:column and the field).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use crate::diag::{FieldError, FieldPath, Origin, SpecError, Target};
+use crate::kind::{Input, InputSource, ParseContext, Registry, Stage};
+
+/// A parsed, checked pipeline.
+pub struct Pipeline {
+    pub name: String,
+    pub file: PathBuf,
+    /// The directory relative paths in the pipeline are resolved against.
+    pub base_dir: PathBuf,
+    /// Stages in file order.
+    pub stages: Vec<StageDef>,
+}
+
+impl fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("name", &self.name)
+            .field("file", &self.file)
+            .field("stages", &self.stages.iter().map(|s| &s.id).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// One stage of a pipeline, configured by its kind.
+pub struct StageDef {
+    pub id: String,
+    pub kind: &'static str,
+    pub kind_version: u32,
+    pub inputs: Vec<Input>,
+    pub params: serde_json::Value,
+    pub stage: Box<dyn Stage>,
+}
+
+impl StageDef {
+    /// The ids of the stages this one reads from.
+    pub fn upstream(&self) -> BTreeSet<&str> {
+        self.inputs
+            .iter()
+            .filter_map(|i| match &i.source {
+                InputSource::Stage { stage, .. } => Some(stage.as_str()),
+                InputSource::Path(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl Pipeline {
+    pub fn stage(&self, id: &str) -> Option<&StageDef> {
+        self.stages.iter().find(|s| s.id == id)
+    }
+    pub fn index(&self, id: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.id == id)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+    #[serde(default)]
+    params: Mapping,
+    stages: Mapping,
+}
+
+/// A `--set path=value` from the command line.
+#[derive(Debug, Clone)]
+struct Override {
+    text: String,
+    path: FieldPath,
+    value: Value,
+}
+
+/// Errors from loading a pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read pipeline file `{}`: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Spec(Box<SpecError>),
+    #[error("bad `--set {text}`: {message}")]
+    Override { text: String, message: String },
+}
+
+/// Reads, checks and types the pipeline in `file`, applying `--set` overrides.
+pub fn load(file: &Path, overrides: &[String], registry: &Registry) -> Result<Pipeline, LoadError> {
+    let src = std::fs::read_to_string(file).map_err(|source| LoadError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    parse(file, &src, overrides, registry)
+}
+
+/// Like [`load`], with the text given.
+pub fn parse(
+    file: &Path,
+    src: &str,
+    overrides: &[String],
+    registry: &Registry,
+) -> Result<Pipeline, LoadError> {
+    let spec_err = |e: FieldError, origin: Origin| LoadError::Spec(Box::new(SpecError::locate(file, src, e, origin)));
+    let raw: RawPipeline = serde_yaml::from_str(src)
+        .map_err(|e| LoadError::Spec(Box::new(SpecError::from_yaml(file, src, &e))))?;
+    let root = FieldPath::root();
+    if raw.name.trim().is_empty() {
+        return Err(spec_err(
+            FieldError::new(root.key("name"), Target::Value, "the pipeline `name` is empty")
+                .with_help("give the pipeline a name; it identifies its runs in the cache"),
+            Origin::File,
+        ));
+    }
+
+    let mut params = raw.params;
+    let mut stage_maps: Vec<(String, Value)> = Vec::new();
+    for (k, v) in raw.stages {
+        let Some(id) = k.as_str().map(str::to_string) else {
+            return Err(spec_err(
+                FieldError::new(root.key("stages"), Target::Key, "stage ids must be strings"),
+                Origin::File,
+            ));
+        };
+        let path = root.key("stages").key(&id);
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(spec_err(
+                FieldError::new(path, Target::Key, format!("invalid stage id `{id}`"))
+                    .with_help("stage ids use letters, digits, `_` and `-` (a `.` separates a stage from one of its outputs)"),
+                Origin::File,
+            ));
+        }
+        if !v.is_mapping() {
+            return Err(spec_err(
+                FieldError::new(path, Target::Value, format!("stage `{id}` must be a mapping with a `kind` field")),
+                Origin::File,
+            ));
+        }
+        stage_maps.push((id, v));
+    }
+    let stage_ids: Vec<String> = stage_maps.iter().map(|(id, _)| id.clone()).collect();
+
+    let overrides = overrides
+        .iter()
+        .map(|o| parse_override(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    for o in &overrides {
+        apply_override(o, &mut params, &mut stage_maps)?;
+    }
+    let origin_of = |path: &FieldPath| -> Origin {
+        overrides
+            .iter()
+            .find(|o| path.0.starts_with(&o.path.0))
+            .map(|o| Origin::Override(o.text.clone()))
+            .unwrap_or(Origin::File)
+    };
+
+    let base_dir = file
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let base_dir = base_dir.canonicalize().unwrap_or(base_dir);
+
+    let mut stages = Vec::new();
+    for (id, value) in stage_maps {
+        let path = root.key("stages").key(&id);
+        let Value::Mapping(mut fields) = value else {
+            unreachable!("checked above")
+        };
+        let kind_name = match fields.remove("kind") {
+            Some(Value::String(s)) => s,
+            Some(_) => {
+                return Err(spec_err(
+                    FieldError::new(path.key("kind"), Target::Value, "`kind` must be a string"),
+                    Origin::File,
+                ))
+            }
+            None => {
+                return Err(spec_err(
+                    FieldError::new(path.key("kind"), Target::Key, format!("missing field `kind` in stage `{id}`"))
+                        .with_help(format!("known kinds: {}", registry.names().join(", "))),
+                    Origin::File,
+                ))
+            }
+        };
+        let Some(kind) = registry.get(&kind_name) else {
+            return Err(spec_err(
+                FieldError::new(path.key("kind"), Target::Value, format!("unknown stage kind `{kind_name}`"))
+                    .with_help(format!("known kinds: {}", registry.names().join(", "))),
+                Origin::File,
+            ));
+        };
+        let mut fields = Value::Mapping(fields);
+        substitute_params(&mut fields, &params, &path).map_err(|e| {
+            let o = origin_of(&e.path);
+            spec_err(e, o)
+        })?;
+        let cx = ParseContext {
+            stage_id: &id,
+            path: path.clone(),
+            stage_ids: &stage_ids,
+            base_dir: &base_dir,
+        };
+        let stage = kind.parse(&cx, fields).map_err(|e| {
+            let o = origin_of(&e.path);
+            spec_err(e, o)
+        })?;
+        stages.push(StageDef {
+            id,
+            kind: kind.name(),
+            kind_version: kind.version(),
+            inputs: stage.inputs(),
+            params: stage.params(),
+            stage,
+        });
+    }
+
+    // References to outputs a stage does not promise.
+    for s in &stages {
+        for input in &s.inputs {
+            if let InputSource::Stage {
+                stage,
+                output: Some(output),
+            } = &input.source
+            {
+                let up = stages.iter().find(|u| &u.id == stage).expect("ids checked by the kind");
+                if let Some(outs) = up.stage.outputs() {
+                    let ok = outs.iter().any(|o| {
+                        output == o
+                            || output.starts_with(&format!("{o}/"))
+                            || o.starts_with(&format!("{output}/"))
+                    });
+                    if !ok {
+                        return Err(spec_err(
+                            FieldError::new(
+                                input.field.clone(),
+                                Target::Value,
+                                format!("stage `{stage}` has no output `{output}`"),
+                            )
+                            .with_help(format!("`{stage}` produces: {}", outs.join(", "))),
+                            origin_of(&input.field),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    let pipeline = Pipeline {
+        name: raw.name,
+        file: file.to_path_buf(),
+        base_dir,
+        stages,
+    };
+    if let Some(cycle) = crate::graph::find_cycle(&pipeline) {
+        let first = pipeline.stage(&cycle[0]).expect("cycle stage");
+        let field = first
+            .inputs
+            .iter()
+            .find(|i| matches!(&i.source, InputSource::Stage { stage, .. } if *stage == cycle[1 % cycle.len()]))
+            .map(|i| i.field.clone())
+            .unwrap_or_else(|| root.key("stages").key(&cycle[0]));
+        let mut shown = cycle.clone();
+        shown.push(cycle[0].clone());
+        return Err(spec_err(
+            FieldError::new(field, Target::Value, format!("dependency cycle: {} (each stage reads from the next)", shown.join(" → ")))
+                .with_help("a stage cannot depend, directly or through others, on itself"),
+            Origin::File,
+        ));
+    }
+    Ok(pipeline)
+}
+
+fn parse_override(text: &str) -> Result<Override, LoadError> {
+    let bad = |message: &str| LoadError::Override {
+        text: text.to_string(),
+        message: message.to_string(),
+    };
+    let (lhs, rhs) = text
+        .split_once('=')
+        .ok_or_else(|| bad("expected `stage.field=value` or `params.name=value`"))?;
+    let segs: Vec<&str> = lhs.split('.').collect();
+    if segs.len() < 2 || segs.iter().any(|s| s.is_empty()) {
+        return Err(bad("expected `stage.field=value` or `params.name=value`"));
+    }
+    // The value is read as YAML, so `3`, `1e-4`, `true` and `[a, b]` get their types.
+    let value = serde_yaml::from_str::<Value>(rhs).unwrap_or_else(|_| Value::String(rhs.to_string()));
+    let mut path = FieldPath::root();
+    if segs[0] == "params" {
+        path = path.key("params");
+    } else {
+        path = path.key("stages");
+    }
+    for s in &segs {
+        if *s != "params" || path.0.len() > 1 {
+            path = path.key(*s);
+        }
+    }
+    Ok(Override {
+        text: text.to_string(),
+        path,
+        value,
+    })
+}
+
+fn apply_override(
+    o: &Override,
+    params: &mut Mapping,
+    stages: &mut [(String, Value)],
+) -> Result<(), LoadError> {
+    let bad = |message: String| LoadError::Override {
+        text: o.text.clone(),
+        message,
+    };
+    let keys: Vec<String> = o
+        .path
+        .0
+        .iter()
+        .map(|s| match s {
+            crate::diag::PathSeg::Key(k) => k.clone(),
+            crate::diag::PathSeg::Index(i) => i.to_string(),
+        })
+        .collect();
+    if keys[0] == "params" {
+        let name = &keys[1];
+        let Some(slot) = params.get_mut(name.as_str()) else {
+            let known: Vec<String> = params.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+            return Err(bad(format!(
+                "the pipeline has no param `{name}` (params: {})",
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            )));
+        };
+        set_nested(slot, &keys[2..], o.value.clone());
+        return Ok(());
+    }
+    let stage_id = &keys[1];
+    let Some((_, map)) = stages.iter_mut().find(|(id, _)| id == stage_id) else {
+        let ids: Vec<&str> = stages.iter().map(|(id, _)| id.as_str()).collect();
+        return Err(bad(format!(
+            "the pipeline has no stage `{stage_id}` (stages: {})",
+            ids.join(", ")
+        )));
+    };
+    set_nested(map, &keys[2..], o.value.clone());
+    Ok(())
+}
+
+fn set_nested(slot: &mut Value, keys: &[String], value: Value) {
+    let Some((first, rest)) = keys.split_first() else {
+        *slot = value;
+        return;
+    };
+    if let Value::Sequence(seq) = slot {
+        if let Ok(i) = first.parse::<usize>() {
+            if i < seq.len() {
+                return set_nested(&mut seq[i], rest, value);
+            }
+        }
+    }
+    if !slot.is_mapping() {
+        *slot = Value::Mapping(Mapping::new());
+    }
+    let map = slot.as_mapping_mut().expect("mapping");
+    let child = map
+        .entry(Value::String(first.clone()))
+        .or_insert(Value::Null);
+    set_nested(child, rest, value);
+}
+
+/// Replaces `${params.name}` in every string below `value`. A string that is exactly one
+/// reference takes the param's value with its type; elsewhere the param is spliced in as text.
+/// `$${` stands for a literal `${`.
+pub fn substitute_params(value: &mut Value, params: &Mapping, path: &FieldPath) -> Result<(), FieldError> {
+    match value {
+        Value::String(s) => {
+            if !s.contains("${params.") && !s.contains("$${") {
+                return Ok(());
+            }
+            let trimmed = s.trim();
+            if let Some(name) = trimmed
+                .strip_prefix("${params.")
+                .and_then(|r| r.strip_suffix('}'))
+                .filter(|n| !n.contains('}'))
+            {
+                *value = lookup_param(params, name, path)?.clone();
+                return Ok(());
+            }
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(pos) = rest.find('$') {
+                out.push_str(&rest[..pos]);
+                let tail = &rest[pos..];
+                if let Some(t) = tail.strip_prefix("$${") {
+                    out.push_str("${");
+                    rest = t;
+                } else if let Some(t) = tail.strip_prefix("${params.") {
+                    let end = t.find('}').ok_or_else(|| {
+                        FieldError::new(path.clone(), Target::Value, "unterminated `${params.` reference")
+                    })?;
+                    let name = &t[..end];
+                    let v = lookup_param(params, name, path)?;
+                    match v {
+                        Value::String(x) => out.push_str(x),
+                        Value::Number(n) => out.push_str(&n.to_string()),
+                        Value::Bool(b) => out.push_str(&b.to_string()),
+                        Value::Null => out.push_str("null"),
+                        _ => {
+                            return Err(FieldError::new(
+                                path.clone(),
+                                Target::Value,
+                                format!("param `{name}` is a list or mapping and cannot be spliced into text"),
+                            )
+                            .with_help(format!("write `${{params.{name}}}` as the whole value")))
+                        }
+                    }
+                    rest = &t[end + 1..];
+                } else {
+                    out.push('$');
+                    rest = &tail[1..];
+                }
+            }
+            out.push_str(rest);
+            *s = out;
+            Ok(())
+        }
+        Value::Sequence(seq) => {
+            for (i, v) in seq.iter_mut().enumerate() {
+                substitute_params(v, params, &path.index(i))?;
+            }
+            Ok(())
+        }
+        Value::Mapping(map) => {
+            for (k, v) in map.iter_mut() {
+                let key = k.as_str().map(str::to_string).unwrap_or_default();
+                substitute_params(v, params, &path.key(key))?;
+            }
+            Ok(())
+        }
+        Value::Tagged(t) => substitute_params(&mut t.value, params, path),
+        _ => Ok(()),
+    }
+}
+
+fn lookup_param<'a>(params: &'a Mapping, name: &str, path: &FieldPath) -> Result<&'a Value, FieldError> {
+    params.get(name).ok_or_else(|| {
+        let known: Vec<String> = params.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+        FieldError::new(path.clone(), Target::Value, format!("unknown param `{name}`")).with_help(
+            if known.is_empty() {
+                "the pipeline declares no `params:`".to_string()
+            } else {
+                format!("declared params: {}", known.join(", "))
+            },
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Mapping {
+        serde_yaml::from_str("lr: 0.001\nname: run1\nlist: [1, 2]\n").unwrap()
+    }
+
+    #[test]
+    fn whole_value_reference_keeps_its_type() {
+        let mut v: Value = serde_yaml::from_str("a: ${params.lr}\nb: x-${params.name}-${params.lr}\nc: $${params.lr}").unwrap();
+        substitute_params(&mut v, &params(), &FieldPath::root()).unwrap();
+        assert_eq!(v["a"], Value::from(0.001));
+        assert_eq!(v["b"], Value::from("x-run1-0.001"));
+        assert_eq!(v["c"], Value::from("${params.lr}"));
+    }
+
+    #[test]
+    fn unknown_param_names_the_field_and_the_declared_params() {
+        let mut v: Value = serde_yaml::from_str("a:\n  b: ${params.nope}\n").unwrap();
+        let e = substitute_params(&mut v, &params(), &FieldPath::root()).unwrap_err();
+        assert_eq!(e.path.to_string(), "a.b");
+        assert!(e.message.contains("nope"));
+        assert!(e.help.unwrap().contains("lr"));
+    }
+
+    #[test]
+    fn splicing_a_list_is_an_error() {
+        let mut v: Value = serde_yaml::from_str("a: x${params.list}").unwrap();
+        assert!(substitute_params(&mut v, &params(), &FieldPath::root()).is_err());
+    }
+}
