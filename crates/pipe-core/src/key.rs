@@ -65,6 +65,10 @@ impl std::fmt::Display for Change {
             Change::KindVersion { from, to } => {
                 write!(f, "the kind's implementation changed: version {from} → {to}")
             }
+            Change::Param { path, from: Some(a), to: Some(b) } => {
+                let (a, b) = elide_common(&a.to_string(), &b.to_string());
+                write!(f, "param `{path}` changed: {a} → {b}")
+            }
             Change::Param { path, from, to } => {
                 write!(f, "param `{path}` changed: {} → {}", show(from), show(to))
             }
@@ -75,6 +79,32 @@ impl std::fmt::Display for Change {
             }
         }
     }
+}
+
+/// Shortens two long values to the part where they differ, with a little context.
+fn elide_common(a: &str, b: &str) -> (String, String) {
+    const CONTEXT: usize = 12;
+    if a.chars().count() <= 60 && b.chars().count() <= 60 {
+        return (a.to_string(), b.to_string());
+    }
+    let (ac, bc): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let prefix = ac.iter().zip(&bc).take_while(|(x, y)| x == y).count();
+    let max_suffix = ac.len().min(bc.len()) - prefix;
+    let suffix = ac.iter().rev().zip(bc.iter().rev()).take(max_suffix).take_while(|(x, y)| x == y).count();
+    let cut = |c: &[char]| {
+        let start = prefix.saturating_sub(CONTEXT);
+        let end = (c.len() - suffix + CONTEXT).min(c.len());
+        let mut s = String::new();
+        if start > 0 {
+            s.push('…');
+        }
+        s.extend(&c[start..end]);
+        if end < c.len() {
+            s.push('…');
+        }
+        s
+    };
+    (cut(&ac), cut(&bc))
 }
 
 /// What differs between `old` and `new`, field by field.
@@ -169,6 +199,14 @@ mod tests {
         let mut r = recipe();
         r.kind = "other".into();
         assert_ne!(r.key(), base);
+    }
+
+    #[test]
+    fn long_values_are_shown_around_the_difference() {
+        assert_eq!(elide_common("short", "other"), ("short".to_string(), "other".to_string()));
+        let (a, b) = elide_common(&format!("{}3{}", "p".repeat(50), "s".repeat(50)), &format!("{}4{}", "p".repeat(50), "s".repeat(50)));
+        assert_eq!(a, format!("…{}3{}…", "p".repeat(12), "s".repeat(12)));
+        assert_eq!(b, format!("…{}4{}…", "p".repeat(12), "s".repeat(12)));
     }
 
     #[test]

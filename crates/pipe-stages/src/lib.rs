@@ -1,0 +1,11 @@
+//! Every stage kind pipe offers, one module each. Adding a kind is adding a module here and a
+//! line to [`registry`].
+
+pub mod command;
+
+use pipe_core::Registry;
+
+/// All stage kinds, as the `pipe` binary offers them.
+pub fn registry() -> Registry {
+    Registry::new().with(command::CommandKind)
+}
