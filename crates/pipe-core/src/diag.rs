@@ -184,8 +184,25 @@ impl SpecError {
             Some(l) => (Some(l.line()), Some(l.column())),
             None => (None, None),
         };
-        let source_line = line.and_then(|l| src.lines().nth(l - 1)).map(str::to_string);
         let mut message = err.to_string();
+        let mut help = None;
+        // serde_yaml points at the first of two equal keys; the mistake is the second.
+        let (mut line, mut column) = (line, column);
+        if let Some(dup) = message
+            .split_once("duplicate entry with key \"")
+            .and_then(|(_, r)| r.split('"').next())
+        {
+            let parent = message.split_once(": ").map(|(p, _)| p).unwrap_or("");
+            let mut path = FieldPath::root();
+            for seg in parent.split('.').filter(|s| !s.is_empty() && !s.contains(' ')) {
+                path = path.key(seg);
+            }
+            if let Some((l, c)) = locate_nth(src, &path.key(dup), Target::Key, 1) {
+                (line, column) = (Some(l), Some(c));
+            }
+            help = Some(format!("`{dup}` is defined twice; ids and field names must be unique"));
+        }
+        let source_line = line.and_then(|l| src.lines().nth(l - 1)).map(str::to_string);
         // serde_yaml appends " at line L column C"; we print the location ourselves.
         if let Some(idx) = message.find(" at line ") {
             message.truncate(idx);
@@ -208,7 +225,7 @@ impl SpecError {
             source_line,
             field,
             message,
-            help: None,
+            help,
             origin: Origin::File,
         }
     }
@@ -224,9 +241,9 @@ impl fmt::Display for SpecError {
         if let (Some(l), Some(c), Some(text)) = (self.line, self.column, &self.source_line) {
             let num = l.to_string();
             let pad = " ".repeat(num.len());
-            writeln!(f, "{pad} |")?;
-            writeln!(f, "{num} | {text}")?;
-            writeln!(f, "{pad} | {}^", " ".repeat(c.saturating_sub(1)))?;
+            writeln!(f, " {pad} |")?;
+            writeln!(f, " {num} | {text}")?;
+            writeln!(f, " {pad} | {}^", " ".repeat(c.saturating_sub(1)))?;
         }
         if !self.field.0.is_empty() {
             write!(f, "   = field: {}", self.field)?;
@@ -251,11 +268,17 @@ impl std::error::Error for SpecError {}
 /// walks down the path and stops with an error at the target node, and serde_yaml stamps that
 /// error with the node's position.
 pub fn locate(src: &str, path: &FieldPath, target: Target) -> Option<(usize, usize)> {
+    locate_nth(src, path, target, 0)
+}
+
+/// Like [`locate`], for the `nth` (0-based) occurrence of a repeated last key.
+pub fn locate_nth(src: &str, path: &FieldPath, target: Target, nth: usize) -> Option<(usize, usize)> {
     const FOUND: &str = "\u{0}pipe-locate-found";
     let de = serde_yaml::Deserializer::from_str(src);
     let seek = Seek {
         path: &path.0,
         target,
+        nth,
     };
     match seek.deserialize(de) {
         Err(e) if e.to_string().contains(FOUND) => {
@@ -268,6 +291,8 @@ pub fn locate(src: &str, path: &FieldPath, target: Target) -> Option<(usize, usi
 struct Seek<'p> {
     path: &'p [PathSeg],
     target: Target,
+    /// Which occurrence of the last key to stop at (duplicates).
+    nth: usize,
 }
 
 fn found<E: de::Error>() -> E {
@@ -320,6 +345,7 @@ impl<'de> Visitor<'de> for Seek<'_> {
                 seq.next_element_seed(Seek {
                     path: rest,
                     target: self.target,
+                    nth: self.nth,
                 })?;
                 return Ok(());
             }
@@ -334,16 +360,21 @@ impl<'de> Visitor<'de> for Seek<'_> {
             return self.leaf();
         };
         let stop_at_key = rest.is_empty() && self.target == Target::Key;
+        let mut seen = 0;
         while let Some(is_match) = map.next_key_seed(KeySeed {
             want,
-            stop: stop_at_key,
+            stop: stop_at_key && seen == self.nth,
         })? {
-            if is_match {
+            if is_match && (seen == self.nth || !rest.is_empty()) {
                 map.next_value_seed(Seek {
                     path: rest,
                     target: self.target,
+                    nth: self.nth,
                 })?;
                 return Ok(());
+            }
+            if is_match {
+                seen += 1;
             }
             map.next_value::<IgnoredAny>()?;
         }

@@ -66,6 +66,23 @@ impl ParseContext<'_> {
         }
     }
 
+    /// Reads a field that must name a stage (`prompts`) or one of its outputs (`prompts.train`).
+    pub fn stage_ref(&self, field: &FieldPath, text: &str) -> Result<InputSource, FieldError> {
+        match self.as_stage_ref(text) {
+            Some(InputSource::Stage { stage, .. }) if stage == self.stage_id => Err(FieldError::new(
+                field.clone(),
+                Target::Value,
+                format!("stage `{stage}` cannot read its own outputs"),
+            )),
+            Some(r) => Ok(r),
+            None => {
+                let stage = text.split('.').next().unwrap_or(text);
+                Err(FieldError::new(field.clone(), Target::Value, format!("unknown stage `{stage}`"))
+                    .with_help(format!("stages in this pipeline: {}", self.stage_ids.join(", "))))
+            }
+        }
+    }
+
     /// Resolves a path written in the pipeline against the pipeline file's directory.
     pub fn resolve_path(&self, text: &str) -> PathBuf {
         let p = Path::new(text.strip_prefix("file://").unwrap_or(text));

@@ -9,6 +9,7 @@
 
 pub mod diag;
 pub mod digest;
+pub mod fault;
 pub mod graph;
 pub mod key;
 pub mod kind;

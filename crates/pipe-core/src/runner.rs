@@ -585,7 +585,10 @@ impl Job {
             Ok((state, out, log))
         })();
         let (state, out, log) = match prepared {
-            Ok(x) => x,
+            Ok(x) => {
+                crate::fault::point("attempt-started");
+                x
+            }
             Err(e) => {
                 return Attempt::Failed {
                     error: format!("cannot prepare the stage's work directory: {e}"),

@@ -228,9 +228,31 @@ pub fn parse(
         });
     }
 
-    // References to outputs a stage does not promise.
+    // External inputs must exist; references to outputs must be ones the stage promises.
     for s in &stages {
         for input in &s.inputs {
+            if let InputSource::Path(p) = &input.source {
+                if !p.exists() {
+                    let help = if input.name.contains('.') {
+                        format!(
+                            "paths are read from {}; a `stage.output` reference needs one of these stages: {}",
+                            base_dir.display(),
+                            stage_ids.join(", ")
+                        )
+                    } else {
+                        format!("paths are read from {}", base_dir.display())
+                    };
+                    return Err(spec_err(
+                        FieldError::new(
+                            input.field.clone(),
+                            Target::Value,
+                            format!("input `{}` does not exist ({})", input.name, p.display()),
+                        )
+                        .with_help(help),
+                        origin_of(&input.field),
+                    ));
+                }
+            }
             if let InputSource::Stage {
                 stage,
                 output: Some(output),
@@ -297,7 +319,12 @@ fn parse_override(text: &str) -> Result<Override, LoadError> {
         return Err(bad("expected `stage.field=value` or `params.name=value`"));
     }
     // The value is read as YAML, so `3`, `1e-4`, `true` and `[a, b]` get their types.
-    let value = serde_yaml::from_str::<Value>(rhs).unwrap_or_else(|_| Value::String(rhs.to_string()));
+    // Anything that is not plainly a list or mapping (`?`, `a: b`) stays the text it is.
+    let value = match serde_yaml::from_str::<Value>(rhs) {
+        Ok(v @ (Value::Sequence(_) | Value::Mapping(_))) if rhs.trim_start().starts_with(['[', '{']) => v,
+        Ok(v @ (Value::Bool(_) | Value::Number(_) | Value::Null | Value::String(_))) => v,
+        _ => Value::String(rhs.to_string()),
+    };
     let mut path = FieldPath::root();
     if segs[0] == "params" {
         path = path.key("params");

@@ -254,6 +254,7 @@ impl Store {
             })
             .collect::<io::Result<()>>()?;
 
+        crate::fault::point("commit-objects-stored");
         let view = self.out_dir(&key);
         if view.exists() {
             make_writable(&view);
@@ -262,10 +263,12 @@ impl Store {
         fs::rename(&view_tmp, &view)?;
         sync_dir(&entry);
 
+        crate::fault::point("commit-view-built");
         manifest.outputs_digest = tree_digest(&entries);
         manifest.outputs = entries;
         let body = serde_json::to_vec_pretty(&manifest)?;
         write_atomic(&self.manifest_path(&key), &body, true)?;
+        crate::fault::point("commit-manifest-written");
         Ok(manifest)
     }
 

@@ -1,0 +1,127 @@
+//! A scratch project directory and the real `pipe` binary, for end-to-end tests.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new() -> Self {
+        Project {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    pub fn write(&self, rel: &str, text: &str) -> &Self {
+        let p = self.path(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+        self
+    }
+    pub fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.path(rel)).unwrap_or_default()
+    }
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pipe"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env_remove("PIPE_CACHE")
+            .env_remove("PIPE_FAULT")
+            .env_remove("PIPE_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+    pub fn pipe(&self, args: &[&str]) -> Run {
+        Run::from(self.cmd(args).output().expect("run pipe"))
+    }
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pipe")
+    }
+    /// How many times the commands appended to the counter file `runs.log` ran stage `id`.
+    pub fn runs_of(&self, id: &str) -> usize {
+        self.read("runs.log").lines().filter(|l| *l == id).count()
+    }
+    /// Every file under the store's entries, with its contents, for comparing two stores.
+    pub fn outputs(&self, cache: &str) -> Vec<(String, String)> {
+        let mut v = Vec::new();
+        let stages = self.path(cache).join("stages");
+        for e in fs::read_dir(&stages).unwrap() {
+            let e = e.unwrap().path();
+            if !e.join("manifest.json").exists() {
+                continue;
+            }
+            collect(&e.join("out"), &e, &mut v);
+        }
+        v.sort();
+        v
+    }
+    pub fn wait_for(&self, rel: &str, timeout: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if self.path(rel).exists() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+fn collect(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            collect(&p, root, out);
+        } else {
+            let rel = p.strip_prefix(root.parent().unwrap()).unwrap().display().to_string();
+            out.push((rel, fs::read_to_string(&p).unwrap_or_default()));
+        }
+    }
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "pipe failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+pub fn sigkill(child: &mut Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
