@@ -174,7 +174,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 pipe_core::progress::hide();
                 let mut engine = engine_for_reading(&pipeline, &cli.cache)?;
                 let rows = engine.plan(&selection).map_err(anyhow::Error::msg)?;
-                println!("plan for `{}` ({}):", pipeline.name, args.file.file.display());
+                println!(
+                    "plan for `{}` ({}):",
+                    pipeline.name,
+                    args.file.file.display()
+                );
                 for row in &rows {
                     println!("  {row}");
                 }
@@ -183,9 +187,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             let cancel = interrupt_flag();
             let store = Store::open(&cli.cache)?;
             let mut engine = Engine::new(&pipeline, store);
-            let jobs = args
-                .jobs
-                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let jobs = args.jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
             let summary = engine.run(&RunOptions { selection, jobs }, cancel)?;
             let table = summary.table();
             if summary.ok() {
@@ -200,14 +206,26 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Check(f) => {
             let p = load(&f)?;
-            let kinds: Vec<String> = p.stages.iter().map(|s| format!("{} ({})", s.id, s.kind)).collect();
-            println!("{}: ok — pipeline `{}`, {} stages: {}", f.file.display(), p.name, p.stages.len(), kinds.join(", "));
+            let kinds: Vec<String> = p
+                .stages
+                .iter()
+                .map(|s| format!("{} ({})", s.id, s.kind))
+                .collect();
+            println!(
+                "{}: ok — pipeline `{}`, {} stages: {}",
+                f.file.display(),
+                p.name,
+                p.stages.len(),
+                kinds.join(", ")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { file, explain } => {
             let p = load(&file)?;
             let mut engine = engine_for_reading(&p, &cli.cache)?;
-            let rows = engine.plan(&Selection::default()).map_err(anyhow::Error::msg)?;
+            let rows = engine
+                .plan(&Selection::default())
+                .map_err(anyhow::Error::msg)?;
             print!("{}", status_text(&p, &rows, explain));
             Ok(ExitCode::SUCCESS)
         }
@@ -225,11 +243,19 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             let p = load(&file)?;
             if p.stage(&stage).is_none() {
                 let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
-                bail!("the pipeline has no stage `{stage}` (stages: {})", ids.join(", "));
+                bail!(
+                    "the pipeline has no stage `{stage}` (stages: {})",
+                    ids.join(", ")
+                );
             }
             let mut engine = engine_for_reading(&p, &cli.cache)?;
-            let rows = engine.plan(&Selection::default()).map_err(anyhow::Error::msg)?;
-            let row = rows.iter().find(|r| r.stage == stage).expect("every stage has a row");
+            let rows = engine
+                .plan(&Selection::default())
+                .map_err(anyhow::Error::msg)?;
+            let row = rows
+                .iter()
+                .find(|r| r.stage == stage)
+                .expect("every stage has a row");
             let (manifest, current) = match (&row.verdict, &row.key) {
                 (Verdict::Cached, Some(k)) => (engine.store.read_manifest(k), true),
                 _ => (
@@ -241,7 +267,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ),
             };
             let Some(m) = manifest else {
-                bail!("stage `{stage}` has never completed in this store ({})", cli.cache.display());
+                bail!(
+                    "stage `{stage}` has never completed in this store ({})",
+                    cli.cache.display()
+                );
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
@@ -250,11 +279,18 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gc { keep_last, work, dry_run } => {
+        Command::Gc {
+            keep_last,
+            work,
+            dry_run,
+        } => {
             let store = Store::open(&cli.cache)?;
             let _lock = WorkspaceLock::acquire(&store.lock_path())?;
             if keep_last == Some(0) {
-                bail!("--keep-last must be at least 1 (to empty the store, delete {})", cli.cache.display());
+                bail!(
+                    "--keep-last must be at least 1 (to empty the store, delete {})",
+                    cli.cache.display()
+                );
             }
             let r = store.gc(keep_last, work, dry_run)?;
             let verb = if dry_run { "would remove" } else { "removed" };
@@ -311,14 +347,20 @@ fn status_text(p: &Pipeline, rows: &[PlanRow], explain: bool) -> String {
         let (word, detail): (&str, Vec<String>) = match &row.verdict {
             Verdict::Cached => ("cached", vec![]),
             Verdict::NeverRun => ("never run", vec![]),
-            Verdict::Missing => ("stale", vec!["its last result is no longer in the store".into()]),
+            Verdict::Missing => (
+                "stale",
+                vec!["its last result is no longer in the store".into()],
+            ),
             Verdict::Stale(changes) => ("stale", changes.iter().map(|c| c.to_string()).collect()),
             Verdict::Forced | Verdict::NotSelected => ("stale", vec![]),
             Verdict::WaitsOn(ups) => (
                 "stale",
                 vec![format!(
                     "reads {}, which must run first; it re-runs only if their outputs change",
-                    ups.iter().map(|u| format!("`{u}`")).collect::<Vec<_>>().join(", ")
+                    ups.iter()
+                        .map(|u| format!("`{u}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )],
             ),
             Verdict::Error(e) => ("error", vec![e.clone()]),
@@ -335,26 +377,59 @@ fn status_text(p: &Pipeline, rows: &[PlanRow], explain: bool) -> String {
 
 fn show_text(store: &Store, m: &pipe_core::store::Manifest, current: bool) -> String {
     let mut s = String::new();
-    s.push_str(&format!("stage     {} ({} v{})\n", m.stage, m.kind, m.kind_version));
-    s.push_str(&format!("key       {}{}\n", m.key, if current { "" } else { "  (last run; the current key differs: stale)" }));
-    s.push_str(&format!("ran       {} → {} ({:.1}s)\n", m.started, m.finished, m.wall_s));
-    s.push_str(&format!("params    {}\n", serde_json::to_string(&m.params).unwrap_or_default()));
+    s.push_str(&format!(
+        "stage     {} ({} v{})\n",
+        m.stage, m.kind, m.kind_version
+    ));
+    s.push_str(&format!(
+        "key       {}{}\n",
+        m.key,
+        if current {
+            ""
+        } else {
+            "  (last run; the current key differs: stale)"
+        }
+    ));
+    s.push_str(&format!(
+        "ran       {} → {} ({:.1}s)\n",
+        m.started, m.finished, m.wall_s
+    ));
+    s.push_str(&format!(
+        "params    {}\n",
+        serde_json::to_string(&m.params).unwrap_or_default()
+    ));
     s.push_str("inputs\n");
     for (name, r) in &m.inputs {
         s.push_str(&format!("  {name}  {}  ({})\n", &r.digest[..12], r.source));
     }
     let total: u64 = m.outputs.iter().map(|f| f.size).sum();
-    s.push_str(&format!("outputs   {} files, {} in {}\n", m.outputs.len(), human_bytes(total), store.out_dir(&m.key).display()));
+    s.push_str(&format!(
+        "outputs   {} files, {} in {}\n",
+        m.outputs.len(),
+        human_bytes(total),
+        store.out_dir(&m.key).display()
+    ));
     for f in m.outputs.iter().take(50) {
-        s.push_str(&format!("  {}  {:>10}  {}\n", &f.digest[..12], human_bytes(f.size), f.path));
+        s.push_str(&format!(
+            "  {}  {:>10}  {}\n",
+            &f.digest[..12],
+            human_bytes(f.size),
+            f.path
+        ));
     }
     if m.outputs.len() > 50 {
         s.push_str(&format!("  … and {} more\n", m.outputs.len() - 50));
     }
     if let Some(metrics) = &m.metrics {
-        s.push_str(&format!("metrics   {}\n", serde_json::to_string(metrics).unwrap_or_default()));
+        s.push_str(&format!(
+            "metrics   {}\n",
+            serde_json::to_string(metrics).unwrap_or_default()
+        ));
     }
-    s.push_str(&format!("log       {}\n", store.root.join(&m.log).display()));
+    s.push_str(&format!(
+        "log       {}\n",
+        store.root.join(&m.log).display()
+    ));
     s
 }
 
@@ -372,4 +447,3 @@ fn human_bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
-

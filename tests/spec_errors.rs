@@ -22,33 +22,71 @@ fn assert_has(out: &str, parts: &[&str]) {
 
 #[test]
 fn unknown_field_names_its_location_and_the_expected_fields() {
-    let e = check("name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    dpes: [x]\n", &[]);
-    assert_has(&e, &["unknown field `dpes`", "p.yaml:6:5", "field: stages.a.dpes", "expected one of", "`deps`"]);
+    let e = check(
+        "name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    dpes: [x]\n",
+        &[],
+    );
+    assert_has(
+        &e,
+        &[
+            "unknown field `dpes`",
+            "p.yaml:6:5",
+            "field: stages.a.dpes",
+            "expected one of",
+            "`deps`",
+        ],
+    );
 }
 
 #[test]
 fn unknown_kind_lists_the_known_ones() {
     let e = check("name: t\nstages:\n  a:\n    kind: comand\n", &[]);
-    assert_has(&e, &["unknown stage kind `comand`", "p.yaml:4:11", "field: stages.a.kind", "known kinds: command"]);
+    assert_has(
+        &e,
+        &[
+            "unknown stage kind `comand`",
+            "p.yaml:4:11",
+            "field: stages.a.kind",
+            "known kinds: command",
+        ],
+    );
 }
 
 #[test]
 fn missing_field_points_at_the_stage() {
-    let e = check("name: t\nstages:\n  a:\n    kind: command\n    deps: [data.txt]\n", &[]);
-    assert_has(&e, &["missing field `cmd`", "p.yaml:3:3", "field: stages.a"]);
+    let e = check(
+        "name: t\nstages:\n  a:\n    kind: command\n    deps: [data.txt]\n",
+        &[],
+    );
+    assert_has(
+        &e,
+        &["missing field `cmd`", "p.yaml:3:3", "field: stages.a"],
+    );
 }
 
 #[test]
 fn missing_kind() {
     let e = check("name: t\nstages:\n  a:\n    cmd: echo\n", &[]);
-    assert_has(&e, &["missing field `kind`", "p.yaml:3:3", "field: stages.a.kind"]);
+    assert_has(
+        &e,
+        &["missing field `kind`", "p.yaml:3:3", "field: stages.a.kind"],
+    );
 }
 
 #[test]
 fn type_error_points_at_the_value() {
-    let e = check("name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    resumable: maybe\n", &[]);
-    assert_has(&e, &["invalid type", "p.yaml:6:16", "field: stages.a.resumable"]);
-    let e = check("name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    deps: [data.txt, [1]]\n", &[]);
+    let e = check(
+        "name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    resumable: maybe\n",
+        &[],
+    );
+    assert_has(
+        &e,
+        &["invalid type", "p.yaml:6:16", "field: stages.a.resumable"],
+    );
+    let e = check(
+        "name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    deps: [data.txt, [1]]\n",
+        &[],
+    );
     assert_has(&e, &["p.yaml:6:22", "field: stages.a.deps[1]"]);
 }
 
@@ -66,30 +104,74 @@ fn duplicate_stage_ids() {
 
 #[test]
 fn reference_to_an_unknown_stage_or_output() {
-    let e = check("name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    deps: [prep.data]\n", &[]);
-    assert_has(&e, &["input `prep.data` does not exist", "p.yaml:6:12", "field: stages.a.deps[0]", "needs one of these stages: a"]);
+    let e = check(
+        "name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    deps: [prep.data]\n",
+        &[],
+    );
+    assert_has(
+        &e,
+        &[
+            "input `prep.data` does not exist",
+            "p.yaml:6:12",
+            "field: stages.a.deps[0]",
+            "needs one of these stages: a",
+        ],
+    );
     let e = check(
         "name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    outs: [x]\n  b:\n    kind: command\n    cmd: echo\n    deps: [a.y]\n",
         &[],
     );
-    assert_has(&e, &["stage `a` has no output `y`", "p.yaml:10:12", "`a` produces: x"]);
+    assert_has(
+        &e,
+        &[
+            "stage `a` has no output `y`",
+            "p.yaml:10:12",
+            "`a` produces: x",
+        ],
+    );
 }
 
 #[test]
 fn cycles_are_printed() {
     let yaml = "name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    deps: [c]\n  b:\n    kind: command\n    cmd: echo\n    deps: [a]\n  c:\n    kind: command\n    cmd: echo\n    deps: [b]\n";
     let e = check(yaml, &[]);
-    assert_has(&e, &["dependency cycle: a → c → b → a", "p.yaml:6:12", "field: stages.a.deps[0]"]);
-    let e = check("name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    deps: [a]\n", &[]);
+    assert_has(
+        &e,
+        &[
+            "dependency cycle: a → c → b → a",
+            "p.yaml:6:12",
+            "field: stages.a.deps[0]",
+        ],
+    );
+    let e = check(
+        "name: t\nstages:\n  a:\n    kind: command\n    cmd: echo\n    deps: [a]\n",
+        &[],
+    );
     assert_has(&e, &["cannot read its own outputs", "p.yaml:6:12"]);
 }
 
 #[test]
 fn unknown_param_and_placeholders() {
-    let e = check("name: t\nparams:\n  n: 1\nstages:\n  a:\n    kind: command\n    cmd: echo ${params.m}\n", &[]);
-    assert_has(&e, &["unknown param `m`", "p.yaml:7:10", "declared params: n"]);
-    let e = check("name: t\nstages:\n  a:\n    kind: command\n    cmd: cat ${data.txt}\n", &[]);
-    assert_has(&e, &["`${data.txt}` in `cmd` is neither", "p.yaml:5:10", "add `data.txt` to `deps`"]);
+    let e = check(
+        "name: t\nparams:\n  n: 1\nstages:\n  a:\n    kind: command\n    cmd: echo ${params.m}\n",
+        &[],
+    );
+    assert_has(
+        &e,
+        &["unknown param `m`", "p.yaml:7:10", "declared params: n"],
+    );
+    let e = check(
+        "name: t\nstages:\n  a:\n    kind: command\n    cmd: cat ${data.txt}\n",
+        &[],
+    );
+    assert_has(
+        &e,
+        &[
+            "`${data.txt}` in `cmd` is neither",
+            "p.yaml:5:10",
+            "add `data.txt` to `deps`",
+        ],
+    );
 }
 
 #[test]
@@ -100,14 +182,24 @@ fn bad_overrides_are_named() {
     let e = check(yaml, &["--set", "params.m=2"]);
     assert_has(&e, &["no param `m`", "params: n"]);
     let e = check(yaml, &["--set", "a.resumable=[1]"]);
-    assert_has(&e, &["invalid type", "field: stages.a.resumable", "comes from `--set a.resumable=[1]`"]);
+    assert_has(
+        &e,
+        &[
+            "invalid type",
+            "field: stages.a.resumable",
+            "comes from `--set a.resumable=[1]`",
+        ],
+    );
     let e = check(yaml, &["--set", "nonsense"]);
     assert_has(&e, &["expected `stage.field=value`"]);
 }
 
 #[test]
 fn yaml_syntax_errors_are_located() {
-    let e = check("name: t\nstages:\n  a:\n    kind: command\n    cmd: echo '{\"n\": 1}' x: y\n", &[]);
+    let e = check(
+        "name: t\nstages:\n  a:\n    kind: command\n    cmd: echo '{\"n\": 1}' x: y\n",
+        &[],
+    );
     assert_has(&e, &["p.yaml:5:"]);
 }
 
@@ -119,8 +211,15 @@ fn a_valid_pipeline_checks_and_overrides_apply() {
         "name: t\nparams:\n  word: hi\nstages:\n  a:\n    kind: command\n    cmd: echo ${params.word} > ${out}/o\n    deps: [data.txt]\n    outs: [o]\n",
     );
     let r = p.pipe(&["check", "p.yaml"]).ok();
-    assert!(r.stdout.contains("ok — pipeline `t`, 1 stages: a (command)"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("ok — pipeline `t`, 1 stages: a (command)"),
+        "{}",
+        r.stdout
+    );
     p.pipe(&["run", "p.yaml", "--set", "params.word=bye"]).ok();
-    let r = p.pipe(&["show", "p.yaml", "a", "--set", "params.word=bye"]).ok();
+    let r = p
+        .pipe(&["show", "p.yaml", "a", "--set", "params.word=bye"])
+        .ok();
     assert!(r.stdout.contains("echo bye"), "{}", r.stdout);
 }

@@ -85,7 +85,11 @@ fn collect(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
         if p.is_dir() {
             collect(&p, root, out);
         } else {
-            let rel = p.strip_prefix(root.parent().unwrap()).unwrap().display().to_string();
+            let rel = p
+                .strip_prefix(root.parent().unwrap())
+                .unwrap()
+                .display()
+                .to_string();
             out.push((rel, fs::read_to_string(&p).unwrap_or_default()));
         }
     }
@@ -109,7 +113,11 @@ impl From<Output> for Run {
 
 impl Run {
     pub fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "pipe failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "pipe failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
     pub fn all(&self) -> String {

@@ -93,7 +93,10 @@ impl FieldError {
 
     /// Turns a typed-deserialisation error (with the path serde_path_to_error tracked) into a
     /// field error. `base` is where the deserialised value sits in the document.
-    pub fn from_serde(base: &FieldPath, err: serde_path_to_error::Error<serde_yaml::Error>) -> Self {
+    pub fn from_serde(
+        base: &FieldPath,
+        err: serde_path_to_error::Error<serde_yaml::Error>,
+    ) -> Self {
         let mut path = base.clone();
         for seg in err.path().iter() {
             match seg {
@@ -111,7 +114,9 @@ impl FieldError {
             if path.0.last() != Some(&PathSeg::Key(field.to_string())) {
                 path.0.push(PathSeg::Key(field.to_string()));
             }
-            let help = message.split_once(", expected ").map(|(_, e)| format!("expected {e}"));
+            let help = message
+                .split_once(", expected ")
+                .map(|(_, e)| format!("expected {e}"));
             return FieldError {
                 path,
                 target: Target::Key,
@@ -165,7 +170,9 @@ impl SpecError {
             Some((l, c)) => (Some(l), Some(c)),
             None => (None, None),
         };
-        let source_line = line.and_then(|l| src.lines().nth(l - 1)).map(str::to_string);
+        let source_line = line
+            .and_then(|l| src.lines().nth(l - 1))
+            .map(str::to_string);
         SpecError {
             file: file.to_path_buf(),
             line,
@@ -194,15 +201,25 @@ impl SpecError {
         {
             let parent = message.split_once(": ").map(|(p, _)| p).unwrap_or("");
             let mut path = FieldPath::root();
-            for seg in parent.split('.').filter(|s| !s.is_empty() && !s.contains(' ')) {
+            for seg in parent
+                .split('.')
+                .filter(|s| !s.is_empty() && !s.contains(' '))
+            {
                 path = path.key(seg);
             }
             if let Some((l, c)) = locate_nth(src, &path.key(dup), Target::Key, 1) {
                 (line, column) = (Some(l), Some(c));
             }
-            help = Some(format!("`{dup}` is defined twice; ids and field names must be unique"));
+            help = Some(format!(
+                "`{dup}` is defined twice; ids and field names must be unique"
+            ));
         }
-        let source_line = line.and_then(|l| src.lines().nth(l - 1)).map(str::to_string);
+        if message.contains("mapping values are not allowed in this context") {
+            help = Some("a value containing `: ` must be quoted, or written as a block: `cmd: |` and the text indented on the next lines".into());
+        }
+        let source_line = line
+            .and_then(|l| src.lines().nth(l - 1))
+            .map(str::to_string);
         // serde_yaml appends " at line L column C"; we print the location ourselves.
         if let Some(idx) = message.find(" at line ") {
             message.truncate(idx);
@@ -272,7 +289,12 @@ pub fn locate(src: &str, path: &FieldPath, target: Target) -> Option<(usize, usi
 }
 
 /// Like [`locate`], for the `nth` (0-based) occurrence of a repeated last key.
-pub fn locate_nth(src: &str, path: &FieldPath, target: Target, nth: usize) -> Option<(usize, usize)> {
+pub fn locate_nth(
+    src: &str,
+    path: &FieldPath,
+    target: Target,
+    nth: usize,
+) -> Option<(usize, usize)> {
     const FOUND: &str = "\u{0}pipe-locate-found";
     let de = serde_yaml::Deserializer::from_str(src);
     let seek = Seek {
@@ -281,9 +303,7 @@ pub fn locate_nth(src: &str, path: &FieldPath, target: Target, nth: usize) -> Op
         nth,
     };
     match seek.deserialize(de) {
-        Err(e) if e.to_string().contains(FOUND) => {
-            e.location().map(|l| (l.line(), l.column()))
-        }
+        Err(e) if e.to_string().contains(FOUND) => e.location().map(|l| (l.line(), l.column())),
         _ => None,
     }
 }
@@ -447,7 +467,10 @@ mod tests {
         assert_eq!(locate(DOC, &p, Target::Key), Some((3, 3)));
         assert_eq!(locate(DOC, &p.key("cmd"), Target::Key), Some((8, 5)));
         assert_eq!(locate(DOC, &p.key("cmd"), Target::Value), Some((8, 10)));
-        assert_eq!(locate(DOC, &p.key("deps").index(1), Target::Value), Some((7, 9)));
+        assert_eq!(
+            locate(DOC, &p.key("deps").index(1), Target::Value),
+            Some((7, 9))
+        );
         assert_eq!(locate(DOC, &p.key("nope"), Target::Key), None);
     }
 

@@ -77,7 +77,11 @@ pub fn walk_files(root: &Path) -> io::Result<Vec<(String, PathBuf)>> {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
-            let rel_path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let rel_path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
             let meta = fs::metadata(&path)?;
             if meta.is_dir() {
                 go(&path, &rel_path, depth + 1, out)?;
@@ -112,8 +116,8 @@ impl Stamp {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
-            mtime_ns: meta.mtime() as i64 * 1_000_000_000 + meta.mtime_nsec() as i64,
-            ctime_ns: meta.ctime() as i64 * 1_000_000_000 + meta.ctime_nsec() as i64,
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
         }
     }
     /// A file modified this recently may change again within the same timestamp tick, so its
@@ -186,7 +190,9 @@ impl HashMemo {
 
     /// Writes the memo back if it changed (atomically; a failure only costs a re-hash later).
     pub fn save(&mut self) -> io::Result<()> {
-        let Some(file) = &self.file else { return Ok(()) };
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
         if !self.dirty {
             return Ok(());
         }
@@ -262,11 +268,13 @@ impl HashMemo {
             self.bytes_hashed += meta.size();
             let stamp = Stamp::of(meta);
             if stamp.settled() {
-                self.entries.insert(abs.clone(), MemoEntry { stamp, digest });
+                self.entries
+                    .insert(abs.clone(), MemoEntry { stamp, digest });
                 self.dirty = true;
             } else {
                 // Keep it for this process only: the answer is right now, just not memorable.
-                self.entries.insert(abs.clone(), MemoEntry { stamp, digest });
+                self.entries
+                    .insert(abs.clone(), MemoEntry { stamp, digest });
             }
         }
         Ok(metas
@@ -282,8 +290,18 @@ mod tests {
 
     #[test]
     fn tree_digest_depends_on_paths_contents_and_modes_not_order() {
-        let a = FileEntry { path: "a".into(), digest: hash_bytes(b"1"), size: 1, executable: false };
-        let b = FileEntry { path: "b".into(), digest: hash_bytes(b"2"), size: 1, executable: false };
+        let a = FileEntry {
+            path: "a".into(),
+            digest: hash_bytes(b"1"),
+            size: 1,
+            executable: false,
+        };
+        let b = FileEntry {
+            path: "b".into(),
+            digest: hash_bytes(b"2"),
+            size: 1,
+            executable: false,
+        };
         let t = tree_digest([&a, &b]);
         assert_eq!(t, tree_digest([&b, &a]));
         let mut b2 = b.clone();
@@ -301,7 +319,12 @@ mod tests {
         fs::write(&f, b"hello").unwrap();
         // Back-date it so the memo may remember it.
         let old = SystemTime::now() - Duration::from_secs(10);
-        fs::File::options().write(true).open(&f).unwrap().set_modified(old).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         let memo_path = dir.path().join("memo.json");
         let mut memo = HashMemo::load(&memo_path);
         let d1 = memo.digest_path(&f).unwrap().digest;
@@ -313,7 +336,10 @@ mod tests {
         memo.save().unwrap();
         let mut memo = HashMemo::load(&memo_path);
         memo.digest_path(&f).unwrap();
-        assert_eq!(memo.bytes_hashed, 0, "unchanged file must come from the memo");
+        assert_eq!(
+            memo.bytes_hashed, 0,
+            "unchanged file must come from the memo"
+        );
         fs::write(&f, b"world").unwrap();
         let d2 = memo.digest_path(&f).unwrap().digest;
         assert_eq!(d2, hash_bytes(b"world"));

@@ -7,16 +7,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The named steps a run passes through for one stage.
 pub const POINTS: &[&str] = &[
-    "attempt-started",      // the stage's work directory is prepared, nothing ran yet
+    "attempt-started",       // the stage's work directory is prepared, nothing ran yet
     "commit-objects-stored", // outputs moved into objects/, entry view not built
-    "commit-view-built",    // entry view in place, manifest not written
+    "commit-view-built",     // entry view in place, manifest not written
     "commit-manifest-written", // manifest written, the run has not recorded it
 ];
 
 pub fn point(name: &str) {
     debug_assert!(POINTS.contains(&name), "unknown fault point {name}");
     static REACHED: AtomicUsize = AtomicUsize::new(0);
-    let Ok(spec) = std::env::var("PIPE_FAULT") else { return };
+    let Ok(spec) = std::env::var("PIPE_FAULT") else {
+        return;
+    };
     let (point, nth) = match spec.split_once(':') {
         Some((p, n)) => (p.to_string(), n.parse().unwrap_or(1)),
         None => (spec, 1),

@@ -33,13 +33,20 @@ impl Dag {
     pub fn order(&self) -> Vec<usize> {
         let n = self.graph.node_count();
         let mut indegree: Vec<usize> = (0..n)
-            .map(|i| self.graph.neighbors_directed(NodeIndex::new(i), Direction::Incoming).count())
+            .map(|i| {
+                self.graph
+                    .neighbors_directed(NodeIndex::new(i), Direction::Incoming)
+                    .count()
+            })
             .collect();
         let mut ready: BTreeSet<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
         let mut out = Vec::with_capacity(n);
         while let Some(i) = ready.pop_first() {
             out.push(i);
-            for d in self.graph.neighbors_directed(NodeIndex::new(i), Direction::Outgoing) {
+            for d in self
+                .graph
+                .neighbors_directed(NodeIndex::new(i), Direction::Outgoing)
+            {
                 indegree[d.index()] -= 1;
                 if indegree[d.index()] == 0 {
                     ready.insert(d.index());
@@ -159,7 +166,10 @@ impl Selection {
         let idx = |id: &str| {
             p.index(id).ok_or_else(|| {
                 let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
-                format!("the pipeline has no stage `{id}` (stages: {})", ids.join(", "))
+                format!(
+                    "the pipeline has no stage `{id}` (stages: {})",
+                    ids.join(", ")
+                )
             })
         };
         let mut selected: BTreeSet<usize> = if self.only.is_empty() && self.until.is_empty() {
@@ -197,7 +207,11 @@ pub fn render(p: &Pipeline, format: DagFormat) -> String {
         DagFormat::Text => {
             for i in dag.order() {
                 let s = &p.stages[i];
-                let ups: Vec<&str> = dag.upstream(i).into_iter().map(|u| p.stages[u].id.as_str()).collect();
+                let ups: Vec<&str> = dag
+                    .upstream(i)
+                    .into_iter()
+                    .map(|u| p.stages[u].id.as_str())
+                    .collect();
                 if ups.is_empty() {
                     let _ = writeln!(out, "{} ({})", s.id, s.kind);
                 } else {
@@ -228,7 +242,12 @@ pub fn render(p: &Pipeline, format: DagFormat) -> String {
             }
             for e in dag.graph.edge_indices() {
                 let (a, b) = dag.graph.edge_endpoints(e).expect("edge");
-                let _ = writeln!(out, "    \"{}\" -> \"{}\";", p.stages[a.index()].id, p.stages[b.index()].id);
+                let _ = writeln!(
+                    out,
+                    "    \"{}\" -> \"{}\";",
+                    p.stages[a.index()].id,
+                    p.stages[b.index()].id
+                );
             }
             out.push_str("}\n");
         }

@@ -44,10 +44,24 @@ impl KeyRecipe {
 /// One difference between the recipe of the last completed run of a stage and today's.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    Kind { from: String, to: String },
-    KindVersion { from: u32, to: u32 },
-    Param { path: String, from: Option<serde_json::Value>, to: Option<serde_json::Value> },
-    Input { name: String, from: Option<String>, to: Option<String> },
+    Kind {
+        from: String,
+        to: String,
+    },
+    KindVersion {
+        from: u32,
+        to: u32,
+    },
+    Param {
+        path: String,
+        from: Option<serde_json::Value>,
+        to: Option<serde_json::Value>,
+    },
+    Input {
+        name: String,
+        from: Option<String>,
+        to: Option<String>,
+    },
 }
 
 impl std::fmt::Display for Change {
@@ -63,17 +77,32 @@ impl std::fmt::Display for Change {
         match self {
             Change::Kind { from, to } => write!(f, "kind changed: {from} → {to}"),
             Change::KindVersion { from, to } => {
-                write!(f, "the kind's implementation changed: version {from} → {to}")
+                write!(
+                    f,
+                    "the kind's implementation changed: version {from} → {to}"
+                )
             }
-            Change::Param { path, from: Some(a), to: Some(b) } => {
+            Change::Param {
+                path,
+                from: Some(a),
+                to: Some(b),
+            } => {
                 let (a, b) = elide_common(&a.to_string(), &b.to_string());
                 write!(f, "param `{path}` changed: {a} → {b}")
             }
             Change::Param { path, from, to } => {
                 write!(f, "param `{path}` changed: {} → {}", show(from), show(to))
             }
-            Change::Input { name, from: None, to } => write!(f, "input `{name}` added ({})", short(to)),
-            Change::Input { name, from, to: None } => write!(f, "input `{name}` removed (was {})", short(from)),
+            Change::Input {
+                name,
+                from: None,
+                to,
+            } => write!(f, "input `{name}` added ({})", short(to)),
+            Change::Input {
+                name,
+                from,
+                to: None,
+            } => write!(f, "input `{name}` removed (was {})", short(from)),
             Change::Input { name, from, to } => {
                 write!(f, "input `{name}` changed: {} → {}", short(from), short(to))
             }
@@ -90,7 +119,13 @@ fn elide_common(a: &str, b: &str) -> (String, String) {
     let (ac, bc): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     let prefix = ac.iter().zip(&bc).take_while(|(x, y)| x == y).count();
     let max_suffix = ac.len().min(bc.len()) - prefix;
-    let suffix = ac.iter().rev().zip(bc.iter().rev()).take(max_suffix).take_while(|(x, y)| x == y).count();
+    let suffix = ac
+        .iter()
+        .rev()
+        .zip(bc.iter().rev())
+        .take(max_suffix)
+        .take_while(|(x, y)| x == y)
+        .count();
     let cut = |c: &[char]| {
         let start = prefix.saturating_sub(CONTEXT);
         let end = (c.len() - suffix + CONTEXT).min(c.len());
@@ -123,7 +158,8 @@ pub fn diff(old: &KeyRecipe, new: &KeyRecipe) -> Vec<Change> {
         });
     }
     diff_values("", Some(&old.params), Some(&new.params), &mut out);
-    let names: std::collections::BTreeSet<&String> = old.inputs.keys().chain(new.inputs.keys()).collect();
+    let names: std::collections::BTreeSet<&String> =
+        old.inputs.keys().chain(new.inputs.keys()).collect();
     for name in names {
         let (a, b) = (old.inputs.get(name), new.inputs.get(name));
         if a != b {
@@ -137,18 +173,31 @@ pub fn diff(old: &KeyRecipe, new: &KeyRecipe) -> Vec<Change> {
     out
 }
 
-fn diff_values(path: &str, a: Option<&serde_json::Value>, b: Option<&serde_json::Value>, out: &mut Vec<Change>) {
+fn diff_values(
+    path: &str,
+    a: Option<&serde_json::Value>,
+    b: Option<&serde_json::Value>,
+    out: &mut Vec<Change>,
+) {
     use serde_json::Value;
     match (a, b) {
         (Some(Value::Object(x)), Some(Value::Object(y))) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             for k in keys {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 diff_values(&p, x.get(k), y.get(k), out);
             }
         }
         (a, b) if a != b => out.push(Change::Param {
-            path: if path.is_empty() { "(all)".into() } else { path.to_string() },
+            path: if path.is_empty() {
+                "(all)".into()
+            } else {
+                path.to_string()
+            },
             from: a.cloned(),
             to: b.cloned(),
         }),
@@ -178,7 +227,12 @@ mod tests {
             recipe().canonical(),
             r#"{"inputs":{"data":"abababababababababababababababababababababababababababababababab"},"kind":"command","kind_version":1,"params":{"cmd":"echo","env":{"A":"1"},"lr":0.1}}"#
         );
-        assert_eq!(recipe().key(), blake3::hash(format!("pipe-key-v1\n{}", recipe().canonical()).as_bytes()).to_hex().to_string());
+        assert_eq!(
+            recipe().key(),
+            blake3::hash(format!("pipe-key-v1\n{}", recipe().canonical()).as_bytes())
+                .to_hex()
+                .to_string()
+        );
     }
 
     #[test]
@@ -203,8 +257,14 @@ mod tests {
 
     #[test]
     fn long_values_are_shown_around_the_difference() {
-        assert_eq!(elide_common("short", "other"), ("short".to_string(), "other".to_string()));
-        let (a, b) = elide_common(&format!("{}3{}", "p".repeat(50), "s".repeat(50)), &format!("{}4{}", "p".repeat(50), "s".repeat(50)));
+        assert_eq!(
+            elide_common("short", "other"),
+            ("short".to_string(), "other".to_string())
+        );
+        let (a, b) = elide_common(
+            &format!("{}3{}", "p".repeat(50), "s".repeat(50)),
+            &format!("{}4{}", "p".repeat(50), "s".repeat(50)),
+        );
         assert_eq!(a, format!("…{}3{}…", "p".repeat(12), "s".repeat(12)));
         assert_eq!(b, format!("…{}4{}…", "p".repeat(12), "s".repeat(12)));
     }
@@ -216,9 +276,12 @@ mod tests {
         r.inputs.insert("data".into(), "cd".repeat(32));
         let d = diff(&recipe(), &r);
         let shown: Vec<String> = d.iter().map(|c| c.to_string()).collect();
-        assert_eq!(shown, vec![
-            "param `env.A` changed: \"1\" → \"2\"".to_string(),
-            "input `data` changed: abababababab → cdcdcdcdcdcd".to_string(),
-        ]);
+        assert_eq!(
+            shown,
+            vec![
+                "param `env.A` changed: \"1\" → \"2\"".to_string(),
+                "input `data` changed: abababababab → cdcdcdcdcdcd".to_string(),
+            ]
+        );
     }
 }

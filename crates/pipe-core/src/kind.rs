@@ -16,7 +16,10 @@ use crate::diag::{FieldError, FieldPath, Target};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InputSource {
     /// An artifact of another stage: all its outputs, or one named output (`stage.output`).
-    Stage { stage: String, output: Option<String> },
+    Stage {
+        stage: String,
+        output: Option<String>,
+    },
     /// A file or directory outside the store, resolved against the pipeline file's directory.
     Path(PathBuf),
 }
@@ -69,16 +72,25 @@ impl ParseContext<'_> {
     /// Reads a field that must name a stage (`prompts`) or one of its outputs (`prompts.train`).
     pub fn stage_ref(&self, field: &FieldPath, text: &str) -> Result<InputSource, FieldError> {
         match self.as_stage_ref(text) {
-            Some(InputSource::Stage { stage, .. }) if stage == self.stage_id => Err(FieldError::new(
-                field.clone(),
-                Target::Value,
-                format!("stage `{stage}` cannot read its own outputs"),
-            )),
+            Some(InputSource::Stage { stage, .. }) if stage == self.stage_id => {
+                Err(FieldError::new(
+                    field.clone(),
+                    Target::Value,
+                    format!("stage `{stage}` cannot read its own outputs"),
+                ))
+            }
             Some(r) => Ok(r),
             None => {
                 let stage = text.split('.').next().unwrap_or(text);
-                Err(FieldError::new(field.clone(), Target::Value, format!("unknown stage `{stage}`"))
-                    .with_help(format!("stages in this pipeline: {}", self.stage_ids.join(", "))))
+                Err(FieldError::new(
+                    field.clone(),
+                    Target::Value,
+                    format!("unknown stage `{stage}`"),
+                )
+                .with_help(format!(
+                    "stages in this pipeline: {}",
+                    self.stage_ids.join(", ")
+                )))
             }
         }
     }
@@ -208,7 +220,12 @@ impl StageContext {
     }
 
     /// A context for unit-testing a kind outside the engine.
-    pub fn for_test(out_dir: PathBuf, work_dir: PathBuf, base_dir: PathBuf, log_path: PathBuf) -> Self {
+    pub fn for_test(
+        out_dir: PathBuf,
+        work_dir: PathBuf,
+        base_dir: PathBuf,
+        log_path: PathBuf,
+    ) -> Self {
         let log = File::create(&log_path).expect("create test log");
         StageContext {
             stage_id: "test".into(),
@@ -241,7 +258,10 @@ impl Registry {
         self
     }
     pub fn get(&self, name: &str) -> Option<&dyn StageKind> {
-        self.kinds.iter().find(|k| k.name() == name).map(|k| k.as_ref())
+        self.kinds
+            .iter()
+            .find(|k| k.name() == name)
+            .map(|k| k.as_ref())
     }
     pub fn names(&self) -> Vec<&'static str> {
         self.kinds.iter().map(|k| k.name()).collect()

@@ -20,7 +20,9 @@ pub mod spec;
 pub mod store;
 
 pub use diag::{FieldError, FieldPath, SpecError};
-pub use kind::{Input, InputSource, Interrupted, ParseContext, Registry, Stage, StageContext, StageKind};
+pub use kind::{
+    Input, InputSource, Interrupted, ParseContext, Registry, Stage, StageContext, StageKind,
+};
 pub use runner::{Engine, RunOptions, RunSummary, Status};
 pub use spec::{load, LoadError, Pipeline};
 pub use store::Store;

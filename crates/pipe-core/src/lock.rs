@@ -106,7 +106,7 @@ impl WorkspaceLock {
         let me = Holder::current();
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
-        write!(file, "{} {} {}\n", me.pid, me.start_ticks, me.since).map_err(io)?;
+        writeln!(file, "{} {} {}", me.pid, me.start_ticks, me.since).map_err(io)?;
         file.sync_all().map_err(io)?;
         Ok(WorkspaceLock {
             file,
@@ -150,8 +150,14 @@ mod tests {
         let p = dir.path().join("lock");
         let a = WorkspaceLock::acquire(&p).unwrap();
         let err = WorkspaceLock::acquire(&p).unwrap_err();
-        assert!(matches!(err, LockError::Busy { pid, .. } if pid == std::process::id()), "{err}");
-        assert_eq!(WorkspaceLock::holder(&p).map(|h| h.pid), Some(std::process::id()));
+        assert!(
+            matches!(err, LockError::Busy { pid, .. } if pid == std::process::id()),
+            "{err}"
+        );
+        assert_eq!(
+            WorkspaceLock::holder(&p).map(|h| h.pid),
+            Some(std::process::id())
+        );
         drop(a);
         assert!(WorkspaceLock::holder(&p).is_none());
         WorkspaceLock::acquire(&p).unwrap();

@@ -59,7 +59,10 @@ impl StageLine {
         bar.set_style(ProgressStyle::with_template("  {prefix} {msg}").expect("template"));
         bar.set_prefix(format!("{id:WIDTH$}"));
         bar.set_message("pending");
-        StageLine { bar, id: id.to_string() }
+        StageLine {
+            bar,
+            id: id.to_string(),
+        }
     }
 
     pub fn running(&self) {

@@ -109,21 +109,43 @@ impl RunSummary {
                 .map(|r| r.display().to_string())
                 .unwrap_or_else(|_| p.display().to_string())
         };
-        let w = self.outcomes.iter().map(|o| o.stage.len()).max().unwrap_or(5).max(5);
-        let mut s = format!("{:w$}  {:11}  {:>8}  {:12}  artifacts\n", "stage", "status", "time", "key");
+        let w = self
+            .outcomes
+            .iter()
+            .map(|o| o.stage.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let mut s = format!(
+            "{:w$}  {:11}  {:>8}  {:12}  artifacts\n",
+            "stage", "status", "time", "key"
+        );
         for o in &self.outcomes {
             let time = match o.status {
-                Status::Done | Status::Failed(_) | Status::Interrupted => format!("{:.1}s", o.wall.as_secs_f64()),
+                Status::Done | Status::Failed(_) | Status::Interrupted => {
+                    format!("{:.1}s", o.wall.as_secs_f64())
+                }
                 _ => "-".into(),
             };
             let key = o.key.as_deref().map(|k| &k[..12]).unwrap_or("-");
             let loc = o.artifacts.as_ref().map(rel).unwrap_or_else(|| "-".into());
-            s.push_str(&format!("{:w$}  {:11}  {:>8}  {:12}  {}\n", o.stage, o.status.word(), time, key, loc));
+            s.push_str(&format!(
+                "{:w$}  {:11}  {:>8}  {:12}  {}\n",
+                o.stage,
+                o.status.word(),
+                time,
+                key,
+                loc
+            ));
         }
         for o in &self.outcomes {
             match &o.status {
                 Status::Failed(why) => {
-                    s.push_str(&format!("\nstage `{}` failed: {}\n", o.stage, why.trim_end()));
+                    s.push_str(&format!(
+                        "\nstage `{}` failed: {}\n",
+                        o.stage,
+                        why.trim_end()
+                    ));
                     if let Some(log) = &o.log {
                         s.push_str(&format!("  log: {}\n", rel(log)));
                     }
@@ -187,10 +209,21 @@ impl std::fmt::Display for PlanRow {
         match &self.verdict {
             Verdict::Cached => write!(f, "cached      {}", self.stage),
             Verdict::NeverRun => write!(f, "run         {}  (never run)", self.stage),
-            Verdict::Missing => write!(f, "run         {}  (its last result is no longer in the store)", self.stage),
+            Verdict::Missing => write!(
+                f,
+                "run         {}  (its last result is no longer in the store)",
+                self.stage
+            ),
             Verdict::Stale(c) => {
-                let first = c.first().map(|c| c.to_string()).unwrap_or_else(|| "key changed".into());
-                let more = if c.len() > 1 { format!(" (+{} more)", c.len() - 1) } else { String::new() };
+                let first = c
+                    .first()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "key changed".into());
+                let more = if c.len() > 1 {
+                    format!(" (+{} more)", c.len() - 1)
+                } else {
+                    String::new()
+                };
                 write!(f, "run         {}  ({first}{more})", self.stage)
             }
             Verdict::Forced => write!(f, "run         {}  (forced)", self.stage),
@@ -198,7 +231,10 @@ impl std::fmt::Display for PlanRow {
                 f,
                 "run?        {}  (after {} run: only if their outputs change)",
                 self.stage,
-                ups.iter().map(|u| format!("`{u}`")).collect::<Vec<_>>().join(", ")
+                ups.iter()
+                    .map(|u| format!("`{u}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             Verdict::NotSelected => write!(f, "skip        {}  (not selected)", self.stage),
             Verdict::Error(e) => write!(f, "error       {}  ({e})", self.stage),
@@ -219,7 +255,11 @@ impl<'p> Engine<'p> {
 
     /// The recipe of stage `i` given the manifests of the stages it reads, or `Ok(None)` when
     /// one of them is not available.
-    fn resolve(&mut self, i: usize, done: &HashMap<usize, Manifest>) -> Result<Option<Resolved>, String> {
+    fn resolve(
+        &mut self,
+        i: usize,
+        done: &HashMap<usize, Manifest>,
+    ) -> Result<Option<Resolved>, String> {
         let s = &self.pipeline.stages[i];
         let mut inputs = BTreeMap::new();
         let mut paths = BTreeMap::new();
@@ -227,14 +267,17 @@ impl<'p> Engine<'p> {
         for input in &s.inputs {
             let (source, digest, path) = match &input.source {
                 InputSource::Path(p) => {
-                    let d = self.memo.digest_path(p).map_err(|e| {
-                        format!("input `{}` cannot be read: {e}", input.name)
-                    })?;
+                    let d = self
+                        .memo
+                        .digest_path(p)
+                        .map_err(|e| format!("input `{}` cannot be read: {e}", input.name))?;
                     (input.name.clone(), d.digest, p.clone())
                 }
                 InputSource::Stage { stage, output } => {
                     let up = self.pipeline.index(stage).expect("checked reference");
-                    let Some(m) = done.get(&up) else { return Ok(None) };
+                    let Some(m) = done.get(&up) else {
+                        return Ok(None);
+                    };
                     let digest = m.output_digest(output.as_deref()).ok_or_else(|| {
                         format!(
                             "input `{}`: stage `{stage}` produced no output `{}`",
@@ -340,7 +383,11 @@ impl<'p> Engine<'p> {
     }
 
     /// Runs the pipeline. Takes the workspace lock for the duration.
-    pub fn run(&mut self, opts: &RunOptions, cancel: Arc<AtomicBool>) -> anyhow::Result<RunSummary> {
+    pub fn run(
+        &mut self,
+        opts: &RunOptions,
+        cancel: Arc<AtomicBool>,
+    ) -> anyhow::Result<RunSummary> {
         let _lock = WorkspaceLock::acquire(&self.store.lock_path())?;
         let started_at = SystemTime::now();
         let t0 = Instant::now();
@@ -351,7 +398,12 @@ impl<'p> Engine<'p> {
         let order = self.dag.order();
         let n = self.pipeline.stages.len();
         let jobs = opts.jobs.max(1);
-        let lines: Vec<StageLine> = self.pipeline.stages.iter().map(|s| StageLine::new(&s.id)).collect();
+        let lines: Vec<StageLine> = self
+            .pipeline
+            .stages
+            .iter()
+            .map(|s| StageLine::new(&s.id))
+            .collect();
 
         let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
         let mut done: HashMap<usize, Manifest> = HashMap::new();
@@ -374,7 +426,10 @@ impl<'p> Engine<'p> {
                     }
                     let id = &pipeline.stages[i].id;
                     let ups = self.dag.upstream(i);
-                    if let Some(&bad) = ups.iter().find(|u| outcomes[**u].is_some() && !done.contains_key(u)) {
+                    if let Some(&bad) = ups
+                        .iter()
+                        .find(|u| outcomes[**u].is_some() && !done.contains_key(u))
+                    {
                         let up = &pipeline.stages[bad].id;
                         let why = match &outcomes[bad].as_ref().expect("finished").status {
                             Status::Skipped(r) if r == NOT_SELECTED => format!(
@@ -413,10 +468,14 @@ impl<'p> Engine<'p> {
                     if !forced {
                         if let Some(m) = self.store.lookup(&key) {
                             lines[i].finish("cached", &key[..12]);
-                            self.store.write_ref(&pipeline.name, id, &StageRef {
-                                key: key.clone(),
-                                finished: m.finished.clone(),
-                            })?;
+                            self.store.write_ref(
+                                &pipeline.name,
+                                id,
+                                &StageRef {
+                                    key: key.clone(),
+                                    finished: m.finished.clone(),
+                                },
+                            )?;
                             run_keys.insert(id.clone(), key.clone());
                             outcomes[i] = Some(Outcome {
                                 stage: id.clone(),
@@ -439,7 +498,10 @@ impl<'p> Engine<'p> {
                     }
                     if stopping {
                         lines[i].finish("skipped", "interrupted before it started");
-                        outcomes[i] = Some(skipped(id, "the run was interrupted before it started".into()));
+                        outcomes[i] = Some(skipped(
+                            id,
+                            "the run was interrupted before it started".into(),
+                        ));
                         progressed = true;
                         continue;
                     }
@@ -481,33 +543,61 @@ impl<'p> Engine<'p> {
                         let outcome = match attempt {
                             Attempt::Done(m) => {
                                 lines[i].finish("done", &format!("{:.1}s", wall.as_secs_f64()));
-                                self.store.write_ref(&pipeline.name, &id, &StageRef {
-                                    key: key.clone(),
-                                    finished: m.finished.clone(),
-                                })?;
+                                self.store.write_ref(
+                                    &pipeline.name,
+                                    &id,
+                                    &StageRef {
+                                        key: key.clone(),
+                                        finished: m.finished.clone(),
+                                    },
+                                )?;
                                 run_keys.insert(id.clone(), key.clone());
                                 let artifacts = Some(self.store.out_dir(&key));
-                                done.insert(i, m);
-                                Outcome { stage: id, status: Status::Done, wall, key: Some(key), artifacts, log: None }
+                                done.insert(i, *m);
+                                Outcome {
+                                    stage: id,
+                                    status: Status::Done,
+                                    wall,
+                                    key: Some(key),
+                                    artifacts,
+                                    log: None,
+                                }
                             }
                             Attempt::Failed { error, log } => {
                                 lines[i].finish("FAILED", &first_line(&error));
-                                Outcome { stage: id, status: Status::Failed(error), wall, key: Some(key), artifacts: None, log }
+                                Outcome {
+                                    stage: id,
+                                    status: Status::Failed(error),
+                                    wall,
+                                    key: Some(key),
+                                    artifacts: None,
+                                    log,
+                                }
                             }
                             Attempt::Interrupted { log } => {
                                 lines[i].finish("interrupted", "state saved");
-                                Outcome { stage: id, status: Status::Interrupted, wall, key: Some(key), artifacts: None, log }
+                                Outcome {
+                                    stage: id,
+                                    status: Status::Interrupted,
+                                    wall,
+                                    key: Some(key),
+                                    artifacts: None,
+                                    log,
+                                }
                             }
                         };
                         outcomes[i] = Some(outcome);
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the coordinator holds a sender"),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        unreachable!("the coordinator holds a sender")
+                    }
                 }
             }
             Ok(())
         })?;
 
+        tracing::debug!("read {} bytes of external inputs to hash them", self.memo.bytes_hashed);
         let _ = self.memo.save();
         let started = humantime::format_rfc3339_millis(started_at).to_string();
         let _ = self.store.record_run(&RunRecord {
@@ -544,7 +634,7 @@ fn first_line(s: &str) -> String {
 }
 
 enum Attempt {
-    Done(Manifest),
+    Done(Box<Manifest>),
     Failed { error: String, log: Option<PathBuf> },
     Interrupted { log: Option<PathBuf> },
 }
@@ -634,7 +724,10 @@ impl Job {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                let error = format!("the `{}` stage kind crashed (a bug in pipe): {msg}", def.kind);
+                let error = format!(
+                    "the `{}` stage kind crashed (a bug in pipe): {msg}",
+                    def.kind
+                );
                 cx.log(&format!("# pipe: {error}"));
                 return Attempt::Failed { error, log };
             }
@@ -659,7 +752,9 @@ impl Job {
         };
         if let Some(outs) = def.stage.outputs() {
             if let Some(missing) = outs.iter().find(|o| !out.join(o).exists()) {
-                let error = format!("the stage finished but did not produce its declared output `{missing}`");
+                let error = format!(
+                    "the stage finished but did not produce its declared output `{missing}`"
+                );
                 cx.log(&format!("# pipe: {error}"));
                 return Attempt::Failed { error, log };
             }
@@ -667,6 +762,7 @@ impl Job {
         match self.store.commit(&out, manifest) {
             Ok(m) => {
                 cx.log("# pipe: committed");
+                let m = Box::new(m);
                 let _ = fs::remove_dir_all(self.store.work_dir(&self.key));
                 Attempt::Done(m)
             }
@@ -677,4 +773,3 @@ impl Job {
         }
     }
 }
-

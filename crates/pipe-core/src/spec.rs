@@ -26,7 +26,10 @@ impl fmt::Debug for Pipeline {
         f.debug_struct("Pipeline")
             .field("name", &self.name)
             .field("file", &self.file)
-            .field("stages", &self.stages.iter().map(|s| &s.id).collect::<Vec<_>>())
+            .field(
+                "stages",
+                &self.stages.iter().map(|s| &s.id).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -113,14 +116,20 @@ pub fn parse(
     overrides: &[String],
     registry: &Registry,
 ) -> Result<Pipeline, LoadError> {
-    let spec_err = |e: FieldError, origin: Origin| LoadError::Spec(Box::new(SpecError::locate(file, src, e, origin)));
+    let spec_err = |e: FieldError, origin: Origin| {
+        LoadError::Spec(Box::new(SpecError::locate(file, src, e, origin)))
+    };
     let raw: RawPipeline = serde_yaml::from_str(src)
         .map_err(|e| LoadError::Spec(Box::new(SpecError::from_yaml(file, src, &e))))?;
     let root = FieldPath::root();
     if raw.name.trim().is_empty() {
         return Err(spec_err(
-            FieldError::new(root.key("name"), Target::Value, "the pipeline `name` is empty")
-                .with_help("give the pipeline a name; it identifies its runs in the cache"),
+            FieldError::new(
+                root.key("name"),
+                Target::Value,
+                "the pipeline `name` is empty",
+            )
+            .with_help("give the pipeline a name; it identifies its runs in the cache"),
             Origin::File,
         ));
     }
@@ -135,7 +144,11 @@ pub fn parse(
             ));
         };
         let path = root.key("stages").key(&id);
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             return Err(spec_err(
                 FieldError::new(path, Target::Key, format!("invalid stage id `{id}`"))
                     .with_help("stage ids use letters, digits, `_` and `-` (a `.` separates a stage from one of its outputs)"),
@@ -144,7 +157,11 @@ pub fn parse(
         }
         if !v.is_mapping() {
             return Err(spec_err(
-                FieldError::new(path, Target::Value, format!("stage `{id}` must be a mapping with a `kind` field")),
+                FieldError::new(
+                    path,
+                    Target::Value,
+                    format!("stage `{id}` must be a mapping with a `kind` field"),
+                ),
                 Origin::File,
             ));
         }
@@ -169,7 +186,13 @@ pub fn parse(
 
     let base_dir = file
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let base_dir = base_dir.canonicalize().unwrap_or(base_dir);
@@ -190,16 +213,24 @@ pub fn parse(
             }
             None => {
                 return Err(spec_err(
-                    FieldError::new(path.key("kind"), Target::Key, format!("missing field `kind` in stage `{id}`"))
-                        .with_help(format!("known kinds: {}", registry.names().join(", "))),
+                    FieldError::new(
+                        path.key("kind"),
+                        Target::Key,
+                        format!("missing field `kind` in stage `{id}`"),
+                    )
+                    .with_help(format!("known kinds: {}", registry.names().join(", "))),
                     Origin::File,
                 ))
             }
         };
         let Some(kind) = registry.get(&kind_name) else {
             return Err(spec_err(
-                FieldError::new(path.key("kind"), Target::Value, format!("unknown stage kind `{kind_name}`"))
-                    .with_help(format!("known kinds: {}", registry.names().join(", "))),
+                FieldError::new(
+                    path.key("kind"),
+                    Target::Value,
+                    format!("unknown stage kind `{kind_name}`"),
+                )
+                .with_help(format!("known kinds: {}", registry.names().join(", "))),
                 Origin::File,
             ));
         };
@@ -258,7 +289,10 @@ pub fn parse(
                 output: Some(output),
             } = &input.source
             {
-                let up = stages.iter().find(|u| &u.id == stage).expect("ids checked by the kind");
+                let up = stages
+                    .iter()
+                    .find(|u| &u.id == stage)
+                    .expect("ids checked by the kind");
                 if let Some(outs) = up.stage.outputs() {
                     let ok = outs.iter().any(|o| {
                         output == o
@@ -298,8 +332,15 @@ pub fn parse(
         let mut shown = cycle.clone();
         shown.push(cycle[0].clone());
         return Err(spec_err(
-            FieldError::new(field, Target::Value, format!("dependency cycle: {} (each stage reads from the next)", shown.join(" → ")))
-                .with_help("a stage cannot depend, directly or through others, on itself"),
+            FieldError::new(
+                field,
+                Target::Value,
+                format!(
+                    "dependency cycle: {} (each stage reads from the next)",
+                    shown.join(" → ")
+                ),
+            )
+            .with_help("a stage cannot depend, directly or through others, on itself"),
             Origin::File,
         ));
     }
@@ -321,7 +362,11 @@ fn parse_override(text: &str) -> Result<Override, LoadError> {
     // The value is read as YAML, so `3`, `1e-4`, `true` and `[a, b]` get their types.
     // Anything that is not plainly a list or mapping (`?`, `a: b`) stays the text it is.
     let value = match serde_yaml::from_str::<Value>(rhs) {
-        Ok(v @ (Value::Sequence(_) | Value::Mapping(_))) if rhs.trim_start().starts_with(['[', '{']) => v,
+        Ok(v @ (Value::Sequence(_) | Value::Mapping(_)))
+            if rhs.trim_start().starts_with(['[', '{']) =>
+        {
+            v
+        }
         Ok(v @ (Value::Bool(_) | Value::Number(_) | Value::Null | Value::String(_))) => v,
         _ => Value::String(rhs.to_string()),
     };
@@ -364,10 +409,17 @@ fn apply_override(
     if keys[0] == "params" {
         let name = &keys[1];
         let Some(slot) = params.get_mut(name.as_str()) else {
-            let known: Vec<String> = params.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
+            let known: Vec<String> = params
+                .keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect();
             return Err(bad(format!(
                 "the pipeline has no param `{name}` (params: {})",
-                if known.is_empty() { "none".into() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
             )));
         };
         set_nested(slot, &keys[2..], o.value.clone());
@@ -410,7 +462,11 @@ fn set_nested(slot: &mut Value, keys: &[String], value: Value) {
 /// Replaces `${params.name}` in every string below `value`. A string that is exactly one
 /// reference takes the param's value with its type; elsewhere the param is spliced in as text.
 /// `$${` stands for a literal `${`.
-pub fn substitute_params(value: &mut Value, params: &Mapping, path: &FieldPath) -> Result<(), FieldError> {
+pub fn substitute_params(
+    value: &mut Value,
+    params: &Mapping,
+    path: &FieldPath,
+) -> Result<(), FieldError> {
     match value {
         Value::String(s) => {
             if !s.contains("${params.") && !s.contains("$${") {
@@ -435,7 +491,11 @@ pub fn substitute_params(value: &mut Value, params: &Mapping, path: &FieldPath) 
                     rest = t;
                 } else if let Some(t) = tail.strip_prefix("${params.") {
                     let end = t.find('}').ok_or_else(|| {
-                        FieldError::new(path.clone(), Target::Value, "unterminated `${params.` reference")
+                        FieldError::new(
+                            path.clone(),
+                            Target::Value,
+                            "unterminated `${params.` reference",
+                        )
                     })?;
                     let name = &t[..end];
                     let v = lookup_param(params, name, path)?;
@@ -481,16 +541,26 @@ pub fn substitute_params(value: &mut Value, params: &Mapping, path: &FieldPath) 
     }
 }
 
-fn lookup_param<'a>(params: &'a Mapping, name: &str, path: &FieldPath) -> Result<&'a Value, FieldError> {
+fn lookup_param<'a>(
+    params: &'a Mapping,
+    name: &str,
+    path: &FieldPath,
+) -> Result<&'a Value, FieldError> {
     params.get(name).ok_or_else(|| {
-        let known: Vec<String> = params.keys().filter_map(|k| k.as_str().map(str::to_string)).collect();
-        FieldError::new(path.clone(), Target::Value, format!("unknown param `{name}`")).with_help(
-            if known.is_empty() {
-                "the pipeline declares no `params:`".to_string()
-            } else {
-                format!("declared params: {}", known.join(", "))
-            },
+        let known: Vec<String> = params
+            .keys()
+            .filter_map(|k| k.as_str().map(str::to_string))
+            .collect();
+        FieldError::new(
+            path.clone(),
+            Target::Value,
+            format!("unknown param `{name}`"),
         )
+        .with_help(if known.is_empty() {
+            "the pipeline declares no `params:`".to_string()
+        } else {
+            format!("declared params: {}", known.join(", "))
+        })
     })
 }
 
@@ -504,7 +574,10 @@ mod tests {
 
     #[test]
     fn whole_value_reference_keeps_its_type() {
-        let mut v: Value = serde_yaml::from_str("a: ${params.lr}\nb: x-${params.name}-${params.lr}\nc: $${params.lr}").unwrap();
+        let mut v: Value = serde_yaml::from_str(
+            "a: ${params.lr}\nb: x-${params.name}-${params.lr}\nc: $${params.lr}",
+        )
+        .unwrap();
         substitute_params(&mut v, &params(), &FieldPath::root()).unwrap();
         assert_eq!(v["a"], Value::from(0.001));
         assert_eq!(v["b"], Value::from("x-run1-0.001"));

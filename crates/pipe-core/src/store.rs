@@ -131,7 +131,10 @@ impl Store {
     pub fn open(root: &Path) -> io::Result<Self> {
         for sub in ["objects", "stages", "work", "logs", "refs", "runs"] {
             fs::create_dir_all(root.join(sub)).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot create the store at {}: {e}", root.display()))
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot create the store at {}: {e}", root.display()),
+                )
             })?;
         }
         let root = root.canonicalize()?;
@@ -140,15 +143,16 @@ impl Store {
 
     /// Opens the store at `root` only if it exists (for read-only commands).
     pub fn existing(root: &Path) -> Option<Self> {
-        root.join("stages")
-            .is_dir()
-            .then(|| Store {
-                root: root.canonicalize().unwrap_or_else(|_| root.to_path_buf()),
-            })
+        root.join("stages").is_dir().then(|| Store {
+            root: root.canonicalize().unwrap_or_else(|_| root.to_path_buf()),
+        })
     }
 
     pub fn object_path(&self, digest: &str) -> PathBuf {
-        self.root.join("objects").join(&digest[..2]).join(&digest[2..])
+        self.root
+            .join("objects")
+            .join(&digest[..2])
+            .join(&digest[2..])
     }
     pub fn entry_dir(&self, key: &str) -> PathBuf {
         self.root.join("stages").join(key)
@@ -170,7 +174,10 @@ impl Store {
         self.root.join("lock")
     }
     fn ref_path(&self, pipeline: &str, stage: &str) -> PathBuf {
-        self.root.join("refs").join(sanitize(pipeline)).join(format!("{stage}.json"))
+        self.root
+            .join("refs")
+            .join(sanitize(pipeline))
+            .join(format!("{stage}.json"))
     }
 
     /// The manifest of `key`, if that entry is complete and its outputs are all present.
@@ -184,7 +191,10 @@ impl Store {
         if intact {
             Some(m)
         } else {
-            tracing::warn!("cache entry {} is missing output files; it will be re-made", &key[..12]);
+            tracing::warn!(
+                "cache entry {} is missing output files; it will be re-made",
+                &key[..12]
+            );
             None
         }
     }
@@ -289,7 +299,11 @@ impl Store {
             run.started.replace([':', '.'], "-"),
             std::process::id()
         );
-        write_atomic(&self.root.join("runs").join(name), &serde_json::to_vec_pretty(run)?, false)
+        write_atomic(
+            &self.root.join("runs").join(name),
+            &serde_json::to_vec_pretty(run)?,
+            false,
+        )
     }
 
     /// All complete entries' keys.
@@ -315,7 +329,9 @@ impl Store {
             match self.read_manifest(&key) {
                 Some(m) => manifests.push(m),
                 None => {
-                    report.problems.push(format!("entry {key}: unreadable manifest"));
+                    report
+                        .problems
+                        .push(format!("entry {key}: unreadable manifest"));
                     self.invalidate(&key)?;
                     report.invalidated.push(key);
                 }
@@ -340,7 +356,9 @@ impl Store {
             .collect();
         let bad: BTreeSet<&str> = bad_objects.iter().map(|(d, _)| d.as_str()).collect();
         for (d, why) in &bad_objects {
-            report.problems.push(format!("object {d}: expected digest {d}, {why}"));
+            report
+                .problems
+                .push(format!("object {d}: expected digest {d}, {why}"));
             let path = self.object_path(d);
             if path.exists() {
                 fs::remove_file(&path)?;
@@ -411,7 +429,10 @@ impl Store {
             let recent: Vec<PathBuf> = runs.iter().rev().take(n).cloned().collect();
             let mut keep = BTreeSet::new();
             for r in &recent {
-                if let Some(rec) = fs::read(r).ok().and_then(|b| serde_json::from_slice::<RunRecord>(&b).ok()) {
+                if let Some(rec) = fs::read(r)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<RunRecord>(&b).ok())
+                {
                     keep.extend(rec.keys.into_values());
                 }
             }
@@ -420,7 +441,11 @@ impl Store {
                     fs::remove_file(old)?;
                 }
             }
-            let drop: Vec<String> = keys.iter().filter(|k| !keep.contains(*k)).cloned().collect();
+            let drop: Vec<String> = keys
+                .iter()
+                .filter(|k| !keep.contains(*k))
+                .cloned()
+                .collect();
             for k in drop {
                 if !dry_run {
                     self.invalidate(&k)?;
@@ -545,7 +570,13 @@ fn make_writable(dir: &Path) {
 /// A pipeline name made safe as a directory name.
 pub fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -589,11 +620,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp.path().join("cache")).unwrap();
         let key = "a".repeat(64);
-        let s = staged(tmp.path(), &[("x.txt", "same"), ("d/y.txt", "same"), ("d/z.txt", "other")]);
+        let s = staged(
+            tmp.path(),
+            &[("x.txt", "same"), ("d/y.txt", "same"), ("d/z.txt", "other")],
+        );
         let m = store.commit(&s, manifest(&key)).unwrap();
         assert_eq!(m.outputs.len(), 3);
         assert!(store.lookup(&key).is_some());
-        assert_eq!(fs::read_to_string(store.out_dir(&key).join("d/y.txt")).unwrap(), "same");
+        assert_eq!(
+            fs::read_to_string(store.out_dir(&key).join("d/y.txt")).unwrap(),
+            "same"
+        );
         // Two files with the same bytes are one object.
         let objects: usize = fs::read_dir(store.root.join("objects"))
             .unwrap()
@@ -619,8 +656,15 @@ mod tests {
         fs::write(&obj, "evil bytes").unwrap(); // same size: a cheap lookup cannot tell
         let report = store.verify().unwrap();
         assert_eq!(report.invalidated, vec![key.clone()]);
-        assert!(report.problems[0].contains(&m.outputs[0].digest), "{:?}", report.problems);
-        assert!(store.lookup(&key).is_none(), "a corrupt entry must not be used");
+        assert!(
+            report.problems[0].contains(&m.outputs[0].digest),
+            "{:?}",
+            report.problems
+        );
+        assert!(
+            store.lookup(&key).is_none(),
+            "a corrupt entry must not be used"
+        );
     }
 
     #[test]

@@ -68,7 +68,11 @@ impl StageKind for CommandKind {
     fn summary(&self) -> &'static str {
         "run a shell command with declared deps and outs"
     }
-    fn parse(&self, cx: &ParseContext<'_>, fields: serde_yaml::Value) -> Result<Box<dyn Stage>, FieldError> {
+    fn parse(
+        &self,
+        cx: &ParseContext<'_>,
+        fields: serde_yaml::Value,
+    ) -> Result<Box<dyn Stage>, FieldError> {
         let fields: Fields = cx.fields(fields)?;
         if fields.cmd.trim().is_empty() {
             return Err(cx.error("cmd", "`cmd` is empty"));
@@ -77,7 +81,11 @@ impl StageKind for CommandKind {
         for (i, dep) in fields.deps.iter().enumerate() {
             let field = cx.path.key("deps").index(i);
             if inputs.iter().any(|d: &Input| d.name == *dep) {
-                return Err(FieldError::new(field, Target::Value, format!("`{dep}` is listed twice in deps")));
+                return Err(FieldError::new(
+                    field,
+                    Target::Value,
+                    format!("`{dep}` is listed twice in deps"),
+                ));
             }
             let source = match cx.as_stage_ref(dep) {
                 Some(InputSource::Stage { stage, .. }) if stage == cx.stage_id => {
@@ -95,7 +103,11 @@ impl StageKind for CommandKind {
         }
         for (i, out) in fields.outs.iter().enumerate() {
             let p = std::path::Path::new(out);
-            if out.is_empty() || p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            if out.is_empty()
+                || p.is_absolute()
+                || p.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
                 return Err(FieldError::new(
                     cx.path.key("outs").index(i),
                     Target::Value,
@@ -105,11 +117,14 @@ impl StageKind for CommandKind {
         }
         if let Some(m) = &fields.metrics {
             if !fields.outs.iter().any(|o| o == m) {
-                return Err(cx.error("metrics", format!("`metrics: {m}` must also be listed in `outs`")));
+                return Err(cx.error(
+                    "metrics",
+                    format!("`metrics: {m}` must also be listed in `outs`"),
+                ));
             }
         }
         for name in placeholders(&fields.cmd) {
-            if name != "out" && name != "work" && !fields.deps.iter().any(|d| *d == name) {
+            if name != "out" && name != "work" && !fields.deps.contains(&name) {
                 return Err(cx
                     .error("cmd", format!("`${{{name}}}` in `cmd` is neither `${{out}}`, `${{work}}` nor an entry of `deps`"))
                     .with_help(format!("add `{name}` to `deps` so that pipe knows the command reads it")));
@@ -219,9 +234,10 @@ impl Stage for CommandStage {
         }
         if let Some(m) = &self.fields.metrics {
             let path = cx.out_dir.join(m);
-            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read metrics file `{m}`"))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("metrics file `{m}` is not valid JSON"))?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read metrics file `{m}`"))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("metrics file `{m}` is not valid JSON"))?;
             cx.set_metrics(value);
         }
         Ok(())
@@ -255,6 +271,9 @@ mod tests {
 
     #[test]
     fn placeholders_are_found() {
-        assert_eq!(placeholders("a ${out}/x ${prep.data} $HOME ${work"), vec!["out", "prep.data"]);
+        assert_eq!(
+            placeholders("a ${out}/x ${prep.data} $HOME ${work"),
+            vec!["out", "prep.data"]
+        );
     }
 }
