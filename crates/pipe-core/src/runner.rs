@@ -597,7 +597,10 @@ impl<'p> Engine<'p> {
             Ok(())
         })?;
 
-        tracing::debug!("read {} bytes of external inputs to hash them", self.memo.bytes_hashed);
+        tracing::debug!(
+            "read {} bytes of external inputs to hash them",
+            self.memo.bytes_hashed
+        );
         let _ = self.memo.save();
         let started = humantime::format_rfc3339_millis(started_at).to_string();
         let _ = self.store.record_run(&RunRecord {
