@@ -57,20 +57,20 @@ impl Dag {
         out
     }
 
+    /// The stages `i` reads from, in file order.
     pub fn upstream(&self, i: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = self
-            .graph
-            .neighbors_directed(NodeIndex::new(i), Direction::Incoming)
-            .map(|n| n.index())
-            .collect();
-        v.sort();
-        v
+        self.neighbors(i, Direction::Incoming)
     }
 
+    /// The stages that read from `i`, in file order.
     pub fn downstream(&self, i: usize) -> Vec<usize> {
+        self.neighbors(i, Direction::Outgoing)
+    }
+
+    fn neighbors(&self, i: usize, dir: Direction) -> Vec<usize> {
         let mut v: Vec<usize> = self
             .graph
-            .neighbors_directed(NodeIndex::new(i), Direction::Outgoing)
+            .neighbors_directed(NodeIndex::new(i), dir)
             .map(|n| n.index())
             .collect();
         v.sort();
