@@ -1,0 +1,117 @@
+//! Fetching files: over HTTP(S) with resume (HTTP Range) and retries, from the Hugging Face
+//! Hub (`hf://ORG/REPO[@REVISION]`), and from local paths; with checksum verification.
+
+mod http;
+mod hub;
+mod source;
+
+pub use http::{url_file_name, Client, Download, FetchError, Transfer};
+pub use hub::{default_model_files, HubFile, HubRepo, RepoKind};
+pub use source::{fetch, FetchOptions, FetchReport, Fetched, Source};
+
+use std::io::Read;
+use std::path::Path;
+
+use sha2::Digest as _;
+
+/// An expected digest, written `sha256:HEX` or `blake3:HEX`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checksum {
+    Sha256(String),
+    Blake3(String),
+}
+
+impl Checksum {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (algo, hex) = text.split_once(':').ok_or_else(|| {
+            format!("`{text}` is not a checksum: write `sha256:HEX` or `blake3:HEX`")
+        })?;
+        let hex = hex.trim().to_ascii_lowercase();
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("`{text}`: a {algo} digest is 64 hex digits"));
+        }
+        match algo {
+            "sha256" => Ok(Checksum::Sha256(hex)),
+            "blake3" => Ok(Checksum::Blake3(hex)),
+            other => Err(format!(
+                "unknown checksum algorithm `{other}` (use sha256 or blake3)"
+            )),
+        }
+    }
+
+    /// Checks the file at `path`, naming both digests on a mismatch.
+    pub fn verify(&self, path: &Path, what: &str) -> Result<(), FetchError> {
+        let actual = match self {
+            Checksum::Sha256(_) => file_sha256(path)?,
+            Checksum::Blake3(_) => file_blake3(path)?,
+        };
+        let (algo, expected) = match self {
+            Checksum::Sha256(e) => ("sha256", e),
+            Checksum::Blake3(e) => ("blake3", e),
+        };
+        if &actual == expected {
+            Ok(())
+        } else {
+            Err(FetchError::Checksum {
+                what: what.to_string(),
+                algo,
+                expected: expected.clone(),
+                actual,
+            })
+        }
+    }
+}
+
+impl std::fmt::Display for Checksum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Checksum::Sha256(h) => write!(f, "sha256:{h}"),
+            Checksum::Blake3(h) => write!(f, "blake3:{h}"),
+        }
+    }
+}
+
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+pub fn file_blake3(path: &Path) -> std::io::Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(path)?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksums_parse_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x");
+        std::fs::write(&f, b"abc").unwrap();
+        let good = Checksum::parse(
+            "sha256:BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD",
+        )
+        .unwrap();
+        good.verify(&f, "x").unwrap();
+        let bad = Checksum::parse(&format!("blake3:{}", "0".repeat(64))).unwrap();
+        let e = bad.verify(&f, "x").unwrap_err().to_string();
+        assert!(
+            e.contains(&"0".repeat(64)) && e.contains(&blake3::hash(b"abc").to_hex().to_string()),
+            "{e}"
+        );
+        assert!(Checksum::parse("md5:abc").is_err());
+        assert!(Checksum::parse("sha256:xyz").is_err());
+    }
+}

@@ -1,0 +1,246 @@
+//! A real HTTP/1.1 server on 127.0.0.1 for download tests: static files with Range/If-Range
+//! support, a route that drops the connection midway, 401/404s, and a Hugging Face Hub-style
+//! API. One request per connection, over std's TcpListener: a server library keeps the socket
+//! open after a failed body, and the point of the drop route is a connection that really
+//! closes halfway. It never listens on anything but the loopback address.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path: String,
+    pub range: Option<String>,
+    pub auth: Option<String>,
+}
+
+#[derive(Default)]
+pub struct State {
+    /// path → (body, etag)
+    pub files: BTreeMap<String, (Vec<u8>, String)>,
+    /// Paths whose next N responses send only half the body and then close the connection.
+    pub drops: BTreeMap<String, usize>,
+    /// Paths that demand `Authorization: Bearer <token>`.
+    pub gated: BTreeMap<String, String>,
+    pub seen: Vec<Seen>,
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, halt) = (state.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            while !halt.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let st = st.clone();
+                        std::thread::spawn(move || serve(conn, &st));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        TestServer {
+            base,
+            state,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn add(&self, path: &str, body: &[u8]) {
+        let etag = format!("\"{}\"", blake3::hash(body).to_hex());
+        self.state
+            .lock()
+            .unwrap()
+            .files
+            .insert(path.to_string(), (body.to_vec(), etag));
+    }
+
+    pub fn drop_next(&self, path: &str, times: usize) {
+        self.state
+            .lock()
+            .unwrap()
+            .drops
+            .insert(path.to_string(), times);
+    }
+
+    pub fn gate(&self, path_prefix: &str, token: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .gated
+            .insert(path_prefix.to_string(), token.to_string());
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+
+    /// Publishes a Hub-style model repository: the revision API and the resolve route.
+    pub fn add_hub_repo(&self, repo: &str, commit: &str, files: &[(&str, &[u8], bool)]) {
+        let siblings: Vec<serde_json::Value> = files
+            .iter()
+            .map(|(name, body, lfs)| {
+                if *lfs {
+                    serde_json::json!({"rfilename": name, "size": body.len(),
+                        "lfs": {"sha256": sha256_hex(body), "size": body.len()}})
+                } else {
+                    serde_json::json!({"rfilename": name, "size": body.len()})
+                }
+            })
+            .collect();
+        let info = serde_json::json!({"id": repo, "sha": commit, "siblings": siblings});
+        let body = serde_json::to_vec(&info).unwrap();
+        for rev in ["main", commit] {
+            self.add(
+                &format!("/api/models/{repo}/revision/{rev}?blobs=true"),
+                &body,
+            );
+        }
+        for (name, body, _) in files {
+            self.add(&format!("/{repo}/resolve/{commit}/{name}"), body);
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Serves one request on `conn` and closes it.
+fn serve(mut conn: TcpStream, state: &Mutex<State>) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let path = lines
+        .next()
+        .unwrap_or("")
+        .split(' ')
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let (range, if_range, auth) = (header("range"), header("if-range"), header("authorization"));
+    let (file, drop, gate) = {
+        let mut st = state.lock().unwrap();
+        st.seen.push(Seen {
+            path: path.clone(),
+            range: range.clone(),
+            auth: auth.clone(),
+        });
+        let drop = match st.drops.get_mut(&path) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
+        let gate = st
+            .gated
+            .iter()
+            .find(|(p, _)| path.starts_with(p.as_str()))
+            .map(|(_, t)| t.clone());
+        (st.files.get(&path).cloned(), drop, gate)
+    };
+    let respond =
+        |conn: &mut TcpStream, status: &str, extra: &[String], body: &[u8], send: usize| {
+            let mut out = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
+            for h in extra {
+                out.push_str(h);
+                out.push_str("\r\n");
+            }
+            out.push_str("\r\n");
+            let _ = conn.write_all(out.as_bytes());
+            let _ = conn.write_all(&body[..send]);
+            let _ = conn.flush();
+            let _ = conn.shutdown(Shutdown::Both);
+        };
+    if let Some(token) = gate {
+        if auth.as_deref() != Some(&format!("Bearer {token}")) {
+            respond(&mut conn, "401 Unauthorized", &[], b"unauthorized", 12);
+            return;
+        }
+    }
+    let Some((body, etag)) = file else {
+        respond(&mut conn, "404 Not Found", &[], b"not found", 9);
+        return;
+    };
+    let start = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|r| r.parse::<usize>().ok())
+        .filter(|_| if_range.as_deref().is_none_or(|v| v == etag));
+    let mut extra = vec![format!("ETag: {etag}"), "Accept-Ranges: bytes".to_string()];
+    let (status, slice) = match start {
+        Some(s) if s >= body.len() => {
+            respond(&mut conn, "416 Range Not Satisfiable", &[], b"", 0);
+            return;
+        }
+        Some(s) => {
+            extra.push(format!(
+                "Content-Range: bytes {s}-{}/{}",
+                body.len() - 1,
+                body.len()
+            ));
+            ("206 Partial Content", body[s..].to_vec())
+        }
+        None => ("200 OK", body.clone()),
+    };
+    // A dropped transfer: half the body, then the connection closes.
+    let send = if drop { slice.len() / 2 } else { slice.len() };
+    respond(&mut conn, status, &extra, &slice, send);
+}
