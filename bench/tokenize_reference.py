@@ -59,6 +59,12 @@ PROMPT_DICT = {
 }
 
 
+def _count_ne(ids: list[int], value: int) -> int:
+    """`tensor.ne(value).sum().item()`; `value` (tokenizer.pad_token_id, a slow property) is read
+    once per string, as in train.py, not once per token."""
+    return len(ids) - ids.count(value)
+
+
 def _tokenize_fn(strings, tokenizer) -> dict:
     """train.py _tokenize_fn, with plain lists instead of 1-row torch tensors."""
     tokenized_list = [
@@ -73,20 +79,27 @@ def _tokenize_fn(strings, tokenizer) -> dict:
     ]
     input_ids = labels = [tokenized["input_ids"] for tokenized in tokenized_list]
     input_ids_lens = labels_lens = [
-        sum(1 for i in tokenized["input_ids"] if i != tokenizer.pad_token_id) for tokenized in tokenized_list
+        _count_ne(tokenized["input_ids"], tokenizer.pad_token_id) for tokenized in tokenized_list
     ]
     return dict(input_ids=input_ids, labels=labels, input_ids_lens=input_ids_lens, labels_lens=labels_lens)
 
 
-def preprocess(sources, targets, tokenizer) -> dict:
-    """train.py preprocess (`label[:source_len] = IGNORE_INDEX` on a tensor never changes its length)."""
+def preprocess(sources, targets, tokenizer, timings: dict | None = None) -> dict:
+    """train.py preprocess (`label[:source_len] = IGNORE_INDEX` on a tensor never changes its length).
+    `timings`, if given, receives the seconds spent in each phase."""
+    t0 = time.perf_counter()
     examples = [s + t for s, t in zip(sources, targets)]
-    examples_tokenized, sources_tokenized = [_tokenize_fn(strings, tokenizer) for strings in (examples, sources)]
+    examples_tokenized = _tokenize_fn(examples, tokenizer)
+    t1 = time.perf_counter()
+    sources_tokenized = _tokenize_fn(sources, tokenizer)
+    t2 = time.perf_counter()
     input_ids = examples_tokenized["input_ids"]
     labels = copy.deepcopy(input_ids)
     for label, source_len in zip(labels, sources_tokenized["input_ids_lens"]):
         n = min(source_len, len(label))
         label[:n] = [IGNORE_INDEX] * n
+    if timings is not None:
+        timings.update(examples=t1 - t0, sources=t2 - t1, labels=time.perf_counter() - t2)
     return dict(input_ids=input_ids, labels=labels)
 
 
@@ -129,8 +142,9 @@ def main() -> int:
     ]
     targets = [f"{example['output']}{tokenizer.eos_token}" for example in records]
 
+    phases: dict = {}
     t0 = time.perf_counter()
-    data = preprocess(sources, targets, tokenizer)
+    data = preprocess(sources, targets, tokenizer, phases)
     secs = time.perf_counter() - t0
 
     n_tokens = sum(len(x) for x in data["input_ids"])
@@ -141,6 +155,7 @@ def main() -> int:
         "examples_per_s": round(n / secs, 1),
         "tokens": n_tokens,
         "truncated": n_trunc,
+        "phases_s": {k: round(v, 3) for k, v in phases.items()},
         "tokenizer": str(args.tokenizer),
         "max_len": args.max_len,
         "cpu_count": os.cpu_count(),
@@ -153,6 +168,8 @@ def main() -> int:
     print(f"tokenizer      {args.tokenizer} (max_len {args.max_len}, vocab {len(tokenizer)} incl. [PAD])")
     print(f"data           {args.data} x{n / len(base):.2f} -> {n} examples ({n_tokens} tokens, {n_trunc} truncated)")
     print(f"preprocess     {secs:.3f} s total, {n / secs:,.0f} examples/s ({2 * n / secs:,.0f} tokenizer calls/s)")
+    print(f"  phases       tokenize examples {phases['examples']:.3f} s, tokenize prompts {phases['sources']:.3f} s, "
+          f"labels (deepcopy + mask) {phases['labels']:.3f} s")
     print(f"machine        {result['machine']}, {result['cpu_count']} cores ({result['sched_affinity']} usable), "
           f"Python {result['python']}")
     print(f"versions       transformers {transformers.__version__}, tokenizers {tokenizers.__version__}")

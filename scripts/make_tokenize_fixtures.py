@@ -222,6 +222,12 @@ def load_alpaca_tokenizer(tok_dir: Path, max_len: int):
     return tokenizer, vocab_before
 
 
+def _count_ne(ids: list[int], value: int) -> int:
+    """`tensor.ne(value).sum().item()`; `value` (tokenizer.pad_token_id, a slow property) is read
+    once per string, as in train.py, not once per token."""
+    return len(ids) - ids.count(value)
+
+
 def _tokenize_fn(strings, tokenizer) -> dict:
     """train.py _tokenize_fn with return_tensors=None: `tokenized.input_ids[0]` of the 1-row tensor
     is the plain list, and `.ne(pad_token_id).sum()` is a count."""
@@ -237,7 +243,7 @@ def _tokenize_fn(strings, tokenizer) -> dict:
     ]
     input_ids = labels = [list(tokenized["input_ids"]) for tokenized in tokenized_list]
     input_ids_lens = labels_lens = [
-        sum(1 for i in tokenized["input_ids"] if i != tokenizer.pad_token_id) for tokenized in tokenized_list
+        _count_ne(tokenized["input_ids"], tokenizer.pad_token_id) for tokenized in tokenized_list
     ]
     return dict(input_ids=input_ids, labels=labels, input_ids_lens=input_ids_lens, labels_lens=labels_lens)
 

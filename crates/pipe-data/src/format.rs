@@ -1,0 +1,244 @@
+//! Records → prompt/response pairs, with a seeded train/validation split.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::prompt::{MissingField, Template};
+use crate::records::Record;
+
+/// One formatted example.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pair {
+    /// The record's position in the source file.
+    pub index: usize,
+    pub prompt: String,
+    pub response: String,
+}
+
+/// How big the validation split is: a fraction of the records (0 < f < 1), or a count.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ValSize {
+    Count(u64),
+    Fraction(f64),
+}
+
+impl ValSize {
+    /// The number of validation records out of `n` (a fraction rounds up, as the `datasets`
+    /// library's `train_test_split` does).
+    pub fn count(&self, n: usize) -> Result<usize, String> {
+        match *self {
+            ValSize::Count(c) if (c as usize) < n || c == 0 => Ok(c as usize),
+            ValSize::Count(c) => Err(format!(
+                "val_size {c} leaves no training records out of {n}"
+            )),
+            ValSize::Fraction(f) if (0.0..1.0).contains(&f) => Ok(((n as f64) * f).ceil() as usize),
+            ValSize::Fraction(f) => Err(format!(
+                "val_size {f} must be a fraction in [0, 1) or a whole count"
+            )),
+        }
+    }
+}
+
+/// What to do with a record that lacks a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    #[default]
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FormatStats {
+    pub records: usize,
+    pub train: usize,
+    pub val: usize,
+    pub with_input_template: usize,
+    pub skipped: usize,
+    /// The first skipped records and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped_examples: Vec<String>,
+    pub empty_responses: usize,
+}
+
+pub struct Formatted {
+    pub train: Vec<Pair>,
+    pub val: Vec<Pair>,
+    pub stats: FormatStats,
+}
+
+/// Formats every record and splits them.
+pub fn format_records(
+    records: &[Record],
+    template: &Template,
+    on_error: OnError,
+    val_size: ValSize,
+    seed: u64,
+) -> Result<Formatted, MissingField> {
+    let mut stats = FormatStats {
+        records: records.len(),
+        ..Default::default()
+    };
+    let mut pairs = Vec::with_capacity(records.len());
+    for rec in records {
+        match template.format(rec) {
+            Ok((prompt, response)) => {
+                if response.is_empty() {
+                    stats.empty_responses += 1;
+                }
+                if template.uses_input_template(rec) {
+                    stats.with_input_template += 1;
+                }
+                pairs.push(Pair {
+                    index: rec.index,
+                    prompt,
+                    response,
+                });
+            }
+            Err(e) if on_error == OnError::Skip => {
+                stats.skipped += 1;
+                if stats.skipped_examples.len() < 20 {
+                    stats.skipped_examples.push(e.to_string());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let k = val_size.count(pairs.len()).unwrap_or(0);
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    shuffle(&mut order, seed);
+    let mut is_val = vec![false; pairs.len()];
+    for &i in &order[..k] {
+        is_val[i] = true;
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, p) in pairs.into_iter().enumerate() {
+        if is_val[i] {
+            val.push(p);
+        } else {
+            train.push(p);
+        }
+    }
+    stats.train = train.len();
+    stats.val = val.len();
+    Ok(Formatted { train, val, stats })
+}
+
+/// A Fisher–Yates shuffle driven by SplitMix64: fixed here, so a split never changes with a
+/// dependency's version.
+pub fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut rng = SplitMix64(seed);
+    for i in (1..items.len()).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): a small, well-mixed, reproducible generator.
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+pub fn write_pairs(path: &Path, pairs: &[Pair]) -> std::io::Result<()> {
+    let mut w = BufWriter::new(std::fs::File::create(path)?);
+    for p in pairs {
+        serde_json::to_writer(&mut w, p)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()
+}
+
+pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, String> {
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).map_err(|e| {
+            format!(
+                "{}:{}: not a prompt/response pair: {e}",
+                path.display(),
+                i + 1
+            )
+        })?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompt::TemplateSpec;
+    use std::collections::BTreeMap;
+
+    fn records(n: usize) -> Vec<Record> {
+        (0..n)
+            .map(|i| Record {
+                index: i,
+                line: None,
+                fields: serde_json::from_value(serde_json::json!({
+                    "instruction": format!("task {i}"), "input": if i % 2 == 0 { "" } else { "x" }, "output": if i == 3 { "" } else { "y" }
+                }))
+                .unwrap(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn split_is_seeded_disjoint_and_complete() {
+        let t = Template::new(&TemplateSpec::alpaca(), BTreeMap::new()).unwrap();
+        let a =
+            format_records(&records(100), &t, OnError::Fail, ValSize::Fraction(0.1), 7).unwrap();
+        let b =
+            format_records(&records(100), &t, OnError::Fail, ValSize::Fraction(0.1), 7).unwrap();
+        let c =
+            format_records(&records(100), &t, OnError::Fail, ValSize::Fraction(0.1), 8).unwrap();
+        assert_eq!((a.train.len(), a.val.len()), (90, 10));
+        assert_eq!(a.val, b.val);
+        assert_ne!(a.val, c.val);
+        let mut all: Vec<usize> = a.train.iter().chain(&a.val).map(|p| p.index).collect();
+        all.sort();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
+        assert_eq!(a.stats.empty_responses, 1);
+        assert_eq!(a.stats.with_input_template, 50);
+        let d = format_records(&records(10), &t, OnError::Fail, ValSize::Count(3), 1).unwrap();
+        assert_eq!(d.val.len(), 3);
+        assert!(ValSize::Count(10).count(10).is_err());
+        assert!(ValSize::Fraction(1.5).count(10).is_err());
+    }
+
+    #[test]
+    fn skip_counts_bad_records_and_fail_names_them() {
+        let t = Template::new(&TemplateSpec::alpaca(), BTreeMap::new()).unwrap();
+        let mut recs = records(5);
+        recs[2].fields.remove("instruction");
+        let e = format_records(&recs, &t, OnError::Fail, ValSize::Count(0), 1)
+            .err()
+            .unwrap();
+        assert_eq!(e.to_string(), "record 2: field `instruction` is missing");
+        let ok = format_records(&recs, &t, OnError::Skip, ValSize::Count(0), 1).unwrap();
+        assert_eq!((ok.stats.skipped, ok.train.len()), (1, 4));
+    }
+
+    #[test]
+    fn splitmix_is_pinned() {
+        // Changing the generator changes every split (and so every downstream key).
+        let mut r = SplitMix64(0);
+        assert_eq!(r.next(), 0xe220_a839_7b1d_cdaf);
+    }
+}

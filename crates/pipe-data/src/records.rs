@@ -1,0 +1,158 @@
+//! Reading instruction records: a JSON array of objects, or JSON Lines. A bad record is named
+//! by its index (and line, for JSONL).
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+/// One record and where it was in its file.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// 0-based position in the file.
+    pub index: usize,
+    /// 1-based line, for JSON Lines.
+    pub line: Option<usize>,
+    pub fields: Map<String, Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: not valid JSON: {detail}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        detail: String,
+    },
+    #[error("{path}: record {index}{}: expected a JSON object, found {found}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    NotAnObject {
+        path: String,
+        index: usize,
+        line: Option<usize>,
+        found: &'static str,
+    },
+    #[error("{path}: expected a JSON array of records or JSON Lines (one object per line)")]
+    Shape { path: String },
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Reads all records of a JSON array or JSON Lines file.
+pub fn read_records(path: &Path) -> Result<Vec<Record>, RecordError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RecordError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_records(&text, &path.display().to_string())
+}
+
+/// Parses records from text; `name` is used in errors.
+pub fn parse_records(text: &str, name: &str) -> Result<Vec<Record>, RecordError> {
+    let syntax = |e: serde_json::Error, line_offset: usize| RecordError::Syntax {
+        path: name.to_string(),
+        line: e.line() + line_offset,
+        column: e.column(),
+        detail: e
+            .to_string()
+            .split(" at line ")
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    let trimmed = text.trim_start_matches('\u{feff}').trim_start();
+    if trimmed.starts_with('[') {
+        let values: Vec<Value> =
+            serde_json::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| syntax(e, 0))?;
+        return values
+            .into_iter()
+            .enumerate()
+            .map(|(index, v)| match v {
+                Value::Object(fields) => Ok(Record {
+                    index,
+                    line: None,
+                    fields,
+                }),
+                other => Err(RecordError::NotAnObject {
+                    path: name.to_string(),
+                    index,
+                    line: None,
+                    found: kind_of(&other),
+                }),
+            })
+            .collect();
+    }
+    if !trimmed.starts_with('{') && !trimmed.is_empty() {
+        return Err(RecordError::Shape {
+            path: name.to_string(),
+        });
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(l).map_err(|e| syntax(e, i))?;
+        let index = out.len();
+        match v {
+            Value::Object(fields) => out.push(Record {
+                index,
+                line: Some(i + 1),
+                fields,
+            }),
+            other => {
+                return Err(RecordError::NotAnObject {
+                    path: name.to_string(),
+                    index,
+                    line: Some(i + 1),
+                    found: kind_of(&other),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrays_and_lines() {
+        let r = parse_records(r#"[{"a": 1}, {"a": 2}]"#, "x.json").unwrap();
+        assert_eq!(r.len(), 2);
+        let r = parse_records("{\"a\": 1}\n\n{\"a\": 2}\n", "x.jsonl").unwrap();
+        assert_eq!((r[1].index, r[1].line), (1, Some(3)));
+    }
+
+    #[test]
+    fn errors_name_the_record_and_place() {
+        let e = parse_records(r#"[{"a": 1}, 7]"#, "x.json")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "x.json: record 1: expected a JSON object, found a number"
+        );
+        let e = parse_records("{\"a\": 1}\n{\"a\": }\n", "x.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("x.jsonl:2:7: not valid JSON"), "{e}");
+        let e = parse_records("hello", "x.txt").unwrap_err().to_string();
+        assert!(e.contains("expected a JSON array"), "{e}");
+    }
+}

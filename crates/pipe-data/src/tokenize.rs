@@ -1,0 +1,284 @@
+//! Prompt/response pairs → token ids and labels, exactly as Stanford Alpaca's `preprocess`:
+//!
+//! - the example is `prompt + response + eos_token` (EOS appended as text, so the tokenizer's
+//!   added-token matching turns it into the EOS id), the source is `prompt` alone; both are
+//!   encoded separately with the tokenizer's own special tokens (e.g. BOS from its
+//!   post-processor) and truncated at `max_len` from the right;
+//! - labels are the example's ids with the first `source_len` positions set to -100, where
+//!   `source_len` counts the source's ids that are not the pad id. So a truncated example loses
+//!   its EOS, and one whose prompt fills `max_len` has every label masked.
+//! - a tokenizer without a pad token gets one added (`[PAD]`), as Alpaca's
+//!   `smart_tokenizer_and_embedding_resize` does; the model's embeddings must then grow.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokenizers::{
+    AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
+
+use crate::format::Pair;
+
+/// The label of a position that does not count in the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizeOptions {
+    pub max_len: usize,
+    /// Learn the prompt too (no masking).
+    pub train_on_inputs: bool,
+    /// Overrides the tokenizer_config.json's EOS token.
+    pub eos_token: Option<String>,
+    /// Overrides the tokenizer_config.json's pad token.
+    pub pad_token: Option<String>,
+    /// The token added when the tokenizer has no pad token.
+    pub add_pad_token: String,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        TokenizeOptions {
+            max_len: 512,
+            train_on_inputs: false,
+            eos_token: None,
+            pad_token: None,
+            add_pad_token: "[PAD]".into(),
+        }
+    }
+}
+
+/// The special tokens a dataset was made with; written to `meta.json` for the train stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Specials {
+    pub eos_token: String,
+    pub eos_token_id: u32,
+    pub bos_token: Option<String>,
+    pub bos_token_id: Option<u32>,
+    pub pad_token: String,
+    pub pad_token_id: u32,
+    /// Tokens this stage added to the vocabulary (the model's embeddings must grow by these).
+    pub added_tokens: Vec<String>,
+    pub vocab_size_before: usize,
+    pub vocab_size_after: usize,
+}
+
+/// A tokenizer.json with its tokenizer_config.json (if any).
+pub struct LoadedTokenizer {
+    pub tokenizer: Tokenizer,
+    pub config: Option<Value>,
+    pub dir: PathBuf,
+}
+
+/// Loads `path`: a tokenizer.json, or a directory holding one (a downloaded model).
+pub fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer, String> {
+    let (file, dir) = if path.is_dir() {
+        (path.join("tokenizer.json"), path.to_path_buf())
+    } else {
+        (
+            path.to_path_buf(),
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        )
+    };
+    if !file.exists() {
+        return Err(format!(
+            "no tokenizer.json at {} (pipe reads Hugging Face fast-tokenizer files; a model with only tokenizer.model needs converting with transformers first)",
+            file.display()
+        ));
+    }
+    let tokenizer =
+        Tokenizer::from_file(&file).map_err(|e| format!("cannot load {}: {e}", file.display()))?;
+    let config_path = dir.join("tokenizer_config.json");
+    let config = match std::fs::read(&config_path) {
+        Ok(b) => Some(
+            serde_json::from_slice(&b)
+                .map_err(|e| format!("{} is not valid JSON: {e}", config_path.display()))?,
+        ),
+        Err(_) => None,
+    };
+    Ok(LoadedTokenizer {
+        tokenizer,
+        config,
+        dir,
+    })
+}
+
+/// A special token named in tokenizer_config.json: a string or `{"content": …}`.
+fn config_token(config: Option<&Value>, name: &str) -> Option<String> {
+    match config?.get(name)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Settles the EOS and pad tokens (adding a pad token if there is none) and sets truncation.
+pub fn prepare(t: &mut LoadedTokenizer, opts: &TokenizeOptions) -> Result<Specials, String> {
+    let tok = &mut t.tokenizer;
+    let vocab_size_before = tok.get_vocab_size(true);
+    let eos_token = opts
+        .eos_token
+        .clone()
+        .or_else(|| config_token(t.config.as_ref(), "eos_token"))
+        .ok_or("cannot tell the tokenizer's end-of-sequence token: tokenizer_config.json names none; set `eos_token:`")?;
+    let eos_token_id = tok.token_to_id(&eos_token).ok_or_else(|| {
+        format!("the EOS token `{eos_token}` is not in the tokenizer's vocabulary")
+    })?;
+    let bos_token = config_token(t.config.as_ref(), "bos_token");
+    let bos_token_id = bos_token.as_deref().and_then(|b| tok.token_to_id(b));
+    let pad_token = opts
+        .pad_token
+        .clone()
+        .or_else(|| config_token(t.config.as_ref(), "pad_token"))
+        .unwrap_or_else(|| opts.add_pad_token.clone());
+    let mut added_tokens = Vec::new();
+    let pad_token_id = match tok.token_to_id(&pad_token) {
+        Some(id) => id,
+        None => {
+            tok.add_special_tokens(&[AddedToken::from(pad_token.clone(), true)]);
+            added_tokens.push(pad_token.clone());
+            tok.token_to_id(&pad_token)
+                .ok_or("adding the pad token failed")?
+        }
+    };
+    tok.with_padding(None);
+    tok.with_truncation(Some(TruncationParams {
+        max_length: opts.max_len,
+        strategy: TruncationStrategy::LongestFirst,
+        stride: 0,
+        direction: TruncationDirection::Right,
+    }))
+    .map_err(|e| format!("cannot truncate at {}: {e}", opts.max_len))?;
+    Ok(Specials {
+        eos_token,
+        eos_token_id,
+        bos_token,
+        bos_token_id,
+        pad_token,
+        pad_token_id,
+        added_tokens,
+        vocab_size_before,
+        vocab_size_after: tok.get_vocab_size(true),
+    })
+}
+
+/// One training example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub index: usize,
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i32>,
+    /// Cut at `max_len` (its EOS, and maybe more, is lost).
+    pub truncated: bool,
+}
+
+impl Example {
+    pub fn all_masked(&self) -> bool {
+        self.labels.iter().all(|&l| l == IGNORE_INDEX)
+    }
+}
+
+/// Tokenizes one pair (see the module docs for the exact rules).
+pub fn tokenize_pair(
+    tok: &Tokenizer,
+    sp: &Specials,
+    pair: &Pair,
+    train_on_inputs: bool,
+) -> Result<Example, String> {
+    let text = format!("{}{}{}", pair.prompt, pair.response, sp.eos_token);
+    let full = tok
+        .encode(text.as_str(), true)
+        .map_err(|e| format!("record {}: cannot tokenize: {e}", pair.index))?;
+    let input_ids = full.get_ids().to_vec();
+    let mut labels: Vec<i32> = input_ids.iter().map(|&i| i as i32).collect();
+    if !train_on_inputs {
+        let source = tok
+            .encode(pair.prompt.as_str(), true)
+            .map_err(|e| format!("record {}: cannot tokenize its prompt: {e}", pair.index))?;
+        let source_len = source
+            .get_ids()
+            .iter()
+            .filter(|&&i| i != sp.pad_token_id)
+            .count();
+        let n = source_len.min(labels.len());
+        labels[..n].fill(IGNORE_INDEX);
+    }
+    Ok(Example {
+        index: pair.index,
+        input_ids,
+        labels,
+        truncated: !full.get_overflowing().is_empty(),
+    })
+}
+
+/// Tokenizes all pairs on all cores, keeping their order.
+pub fn tokenize_all(
+    tok: &Tokenizer,
+    sp: &Specials,
+    pairs: &[Pair],
+    train_on_inputs: bool,
+) -> Result<Vec<Example>, String> {
+    pairs
+        .par_iter()
+        .map(|p| tokenize_pair(tok, sp, p, train_on_inputs))
+        .collect()
+}
+
+/// What a tokenized split looks like.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SplitStats {
+    pub examples: usize,
+    pub tokens: usize,
+    /// Tokens with a label (that count in the loss).
+    pub label_tokens: usize,
+    pub masked_fraction: f64,
+    pub truncated: usize,
+    /// Examples whose every label is masked (their prompt filled `max_len`): they teach nothing.
+    pub all_masked: usize,
+    pub max_length: usize,
+    pub mean_length: f64,
+    /// Example lengths in buckets of `histogram_bucket` tokens.
+    pub histogram_bucket: usize,
+    pub histogram: Vec<usize>,
+}
+
+pub fn stats(examples: &[Example], max_len: usize) -> SplitStats {
+    let tokens: usize = examples.iter().map(|e| e.input_ids.len()).sum();
+    let label_tokens: usize = examples
+        .iter()
+        .map(|e| e.labels.iter().filter(|&&l| l != IGNORE_INDEX).count())
+        .sum();
+    let bucket = (max_len / 16).max(1);
+    let mut histogram = vec![0usize; max_len.div_ceil(bucket) + 1];
+    for e in examples {
+        histogram[e.input_ids.len() / bucket] += 1;
+    }
+    while histogram.last() == Some(&0) && histogram.len() > 1 {
+        histogram.pop();
+    }
+    SplitStats {
+        examples: examples.len(),
+        tokens,
+        label_tokens,
+        masked_fraction: if tokens == 0 {
+            0.0
+        } else {
+            1.0 - label_tokens as f64 / tokens as f64
+        },
+        truncated: examples.iter().filter(|e| e.truncated).count(),
+        all_masked: examples.iter().filter(|e| e.all_masked()).count(),
+        max_length: examples
+            .iter()
+            .map(|e| e.input_ids.len())
+            .max()
+            .unwrap_or(0),
+        mean_length: if examples.is_empty() {
+            0.0
+        } else {
+            tokens as f64 / examples.len() as f64
+        },
+        histogram_bucket: bucket,
+        histogram,
+    }
+}
