@@ -242,3 +242,66 @@ mod tests {
         assert_eq!(r.next(), 0xe220_a839_7b1d_cdaf);
     }
 }
+
+/// The file to read from a `format` stage's input: the file itself, `file` inside a directory,
+/// or the directory's only `.json`/`.jsonl` file.
+pub fn find_records_file(input: &Path, file: Option<&str>) -> Result<std::path::PathBuf, String> {
+    if input.is_file() {
+        return Ok(input.to_path_buf());
+    }
+    if let Some(f) = file {
+        let p = input.join(f);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("no file `{f}` in {}", input.display()))
+        };
+    }
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(input)
+        .map_err(|e| format!("cannot read {}: {e}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json" || x == "jsonl"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(format!("no .json or .jsonl file in {}", input.display())),
+        _ => Err(format!(
+            "{} holds several data files ({}); name one with `file:`",
+            input.display(),
+            found
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// The `format` stage's work: read, format, split, write `train.jsonl`, `val.jsonl` and
+/// `stats.json` into `out`.
+pub fn run(
+    records_file: &Path,
+    template: &Template,
+    on_error: OnError,
+    val_size: ValSize,
+    seed: u64,
+    out: &Path,
+) -> Result<FormatStats, String> {
+    let records = crate::records::read_records(records_file).map_err(|e| e.to_string())?;
+    if records.is_empty() {
+        return Err(format!("{} holds no records", records_file.display()));
+    }
+    val_size.count(records.len())?;
+    let f = format_records(&records, template, on_error, val_size, seed)
+        .map_err(|e| format!("{}: {e}", records_file.display()))?;
+    write_pairs(&out.join("train.jsonl"), &f.train).map_err(|e| e.to_string())?;
+    write_pairs(&out.join("val.jsonl"), &f.val).map_err(|e| e.to_string())?;
+    std::fs::write(
+        out.join("stats.json"),
+        serde_json::to_vec_pretty(&f.stats).expect("stats serialise"),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(f.stats)
+}

@@ -113,7 +113,7 @@ fn config_token(config: Option<&Value>, name: &str) -> Option<String> {
     }
 }
 
-/// Settles the EOS and pad tokens (adding a pad token if there is none) and sets truncation.
+/// Settles the EOS and pad tokens, adding a pad token if there is none.
 pub fn prepare(t: &mut LoadedTokenizer, opts: &TokenizeOptions) -> Result<Specials, String> {
     let tok = &mut t.tokenizer;
     let vocab_size_before = tok.get_vocab_size(true);
@@ -161,6 +161,20 @@ pub fn prepare(t: &mut LoadedTokenizer, opts: &TokenizeOptions) -> Result<Specia
         vocab_size_before,
         vocab_size_after: tok.get_vocab_size(true),
     })
+}
+
+/// Makes `tok` encode the way the Alpaca preprocessing calls it: truncation at `max_len` from
+/// the right, no padding (whatever the tokenizer.json itself says).
+pub fn set_encoding(tok: &mut Tokenizer, max_len: usize) -> Result<(), String> {
+    tok.with_padding(None);
+    tok.with_truncation(Some(TruncationParams {
+        max_length: max_len,
+        strategy: TruncationStrategy::LongestFirst,
+        stride: 0,
+        direction: TruncationDirection::Right,
+    }))
+    .map_err(|e| format!("cannot truncate at {max_len}: {e}"))?;
+    Ok(())
 }
 
 /// One training example.
@@ -281,4 +295,99 @@ pub fn stats(examples: &[Example], max_len: usize) -> SplitStats {
         histogram_bucket: bucket,
         histogram,
     }
+}
+
+/// What the `tokenize` stage made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizeReport {
+    pub specials: Specials,
+    pub max_len: usize,
+    pub train_on_inputs: bool,
+    pub packing: bool,
+    pub train: SplitStats,
+    pub val: SplitStats,
+}
+
+/// The `tokenize` stage's work: `train.jsonl`/`val.jsonl` in `input` → `train.safetensors`,
+/// `val.safetensors`, the (possibly grown) `tokenizer.json` and `tokenizer_config.json`,
+/// `meta.json` and `stats.json` in `out`.
+pub fn run(
+    input: &Path,
+    tokenizer: &Path,
+    opts: &TokenizeOptions,
+    packing: bool,
+    out: &Path,
+) -> Result<TokenizeReport, String> {
+    let mut loaded = load_tokenizer(tokenizer)?;
+    let specials = prepare(&mut loaded, opts)?;
+    // The tokenizer as the model will use it: the original plus any added pad token.
+    loaded
+        .tokenizer
+        .save(out.join("tokenizer.json"), false)
+        .map_err(|e| format!("cannot write tokenizer.json: {e}"))?;
+    let mut config = loaded
+        .config
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Value::Object(map) = &mut config {
+        map.insert(
+            "pad_token".into(),
+            Value::String(specials.pad_token.clone()),
+        );
+        map.insert(
+            "eos_token".into(),
+            Value::String(specials.eos_token.clone()),
+        );
+        map.entry("model_max_length")
+            .or_insert(Value::from(opts.max_len));
+    }
+    std::fs::write(
+        out.join("tokenizer_config.json"),
+        serde_json::to_vec_pretty(&config).expect("json"),
+    )
+    .map_err(|e| e.to_string())?;
+    set_encoding(&mut loaded.tokenizer, opts.max_len)?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("max_len".to_string(), opts.max_len.to_string());
+    meta.insert(
+        "pad_token_id".to_string(),
+        specials.pad_token_id.to_string(),
+    );
+    meta.insert(
+        "eos_token_id".to_string(),
+        specials.eos_token_id.to_string(),
+    );
+    let mut split_stats = Vec::new();
+    for split in ["train", "val"] {
+        let pairs = crate::format::read_pairs(&input.join(format!("{split}.jsonl")))?;
+        let examples = tokenize_all(&loaded.tokenizer, &specials, &pairs, opts.train_on_inputs)?;
+        split_stats.push(stats(&examples, opts.max_len));
+        crate::dataset::write(
+            &out.join(format!("{split}.safetensors")),
+            &examples,
+            packing.then_some(opts.max_len),
+            meta.clone(),
+        )?;
+    }
+    let val = split_stats.pop().expect("two splits");
+    let train = split_stats.pop().expect("two splits");
+    let report = TokenizeReport {
+        specials,
+        max_len: opts.max_len,
+        train_on_inputs: opts.train_on_inputs,
+        packing,
+        train,
+        val,
+    };
+    std::fs::write(
+        out.join("meta.json"),
+        serde_json::to_vec_pretty(&report.specials).expect("json"),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
+        out.join("stats.json"),
+        serde_json::to_vec_pretty(&report).expect("json"),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(report)
 }
