@@ -366,6 +366,9 @@ fn status_text(p: &Pipeline, rows: &[PlanRow], explain: bool) -> String {
             Verdict::Error(e) => ("error", vec![e.clone()]),
         };
         s.push_str(&format!("  {word:10} {:16} {key}\n", row.stage));
+        for note in &row.notes {
+            s.push_str(&format!("             note: {note}\n"));
+        }
         if explain || matches!(row.verdict, Verdict::Error(_)) {
             for d in detail {
                 s.push_str(&format!("             - {d}\n"));

@@ -145,6 +145,10 @@ pub trait Stage: Send + Sync {
     fn resumable(&self) -> bool {
         false
     }
+    /// Things `pipe status` should say about this stage, e.g. that its source is unpinned.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Produces the outputs into `cx.out_dir`.
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()>;
 }
@@ -157,6 +161,10 @@ pub struct Interrupted;
 /// Progress a running stage reports to the live view.
 pub trait Progress: Send + Sync {
     fn set_length(&self, len: u64);
+    /// Like `set_length`, for a count of bytes (shown with a rate and ETA).
+    fn set_bytes_length(&self, len: u64) {
+        self.set_length(len)
+    }
     fn set_position(&self, pos: u64);
     fn set_message(&self, msg: String);
 }

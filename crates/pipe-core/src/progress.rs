@@ -107,6 +107,16 @@ impl Progress for BarProgress {
             .progress_chars("=> "),
         );
     }
+    fn set_bytes_length(&self, len: u64) {
+        self.0.set_length(len);
+        self.0.set_style(
+            ProgressStyle::with_template(
+                "{spinner:.cyan} {prefix} [{bar:28.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} (eta {eta}) {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+    }
     fn set_position(&self, pos: u64) {
         self.0.set_position(pos);
     }

@@ -202,6 +202,8 @@ pub struct PlanRow {
     pub kind: String,
     pub verdict: Verdict,
     pub key: Option<String>,
+    /// What the stage itself wants said (e.g. an unpinned source).
+    pub notes: Vec<String>,
 }
 
 impl std::fmt::Display for PlanRow {
@@ -324,6 +326,7 @@ impl<'p> Engine<'p> {
                 kind: s.kind.to_string(),
                 verdict: Verdict::NeverRun,
                 key: None,
+                notes: s.stage.notes(),
             };
             match self.resolve(i, &done) {
                 Err(e) => row.verdict = Verdict::Error(e),

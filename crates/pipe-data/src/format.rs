@@ -180,69 +180,6 @@ pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, String> {
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::prompt::TemplateSpec;
-    use std::collections::BTreeMap;
-
-    fn records(n: usize) -> Vec<Record> {
-        (0..n)
-            .map(|i| Record {
-                index: i,
-                line: None,
-                fields: serde_json::from_value(serde_json::json!({
-                    "instruction": format!("task {i}"), "input": if i % 2 == 0 { "" } else { "x" }, "output": if i == 3 { "" } else { "y" }
-                }))
-                .unwrap(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn split_is_seeded_disjoint_and_complete() {
-        let t = Template::new(&TemplateSpec::alpaca(), BTreeMap::new()).unwrap();
-        let a =
-            format_records(&records(100), &t, OnError::Fail, ValSize::Fraction(0.1), 7).unwrap();
-        let b =
-            format_records(&records(100), &t, OnError::Fail, ValSize::Fraction(0.1), 7).unwrap();
-        let c =
-            format_records(&records(100), &t, OnError::Fail, ValSize::Fraction(0.1), 8).unwrap();
-        assert_eq!((a.train.len(), a.val.len()), (90, 10));
-        assert_eq!(a.val, b.val);
-        assert_ne!(a.val, c.val);
-        let mut all: Vec<usize> = a.train.iter().chain(&a.val).map(|p| p.index).collect();
-        all.sort();
-        assert_eq!(all, (0..100).collect::<Vec<_>>());
-        assert_eq!(a.stats.empty_responses, 1);
-        assert_eq!(a.stats.with_input_template, 50);
-        let d = format_records(&records(10), &t, OnError::Fail, ValSize::Count(3), 1).unwrap();
-        assert_eq!(d.val.len(), 3);
-        assert!(ValSize::Count(10).count(10).is_err());
-        assert!(ValSize::Fraction(1.5).count(10).is_err());
-    }
-
-    #[test]
-    fn skip_counts_bad_records_and_fail_names_them() {
-        let t = Template::new(&TemplateSpec::alpaca(), BTreeMap::new()).unwrap();
-        let mut recs = records(5);
-        recs[2].fields.remove("instruction");
-        let e = format_records(&recs, &t, OnError::Fail, ValSize::Count(0), 1)
-            .err()
-            .unwrap();
-        assert_eq!(e.to_string(), "record 2: field `instruction` is missing");
-        let ok = format_records(&recs, &t, OnError::Skip, ValSize::Count(0), 1).unwrap();
-        assert_eq!((ok.stats.skipped, ok.train.len()), (1, 4));
-    }
-
-    #[test]
-    fn splitmix_is_pinned() {
-        // Changing the generator changes every split (and so every downstream key).
-        let mut r = SplitMix64(0);
-        assert_eq!(r.next(), 0xe220_a839_7b1d_cdaf);
-    }
-}
-
 /// The file to read from a `format` stage's input: the file itself, `file` inside a directory,
 /// or the directory's only `.json`/`.jsonl` file.
 pub fn find_records_file(input: &Path, file: Option<&str>) -> Result<std::path::PathBuf, String> {
@@ -304,4 +241,67 @@ pub fn run(
     )
     .map_err(|e| e.to_string())?;
     Ok(f.stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompt::TemplateSpec;
+    use std::collections::BTreeMap;
+
+    fn records(n: usize) -> Vec<Record> {
+        (0..n)
+            .map(|i| Record {
+                index: i,
+                line: None,
+                fields: serde_json::from_value(serde_json::json!({
+                    "instruction": format!("task {i}"), "input": if i % 2 == 0 { "" } else { "x" }, "output": if i == 3 { "" } else { "y" }
+                }))
+                .unwrap(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn split_is_seeded_disjoint_and_complete() {
+        let t = Template::new(&TemplateSpec::alpaca(), BTreeMap::new()).unwrap();
+        let a =
+            format_records(&records(100), &t, OnError::Fail, ValSize::Fraction(0.1), 7).unwrap();
+        let b =
+            format_records(&records(100), &t, OnError::Fail, ValSize::Fraction(0.1), 7).unwrap();
+        let c =
+            format_records(&records(100), &t, OnError::Fail, ValSize::Fraction(0.1), 8).unwrap();
+        assert_eq!((a.train.len(), a.val.len()), (90, 10));
+        assert_eq!(a.val, b.val);
+        assert_ne!(a.val, c.val);
+        let mut all: Vec<usize> = a.train.iter().chain(&a.val).map(|p| p.index).collect();
+        all.sort();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
+        assert_eq!(a.stats.empty_responses, 1);
+        assert_eq!(a.stats.with_input_template, 50);
+        let d = format_records(&records(10), &t, OnError::Fail, ValSize::Count(3), 1).unwrap();
+        assert_eq!(d.val.len(), 3);
+        assert!(ValSize::Count(10).count(10).is_err());
+        assert!(ValSize::Fraction(1.5).count(10).is_err());
+    }
+
+    #[test]
+    fn skip_counts_bad_records_and_fail_names_them() {
+        let t = Template::new(&TemplateSpec::alpaca(), BTreeMap::new()).unwrap();
+        let mut recs = records(5);
+        recs[2].fields.remove("instruction");
+        let e = format_records(&recs, &t, OnError::Fail, ValSize::Count(0), 1)
+            .err()
+            .unwrap();
+        assert_eq!(e.to_string(), "record 2: field `instruction` is missing");
+        let ok = format_records(&recs, &t, OnError::Skip, ValSize::Count(0), 1).unwrap();
+        assert_eq!((ok.stats.skipped, ok.train.len()), (1, 4));
+    }
+
+    #[test]
+    fn splitmix_is_pinned() {
+        // Changing the generator changes every split (and so every downstream key).
+        let mut r = SplitMix64(0);
+        assert_eq!(r.next(), 0xe220_a839_7b1d_cdaf);
+    }
 }

@@ -3,6 +3,7 @@
 //! preprocessing does, into a compact memory-mapped dataset.
 
 pub mod dataset;
+pub mod fastbpe;
 pub mod format;
 pub mod prompt;
 pub mod records;

@@ -193,7 +193,7 @@ impl Example {
     }
 }
 
-/// Tokenizes one pair (see the module docs for the exact rules).
+/// Tokenizes one pair with the library (see the module docs for the exact rules).
 pub fn tokenize_pair(
     tok: &Tokenizer,
     sp: &Specials,
@@ -202,37 +202,76 @@ pub fn tokenize_pair(
 ) -> Result<Example, String> {
     let text = format!("{}{}{}", pair.prompt, pair.response, sp.eos_token);
     let full = tok
-        .encode(text.as_str(), true)
+        .encode_fast(text.as_str(), true)
         .map_err(|e| format!("record {}: cannot tokenize: {e}", pair.index))?;
-    let input_ids = full.get_ids().to_vec();
-    let mut labels: Vec<i32> = input_ids.iter().map(|&i| i as i32).collect();
-    if !train_on_inputs {
+    let source_len = if train_on_inputs {
+        0
+    } else {
         let source = tok
-            .encode(pair.prompt.as_str(), true)
+            .encode_fast(pair.prompt.as_str(), true)
             .map_err(|e| format!("record {}: cannot tokenize its prompt: {e}", pair.index))?;
-        let source_len = source
+        source
             .get_ids()
             .iter()
             .filter(|&&i| i != sp.pad_token_id)
-            .count();
-        let n = source_len.min(labels.len());
-        labels[..n].fill(IGNORE_INDEX);
-    }
-    Ok(Example {
-        index: pair.index,
-        input_ids,
-        labels,
-        truncated: !full.get_overflowing().is_empty(),
-    })
+            .count()
+    };
+    Ok(example(
+        pair.index,
+        full.get_ids().to_vec(),
+        source_len,
+        !full.get_overflowing().is_empty(),
+    ))
 }
 
-/// Tokenizes all pairs on all cores, keeping their order.
+fn example(index: usize, input_ids: Vec<u32>, source_len: usize, truncated: bool) -> Example {
+    let mut labels: Vec<i32> = input_ids.iter().map(|&i| i as i32).collect();
+    let n = source_len.min(labels.len());
+    labels[..n].fill(IGNORE_INDEX);
+    Example {
+        index,
+        input_ids,
+        labels,
+        truncated,
+    }
+}
+
+/// Tokenizes all pairs on all cores, keeping their order. SentencePiece-style BPE tokenizers
+/// go through [`FastBpe`](crate::fastbpe::FastBpe) (same ids, several times faster); others
+/// through the library.
 pub fn tokenize_all(
     tok: &Tokenizer,
     sp: &Specials,
     pairs: &[Pair],
     train_on_inputs: bool,
 ) -> Result<Vec<Example>, String> {
+    let max_len = tok
+        .get_truncation()
+        .map(|t| t.max_length)
+        .unwrap_or(usize::MAX / 2);
+    if let Some(fast) = crate::fastbpe::FastBpe::new(tok, max_len) {
+        let chunks: Vec<Vec<Example>> = pairs
+            .par_chunks(256)
+            .map(|chunk| {
+                let mut cache = crate::fastbpe::WordCache::default();
+                chunk
+                    .iter()
+                    .map(|p| {
+                        let text = format!("{}{}{}", p.prompt, p.response, sp.eos_token);
+                        let (ids, truncated) = fast.encode(&text, &mut cache);
+                        let source_len = if train_on_inputs {
+                            0
+                        } else {
+                            let (src, _) = fast.encode(&p.prompt, &mut cache);
+                            src.iter().filter(|&&i| i != sp.pad_token_id).count()
+                        };
+                        example(p.index, ids, source_len, truncated)
+                    })
+                    .collect()
+            })
+            .collect();
+        return Ok(chunks.into_iter().flatten().collect());
+    }
     pairs
         .par_iter()
         .map(|p| tokenize_pair(tok, sp, p, train_on_inputs))

@@ -2,10 +2,17 @@
 //! line to [`registry`].
 
 pub mod command;
+pub mod download;
+pub mod format;
+pub mod tokenize;
 
 use pipe_core::Registry;
 
 /// All stage kinds, as the `pipe` binary offers them.
 pub fn registry() -> Registry {
-    Registry::new().with(command::CommandKind)
+    Registry::new()
+        .with(download::DownloadKind)
+        .with(format::FormatKind)
+        .with(tokenize::TokenizeKind)
+        .with(command::CommandKind)
 }

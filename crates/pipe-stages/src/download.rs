@@ -1,0 +1,256 @@
+//! `kind: download` — files from the Hugging Face Hub, a URL, or a local path.
+//!
+//! ```yaml
+//! model:
+//!   kind: download
+//!   source: hf://meta-llama/Llama-2-7b-hf@<commit>   # or https://…, or a local path
+//!   files: ["*.json", "*.safetensors"]              # optional (Hub, directories)
+//! data:
+//!   kind: download
+//!   source: https://…/alpaca_data.json
+//!   sha256: 2eddafc6…                               # pins the content (and the key)
+//! ```
+//!
+//! Partial downloads stay in the stage's work directory and resume (HTTP Range) after a
+//! failure or a kill. `HF_TOKEN` is sent to the Hub only; `HF_ENDPOINT` names the Hub. Neither
+//! enters the cache key or any log.
+
+use std::collections::BTreeMap;
+
+use anyhow::anyhow;
+use pipe_core::diag::{FieldError, Target};
+use pipe_core::{Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageKind};
+use pipe_fetch::{fetch, Checksum, Client, FetchError, FetchOptions, Source, Transfer};
+use serde::{Deserialize, Serialize};
+
+pub struct DownloadKind;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Fields {
+    /// `hf://ORG/REPO[@REVISION]`, `hf://datasets/ORG/REPO`, `https://…`, `http://…`, a path.
+    source: String,
+    /// Globs choosing files from a repository or directory.
+    #[serde(default)]
+    files: Vec<String>,
+    /// The sha256 of a single-file source.
+    #[serde(default)]
+    sha256: Option<String>,
+    /// The blake3 of a single-file source.
+    #[serde(default)]
+    blake3: Option<String>,
+    /// Per-file digests: name → `sha256:HEX` or `blake3:HEX`.
+    #[serde(default)]
+    checksums: BTreeMap<String, String>,
+    /// The name to store a single file under (default: from the URL or path).
+    #[serde(default)]
+    file_name: Option<String>,
+    /// Attempts after a transient failure.
+    #[serde(default = "default_retries")]
+    retries: u32,
+}
+
+fn default_retries() -> u32 {
+    5
+}
+
+struct DownloadStage {
+    fields: Fields,
+    source: Source,
+    options: FetchOptions,
+    inputs: Vec<Input>,
+}
+
+const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+impl StageKind for DownloadKind {
+    fn name(&self) -> &'static str {
+        "download"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "fetch files from the Hugging Face Hub, a URL or a local path (resumable, verified)"
+    }
+    fn parse(
+        &self,
+        cx: &ParseContext<'_>,
+        fields: serde_yaml::Value,
+    ) -> Result<Box<dyn Stage>, FieldError> {
+        let fields: Fields = cx.fields(fields)?;
+        let source =
+            Source::parse(&fields.source, cx.base_dir).map_err(|e| cx.error("source", e))?;
+        let mut checksums = BTreeMap::new();
+        for (name, text) in &fields.checksums {
+            let c = Checksum::parse(text).map_err(|e| {
+                FieldError::new(cx.path.key("checksums").key(name), Target::Value, e)
+            })?;
+            checksums.insert(name.clone(), c);
+        }
+        let single = match &source {
+            Source::Url(u) => fields
+                .file_name
+                .clone()
+                .or_else(|| pipe_fetch::url_file_name(u)),
+            Source::Local(p) if !p.is_dir() => fields
+                .file_name
+                .clone()
+                .or_else(|| p.file_name().map(|n| n.to_string_lossy().into_owned())),
+            _ => None,
+        };
+        for (field, algo) in [("sha256", &fields.sha256), ("blake3", &fields.blake3)] {
+            if let Some(hex) = algo {
+                let Some(name) = &single else {
+                    return Err(cx
+                        .error(
+                            field,
+                            format!("`{field}:` pins a single file; this source has several"),
+                        )
+                        .with_help("use `checksums: {FILE: \"sha256:…\"}`"));
+                };
+                let c =
+                    Checksum::parse(&format!("{field}:{hex}")).map_err(|e| cx.error(field, e))?;
+                checksums.insert(name.clone(), c);
+            }
+        }
+        if matches!(source, Source::Url(_)) && single.is_none() {
+            return Err(cx
+                .error("source", "the URL does not end in a file name")
+                .with_help("set `file_name:`"));
+        }
+        if !fields.files.is_empty() && matches!(source, Source::Url(_)) {
+            return Err(cx.error(
+                "files",
+                "`files:` selects from a repository or directory, not from a URL",
+            ));
+        }
+        let inputs = match &source {
+            Source::Local(p) => vec![Input {
+                name: "source".into(),
+                source: InputSource::Path(p.clone()),
+                field: cx.path.key("source"),
+            }],
+            _ => Vec::new(),
+        };
+        let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.into());
+        let options = FetchOptions {
+            files: fields.files.clone(),
+            checksums,
+            file_name: fields.file_name.clone(),
+            endpoint,
+        };
+        Ok(Box::new(DownloadStage {
+            fields,
+            source,
+            options,
+            inputs,
+        }))
+    }
+}
+
+impl Stage for DownloadStage {
+    fn inputs(&self) -> Vec<Input> {
+        self.inputs.clone()
+    }
+    fn params(&self) -> serde_json::Value {
+        let checksums: BTreeMap<&String, String> = self
+            .options
+            .checksums
+            .iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect();
+        // A local source enters the key by its content (an input), not by where it lies.
+        let source = match &self.source {
+            Source::Local(_) => serde_json::Value::Null,
+            _ => serde_json::Value::String(self.fields.source.clone()),
+        };
+        serde_json::json!({
+            "source": source,
+            "files": self.fields.files,
+            "checksums": checksums,
+            "file_name": self.fields.file_name,
+        })
+    }
+    fn resumable(&self) -> bool {
+        true
+    }
+    fn notes(&self) -> Vec<String> {
+        if self.source.pinned(&self.options) {
+            return Vec::new();
+        }
+        match &self.source {
+            Source::Hub(r) => vec![format!(
+                "unpinned source: `{}` follows the revision `{}`, which can move; the cached copy is reused until you --force it. Pin a commit (`@<sha>`) for a reproducible key",
+                r.repo,
+                r.revision.as_deref().unwrap_or("main")
+            )],
+            _ => vec!["unpinned source: a URL without `sha256:` is fetched once and reused until you --force it; add `sha256:` to pin it".into()],
+        }
+    }
+    fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
+        let mut client = Client::new();
+        client.retries = self.fields.retries;
+        if let Source::Hub(_) = &self.source {
+            let host = self
+                .options
+                .endpoint
+                .split_once("://")
+                .map(|(_, r)| r.split('/').next().unwrap_or(""))
+                .unwrap_or("")
+                .to_string();
+            client = client.with_token(&host, std::env::var("HF_TOKEN").ok());
+        }
+        let work = cx.work_dir.join("partial");
+        let out = cx.out_dir.clone();
+        let transfer = StageTransfer {
+            cx,
+            announced: std::cell::Cell::new(None),
+        };
+        let report = fetch(
+            &self.source,
+            &self.fields.source,
+            &self.options,
+            &client,
+            &out,
+            &work,
+            &transfer,
+        );
+        let report = match report {
+            Ok(r) => r,
+            Err(FetchError::Interrupted) => return Err(Interrupted.into()),
+            Err(e) => return Err(anyhow!("{e}")),
+        };
+        for f in &report.files {
+            let resumed = if f.resumed_from > 0 {
+                format!(" (resumed from byte {})", f.resumed_from)
+            } else {
+                String::new()
+            };
+            cx.log(&format!("fetched {} ({} bytes){resumed}", f.name, f.bytes));
+        }
+        cx.set_metrics(serde_json::to_value(&report)?);
+        Ok(())
+    }
+}
+
+/// Shows a transfer on the stage's progress line and stops it on Ctrl-C.
+struct StageTransfer<'a> {
+    cx: &'a StageContext,
+    announced: std::cell::Cell<Option<u64>>,
+}
+
+impl Transfer for StageTransfer<'_> {
+    fn progress(&self, done: u64, total: Option<u64>) {
+        if let Some(t) = total {
+            if self.announced.get() != Some(t) {
+                self.cx.progress().set_bytes_length(t);
+                self.announced.set(Some(t));
+            }
+        }
+        self.cx.progress().set_position(done);
+    }
+    fn cancelled(&self) -> bool {
+        self.cx.is_cancelled()
+    }
+}

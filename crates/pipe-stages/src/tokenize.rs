@@ -1,0 +1,164 @@
+//! `kind: tokenize` — prompt/response pairs → token ids and loss labels, exactly as Stanford
+//! Alpaca's preprocessing makes them, in a memory-mapped dataset.
+//!
+//! ```yaml
+//! tokens:
+//!   kind: tokenize
+//!   input: prompts            # a `format` stage
+//!   tokenizer: model          # a stage or directory with tokenizer.json, or the file itself
+//!   max_len: 512
+//!   train_on_inputs: false    # true: the prompt counts in the loss too
+//!   packing: false            # true: whole examples packed first-fit into max_len rows
+//!   # eos_token / pad_token override tokenizer_config.json; a missing pad token is added
+//!   # as `add_pad_token` ([PAD]) and the tokenizer in the output grows by it.
+//! ```
+
+use anyhow::anyhow;
+use pipe_core::diag::FieldError;
+use pipe_core::{Input, InputSource, ParseContext, Stage, StageContext, StageKind};
+use pipe_data::tokenize::TokenizeOptions;
+use serde::{Deserialize, Serialize};
+
+pub struct TokenizeKind;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Fields {
+    input: String,
+    tokenizer: String,
+    #[serde(default = "default_max_len")]
+    max_len: usize,
+    #[serde(default)]
+    train_on_inputs: bool,
+    #[serde(default)]
+    packing: bool,
+    #[serde(default)]
+    eos_token: Option<String>,
+    #[serde(default)]
+    pad_token: Option<String>,
+    #[serde(default = "default_pad")]
+    add_pad_token: String,
+}
+
+fn default_max_len() -> usize {
+    512
+}
+fn default_pad() -> String {
+    "[PAD]".into()
+}
+
+struct TokenizeStage {
+    fields: Fields,
+    inputs: Vec<Input>,
+}
+
+impl StageKind for TokenizeKind {
+    fn name(&self) -> &'static str {
+        "tokenize"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "tokenize prompt/response pairs and mask the prompt, exactly as the Alpaca recipe does"
+    }
+    fn parse(
+        &self,
+        cx: &ParseContext<'_>,
+        fields: serde_yaml::Value,
+    ) -> Result<Box<dyn Stage>, FieldError> {
+        let fields: Fields = cx.fields(fields)?;
+        if fields.max_len < 2 {
+            return Err(cx.error("max_len", "max_len must be at least 2"));
+        }
+        let input = cx.stage_ref(&cx.path.key("input"), &fields.input)?;
+        let tokenizer = cx
+            .as_stage_ref(&fields.tokenizer)
+            .unwrap_or_else(|| InputSource::Path(cx.resolve_path(&fields.tokenizer)));
+        let inputs = vec![
+            Input {
+                name: "input".into(),
+                source: input,
+                field: cx.path.key("input"),
+            },
+            Input {
+                name: "tokenizer".into(),
+                source: tokenizer,
+                field: cx.path.key("tokenizer"),
+            },
+        ];
+        Ok(Box::new(TokenizeStage { fields, inputs }))
+    }
+}
+
+impl Stage for TokenizeStage {
+    fn inputs(&self) -> Vec<Input> {
+        self.inputs.clone()
+    }
+    fn params(&self) -> serde_json::Value {
+        let f = &self.fields;
+        serde_json::json!({
+            "max_len": f.max_len,
+            "train_on_inputs": f.train_on_inputs,
+            "packing": f.packing,
+            "eos_token": f.eos_token,
+            "pad_token": f.pad_token,
+            "add_pad_token": f.add_pad_token,
+        })
+    }
+    fn outputs(&self) -> Option<Vec<String>> {
+        Some(
+            [
+                "train.safetensors",
+                "val.safetensors",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "meta.json",
+                "stats.json",
+            ]
+            .map(String::from)
+            .to_vec(),
+        )
+    }
+    fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
+        let f = &self.fields;
+        let opts = TokenizeOptions {
+            max_len: f.max_len,
+            train_on_inputs: f.train_on_inputs,
+            eos_token: f.eos_token.clone(),
+            pad_token: f.pad_token.clone(),
+            add_pad_token: f.add_pad_token.clone(),
+        };
+        let input = cx.input("input")?.to_path_buf();
+        let tokenizer = cx.input("tokenizer")?.to_path_buf();
+        let r = pipe_data::tokenize::run(&input, &tokenizer, &opts, f.packing, &cx.out_dir)
+            .map_err(|e| anyhow!(e))?;
+        if !r.specials.added_tokens.is_empty() {
+            cx.log(&format!(
+                "added {:?} to the vocabulary ({} → {} tokens): the model's embeddings grow to match",
+                r.specials.added_tokens, r.specials.vocab_size_before, r.specials.vocab_size_after
+            ));
+        }
+        for (name, s) in [("train", &r.train), ("val", &r.val)] {
+            cx.log(&format!(
+                "{name}: {} examples, {} tokens ({:.1}% masked), {} truncated at {}, {} with every label masked",
+                s.examples,
+                s.tokens,
+                100.0 * s.masked_fraction,
+                s.truncated,
+                f.max_len,
+                s.all_masked
+            ));
+            if s.all_masked > 0 {
+                tracing::warn!(
+                    "{}: {} {name} examples have every label masked (their prompt fills max_len {}); they teach nothing",
+                    cx.stage_id,
+                    s.all_masked,
+                    f.max_len
+                );
+            }
+        }
+        cx.set_metrics(serde_json::to_value(&r)?);
+        Ok(())
+    }
+}
