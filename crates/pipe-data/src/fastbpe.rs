@@ -42,7 +42,9 @@ impl FastBpe {
     /// Builds the encoder if `tok` is a tokenizer it reproduces exactly, truncating at `max_len`.
     pub fn new(tok: &Tokenizer, max_len: usize) -> Option<Self> {
         // Cheap checks first: serialising a large vocabulary only to refuse it costs time.
-        if tok.get_pre_tokenizer().is_some() || !matches!(tok.get_model(), tokenizers::ModelWrapper::BPE(_)) {
+        if tok.get_pre_tokenizer().is_some()
+            || !matches!(tok.get_model(), tokenizers::ModelWrapper::BPE(_))
+        {
             return None;
         }
         let json: Value = serde_json::from_str(&tok.to_string(false).ok()?).ok()?;
