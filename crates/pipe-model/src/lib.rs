@@ -1,0 +1,20 @@
+//! The Llama-family decoder in burn, numerically the same model as transformers'
+//! `LlamaForCausalLM`, loaded from Hugging Face checkpoints (safetensors only).
+
+pub mod config;
+pub mod load;
+pub mod model;
+
+pub use config::LlamaConfig;
+pub use load::{load_llama, Checkpoint};
+pub use model::{shifted_cross_entropy, Llama};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("bad model config: {0}")]
+    Config(String),
+    #[error("bad checkpoint: {0}")]
+    Checkpoint(String),
+}

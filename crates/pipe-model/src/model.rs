@@ -1,0 +1,300 @@
+//! The Llama decoder, block by block, numerically the same as transformers'
+//! `LlamaForCausalLM`: RMSNorm, rotary embeddings (the `rotate_half` convention),
+//! grouped-query attention, SwiGLU MLP, optional tied embeddings.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+
+/// A linear map `y = x·W (+ b)`, with `W` stored `[d_input, d_output]` (transposed from the
+/// `[out, in]` of a Hugging Face checkpoint when loaded).
+#[derive(Module, Debug)]
+pub struct Proj<B: Backend> {
+    /// `[d_input, d_output]`
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[d_output]`
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Proj<B> {
+    /// `[batch, seq, d_input]` → `[batch, seq, d_output]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let y = x.matmul(self.weight.val().unsqueeze());
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+}
+
+/// RMSNorm as transformers computes it: in f32, `x · rsqrt(mean(x²) + ε) · γ`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[d_model]`
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// `[batch, seq, d_model]` → same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let variance = x.clone().powi_scalar(2).mean_dim(2);
+        let normed = x * (variance + self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze()
+    }
+}
+
+/// Precomputed rotary tables: `cos` and `sin`, `[max_positions, head_dim]`, each half
+/// repeated (transformers' `cat((freqs, freqs), -1)`).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub head_dim: usize,
+    pub max_positions: usize,
+}
+
+impl Rope {
+    pub fn new(cfg: &LlamaConfig) -> Self {
+        let inv_freq: Vec<f32> = cfg.inv_freq().iter().map(|&f| f as f32).collect();
+        let (d, n) = (cfg.head_dim, cfg.max_position_embeddings);
+        let mut cos = Vec::with_capacity(n * d);
+        let mut sin = Vec::with_capacity(n * d);
+        for p in 0..n {
+            // Both halves of the head dim use the same frequencies.
+            for f in inv_freq.iter().chain(&inv_freq) {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Rope {
+            cos,
+            sin,
+            head_dim: d,
+            max_positions: n,
+        }
+    }
+
+    /// `cos`, `sin` for positions `0..seq`, `[1, 1, seq, head_dim]`.
+    fn tables<B: Backend>(&self, seq: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let n = seq * self.head_dim;
+        let cos = Tensor::<B, 2>::from_data(
+            TensorData::new(self.cos[..n].to_vec(), [seq, self.head_dim]),
+            device,
+        );
+        let sin = Tensor::<B, 2>::from_data(
+            TensorData::new(self.sin[..n].to_vec(), [seq, self.head_dim]),
+            device,
+        );
+        (cos.unsqueeze(), sin.unsqueeze())
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin`, with `rotate_half([a, b]) = [-b, a]` over the head dim.
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [_, _, _, d] = x.dims();
+    let first = x.clone().narrow(3, 0, d / 2);
+    let second = x.clone().narrow(3, d / 2, d / 2);
+    let rotated = Tensor::cat(vec![second.neg(), first], 3);
+    x * cos + rotated * sin
+}
+
+/// Grouped-query self-attention.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Proj<B>,
+    pub k_proj: Proj<B>,
+    pub v_proj: Proj<B>,
+    pub o_proj: Proj<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// `x`: `[batch, seq, hidden]`; `mask`: additive, `[batch, 1, seq, seq]` → `[batch, seq, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        mask: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, kv, d])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kv, d])
+            .swap_dims(1, 2);
+        let q = apply_rope(q, cos.clone(), sin.clone());
+        let k = apply_rope(k, cos, sin);
+        // Head i reads key/value head i / (h / kv), as transformers' repeat_kv arranges it.
+        let (k, v) = if kv == h {
+            (k, v)
+        } else {
+            let rep = h / kv;
+            let k = k
+                .unsqueeze_dim::<5>(2)
+                .expand([b, kv, rep, s, d])
+                .reshape([b, h, s, d]);
+            let v = v
+                .unsqueeze_dim::<5>(2)
+                .expand([b, kv, rep, s, d])
+                .reshape([b, h, s, d]);
+            (k, v)
+        };
+        let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt() + mask;
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * d]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// The SwiGLU feed-forward block: `down(silu(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Proj<B>,
+    pub up_proj: Proj<B>,
+    pub down_proj: Proj<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// `[batch, seq, hidden]` → same
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// `[batch, seq, hidden]` → same
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 4>,
+        sin: Tensor<B, 4>,
+        mask: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, mask);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// `[vocab, hidden]`
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the output projection is the (transposed) input embedding.
+    pub lm_head: Option<Proj<B>>,
+    #[module(skip)]
+    pub rope: Rope,
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+impl<B: Backend> Llama<B> {
+    /// `input_ids`: `[batch, seq]`; `attention_mask`: `[batch, seq]`, 1 for tokens and 0 for
+    /// padding (keys at 0 are not attended to) → logits `[batch, seq, vocab]`.
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<&[Vec<u8>]>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = input_ids.dims();
+        assert!(
+            s <= self.rope.max_positions,
+            "sequence of {s} exceeds max_position_embeddings {}",
+            self.rope.max_positions
+        );
+        let device = input_ids.device();
+        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
+        let (cos, sin) = self.rope.tables::<B>(s, &device);
+        let mask = additive_mask::<B>(b, s, attention_mask, &device);
+        for layer in &self.layers {
+            x = layer.forward(x, cos.clone(), sin.clone(), mask.clone());
+        }
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+        }
+    }
+}
+
+/// The causal mask (and padding, if given) as additive biases: 0 where attending is allowed,
+/// the lowest f32 elsewhere (as transformers uses `finfo.min`). `[batch, 1, seq, seq]`.
+fn additive_mask<B: Backend>(
+    b: usize,
+    s: usize,
+    padding: Option<&[Vec<u8>]>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let mut m = vec![0f32; b * s * s];
+    for bi in 0..b {
+        for i in 0..s {
+            for j in 0..s {
+                let padded = padding.is_some_and(|p| p[bi][j] == 0);
+                if j > i || padded {
+                    m[(bi * s + i) * s + j] = f32::MIN;
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [b, 1, s, s]), device)
+}
+
+/// Mean cross-entropy over labels ≠ -100, with logits at position t predicting the label at
+/// t + 1 (transformers' shift). Returns (sum of token losses, number of counted tokens), so
+/// that gradient accumulation can normalise over every token of an effective batch.
+pub fn shifted_cross_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: &[Vec<i64>],
+) -> (Tensor<B, 1>, usize) {
+    let [b, s, v] = logits.dims();
+    let device = logits.device();
+    let mut targets = Vec::with_capacity(b * (s - 1));
+    let mut weights = Vec::with_capacity(b * (s - 1));
+    for row in labels {
+        for &l in &row[1..s] {
+            targets.push(if l < 0 { 0 } else { l });
+            weights.push(if l < 0 { 0f32 } else { 1.0 });
+        }
+    }
+    let count = weights.iter().filter(|w| **w > 0.0).count();
+    let logits = logits.narrow(1, 0, s - 1).reshape([b * (s - 1), v]);
+    let logp = burn::tensor::activation::log_softmax(logits, 1);
+    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b * (s - 1), 1]), &device);
+    let picked = logp.gather(1, idx).reshape([b * (s - 1)]);
+    let w = Tensor::<B, 1>::from_data(TensorData::new(weights, [b * (s - 1)]), &device);
+    ((picked * w).sum().neg(), count)
+}
