@@ -130,13 +130,13 @@ impl LlamaConfig {
         }
         let heads = raw.num_attention_heads;
         let kv = raw.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv == 0 || heads % kv != 0 {
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return Err(format!(
                 "{heads} attention heads cannot be grouped over {kv} key/value heads"
             ));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim {head_dim} must be even for rotary embeddings"
             ));
@@ -166,9 +166,11 @@ impl LlamaConfig {
                             .unwrap_or(8192)
                             as usize,
                     }),
-                    other => return Err(format!(
+                    other => {
+                        return Err(format!(
                         "rope_scaling type `{other}` is not supported (default, linear, llama3)"
-                    )),
+                    ))
+                    }
                 }
             }
         };

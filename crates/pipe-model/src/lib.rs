@@ -3,10 +3,12 @@
 
 pub mod config;
 pub mod load;
+pub mod lora;
 pub mod model;
 
 pub use config::LlamaConfig;
-pub use load::{load_llama, Checkpoint};
+pub use load::{load_llama, load_llama_with, Checkpoint};
+pub use lora::{LoraSpec, Targets};
 pub use model::{shifted_cross_entropy, Llama};
 
 #[derive(Debug, thiserror::Error)]

@@ -74,10 +74,18 @@ impl Checkpoint {
                 )
             }));
         };
+        Self::from_files(shard_names.iter().map(|n| dir.join(n)).collect())
+    }
+
+    /// Opens one safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self, ModelError> {
+        Self::from_files(vec![path.to_path_buf()])
+    }
+
+    fn from_files(paths: Vec<PathBuf>) -> Result<Self, ModelError> {
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
-        for name in shard_names {
-            let path = dir.join(&name);
+        for path in paths {
             let file = std::fs::File::open(&path)
                 .map_err(|e| ModelError::Io(path.display().to_string(), e))?;
             // SAFETY: checkpoint files are not modified while a run reads them (the store's
@@ -150,63 +158,117 @@ fn expect_shape(name: &str, t: &HostTensor, shape: &[usize]) -> Result<(), Model
     Ok(())
 }
 
-fn param1<B: Backend>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 1>> {
-    let n = t.data.len();
-    Param::from_tensor(Tensor::from_data(TensorData::new(t.data, [n]), device))
-}
-
-fn param2<B: Backend>(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 2>> {
-    let shape = [t.shape[0], t.shape[1]];
-    Param::from_tensor(Tensor::from_data(TensorData::new(t.data, shape), device))
-}
-
-/// A Hugging Face `[out, in]` linear weight as a [`Proj`] (`[in, out]`).
-fn proj<B: Backend>(
-    ck: &Checkpoint,
-    prefix: &str,
-    out_dim: usize,
-    in_dim: usize,
-    bias: bool,
-    device: &B::Device,
-) -> Result<Proj<B>, ModelError> {
-    let name = format!("{prefix}.weight");
-    let w = ck.read(&name)?;
-    expect_shape(&name, &w, &[out_dim, in_dim])?;
-    let weight =
-        Tensor::<B, 2>::from_data(TensorData::new(w.data, [out_dim, in_dim]), device).transpose();
-    let bias = if bias {
-        let name = format!("{prefix}.bias");
-        let b = ck.read(&name)?;
-        expect_shape(&name, &b, &[out_dim])?;
-        Some(param1(b, device))
-    } else {
-        None
-    };
-    Ok(Proj {
-        weight: Param::from_tensor(weight),
-        bias,
-    })
-}
-
-fn norm<B: Backend>(
-    ck: &Checkpoint,
+/// A parameter whose id is derived from its checkpoint name, so that optimizer state saved in
+/// one process finds its parameter in the next (burn keys optimizer state by id).
+pub fn named_param<B: Backend, const D: usize>(
     name: &str,
-    dim: usize,
-    eps: f64,
-    device: &B::Device,
-) -> Result<RmsNorm<B>, ModelError> {
-    let w = ck.read(name)?;
-    expect_shape(name, &w, &[dim])?;
-    Ok(RmsNorm {
-        weight: param1(w, device),
-        eps,
+    t: Tensor<B, D>,
+    trainable: bool,
+) -> Param<Tensor<B, D>> {
+    let id = burn::module::ParamId::from(stable_id(name));
+    Param::initialized(id, if trainable { t.require_grad() } else { t })
+}
+
+/// FNV-1a of a parameter name.
+pub fn stable_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
-/// Loads a model directory (config.json + safetensors weights).
+fn param1<B: Backend>(
+    name: &str,
+    t: HostTensor,
+    device: &B::Device,
+    trainable: bool,
+) -> Param<Tensor<B, 1>> {
+    let n = t.data.len();
+    named_param(
+        name,
+        Tensor::from_data(TensorData::new(t.data, [n]), device),
+        trainable,
+    )
+}
+
+fn param2<B: Backend>(
+    name: &str,
+    t: HostTensor,
+    device: &B::Device,
+    trainable: bool,
+) -> Param<Tensor<B, 2>> {
+    let shape = [t.shape[0], t.shape[1]];
+    named_param(
+        name,
+        Tensor::from_data(TensorData::new(t.data, shape), device),
+        trainable,
+    )
+}
+
+struct Loader<'a, B: Backend> {
+    ck: &'a Checkpoint,
+    device: &'a B::Device,
+    trainable: bool,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    /// A Hugging Face `[out, in]` linear weight as a [`Proj`] (`[in, out]`).
+    fn proj(
+        &self,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Proj<B>, ModelError> {
+        let name = format!("{prefix}.weight");
+        let w = self.ck.read(&name)?;
+        expect_shape(&name, &w, &[out_dim, in_dim])?;
+        let weight =
+            Tensor::<B, 2>::from_data(TensorData::new(w.data, [out_dim, in_dim]), self.device)
+                .transpose();
+        let bias = if bias {
+            let name = format!("{prefix}.bias");
+            let b = self.ck.read(&name)?;
+            expect_shape(&name, &b, &[out_dim])?;
+            Some(param1(&name, b, self.device, self.trainable))
+        } else {
+            None
+        };
+        Ok(Proj {
+            weight: named_param(&name, weight, self.trainable),
+            bias,
+            lora: None,
+        })
+    }
+
+    fn norm(&self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm<B>, ModelError> {
+        let w = self.ck.read(name)?;
+        expect_shape(name, &w, &[dim])?;
+        Ok(RmsNorm {
+            weight: param1(name, w, self.device, self.trainable),
+            eps,
+        })
+    }
+}
+
+/// Loads a model directory (config.json + safetensors weights) for inference.
 pub fn load_llama<B: Backend>(dir: &Path, device: &B::Device) -> Result<Llama<B>, ModelError> {
+    load_llama_with(dir, device, false)
+}
+
+/// Loads a model directory; with `trainable`, every weight takes gradients (full
+/// fine-tuning), else none does (inference, or a frozen base under LoRA).
+pub fn load_llama_with<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    trainable: bool,
+) -> Result<Llama<B>, ModelError> {
     let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
     let ck = Checkpoint::open(dir)?;
+    let ld = Loader::<B> {
+        ck: &ck,
+        device,
+        trainable,
+    };
     let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
     let (q_dim, kv_dim) = (
         cfg.num_attention_heads * cfg.head_dim,
@@ -217,64 +279,27 @@ pub fn load_llama<B: Backend>(dir: &Path, device: &B::Device) -> Result<Llama<B>
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let ab = cfg.attention_bias;
-        let mb = cfg.mlp_bias;
+        let (ab, mb, eps) = (cfg.attention_bias, cfg.mlp_bias, cfg.rms_norm_eps);
         layers.push(DecoderLayer {
-            input_layernorm: norm(
-                &ck,
-                &format!("{p}.input_layernorm.weight"),
-                hid,
-                cfg.rms_norm_eps,
-                device,
-            )?,
+            input_layernorm: ld.norm(&format!("{p}.input_layernorm.weight"), hid, eps)?,
             self_attn: Attention {
-                q_proj: proj(
-                    &ck,
-                    &format!("{p}.self_attn.q_proj"),
-                    q_dim,
-                    hid,
-                    ab,
-                    device,
-                )?,
-                k_proj: proj(
-                    &ck,
-                    &format!("{p}.self_attn.k_proj"),
-                    kv_dim,
-                    hid,
-                    ab,
-                    device,
-                )?,
-                v_proj: proj(
-                    &ck,
-                    &format!("{p}.self_attn.v_proj"),
-                    kv_dim,
-                    hid,
-                    ab,
-                    device,
-                )?,
-                o_proj: proj(
-                    &ck,
-                    &format!("{p}.self_attn.o_proj"),
-                    hid,
-                    q_dim,
-                    ab,
-                    device,
-                )?,
+                q_proj: ld.proj(&format!("{p}.self_attn.q_proj"), q_dim, hid, ab)?,
+                k_proj: ld.proj(&format!("{p}.self_attn.k_proj"), kv_dim, hid, ab)?,
+                v_proj: ld.proj(&format!("{p}.self_attn.v_proj"), kv_dim, hid, ab)?,
+                o_proj: ld.proj(&format!("{p}.self_attn.o_proj"), hid, q_dim, ab)?,
                 n_heads: cfg.num_attention_heads,
                 n_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
             },
-            post_attention_layernorm: norm(
-                &ck,
+            post_attention_layernorm: ld.norm(
                 &format!("{p}.post_attention_layernorm.weight"),
                 hid,
-                cfg.rms_norm_eps,
-                device,
+                eps,
             )?,
             mlp: Mlp {
-                gate_proj: proj(&ck, &format!("{p}.mlp.gate_proj"), inter, hid, mb, device)?,
-                up_proj: proj(&ck, &format!("{p}.mlp.up_proj"), inter, hid, mb, device)?,
-                down_proj: proj(&ck, &format!("{p}.mlp.down_proj"), hid, inter, mb, device)?,
+                gate_proj: ld.proj(&format!("{p}.mlp.gate_proj"), inter, hid, mb)?,
+                up_proj: ld.proj(&format!("{p}.mlp.up_proj"), inter, hid, mb)?,
+                down_proj: ld.proj(&format!("{p}.mlp.down_proj"), hid, inter, mb)?,
             },
         });
     }
@@ -282,12 +307,12 @@ pub fn load_llama<B: Backend>(dir: &Path, device: &B::Device) -> Result<Llama<B>
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
-        Some(proj(&ck, "lm_head", cfg.vocab_size, hid, false, device)?)
+        Some(ld.proj("lm_head", cfg.vocab_size, hid, false)?)
     };
     Ok(Llama {
-        embed_tokens: param2(embed, device),
+        embed_tokens: param2("model.embed_tokens.weight", embed, device, trainable),
         layers,
-        norm: norm(&ck, "model.norm.weight", hid, cfg.rms_norm_eps, device)?,
+        norm: ld.norm("model.norm.weight", hid, cfg.rms_norm_eps)?,
         lm_head,
         rope: Rope::new(&cfg),
         config: cfg,
@@ -308,13 +333,19 @@ impl<B: Backend> Llama<B> {
             let mean = w.clone().mean_dim(0); // [1, hidden]
             Tensor::cat(vec![w, mean.repeat_dim(0, extra)], 0)
         };
-        self.embed_tokens = Param::from_tensor(grow_rows(self.embed_tokens.val()));
+        let trainable = self.embed_tokens.val().is_require_grad();
+        self.embed_tokens = named_param(
+            "model.embed_tokens.weight",
+            grow_rows(self.embed_tokens.val()),
+            trainable,
+        );
         if let Some(head) = self.lm_head.take() {
             // [hidden, vocab]: grow columns.
             let w = grow_rows(head.weight.val().transpose()).transpose();
             self.lm_head = Some(Proj {
-                weight: Param::from_tensor(w),
+                weight: named_param("lm_head.weight", w, trainable),
                 bias: head.bias,
+                lora: head.lora,
             });
         }
         self.config.vocab_size = new_vocab;

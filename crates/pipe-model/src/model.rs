@@ -10,23 +10,41 @@ use burn::tensor::{Int, Tensor, TensorData};
 use crate::config::LlamaConfig;
 
 /// A linear map `y = x·W (+ b)`, with `W` stored `[d_input, d_output]` (transposed from the
-/// `[out, in]` of a Hugging Face checkpoint when loaded).
+/// `[out, in]` of a Hugging Face checkpoint when loaded), and optionally a LoRA adapter.
 #[derive(Module, Debug)]
 pub struct Proj<B: Backend> {
     /// `[d_input, d_output]`
     pub weight: Param<Tensor<B, 2>>,
     /// `[d_output]`
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<Lora<B>>,
+}
+
+/// A low-rank update as PEFT computes it: `y += (x·A)·B · alpha/r`.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[d_input, r]` (PEFT's `lora_A.weight`, transposed)
+    pub a: Param<Tensor<B, 2>>,
+    /// `[r, d_output]` (PEFT's `lora_B.weight`, transposed)
+    pub b: Param<Tensor<B, 2>>,
+    /// `alpha / r`
+    pub scaling: f64,
 }
 
 impl<B: Backend> Proj<B> {
     /// `[batch, seq, d_input]` → `[batch, seq, d_output]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = x.matmul(self.weight.val().unsqueeze());
-        match &self.bias {
-            Some(b) => y + b.val().unsqueeze(),
-            None => y,
+        let mut y = x.clone().matmul(self.weight.val().unsqueeze());
+        if let Some(b) = &self.bias {
+            y = y + b.val().unsqueeze();
         }
+        if let Some(l) = &self.lora {
+            y = y + x
+                .matmul(l.a.val().unsqueeze())
+                .matmul(l.b.val().unsqueeze())
+                * l.scaling;
+        }
+        y
     }
 }
 

@@ -154,3 +154,53 @@ fn pickle_only_checkpoints_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn peft_lora_adapter_and_its_merge() {
+    let e = expected("lora");
+    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model = model
+        .load_peft_adapter(&fixtures().join("lora"), false)
+        .unwrap();
+    check_case(&model, &e, "", None, "lora");
+    let merged = model.merge_lora();
+    let ids = rows_i64(&e["input_ids"]);
+    let ours: Vec<f32> = merged
+        .forward(ids_tensor(&ids), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let d = max_abs_diff(&ours, &floats(&e["merged_logits"]));
+    assert!(d <= 1e-4, "merged: max |Δlogit| = {d}");
+}
+
+#[test]
+fn fresh_adapters_follow_peft_init() {
+    use pipe_model::{LoraSpec, Targets};
+    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let spec = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        targets: Targets::AllLinear,
+    };
+    let mut model = model.add_lora(&spec, 1).unwrap();
+    let mods = model.linear_modules_mut();
+    assert_eq!(
+        mods.iter().filter(|(_, p)| p.lora.is_some()).count(),
+        14,
+        "7 per layer, not lm_head"
+    );
+    let q = mods
+        .iter()
+        .find(|(n, _)| n == "model.layers.0.self_attn.q_proj")
+        .unwrap();
+    let l = q.1.lora.as_ref().unwrap();
+    let a: Vec<f32> = l.a.val().into_data().to_vec().unwrap();
+    let bound = 1.0 / 64f32.sqrt();
+    assert!(a.iter().all(|x| x.abs() <= bound) && a.iter().any(|x| x.abs() > 0.9 * bound));
+    let b: Vec<f32> = l.b.val().into_data().to_vec().unwrap();
+    assert!(
+        b.iter().all(|&x| x == 0.0),
+        "B starts at zero, so the adapter starts as a no-op"
+    );
+}

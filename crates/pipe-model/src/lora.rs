@@ -1,0 +1,194 @@
+//! LoRA adapters as PEFT defines them: `W·x + B·A·x · alpha/r`, A initialised
+//! kaiming-uniform (bound `1/√fan_in`), B zeros; PEFT's adapter files in and out; merging.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::load::{named_param, Checkpoint};
+use crate::model::{Llama, Lora, Proj};
+use crate::ModelError;
+
+/// Which linear layers get adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Targets {
+    /// Every linear layer of the decoder blocks (q, k, v, o, gate, up, down), not `lm_head`:
+    /// PEFT's `all-linear` for causal LMs.
+    AllLinear,
+    /// Module names: a short name (`q_proj`) matches every module ending in it; a full name
+    /// (`model.layers.0.self_attn.q_proj`) matches that module.
+    Names(Vec<String>),
+}
+
+impl Targets {
+    pub fn matches(&self, module: &str) -> bool {
+        match self {
+            Targets::AllLinear => module != "lm_head",
+            Targets::Names(names) => names
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub targets: Targets,
+}
+
+impl LoraSpec {
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Every linear layer with its Hugging Face module name.
+    pub fn linear_modules_mut(&mut self) -> Vec<(String, &mut Proj<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut layer.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut layer.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        if let Some(h) = &mut self.lm_head {
+            out.push(("lm_head".to_string(), h));
+        }
+        out
+    }
+
+    /// Adds fresh adapters (trainable) to the matching layers. A is drawn from `seed`, so the
+    /// same seed gives the same adapter on every backend.
+    pub fn add_lora(mut self, spec: &LoraSpec, seed: u64) -> Result<Self, ModelError> {
+        let mut rng = SplitMix64(seed);
+        let mut n = 0;
+        for (name, proj) in self.linear_modules_mut() {
+            if !spec.targets.matches(&name) {
+                continue;
+            }
+            let [d_in, d_out] = proj.weight.val().dims();
+            let device = proj.weight.val().device();
+            let bound = 1.0 / (d_in as f64).sqrt();
+            // PEFT's A is [r, in]; draw in that order so a seed means the same matrix.
+            let a_rows: Vec<f32> = (0..spec.r * d_in)
+                .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            let a = Tensor::<B, 2>::from_data(TensorData::new(a_rows, [spec.r, d_in]), &device)
+                .transpose();
+            let b = Tensor::<B, 2>::zeros([spec.r, d_out], &device);
+            proj.lora = Some(Lora {
+                a: named_param(&format!("{name}.lora_A.weight"), a, true),
+                b: named_param(&format!("{name}.lora_B.weight"), b, true),
+                scaling: spec.scaling(),
+            });
+            n += 1;
+        }
+        if n == 0 {
+            return Err(ModelError::Config(format!(
+                "no linear layer matches the LoRA targets {:?}",
+                spec.targets
+            )));
+        }
+        Ok(self)
+    }
+
+    /// Loads a PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+    pub fn load_peft_adapter(mut self, dir: &Path, trainable: bool) -> Result<Self, ModelError> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| ModelError::Io(cfg_path.display().to_string(), e))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", cfg_path.display())))?;
+        let r = cfg["r"]
+            .as_u64()
+            .ok_or_else(|| ModelError::Config("adapter_config.json: no `r`".into()))?
+            as usize;
+        let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r as f64);
+        if cfg["use_dora"].as_bool().unwrap_or(false)
+            || cfg["use_rslora"].as_bool().unwrap_or(false)
+        {
+            return Err(ModelError::Config(
+                "DoRA and rsLoRA adapters are not supported".into(),
+            ));
+        }
+        let ck = Checkpoint::open_file(&dir.join("adapter_model.safetensors"))?;
+        let mut n = 0;
+        for (name, proj) in self.linear_modules_mut() {
+            let key = |ab: &str| format!("base_model.model.{name}.lora_{ab}.weight");
+            if !ck.contains(&key("A")) {
+                continue;
+            }
+            let a = ck.read(&key("A"))?;
+            let b = ck.read(&key("B"))?;
+            let [d_in, d_out] = proj.weight.val().dims();
+            if a.shape != [r, d_in] || b.shape != [d_out, r] {
+                return Err(ModelError::Checkpoint(format!(
+                    "adapter for {name} has shapes {:?}/{:?}, expected [{r}, {d_in}]/[{d_out}, {r}]",
+                    a.shape, b.shape
+                )));
+            }
+            let device = proj.weight.val().device();
+            let at =
+                Tensor::<B, 2>::from_data(TensorData::new(a.data, [r, d_in]), &device).transpose();
+            let bt =
+                Tensor::<B, 2>::from_data(TensorData::new(b.data, [d_out, r]), &device).transpose();
+            proj.lora = Some(Lora {
+                a: named_param(&format!("{name}.lora_A.weight"), at, trainable),
+                b: named_param(&format!("{name}.lora_B.weight"), bt, trainable),
+                scaling: alpha / r as f64,
+            });
+            n += 1;
+        }
+        if n == 0 {
+            return Err(ModelError::Checkpoint(format!(
+                "{} holds no LoRA weights for this model",
+                dir.display()
+            )));
+        }
+        Ok(self)
+    }
+
+    /// Folds every adapter into its weight: `W + A·B·alpha/r` (in the `[in, out]` layout).
+    pub fn merge_lora(mut self) -> Self {
+        for (name, proj) in self.linear_modules_mut() {
+            if let Some(l) = proj.lora.take() {
+                let delta = l.a.val().matmul(l.b.val()) * l.scaling;
+                let trainable = proj.weight.val().is_require_grad();
+                proj.weight = named_param(
+                    &format!("{name}.weight"),
+                    proj.weight.val() + delta,
+                    trainable,
+                );
+            }
+        }
+        self
+    }
+}
+
+/// SplitMix64: a fixed, reproducible generator for adapter initialisation.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}

@@ -1,0 +1,8 @@
+//! Training a pipe-model Llama: learning-rate schedules, token-exact gradient accumulation,
+//! global-norm clipping and AdamW, matching PyTorch + transformers step for step.
+
+pub mod schedule;
+pub mod step;
+
+pub use schedule::{Decay, Schedule};
+pub use step::{adamw, train_step, AdamWSettings, MicroBatch, StepStats};

@@ -1,0 +1,171 @@
+//! One optimizer step over an effective batch of micro-batches: token-exact loss
+//! normalisation across them, global-norm gradient clipping, AdamW.
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use pipe_model::{shifted_cross_entropy, Llama};
+use serde::{Deserialize, Serialize};
+
+/// Token ids and labels (-100: not learned) of one micro-batch, `[batch][seq]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MicroBatch {
+    pub input_ids: Vec<Vec<i64>>,
+    pub labels: Vec<Vec<i64>>,
+    /// 1 for tokens, 0 for padding; `None`: no padding.
+    pub attention_mask: Option<Vec<Vec<u8>>>,
+}
+
+impl MicroBatch {
+    /// Labels that count in the loss (after the shift: positions 1..).
+    pub fn target_tokens(&self) -> usize {
+        self.labels
+            .iter()
+            .map(|r| r[1..].iter().filter(|&&l| l >= 0).count())
+            .sum()
+    }
+}
+
+/// AdamW's settings (PyTorch's meaning; burn's defaults differ, so all are explicit).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWSettings {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWSettings {
+    fn default() -> Self {
+        AdamWSettings {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Mean loss over every target token of the effective batch.
+    pub loss: f64,
+    /// The global L2 norm of the gradient before clipping.
+    pub grad_norm: f64,
+    pub tokens: usize,
+}
+
+pub type Optim<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
+
+pub fn adamw<B: AutodiffBackend>(s: &AdamWSettings) -> Optim<B> {
+    AdamWConfig::new()
+        .with_beta_1(s.beta1 as f32)
+        .with_beta_2(s.beta2 as f32)
+        .with_epsilon(s.eps as f32)
+        .with_weight_decay(s.weight_decay as f32)
+        .with_grad_clipping(None)
+        .init()
+}
+
+fn ids<B: AutodiffBackend>(rows: &[Vec<i64>], device: &B::Device) -> Tensor<B, 2, Int> {
+    let (b, s) = (rows.len(), rows[0].len());
+    Tensor::from_data(
+        TensorData::new(rows.iter().flatten().copied().collect::<Vec<i64>>(), [b, s]),
+        device,
+    )
+}
+
+/// Runs forward and backward over `batches` and one AdamW update at `lr`.
+pub fn train_step<B: AutodiffBackend>(
+    model: Llama<B>,
+    optim: &mut Optim<B>,
+    batches: &[MicroBatch],
+    lr: f64,
+    max_grad_norm: Option<f64>,
+) -> (Llama<B>, StepStats) {
+    let device = model.embed_tokens.val().device();
+    let total: usize = batches.iter().map(MicroBatch::target_tokens).sum();
+    let mut acc = GradientsAccumulator::<Llama<B>>::new();
+    let mut loss = 0f64;
+    for mb in batches {
+        let logits = model.forward(
+            ids::<B>(&mb.input_ids, &device),
+            mb.attention_mask.as_deref(),
+        );
+        let (sum, _) = shifted_cross_entropy(logits, &mb.labels);
+        // Each micro-batch's summed loss over the whole effective batch's token count, so the
+        // accumulated gradient is that of the mean over every target token.
+        let part = sum / total.max(1) as f64;
+        loss += part.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(part.backward(), &model);
+        acc.accumulate(&model, grads);
+    }
+    let mut grads = acc.grads();
+    let grad_norm = global_norm(&model, &grads);
+    if let Some(max) = max_grad_norm {
+        let coef = max / (grad_norm + 1e-6);
+        if coef < 1.0 {
+            model.visit(&mut Scale::<B> {
+                grads: &mut grads,
+                factor: coef,
+                _b: std::marker::PhantomData,
+            });
+        }
+    }
+    let model = optim.step(lr, model, grads);
+    (
+        model,
+        StepStats {
+            loss,
+            grad_norm,
+            tokens: total,
+        },
+    )
+}
+
+/// The L2 norm of all gradients together (`torch.nn.utils.clip_grad_norm_`'s).
+pub fn global_norm<B: AutodiffBackend>(model: &Llama<B>, grads: &GradientsParams) -> f64 {
+    let mut v = SquaredNorm::<B> {
+        grads,
+        sum: 0.0,
+        _b: std::marker::PhantomData,
+    };
+    model.visit(&mut v);
+    v.sum.sqrt()
+}
+
+struct SquaredNorm<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    sum: f64,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
+            self.sum += g.powi_scalar(2).sum().into_scalar().elem::<f64>();
+        }
+    }
+}
+
+struct Scale<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(p.id) {
+            self.grads
+                .register::<B::InnerBackend, D>(p.id, g * self.factor);
+        }
+    }
+}
+
+/// The model without its autodiff graph, for evaluation.
+pub fn for_inference<B: AutodiffBackend>(model: &Llama<B>) -> Llama<B::InnerBackend> {
+    model.valid()
+}

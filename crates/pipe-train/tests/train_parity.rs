@@ -1,0 +1,135 @@
+//! Four optimizer steps (2 micro-batches each, cosine schedule with warm-up, clipping at 1.0,
+//! AdamW) match PyTorch + transformers: full fine-tuning and LoRA (fixtures from
+//! scripts/make_llama_fixtures.py).
+
+use std::path::PathBuf;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Int, Tensor, TensorData};
+use pipe_model::{load_llama_with, Llama};
+use pipe_train::step::for_inference;
+use pipe_train::{adamw, train_step, AdamWSettings, Decay, MicroBatch, Schedule};
+use serde_json::Value;
+
+type B = Autodiff<NdArray<f32>>;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
+}
+
+fn rows(v: &Value) -> Vec<Vec<i64>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn close(a: f64, b: f64, rel: f64, what: &str) {
+    assert!(
+        (a - b).abs() <= rel * b.abs().max(1e-3),
+        "{what}: {a} vs {b}"
+    );
+}
+
+fn run(model: Llama<B>, e: &Value) -> Llama<B> {
+    let steps = e["steps"].as_array().unwrap();
+    let schedule = Schedule {
+        peak: e["lr_peak"].as_f64().unwrap(),
+        decay: Decay::Cosine,
+        warmup_steps: 1,
+        total_steps: steps.len() as u64,
+    };
+    let mut optim = adamw::<B>(&AdamWSettings::default());
+    let mut model = model;
+    for (i, s) in steps.iter().enumerate() {
+        let batches: Vec<MicroBatch> = s["micro_batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| MicroBatch {
+                input_ids: rows(&m["input_ids"]),
+                labels: rows(&m["labels"]),
+                attention_mask: None,
+            })
+            .collect();
+        let lr = schedule.lr(i as u64);
+        close(lr, s["lr"].as_f64().unwrap(), 1e-9, &format!("step {i} lr"));
+        let (m, stats) = train_step(model, &mut optim, &batches, lr, Some(1.0));
+        model = m;
+        assert_eq!(
+            stats.tokens as u64,
+            s["num_target_tokens"].as_u64().unwrap()
+        );
+        close(
+            stats.loss,
+            s["loss"].as_f64().unwrap(),
+            1e-5,
+            &format!("step {i} loss"),
+        );
+        close(
+            stats.grad_norm,
+            s["grad_norm"].as_f64().unwrap(),
+            1e-4,
+            &format!("step {i} grad norm"),
+        );
+    }
+    model
+}
+
+fn final_logits(model: &Llama<B>, e: &Value) -> f32 {
+    let inf = for_inference(model);
+    let ids = rows(&e["final_input_ids"]);
+    let (b, s) = (ids.len(), ids[0].len());
+    let t = Tensor::<NdArray<f32>, 2, Int>::from_data(
+        TensorData::new(ids.into_iter().flatten().collect::<Vec<i64>>(), [b, s]),
+        &Default::default(),
+    );
+    let ours: Vec<f32> = inf.forward(t, None).into_data().to_vec().unwrap();
+    let theirs: Vec<f32> = e["final_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    ours.iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn full_fine_tuning_steps_match_pytorch() {
+    let e: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("train/expected.json")).unwrap())
+            .unwrap();
+    let model: Llama<B> =
+        load_llama_with(&fixtures().join("gqa-untied"), &Default::default(), true).unwrap();
+    let model = run(model, &e);
+    let d = final_logits(&model, &e);
+    assert!(d <= 2e-4, "final logits: max |Δ| = {d}");
+}
+
+#[test]
+fn lora_steps_match_peft() {
+    let e: Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("train-lora/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let model: Llama<B> =
+        load_llama_with(&fixtures().join("gqa-untied"), &Default::default(), false).unwrap();
+    let model = model
+        .load_peft_adapter(&fixtures().join("train-lora/initial_adapter"), true)
+        .unwrap();
+    let model = run(model, &e);
+    if e.get("final_logits").is_some() {
+        let d = final_logits(&model, &e);
+        assert!(d <= 2e-4, "final logits: max |Δ| = {d}");
+    }
+}
