@@ -5,11 +5,13 @@ pub mod config;
 pub mod load;
 pub mod lora;
 pub mod model;
+pub mod save;
 
 pub use config::LlamaConfig;
 pub use load::{load_llama, load_llama_with, Checkpoint};
 pub use lora::{LoraSpec, Targets};
 pub use model::{shifted_cross_entropy, Llama};
+pub use save::{init_llama, SaveDtype};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
