@@ -166,6 +166,9 @@ pub fn named_param<B: Backend, const D: usize>(
     trainable: bool,
 ) -> Param<Tensor<B, D>> {
     let id = burn::module::ParamId::from(stable_id(name));
+    // A leaf of its own: values computed from other parameters (a transpose, a resize, a
+    // merge) must not keep their history.
+    let t = t.detach();
     Param::initialized(id, if trainable { t.require_grad() } else { t })
 }
 

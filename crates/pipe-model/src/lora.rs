@@ -37,6 +37,8 @@ impl Targets {
 pub struct LoraSpec {
     pub r: usize,
     pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
     pub targets: Targets,
 }
 
@@ -91,6 +93,7 @@ impl<B: Backend> Llama<B> {
                 a: named_param(&format!("{name}.lora_A.weight"), a, true),
                 b: named_param(&format!("{name}.lora_B.weight"), b, true),
                 scaling: spec.scaling(),
+                dropout: spec.dropout,
             });
             n += 1;
         }
@@ -115,6 +118,11 @@ impl<B: Backend> Llama<B> {
             .ok_or_else(|| ModelError::Config("adapter_config.json: no `r`".into()))?
             as usize;
         let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r as f64);
+        let dropout = if trainable {
+            cfg["lora_dropout"].as_f64().unwrap_or(0.0)
+        } else {
+            0.0
+        };
         if cfg["use_dora"].as_bool().unwrap_or(false)
             || cfg["use_rslora"].as_bool().unwrap_or(false)
         {
@@ -147,6 +155,7 @@ impl<B: Backend> Llama<B> {
                 a: named_param(&format!("{name}.lora_A.weight"), at, trainable),
                 b: named_param(&format!("{name}.lora_B.weight"), bt, trainable),
                 scaling: alpha / r as f64,
+                dropout,
             });
             n += 1;
         }

@@ -5,7 +5,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
 
@@ -29,6 +29,8 @@ pub struct Lora<B: Backend> {
     pub b: Param<Tensor<B, 2>>,
     /// `alpha / r`
     pub scaling: f64,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`).
+    pub dropout: f64,
 }
 
 impl<B: Backend> Proj<B> {
@@ -39,6 +41,18 @@ impl<B: Backend> Proj<B> {
             y = y + b.val().unsqueeze();
         }
         if let Some(l) = &self.lora {
+            let device = x.device();
+            // Only while gradients are tracked (training), as torch's Dropout in train mode.
+            let x = if l.dropout > 0.0 && B::ad_enabled(&device) {
+                let keep = Tensor::<B, 3>::random(
+                    x.shape(),
+                    Distribution::Bernoulli(1.0 - l.dropout),
+                    &device,
+                );
+                x * keep / (1.0 - l.dropout)
+            } else {
+                x
+            };
             y = y + x
                 .matmul(l.a.val().unsqueeze())
                 .matmul(l.b.val().unsqueeze())

@@ -11,7 +11,7 @@ use safetensors::Dtype;
 
 use crate::config::LlamaConfig;
 use crate::load::named_param;
-use crate::model::{Attention, DecoderLayer, Llama, Mlp, Proj, Rope, RmsNorm};
+use crate::model::{Attention, DecoderLayer, Llama, Mlp, Proj, RmsNorm, Rope};
 use crate::ModelError;
 
 /// On-disk dtype for saved weights.
@@ -30,17 +30,29 @@ pub struct Named {
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
     let shape = t.dims().to_vec();
-    let data = t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 data");
+    let data = t
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data");
     (shape, data)
 }
 
 fn linear<B: Backend>(name: &str, p: &Proj<B>, out: &mut Vec<Named>) {
     // Stored [in, out]; Hugging Face keeps [out, in].
     let (shape, data) = host(p.weight.val().transpose());
-    out.push(Named { name: format!("{name}.weight"), shape, data });
+    out.push(Named {
+        name: format!("{name}.weight"),
+        shape,
+        data,
+    });
     if let Some(b) = &p.bias {
         let (shape, data) = host(b.val());
-        out.push(Named { name: format!("{name}.bias"), shape, data });
+        out.push(Named {
+            name: format!("{name}.bias"),
+            shape,
+            data,
+        });
     }
 }
 
@@ -49,23 +61,55 @@ impl<B: Backend> Llama<B> {
     pub fn hf_tensors(&self) -> Vec<Named> {
         let mut out = Vec::new();
         let (shape, data) = host(self.embed_tokens.val());
-        out.push(Named { name: "model.embed_tokens.weight".into(), shape, data });
+        out.push(Named {
+            name: "model.embed_tokens.weight".into(),
+            shape,
+            data,
+        });
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let (shape, data) = host(l.input_layernorm.weight.val());
-            out.push(Named { name: format!("{p}.input_layernorm.weight"), shape, data });
+            out.push(Named {
+                name: format!("{p}.input_layernorm.weight"),
+                shape,
+                data,
+            });
             let (shape, data) = host(l.post_attention_layernorm.weight.val());
-            out.push(Named { name: format!("{p}.post_attention_layernorm.weight"), shape, data });
-            linear(&format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj, &mut out);
-            linear(&format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj, &mut out);
-            linear(&format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj, &mut out);
-            linear(&format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj, &mut out);
+            out.push(Named {
+                name: format!("{p}.post_attention_layernorm.weight"),
+                shape,
+                data,
+            });
+            linear(
+                &format!("{p}.self_attn.q_proj"),
+                &l.self_attn.q_proj,
+                &mut out,
+            );
+            linear(
+                &format!("{p}.self_attn.k_proj"),
+                &l.self_attn.k_proj,
+                &mut out,
+            );
+            linear(
+                &format!("{p}.self_attn.v_proj"),
+                &l.self_attn.v_proj,
+                &mut out,
+            );
+            linear(
+                &format!("{p}.self_attn.o_proj"),
+                &l.self_attn.o_proj,
+                &mut out,
+            );
             linear(&format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj, &mut out);
             linear(&format!("{p}.mlp.up_proj"), &l.mlp.up_proj, &mut out);
             linear(&format!("{p}.mlp.down_proj"), &l.mlp.down_proj, &mut out);
         }
         let (shape, data) = host(self.norm.weight.val());
-        out.push(Named { name: "model.norm.weight".into(), shape, data });
+        out.push(Named {
+            name: "model.norm.weight".into(),
+            shape,
+            data,
+        });
         if let Some(h) = &self.lm_head {
             linear("lm_head", h, &mut out);
         }
@@ -78,9 +122,17 @@ impl<B: Backend> Llama<B> {
         for (name, p) in self.linear_modules_mut() {
             if let Some(l) = &p.lora {
                 let (shape, data) = host(l.a.val().transpose());
-                out.push(Named { name: format!("base_model.model.{name}.lora_A.weight"), shape, data });
+                out.push(Named {
+                    name: format!("base_model.model.{name}.lora_A.weight"),
+                    shape,
+                    data,
+                });
                 let (shape, data) = host(l.b.val().transpose());
-                out.push(Named { name: format!("base_model.model.{name}.lora_B.weight"), shape, data });
+                out.push(Named {
+                    name: format!("base_model.model.{name}.lora_B.weight"),
+                    shape,
+                    data,
+                });
             }
         }
         out
@@ -95,8 +147,14 @@ impl<B: Backend> Llama<B> {
             SaveDtype::Bf16 => "bfloat16",
         });
         let p = dir.join("config.json");
-        std::fs::write(&p, serde_json::to_vec_pretty(&cfg).expect("json")).map_err(|e| ModelError::Io(p.display().to_string(), e))?;
-        write_safetensors(&dir.join("model.safetensors"), &self.hf_tensors(), dtype, &[("format", "pt")])
+        std::fs::write(&p, serde_json::to_vec_pretty(&cfg).expect("json"))
+            .map_err(|e| ModelError::Io(p.display().to_string(), e))?;
+        write_safetensors(
+            &dir.join("model.safetensors"),
+            &self.hf_tensors(),
+            dtype,
+            &[("format", "pt")],
+        )
     }
 }
 
@@ -104,8 +162,15 @@ impl<B: Backend> Llama<B> {
 pub fn hf_config_json(c: &LlamaConfig) -> serde_json::Value {
     let rope_scaling = match &c.rope_scaling {
         None => serde_json::Value::Null,
-        Some(crate::config::RopeScaling::Linear { factor }) => serde_json::json!({"rope_type": "linear", "factor": factor}),
-        Some(crate::config::RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => serde_json::json!({
+        Some(crate::config::RopeScaling::Linear { factor }) => {
+            serde_json::json!({"rope_type": "linear", "factor": factor})
+        }
+        Some(crate::config::RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => serde_json::json!({
             "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
             "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings}),
     };
@@ -134,12 +199,21 @@ pub fn hf_config_json(c: &LlamaConfig) -> serde_json::Value {
 }
 
 /// Writes tensors to a safetensors file, atomically (temporary file, then rename).
-pub fn write_safetensors(path: &Path, tensors: &[Named], dtype: SaveDtype, meta: &[(&str, &str)]) -> Result<(), ModelError> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[Named],
+    dtype: SaveDtype,
+    meta: &[(&str, &str)],
+) -> Result<(), ModelError> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|t| match dtype {
             SaveDtype::F32 => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            SaveDtype::Bf16 => t.data.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+            SaveDtype::Bf16 => t
+                .data
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+                .collect(),
         })
         .collect();
     let st_dtype = match dtype {
@@ -155,9 +229,13 @@ pub fn write_safetensors(path: &Path, tensors: &[Named], dtype: SaveDtype, meta:
                 .map_err(|e| ModelError::Checkpoint(format!("{}: {e}", t.name)))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let meta: HashMap<String, String> = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let meta: HashMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| ModelError::Checkpoint(format!("{}: {e}", path.display())))?;
+    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| ModelError::Checkpoint(format!("{}: {e}", path.display())))?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::Io(path.display().to_string(), e))
 }
 
@@ -190,11 +268,24 @@ impl Gaussian {
 
 /// A model with transformers' initialisation (weights ~ N(0, `std`), norms 1) from `seed`: the
 /// same on every backend.
-pub fn init_llama<B: Backend>(cfg: &LlamaConfig, seed: u64, std: f64, device: &B::Device, trainable: bool) -> Llama<B> {
-    let mut g = Gaussian { state: seed, spare: None };
+pub fn init_llama<B: Backend>(
+    cfg: &LlamaConfig,
+    seed: u64,
+    std: f64,
+    device: &B::Device,
+    trainable: bool,
+) -> Llama<B> {
+    let mut g = Gaussian {
+        state: seed,
+        spare: None,
+    };
     let mut matrix = |name: &str, rows: usize, cols: usize| -> Param<Tensor<B, 2>> {
         let data: Vec<f32> = (0..rows * cols).map(|_| g.sample(std)).collect();
-        named_param(name, Tensor::from_data(TensorData::new(data, [rows, cols]), device), trainable)
+        named_param(
+            name,
+            Tensor::from_data(TensorData::new(data, [rows, cols]), device),
+            trainable,
+        )
     };
     let embed = matrix("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size);
     let ones = |name: &str, n: usize| RmsNorm {
@@ -202,7 +293,10 @@ pub fn init_llama<B: Backend>(cfg: &LlamaConfig, seed: u64, std: f64, device: &B
         eps: cfg.rms_norm_eps,
     };
     let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
-    let (q_dim, kv_dim) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let (q_dim, kv_dim) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
     let mut layers = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");

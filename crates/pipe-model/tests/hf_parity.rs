@@ -181,6 +181,7 @@ fn fresh_adapters_follow_peft_init() {
     let spec = LoraSpec {
         r: 4,
         alpha: 8.0,
+        dropout: 0.0,
         targets: Targets::AllLinear,
     };
     let mut model = model.add_lora(&spec, 1).unwrap();
@@ -210,22 +211,35 @@ fn save_then_load_gives_the_same_logits() {
     let e = expected("gqa-untied");
     let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    model.save_hf(dir.path(), pipe_model::SaveDtype::F32).unwrap();
+    model
+        .save_hf(dir.path(), pipe_model::SaveDtype::F32)
+        .unwrap();
     let back: Llama<B> = load_llama(dir.path(), &Default::default()).unwrap();
     let ids = ids_tensor(&rows_i64(&e["input_ids"]));
-    let a: Vec<f32> = model.forward(ids.clone(), None).into_data().to_vec().unwrap();
+    let a: Vec<f32> = model
+        .forward(ids.clone(), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
     let b: Vec<f32> = back.forward(ids, None).into_data().to_vec().unwrap();
     assert_eq!(a, b, "an f32 round trip is exact");
     // bf16 on disk: the saved file is the rounded weights, readable back.
-    model.save_hf(dir.path(), pipe_model::SaveDtype::Bf16).unwrap();
+    model
+        .save_hf(dir.path(), pipe_model::SaveDtype::Bf16)
+        .unwrap();
     let back: Llama<B> = load_llama(dir.path(), &Default::default()).unwrap();
-    let c: Vec<f32> = back.forward(ids_tensor(&rows_i64(&e["input_ids"])), None).into_data().to_vec().unwrap();
+    let c: Vec<f32> = back
+        .forward(ids_tensor(&rows_i64(&e["input_ids"])), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
     assert!(max_abs_diff(&a, &c) < 0.1);
 }
 
 #[test]
 fn seeded_init_is_reproducible() {
-    let cfg = pipe_model::LlamaConfig::from_file(&fixtures().join("gqa-untied/config.json")).unwrap();
+    let cfg =
+        pipe_model::LlamaConfig::from_file(&fixtures().join("gqa-untied/config.json")).unwrap();
     let a: Llama<B> = pipe_model::init_llama(&cfg, 7, 0.02, &Default::default(), false);
     let b: Llama<B> = pipe_model::init_llama(&cfg, 7, 0.02, &Default::default(), false);
     let c: Llama<B> = pipe_model::init_llama(&cfg, 8, 0.02, &Default::default(), false);

@@ -1,0 +1,538 @@
+//! A whole training run: batches from a tokenized dataset, the step loop, checkpoints that a
+//! killed or interrupted run resumes from exactly, metrics, and the trained model's files.
+//!
+//! The data order is a pure function of (seed, epoch), and a checkpoint holds the trainable
+//! weights (f32), the optimizer state and the step, so a resumed run computes the same
+//! updates as an uninterrupted one: on CPU its final weights are bit-identical.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::optim::Optimizer;
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use pipe_data::dataset::Dataset;
+use pipe_model::save::{write_safetensors, SaveDtype};
+use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::{Decay, Schedule};
+use crate::step::{adamw, train_step, AdamWSettings, MicroBatch, Optim};
+
+/// Where the weights to start from come from.
+#[derive(Debug, Clone)]
+pub enum BaseModel {
+    /// A Hugging Face model directory.
+    Dir(PathBuf),
+    /// A fresh model of this shape, initialised from `seed`.
+    Init { config: LlamaConfig, seed: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Method {
+    Full,
+    Lora(LoraSpec),
+}
+
+/// Everything that decides the result of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSpec {
+    pub method: Method,
+    pub lr: f64,
+    pub decay: Decay,
+    pub warmup_ratio: f64,
+    pub warmup_steps: Option<u64>,
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    /// Examples per optimizer step (micro_batch_size × accumulation).
+    pub batch_size: usize,
+    pub micro_batch_size: usize,
+    pub max_grad_norm: Option<f64>,
+    pub adamw: AdamWSettings,
+    pub seed: u64,
+    /// Checkpoint every this many steps (and on interruption).
+    pub save_steps: Option<u64>,
+    pub save_dtype_bf16: bool,
+}
+
+/// The special tokens of the dataset (from the tokenize stage's meta.json).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DataMeta {
+    pub pad_token_id: u32,
+    pub vocab_size_after: usize,
+    #[serde(default)]
+    pub added_tokens: Vec<String>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+}
+
+/// Where a run keeps its resume state, and where it writes its result.
+pub struct Dirs<'a> {
+    pub work: &'a Path,
+    pub out: &'a Path,
+}
+
+/// How the run talks to whoever runs it.
+pub struct Hooks<'a> {
+    pub cancelled: &'a dyn Fn() -> bool,
+    pub progress: &'a dyn Fn(u64, u64, f64),
+    pub log: &'a dyn Fn(&str),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("interrupted at step {step}; a checkpoint was saved and the next run resumes from it")]
+    Interrupted { step: u64 },
+    #[error("the loss became {value} at step {step}; training stopped and the last good checkpoint (step {last_checkpoint}) is kept")]
+    NonFinite {
+        step: u64,
+        value: f64,
+        last_checkpoint: u64,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<pipe_model::ModelError> for TrainError {
+    fn from(e: pipe_model::ModelError) -> Self {
+        TrainError::Other(e.to_string())
+    }
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |e| TrainError::Other(format!("{what}: {e}"))
+}
+
+/// One line of metrics.jsonl.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricLine {
+    pub step: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub examples: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub resumed_from_step: u64,
+    pub tokens: u64,
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    step: u64,
+    metrics_lines: usize,
+    optimizer_blake3: String,
+    tokens: u64,
+    first_loss: Option<f64>,
+}
+
+/// The steps of a run over `n` examples.
+pub fn total_steps(spec: &TrainSpec, n: usize) -> u64 {
+    let per_epoch = n.div_ceil(spec.batch_size) as u64;
+    let all = per_epoch * spec.epochs;
+    // `max_steps` wins over `epochs` (and may run past the end of the data, reshuffled).
+    spec.max_steps.unwrap_or(all)
+}
+
+/// The example indices of every micro-batch of optimizer step `step`.
+pub fn step_examples(spec: &TrainSpec, n: usize, step: u64) -> Vec<Vec<usize>> {
+    let per_epoch = n.div_ceil(spec.batch_size) as u64;
+    let epoch = step / per_epoch;
+    let k = (step % per_epoch) as usize;
+    let mut order: Vec<usize> = (0..n).collect();
+    shuffle(
+        &mut order,
+        spec.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    let batch = &order[k * spec.batch_size..((k + 1) * spec.batch_size).min(n)];
+    batch
+        .chunks(spec.micro_batch_size)
+        .map(|c| c.to_vec())
+        .collect()
+}
+
+fn shuffle(items: &mut [usize], seed: u64) {
+    let mut s = seed;
+    for i in (1..items.len()).rev() {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        items.swap(i, (z % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Right-pads examples to the longest, with -100 labels and a 0 mask on the padding.
+pub fn micro_batch(ds: &Dataset, idx: &[usize], pad: u32) -> MicroBatch {
+    let len = idx
+        .iter()
+        .map(|&i| ds.example(i).0.len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
+    let mut input_ids = Vec::new();
+    let mut labels = Vec::new();
+    let mut mask = Vec::new();
+    for &i in idx {
+        let (ids, lab) = ds.example(i);
+        let mut r: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+        let mut l: Vec<i64> = lab.iter().map(|&x| x as i64).collect();
+        let mut m = vec![1u8; r.len()];
+        r.resize(len, pad as i64);
+        l.resize(len, -100);
+        m.resize(len, 0);
+        input_ids.push(r);
+        labels.push(l);
+        mask.push(m);
+    }
+    let padded = mask.iter().any(|m| m.contains(&0));
+    MicroBatch {
+        input_ids,
+        labels,
+        attention_mask: padded.then_some(mask),
+    }
+}
+
+fn build_model<B: AutodiffBackend>(
+    base: &BaseModel,
+    spec: &TrainSpec,
+    meta: &DataMeta,
+    device: &B::Device,
+) -> Result<Llama<B>, TrainError> {
+    let full = matches!(spec.method, Method::Full);
+    let model: Llama<B> = match base {
+        BaseModel::Dir(d) => load_llama_with(d, device, full)?,
+        BaseModel::Init { config, seed } => init_llama(config, *seed, 0.02, device, full),
+    };
+    let model = if meta.vocab_size_after > model.config.vocab_size {
+        model.resize_embeddings(meta.vocab_size_after)
+    } else {
+        model
+    };
+    Ok(match &spec.method {
+        Method::Full => model,
+        Method::Lora(l) => model.add_lora(l, spec.seed)?,
+    })
+}
+
+/// Trains, checkpointing into `work`, and writes the result into `out`: `model/` (full) or
+/// `adapter/` (LoRA), `metrics.jsonl` and `summary.json`.
+pub fn train<B: AutodiffBackend>(
+    base: &BaseModel,
+    data: &Dataset,
+    meta: &DataMeta,
+    spec: &TrainSpec,
+    dirs: &Dirs<'_>,
+    hooks: &Hooks<'_>,
+    device: &B::Device,
+) -> Result<Summary, TrainError> {
+    let (work, out) = (dirs.work, dirs.out);
+    // The CPU backends draw random numbers (dropout) from one process-wide generator, which
+    // `B::seed` resets at every step; two runs at once would interleave their draws and lose
+    // reproducibility. Training is one at a time per process.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if spec.micro_batch_size == 0
+        || spec.batch_size == 0
+        || !spec.batch_size.is_multiple_of(spec.micro_batch_size)
+    {
+        return Err(TrainError::Other(format!(
+            "batch_size {} must be a multiple of micro_batch_size {}",
+            spec.batch_size, spec.micro_batch_size
+        )));
+    }
+    if data.is_empty() {
+        return Err(TrainError::Other(
+            "the training split has no examples".into(),
+        ));
+    }
+    if data.packed() {
+        return Err(TrainError::Other(
+            "packed datasets are not trained on yet: tokenize with `packing: false`".into(),
+        ));
+    }
+    let n = data.len();
+    let total = total_steps(spec, n);
+    let warmup = spec
+        .warmup_steps
+        .unwrap_or_else(|| Schedule::warmup_from_ratio(total, spec.warmup_ratio));
+    let schedule = Schedule {
+        peak: spec.lr,
+        decay: spec.decay,
+        warmup_steps: warmup,
+        total_steps: total,
+    };
+    std::fs::create_dir_all(work).map_err(io("work directory"))?;
+    let ckpt = work.join("checkpoint");
+    let metrics_path = work.join("metrics.jsonl");
+
+    let mut model = build_model::<B>(base, spec, meta, device)?;
+    let mut optim: Optim<B> = adamw::<B>(&spec.adamw);
+    let mut state = CheckpointState {
+        step: 0,
+        metrics_lines: 0,
+        optimizer_blake3: String::new(),
+        tokens: 0,
+        first_loss: None,
+    };
+    if let Some((m, o, s)) = load_checkpoint::<B>(&ckpt, base, spec, meta, device)? {
+        (model, optim, state) = (m, o, s);
+        (hooks.log)(&format!(
+            "resuming from the checkpoint at step {} of {total}",
+            state.step
+        ));
+        truncate_lines(&metrics_path, state.metrics_lines)?;
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path).map_err(io("metrics.jsonl"))?;
+    }
+    let resumed_from_step = state.step;
+    let t0 = Instant::now();
+    let mut last_loss = None;
+    let mut last_checkpoint = state.step;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(io("metrics.jsonl"))?;
+    while state.step < total {
+        if (hooks.cancelled)() {
+            save_checkpoint(&mut model, &optim, &state, &ckpt, spec)?;
+            return Err(TrainError::Interrupted { step: state.step });
+        }
+        let step = state.step;
+        // Dropout masks depend on the step only, so a resumed run draws the same ones.
+        B::seed(device, spec.seed.wrapping_add(step.wrapping_mul(1_000_003)));
+        let batches: Vec<MicroBatch> = step_examples(spec, n, step)
+            .iter()
+            .map(|idx| micro_batch(data, idx, meta.pad_token_id))
+            .collect();
+        let lr = schedule.lr(step);
+        let t = Instant::now();
+        let (m, stats) = train_step(model, &mut optim, &batches, lr, spec.max_grad_norm);
+        model = m;
+        if !stats.loss.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                value: stats.loss,
+                last_checkpoint,
+            });
+        }
+        let tokens: usize = batches
+            .iter()
+            .flat_map(|b| b.input_ids.iter())
+            .map(|r| r.iter().filter(|&&x| x != meta.pad_token_id as i64).count())
+            .sum();
+        state.step += 1;
+        state.tokens += tokens as u64;
+        state.first_loss.get_or_insert(stats.loss);
+        last_loss = Some(stats.loss);
+        let line = MetricLine {
+            step: state.step,
+            epoch: state.step as f64 / n.div_ceil(spec.batch_size) as f64,
+            loss: stats.loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / t.elapsed().as_secs_f64().max(1e-9),
+        };
+        writeln!(metrics, "{}", serde_json::to_string(&line).expect("json"))
+            .map_err(io("metrics.jsonl"))?;
+        state.metrics_lines += 1;
+        (hooks.progress)(state.step, total, stats.loss);
+        if spec
+            .save_steps
+            .is_some_and(|k| k > 0 && state.step.is_multiple_of(k))
+            && state.step < total
+        {
+            metrics.flush().map_err(io("metrics.jsonl"))?;
+            save_checkpoint(&mut model, &optim, &state, &ckpt, spec)?;
+            last_checkpoint = state.step;
+        }
+    }
+    metrics.flush().map_err(io("metrics.jsonl"))?;
+    write_outputs(&mut model, spec, out)?;
+    std::fs::copy(&metrics_path, out.join("metrics.jsonl")).map_err(io("metrics.jsonl"))?;
+    let summary = Summary {
+        steps: state.step,
+        examples: n,
+        first_loss: state.first_loss,
+        last_loss: last_loss.or(state.first_loss),
+        resumed_from_step,
+        tokens: state.tokens,
+        wall_s: t0.elapsed().as_secs_f64(),
+    };
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_vec_pretty(&summary).expect("json"),
+    )
+    .map_err(io("summary.json"))?;
+    Ok(summary)
+}
+
+fn truncate_lines(path: &Path, keep: usize) -> Result<(), TrainError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text.lines().take(keep).map(|l| format!("{l}\n")).collect();
+    std::fs::write(path, kept).map_err(io("metrics.jsonl"))
+}
+
+/// The trainable weights in files a later run (or transformers/PEFT) can read.
+fn write_trainable<B: AutodiffBackend>(
+    model: &mut Llama<B>,
+    spec: &TrainSpec,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(io("checkpoint"))?;
+    match &spec.method {
+        Method::Full => model.save_hf(dir, dtype)?,
+        Method::Lora(l) => {
+            write_safetensors(
+                &dir.join("adapter_model.safetensors"),
+                &model.peft_tensors(),
+                dtype,
+                &[("format", "pt")],
+            )?;
+            let targets: Vec<String> = model
+                .linear_modules_mut()
+                .into_iter()
+                .filter(|(_, p)| p.lora.is_some())
+                .map(|(n, _)| n)
+                .collect();
+            let cfg = serde_json::json!({
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": l.r,
+                "lora_alpha": l.alpha,
+                "lora_dropout": l.dropout,
+                "target_modules": targets,
+                "bias": "none",
+                "fan_in_fan_out": false,
+                "init_lora_weights": true,
+                "inference_mode": true,
+                "modules_to_save": null,
+                "base_model_name_or_path": null,
+            });
+            std::fs::write(
+                dir.join("adapter_config.json"),
+                serde_json::to_vec_pretty(&cfg).expect("json"),
+            )
+            .map_err(io("adapter_config.json"))?;
+        }
+    }
+    Ok(())
+}
+
+fn write_outputs<B: AutodiffBackend>(
+    model: &mut Llama<B>,
+    spec: &TrainSpec,
+    out: &Path,
+) -> Result<(), TrainError> {
+    let dtype = if spec.save_dtype_bf16 {
+        SaveDtype::Bf16
+    } else {
+        SaveDtype::F32
+    };
+    let dir = match spec.method {
+        Method::Full => out.join("model"),
+        Method::Lora(_) => out.join("adapter"),
+    };
+    write_trainable(model, spec, &dir, dtype)
+}
+
+/// Writes the checkpoint beside the old one, then swaps it in, so a kill at any moment leaves
+/// one whole checkpoint.
+fn save_checkpoint<B: AutodiffBackend>(
+    model: &mut Llama<B>,
+    optim: &Optim<B>,
+    state: &CheckpointState,
+    dir: &Path,
+    spec: &TrainSpec,
+) -> Result<(), TrainError> {
+    let tmp = dir.with_extension("partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io("checkpoint"))?;
+    }
+    write_trainable(model, spec, &tmp.join("weights"), SaveDtype::F32)?;
+    let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .record(optim.to_record(), ())
+        .map_err(|e| TrainError::Other(format!("cannot save the optimizer state: {e}")))?;
+    std::fs::write(tmp.join("optimizer.bin"), &bytes).map_err(io("optimizer.bin"))?;
+    let mut st = state.clone();
+    st.optimizer_blake3 = blake3::hash(&bytes).to_hex().to_string();
+    std::fs::write(
+        tmp.join("state.json"),
+        serde_json::to_vec_pretty(&st).expect("json"),
+    )
+    .map_err(io("state.json"))?;
+    let old = dir.with_extension("old");
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dir, &old).map_err(io("checkpoint"))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(io("checkpoint"))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+type Loaded<B> = (Llama<B>, Optim<B>, CheckpointState);
+
+fn load_checkpoint<B: AutodiffBackend>(
+    dir: &Path,
+    base: &BaseModel,
+    spec: &TrainSpec,
+    meta: &DataMeta,
+    device: &B::Device,
+) -> Result<Option<Loaded<B>>, TrainError> {
+    // A kill between the two renames of save_checkpoint leaves only `.old`.
+    let dir = if dir.exists() {
+        dir.to_path_buf()
+    } else {
+        dir.with_extension("old")
+    };
+    let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else {
+        return Ok(None);
+    };
+    let state: CheckpointState = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Other(format!("bad checkpoint state: {e}")))?;
+    let bytes = std::fs::read(dir.join("optimizer.bin")).map_err(io("optimizer.bin"))?;
+    if blake3::hash(&bytes).to_hex().as_str() != state.optimizer_blake3 {
+        return Err(TrainError::Other(format!(
+            "the checkpoint's optimizer state in {} is damaged (digest mismatch); delete the stage's work directory to start over",
+            dir.display()
+        )));
+    }
+    let weights = dir.join("weights");
+    let model = match &spec.method {
+        Method::Full => load_llama_with::<B>(&weights, device, true)?,
+        Method::Lora(_) => {
+            let m: Llama<B> = match base {
+                BaseModel::Dir(d) => load_llama_with(d, device, false)?,
+                BaseModel::Init { config, seed } => init_llama(config, *seed, 0.02, device, false),
+            };
+            let m = if meta.vocab_size_after > m.config.vocab_size {
+                m.resize_embeddings(meta.vocab_size_after)
+            } else {
+                m
+            };
+            m.load_peft_adapter(&weights, true)?
+        }
+    };
+    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .load(bytes, device)
+        .map_err(|e| TrainError::Other(format!("cannot read the optimizer state: {e}")))?;
+    let optim = adamw::<B>(&spec.adamw).load_record(record);
+    Ok(Some((model, optim, state)))
+}

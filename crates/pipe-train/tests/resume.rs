@@ -1,0 +1,162 @@
+//! An interrupted run resumes from its checkpoint and ends with exactly the weights of an
+//! uninterrupted run (CPU), for full fine-tuning and for LoRA with dropout.
+
+use std::cell::Cell;
+use std::path::Path;
+
+use burn::backend::{Autodiff, NdArray};
+use pipe_data::dataset::{write, Dataset};
+use pipe_data::tokenize::Example;
+use pipe_model::{LlamaConfig, LoraSpec, Targets};
+use pipe_train::{
+    train, AdamWSettings, BaseModel, DataMeta, Decay, Hooks, Method, TrainError, TrainSpec,
+};
+
+type B = Autodiff<NdArray<f32>>;
+
+fn config() -> LlamaConfig {
+    LlamaConfig::from_json(
+        r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}"#,
+    )
+    .unwrap()
+}
+
+fn dataset(dir: &Path) -> Dataset {
+    let examples: Vec<Example> = (0..10)
+        .map(|i| {
+            let len = 6 + i % 5;
+            let ids: Vec<u32> = (0..len)
+                .map(|t| ((i * 7 + t * 3) % 38 + 1) as u32)
+                .collect();
+            let labels = ids
+                .iter()
+                .enumerate()
+                .map(|(t, &x)| if t < 3 { -100 } else { x as i32 })
+                .collect();
+            Example {
+                index: i,
+                input_ids: ids,
+                labels,
+                truncated: false,
+            }
+        })
+        .collect();
+    let p = dir.join("train.safetensors");
+    write(&p, &examples, None, Default::default()).unwrap();
+    Dataset::open(&p).unwrap()
+}
+
+fn spec(method: Method) -> TrainSpec {
+    TrainSpec {
+        method,
+        lr: 3e-3,
+        decay: Decay::Cosine,
+        warmup_ratio: 0.1,
+        warmup_steps: None,
+        epochs: 3,
+        max_steps: None,
+        batch_size: 4,
+        micro_batch_size: 2,
+        max_grad_norm: Some(1.0),
+        adamw: AdamWSettings::default(),
+        seed: 5,
+        save_steps: Some(2),
+        save_dtype_bf16: false,
+    }
+}
+
+fn run(
+    spec: &TrainSpec,
+    dir: &Path,
+    stop_after: Option<u64>,
+) -> Result<pipe_train::Summary, TrainError> {
+    let data = dataset(dir);
+    let meta = DataMeta {
+        pad_token_id: 0,
+        vocab_size_after: 41,
+        added_tokens: vec!["[PAD]".into()],
+        eos_token_id: None,
+        bos_token_id: None,
+    };
+    let steps = Cell::new(0u64);
+    let cancelled = || stop_after.is_some_and(|s| steps.get() >= s);
+    let progress = |step: u64, _: u64, _: f64| steps.set(step);
+    let log = |_: &str| {};
+    let hooks = Hooks {
+        cancelled: &cancelled,
+        progress: &progress,
+        log: &log,
+    };
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let work = dir.join("work");
+    let dirs = Dirs {
+        work: &work,
+        out: &out,
+    };
+    train::<B>(
+        &BaseModel::Init {
+            config: config(),
+            seed: 3,
+        },
+        &data,
+        &meta,
+        spec,
+        &dirs,
+        &hooks,
+        &Default::default(),
+    )
+}
+
+fn check(method: Method, weights: &str) {
+    let s = spec(method);
+    let a = tempfile::tempdir().unwrap();
+    let full = run(&s, a.path(), None).unwrap();
+    assert_eq!(full.steps, 9);
+    assert!(
+        full.last_loss.unwrap() < full.first_loss.unwrap(),
+        "{full:?}"
+    );
+    let b = tempfile::tempdir().unwrap();
+    match run(&s, b.path(), Some(5)) {
+        Err(TrainError::Interrupted { step }) => assert_eq!(step, 5),
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    let resumed = run(&s, b.path(), None).unwrap();
+    assert_eq!(resumed.resumed_from_step, 5);
+    let wa = std::fs::read(a.path().join("out").join(weights)).unwrap();
+    let wb = std::fs::read(b.path().join("out").join(weights)).unwrap();
+    assert!(
+        wa == wb,
+        "resumed weights differ from the uninterrupted run's"
+    );
+    let ma = std::fs::read_to_string(a.path().join("out/metrics.jsonl")).unwrap();
+    let mb = std::fs::read_to_string(b.path().join("out/metrics.jsonl")).unwrap();
+    let losses = |m: &str| {
+        m.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&ma), losses(&mb));
+}
+
+#[test]
+fn full_fine_tuning_resumes_bit_identically() {
+    check(Method::Full, "model/model.safetensors");
+}
+
+#[test]
+fn lora_with_dropout_resumes_bit_identically() {
+    let l = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        targets: Targets::AllLinear,
+    };
+    check(Method::Lora(l), "adapter/adapter_model.safetensors");
+}
