@@ -9,7 +9,7 @@ use pipe_data::dataset::{write, Dataset};
 use pipe_data::tokenize::Example;
 use pipe_model::{LlamaConfig, LoraSpec, Targets};
 use pipe_train::{
-    train, AdamWSettings, BaseModel, DataMeta, Decay, Hooks, Method, TrainError, TrainSpec,
+    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
 };
 
 type B = Autodiff<NdArray<f32>>;
