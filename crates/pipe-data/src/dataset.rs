@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use memmap2::Mmap;
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::tokenize::Example;
@@ -145,8 +146,35 @@ pub fn write(
     let mut meta = meta;
     meta.insert("format".into(), FORMAT.into());
     meta.insert("packed".into(), pack_to.is_some().to_string());
-    safetensors::tensor::serialize_to_file(tensors, Some(meta), path)
+    serialize_sorted(tensors, meta, path)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Writes a safetensors file whose bytes depend only on its contents. The crate writes its
+/// metadata map in hash order, which differs from run to run and would change the file's
+/// digest (and every downstream cache key); the header is rewritten with its keys sorted.
+fn serialize_sorted(
+    tensors: Vec<(String, TensorView<'_>)>,
+    meta: HashMap<String, String>,
+    path: &Path,
+) -> Result<(), String> {
+    let bytes = safetensors::tensor::serialize(tensors, Some(meta))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
+    // serde_json's map is ordered, so re-serialising sorts every object's keys.
+    let mut sorted = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    // Pad to the same length (safetensors aligns the data start), with spaces as it does.
+    if sorted.len() > n {
+        return Err("safetensors header grew when sorted".into());
+    }
+    sorted.resize(n, b' ');
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..8]);
+    out.extend_from_slice(&sorted);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// A split, memory-mapped.
@@ -338,6 +366,32 @@ mod tests {
             );
             assert_eq!(ids, &examples[d.source_index(i)].input_ids[..]);
         }
+    }
+
+    #[test]
+    fn files_are_byte_identical_run_to_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let examples: Vec<Example> = (0..3).map(|i| ex(i, 4)).collect();
+        let meta: HashMap<String, String> =
+            (0..8).map(|i| (format!("k{i}"), i.to_string())).collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for n in 0..8 {
+            // A fresh HashMap each time: its iteration order varies.
+            let m: HashMap<String, String> =
+                meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let p = dir.path().join(format!("{n}.safetensors"));
+            write(&p, &examples, None, m).unwrap();
+            seen.insert(std::fs::read(&p).unwrap());
+            assert_eq!(
+                Dataset::open(&p)
+                    .unwrap()
+                    .metadata
+                    .get("k3")
+                    .map(String::as_str),
+                Some("3")
+            );
+        }
+        assert_eq!(seen.len(), 1);
     }
 
     #[test]

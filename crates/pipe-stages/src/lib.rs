@@ -5,6 +5,7 @@ pub mod command;
 pub mod download;
 pub mod format;
 pub mod tokenize;
+pub mod train;
 
 use pipe_core::Registry;
 
@@ -14,5 +15,6 @@ pub fn registry() -> Registry {
         .with(download::DownloadKind)
         .with(format::FormatKind)
         .with(tokenize::TokenizeKind)
+        .with(train::TrainKind)
         .with(command::CommandKind)
 }

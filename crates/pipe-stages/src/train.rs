@@ -1,0 +1,417 @@
+//! `kind: train` — fine-tunes a Llama-family model on a `tokenize` stage's dataset: full or
+//! LoRA, AdamW with a warm-up + cosine/linear/constant schedule, token-exact gradient
+//! accumulation, global-norm clipping; checkpoints in the stage's work directory, so a killed
+//! or interrupted run continues where it stopped (on CPU, to the same final weights).
+//!
+//! ```yaml
+//! train:
+//!   kind: train
+//!   data: tokens                 # a tokenize stage
+//!   model: model                 # a stage or directory with a Hugging Face checkpoint,
+//!                                # or {init: {…config.json fields…}, seed: 0}
+//!   method: lora                 # or full
+//!   lora: {r: 8, alpha: 16, dropout: 0.05, target_modules: all-linear}
+//!   lr: 2.0e-4
+//!   schedule: cosine             # linear, constant
+//!   warmup_ratio: 0.03           # or warmup_steps
+//!   epochs: 3                    # or max_steps
+//!   batch_size: 128              # per optimizer step = micro_batch_size × accumulation
+//!   micro_batch_size: 4
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::anyhow;
+use burn::backend::{Autodiff, NdArray};
+use pipe_core::diag::FieldError;
+use pipe_core::{Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageKind};
+use pipe_data::dataset::Dataset;
+use pipe_model::{LlamaConfig, LoraSpec, Targets};
+use pipe_train::{
+    AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
+};
+use serde::{Deserialize, Serialize};
+
+pub struct TrainKind;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+enum ModelField {
+    Source(String),
+    Init {
+        init: serde_json::Value,
+        #[serde(default)]
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+enum TargetsField {
+    All(String),
+    Names(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct LoraFields {
+    #[serde(default = "default_r")]
+    r: usize,
+    #[serde(default = "default_alpha")]
+    alpha: f64,
+    #[serde(default)]
+    dropout: f64,
+    #[serde(default = "default_targets")]
+    target_modules: TargetsField,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> TargetsField {
+    TargetsField::All("all-linear".into())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum MethodField {
+    Full,
+    Lora,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Dtype {
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Fields {
+    data: String,
+    model: ModelField,
+    #[serde(default = "default_method")]
+    method: MethodField,
+    #[serde(default)]
+    lora: Option<LoraFields>,
+    lr: f64,
+    #[serde(default = "default_schedule")]
+    schedule: Decay,
+    #[serde(default)]
+    warmup_ratio: f64,
+    #[serde(default)]
+    warmup_steps: Option<u64>,
+    #[serde(default = "default_epochs")]
+    epochs: u64,
+    #[serde(default)]
+    max_steps: Option<u64>,
+    batch_size: usize,
+    #[serde(default)]
+    micro_batch_size: Option<usize>,
+    #[serde(default = "default_clip")]
+    max_grad_norm: Option<f64>,
+    #[serde(default)]
+    weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    adam_beta1: f64,
+    #[serde(default = "default_beta2")]
+    adam_beta2: f64,
+    #[serde(default = "default_eps")]
+    adam_epsilon: f64,
+    #[serde(default = "default_seed")]
+    seed: u64,
+    #[serde(default)]
+    save_steps: Option<u64>,
+    /// The dtype of the computation.
+    #[serde(default = "default_dtype")]
+    dtype: Dtype,
+    /// The dtype of the saved weights.
+    #[serde(default = "default_dtype")]
+    save_dtype: Dtype,
+    /// `cpu`, or `cuda[:N]` (builds with the `cuda` feature).
+    #[serde(default = "default_device")]
+    device: String,
+}
+
+fn default_method() -> MethodField {
+    MethodField::Full
+}
+fn default_schedule() -> Decay {
+    Decay::Cosine
+}
+fn default_epochs() -> u64 {
+    1
+}
+fn default_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_dtype() -> Dtype {
+    Dtype::F32
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+struct TrainStage {
+    fields: Fields,
+    spec: TrainSpec,
+    init: Option<LlamaConfig>,
+    inputs: Vec<Input>,
+}
+
+impl StageKind for TrainKind {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "fine-tune a Llama-family model (full or LoRA), resumable from checkpoints"
+    }
+    fn parse(
+        &self,
+        cx: &ParseContext<'_>,
+        fields: serde_yaml::Value,
+    ) -> Result<Box<dyn Stage>, FieldError> {
+        let f: Fields = cx.fields(fields)?;
+        let data = cx.stage_ref(&cx.path.key("data"), &f.data)?;
+        let mut inputs = vec![Input {
+            name: "data".into(),
+            source: data,
+            field: cx.path.key("data"),
+        }];
+        let init = match &f.model {
+            ModelField::Source(s) => {
+                let source = cx
+                    .as_stage_ref(s)
+                    .unwrap_or_else(|| InputSource::Path(cx.resolve_path(s)));
+                inputs.push(Input {
+                    name: "model".into(),
+                    source,
+                    field: cx.path.key("model"),
+                });
+                None
+            }
+            ModelField::Init { init, .. } => {
+                Some(LlamaConfig::from_json(&init.to_string()).map_err(|e| {
+                    FieldError::new(
+                        cx.path.key("model").key("init"),
+                        pipe_core::diag::Target::Value,
+                        e,
+                    )
+                })?)
+            }
+        };
+        let method = match (f.method, &f.lora) {
+            (MethodField::Full, None) => Method::Full,
+            (MethodField::Full, Some(_)) => {
+                return Err(cx.error("lora", "`lora:` settings need `method: lora`"))
+            }
+            (MethodField::Lora, l) => {
+                let l = l.clone().unwrap_or(LoraFields {
+                    r: default_r(),
+                    alpha: default_alpha(),
+                    dropout: 0.0,
+                    target_modules: default_targets(),
+                });
+                if l.r == 0 {
+                    return Err(cx.error("lora", "LoRA rank `r` must be at least 1"));
+                }
+                if !(0.0..1.0).contains(&l.dropout) {
+                    return Err(
+                        cx.error("lora", format!("dropout {} must be in [0, 1)", l.dropout))
+                    );
+                }
+                let targets = match l.target_modules {
+                    TargetsField::All(s) if s == "all-linear" => Targets::AllLinear,
+                    TargetsField::All(s) => Targets::Names(vec![s]),
+                    TargetsField::Names(v) => Targets::Names(v),
+                };
+                Method::Lora(LoraSpec {
+                    r: l.r,
+                    alpha: l.alpha,
+                    dropout: l.dropout,
+                    targets,
+                })
+            }
+        };
+        let micro = f.micro_batch_size.unwrap_or(f.batch_size);
+        if micro == 0 || f.batch_size == 0 || !f.batch_size.is_multiple_of(micro) {
+            return Err(cx
+                .error("batch_size", format!("batch_size {} is not a multiple of micro_batch_size {micro}", f.batch_size))
+                .with_help("batch_size is the effective batch: micro_batch_size × gradient accumulation steps"));
+        }
+        if !(f.lr.is_finite() && f.lr > 0.0) {
+            return Err(cx.error("lr", "the learning rate must be a positive number"));
+        }
+        if f.dtype == Dtype::Bf16 && f.device == "cpu" {
+            return Err(cx
+                .error(
+                    "dtype",
+                    "bf16 training runs on a GPU (`device: cuda`); the CPU backend computes in f32",
+                )
+                .with_help(
+                    "use `dtype: f32` on CPU (`save_dtype: bf16` still writes bf16 weights)",
+                ));
+        }
+        if f.device != "cpu" && !f.device.starts_with("cuda") {
+            return Err(cx.error(
+                "device",
+                format!("unknown device `{}` (cpu, cuda, cuda:N)", f.device),
+            ));
+        }
+        let spec = TrainSpec {
+            method,
+            lr: f.lr,
+            decay: f.schedule,
+            warmup_ratio: f.warmup_ratio,
+            warmup_steps: f.warmup_steps,
+            epochs: f.epochs,
+            max_steps: f.max_steps,
+            batch_size: f.batch_size,
+            micro_batch_size: micro,
+            max_grad_norm: f.max_grad_norm,
+            adamw: AdamWSettings {
+                beta1: f.adam_beta1,
+                beta2: f.adam_beta2,
+                eps: f.adam_epsilon,
+                weight_decay: f.weight_decay,
+            },
+            seed: f.seed,
+            save_steps: f.save_steps,
+            save_dtype_bf16: f.save_dtype == Dtype::Bf16,
+        };
+        Ok(Box::new(TrainStage {
+            fields: f,
+            spec,
+            init,
+            inputs,
+        }))
+    }
+}
+
+impl Stage for TrainStage {
+    fn inputs(&self) -> Vec<Input> {
+        self.inputs.clone()
+    }
+    fn params(&self) -> serde_json::Value {
+        let mut p = serde_json::to_value(&self.spec).expect("spec serialises");
+        // How often checkpoints are written does not change the result.
+        p.as_object_mut().expect("object").remove("save_steps");
+        p["init"] = match (&self.fields.model, &self.init) {
+            (ModelField::Init { seed, .. }, Some(c)) => {
+                serde_json::json!({"config": c, "seed": seed})
+            }
+            _ => serde_json::Value::Null,
+        };
+        p["dtype"] = serde_json::to_value(self.fields.dtype).expect("dtype");
+        p
+    }
+    fn outputs(&self) -> Option<Vec<String>> {
+        let weights = match self.spec.method {
+            Method::Full => "model",
+            Method::Lora(_) => "adapter",
+        };
+        Some(vec![
+            weights.into(),
+            "metrics.jsonl".into(),
+            "summary.json".into(),
+        ])
+    }
+    fn resumable(&self) -> bool {
+        true
+    }
+    fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
+        if self.fields.device != "cpu" {
+            return Err(anyhow!(
+                "`device: {}` needs a pipe built with the `cuda` feature (cargo build --release --features cuda)",
+                self.fields.device
+            ));
+        }
+        let data_dir = cx.input("data")?.to_path_buf();
+        let data = Dataset::open(&data_dir.join("train.safetensors")).map_err(|e| anyhow!(e))?;
+        let meta_text = std::fs::read_to_string(data_dir.join("meta.json"))
+            .map_err(|e| anyhow!("`data` must be a tokenize stage (no meta.json): {e}"))?;
+        let meta: DataMeta = serde_json::from_str(&meta_text)?;
+        let base = match (&self.fields.model, &self.init) {
+            (ModelField::Init { seed, .. }, Some(c)) => BaseModel::Init {
+                config: c.clone(),
+                seed: *seed,
+            },
+            _ => BaseModel::Dir(PathBuf::from(cx.input("model")?)),
+        };
+        let total = pipe_train::run::total_steps(&self.spec, data.len());
+        cx.progress().set_length(total);
+        let cx_ref = &*cx;
+        let cancelled = || cx_ref.is_cancelled();
+        let progress = |step: u64, _total: u64, loss: f64| {
+            cx_ref.progress().set_position(step);
+            cx_ref.progress().set_message(format!("loss {loss:.4}"));
+        };
+        let log = |line: &str| cx_ref.log(line);
+        let hooks = Hooks {
+            cancelled: &cancelled,
+            progress: &progress,
+            log: &log,
+        };
+        let dirs = Dirs {
+            work: &cx_ref.work_dir,
+            out: &cx_ref.out_dir,
+        };
+        type Cpu = Autodiff<NdArray<f32>>;
+        let result = pipe_train::train::<Cpu>(
+            &base,
+            &data,
+            &meta,
+            &self.spec,
+            &dirs,
+            &hooks,
+            &Default::default(),
+        );
+        let summary = match result {
+            Ok(s) => s,
+            Err(TrainError::Interrupted { step }) => {
+                cx.log(&format!("interrupted at step {step}; checkpoint saved"));
+                return Err(Interrupted.into());
+            }
+            Err(e) => return Err(anyhow!("{e}")),
+        };
+        // The model directory carries the tokenizer it was trained with.
+        let weights = match self.spec.method {
+            Method::Full => cx.out_dir.join("model"),
+            Method::Lora(_) => cx.out_dir.join("adapter"),
+        };
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            let src = data_dir.join(f);
+            if src.exists() {
+                std::fs::copy(&src, weights.join(f))?;
+            }
+        }
+        cx.log(&format!(
+            "{} steps over {} examples: loss {:.4} → {:.4}",
+            summary.steps,
+            summary.examples,
+            summary.first_loss.unwrap_or(f64::NAN),
+            summary.last_loss.unwrap_or(f64::NAN)
+        ));
+        cx.set_metrics(serde_json::to_value(&summary)?);
+        Ok(())
+    }
+}

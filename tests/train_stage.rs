@@ -1,0 +1,166 @@
+//! The train stage through the real binary: a run killed with SIGKILL (or stopped with
+//! Ctrl-C) mid-training resumes from its checkpoint, and its final weights are bit-identical
+//! to those of an uninterrupted run.
+
+mod common;
+use std::time::{Duration, Instant};
+
+use common::{sigkill, signal, Project};
+
+const PIPELINE: &str = r#"name: tiny-train
+stages:
+  data:
+    kind: download
+    source: instructions.json
+  tokenizer:
+    kind: download
+    source: tokenizer
+  prompts:
+    kind: format
+    input: data
+  tokens:
+    kind: tokenize
+    input: prompts
+    tokenizer: tokenizer
+    max_len: 96
+  train:
+    kind: train
+    data: tokens
+    model:
+      init: {vocab_size: 2001, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
+      seed: 1
+    lr: 3.0e-3
+    warmup_ratio: 0.1
+    epochs: 6
+    batch_size: 4
+    micro_batch_size: 2
+    save_steps: 3
+"#;
+
+fn project() -> Project {
+    let p = Project::new();
+    let root = env!("CARGO_MANIFEST_DIR");
+    p.write("p.yaml", PIPELINE);
+    p.write(
+        "instructions.json",
+        &std::fs::read_to_string(format!("{root}/examples/instructions.json")).unwrap(),
+    );
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        p.write(
+            &format!("tokenizer/{f}"),
+            &std::fs::read_to_string(format!("{root}/examples/tokenizer/{f}")).unwrap(),
+        );
+    }
+    p
+}
+
+fn weights(p: &Project) -> Vec<u8> {
+    let stages = p.path("cache/stages");
+    for e in std::fs::read_dir(stages).unwrap() {
+        let w = e.unwrap().path().join("out/model/model.safetensors");
+        if w.exists() {
+            return std::fs::read(w).unwrap();
+        }
+    }
+    panic!("no trained model in the store");
+}
+
+/// Lines of metrics.jsonl the running train stage has written so far.
+fn steps_done(p: &Project) -> usize {
+    let Ok(rd) = std::fs::read_dir(p.path("cache/work")) else {
+        return 0;
+    };
+    rd.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("state/metrics.jsonl")).ok())
+        .map(|t| t.lines().count())
+        .max()
+        .unwrap_or(0)
+}
+
+fn wait_steps(p: &Project, n: usize) {
+    let t = Instant::now();
+    while steps_done(p) < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "training did not reach step {n}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn train_log(p: &Project) -> String {
+    let mut all = String::new();
+    for e in std::fs::read_dir(p.path("cache/logs")).unwrap() {
+        for f in std::fs::read_dir(e.unwrap().path()).unwrap() {
+            all.push_str(&std::fs::read_to_string(f.unwrap().path()).unwrap_or_default());
+        }
+    }
+    all
+}
+
+#[test]
+fn sigkill_and_ctrl_c_during_training_resume_to_identical_weights() {
+    let reference = project();
+    let r = reference.pipe(&["run", "p.yaml"]).ok();
+    assert!(
+        r.stdout.contains("train") && r.stdout.contains("done"),
+        "{}",
+        r.stdout
+    );
+    let expected = weights(&reference);
+    let summary: serde_json::Value = serde_json::from_str(
+        &reference
+            .pipe(&["show", "p.yaml", "train", "--json"])
+            .ok()
+            .stdout,
+    )
+    .unwrap();
+    let m = &summary["metrics"];
+    assert!(
+        m["last_loss"].as_f64().unwrap() < m["first_loss"].as_f64().unwrap(),
+        "the model learns: {m}"
+    );
+
+    // SIGKILL after the checkpoint at step 3, before the one at step 6.
+    let p = project();
+    let mut child = p.spawn(&["run", "p.yaml"]);
+    wait_steps(&p, 4);
+    sigkill(&mut child);
+    let r = p.pipe(&["run", "p.yaml"]).ok();
+    assert!(
+        r.stdout.contains("cached") && r.stdout.contains("done"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        train_log(&p).contains("resuming from the checkpoint at step 3"),
+        "{}",
+        train_log(&p)
+    );
+    assert!(
+        weights(&p) == expected,
+        "weights after a SIGKILL and resume differ"
+    );
+
+    // Ctrl-C: the stage saves a checkpoint where it stands and the run exits 130.
+    let q = project();
+    let child = q.spawn(&["run", "p.yaml"]);
+    wait_steps(&q, 2);
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    q.pipe(&["run", "p.yaml"]).ok();
+    assert!(
+        train_log(&q).contains("resuming from the checkpoint at step"),
+        "{}",
+        train_log(&q)
+    );
+    assert!(
+        weights(&q) == expected,
+        "weights after Ctrl-C and resume differ"
+    );
+}
