@@ -21,7 +21,7 @@ fn the_default_pipeline_runs_and_then_is_cached() {
         "{out}\n{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert_eq!(out.matches(" done ").count(), 6, "{out}");
+    assert_eq!(out.matches(" done ").count(), 7, "{out}");
     let second = run();
     assert_eq!(
         String::from_utf8_lossy(&second.stdout)
