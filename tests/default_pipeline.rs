@@ -27,6 +27,6 @@ fn the_default_pipeline_runs_and_then_is_cached() {
         String::from_utf8_lossy(&second.stdout)
             .matches(" cached ")
             .count(),
-        6
+        7
     );
 }
