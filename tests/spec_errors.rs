@@ -47,7 +47,7 @@ fn unknown_kind_lists_the_known_ones() {
             "unknown stage kind `comand`",
             "p.yaml:4:11",
             "field: stages.a.kind",
-            "known kinds: download, format, tokenize, command",
+            "known kinds: download, format, tokenize, train, command",
         ],
     );
 }

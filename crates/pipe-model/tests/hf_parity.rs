@@ -249,3 +249,38 @@ fn seeded_init_is_reproducible() {
     let std = (w(&a).iter().map(|x| x * x).sum::<f32>() / w(&a).len() as f32).sqrt();
     assert!((std - 0.02).abs() < 0.002, "std {std}");
 }
+
+/// The real SmolLM2-135M-Instruct checkpoint against transformers (see
+/// scripts/check_smollm2.py, which builds it and records the reference logits).
+#[test]
+#[ignore = "needs PIPE_SMOLLM2_DIR from scripts/check_smollm2.py"]
+fn smollm2_matches_transformers() {
+    let dir = PathBuf::from(std::env::var("PIPE_SMOLLM2_DIR").expect("set PIPE_SMOLLM2_DIR"));
+    let e: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    let model: Llama<B> = load_llama(&dir, &Default::default()).unwrap();
+    let ids: Vec<i64> = e["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    let labels: Vec<i64> = e["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    let logits = model.forward(ids_tensor(std::slice::from_ref(&ids)), None);
+    let ours: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
+    let d = max_abs_diff(&ours, &floats(&e["logits"]));
+    let (sum, n) = shifted_cross_entropy(logits, &[labels]);
+    let loss = sum.into_scalar() / n as f32;
+    let want = e["loss"].as_f64().unwrap() as f32;
+    println!(
+        "SmolLM2-135M: {} tokens, max |Δlogit| = {d:e}, loss {loss} vs {want}",
+        ids.len()
+    );
+    assert!(d <= 1e-3, "max |Δlogit| = {d}");
+    assert!((loss - want).abs() <= 1e-4);
+}
