@@ -34,6 +34,52 @@ use serde::{Deserialize, Serialize};
 
 pub struct TrainKind;
 
+/// Where training runs.
+enum Device {
+    Cpu,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Cuda(usize),
+}
+
+impl Device {
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        if text == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        let index = match text.strip_prefix("cuda") {
+            Some("") => 0,
+            Some(rest) => rest
+                .strip_prefix(':')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow!("bad device `{text}` (cpu, cuda, cuda:N)"))?,
+            None => return Err(anyhow!("unknown device `{text}` (cpu, cuda, cuda:N)")),
+        };
+        if !cfg!(feature = "cuda") {
+            return Err(anyhow!(
+                "`device: {text}` needs a pipe built with the `cuda` feature (cargo build --release --features cuda)"
+            ));
+        }
+        cuda_driver_present()?;
+        Ok(Device::Cuda(index))
+    }
+}
+
+/// burn-cuda panics inside a device thread when the driver library is missing; look for it
+/// first and say what is wrong instead.
+fn cuda_driver_present() -> anyhow::Result<()> {
+    for lib in [c"libcuda.so.1", c"libcuda.so"] {
+        // SAFETY: dlopen with a valid C string; the handle is closed right away.
+        let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+        if !h.is_null() {
+            unsafe { libc::dlclose(h) };
+            return Ok(());
+        }
+    }
+    Err(anyhow!(
+        "no NVIDIA driver found (libcuda.so.1 cannot be loaded): is there a GPU with its driver installed? Use `device: cpu` otherwise"
+    ))
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 enum ModelField {
@@ -339,12 +385,7 @@ impl Stage for TrainStage {
         true
     }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
-        if self.fields.device != "cpu" {
-            return Err(anyhow!(
-                "`device: {}` needs a pipe built with the `cuda` feature (cargo build --release --features cuda)",
-                self.fields.device
-            ));
-        }
+        let device = Device::parse(&self.fields.device)?;
         let data_dir = cx.input("data")?.to_path_buf();
         let data = Dataset::open(&data_dir.join("train.safetensors")).map_err(|e| anyhow!(e))?;
         let meta_text = std::fs::read_to_string(data_dir.join("meta.json"))
@@ -375,16 +416,34 @@ impl Stage for TrainStage {
             work: &cx_ref.work_dir,
             out: &cx_ref.out_dir,
         };
-        type Cpu = Autodiff<NdArray<f32>>;
-        let result = pipe_train::train::<Cpu>(
-            &base,
-            &data,
-            &meta,
-            &self.spec,
-            &dirs,
-            &hooks,
-            &Default::default(),
-        );
+        let spec = &self.spec;
+        let result = match device {
+            Device::Cpu => {
+                type Cpu = Autodiff<NdArray<f32>>;
+                pipe_train::train::<Cpu>(
+                    &base,
+                    &data,
+                    &meta,
+                    spec,
+                    &dirs,
+                    &hooks,
+                    &Default::default(),
+                )
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(index) => {
+                let dev = burn::backend::cuda::CudaDevice::new(index);
+                if self.fields.dtype == Dtype::Bf16 {
+                    type Gpu = Autodiff<burn::backend::Cuda<half::bf16, i32>>;
+                    pipe_train::train::<Gpu>(&base, &data, &meta, spec, &dirs, &hooks, &dev)
+                } else {
+                    type Gpu = Autodiff<burn::backend::Cuda<f32, i32>>;
+                    pipe_train::train::<Gpu>(&base, &data, &meta, spec, &dirs, &hooks, &dev)
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => unreachable!("Device::parse refuses cuda without the feature"),
+        };
         let summary = match result {
             Ok(s) => s,
             Err(TrainError::Interrupted { step }) => {
