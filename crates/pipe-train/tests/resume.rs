@@ -160,3 +160,30 @@ fn lora_with_dropout_resumes_bit_identically() {
     };
     check(Method::Lora(l), "adapter/adapter_model.safetensors");
 }
+
+#[test]
+fn a_diverging_run_stops_at_the_bad_step_and_keeps_its_checkpoint() {
+    let mut s = spec(Method::Full);
+    s.lr = 1e30;
+    s.warmup_ratio = 0.0;
+    s.max_grad_norm = None;
+    let dir = tempfile::tempdir().unwrap();
+    match run(&s, dir.path(), None) {
+        Err(TrainError::NonFinite {
+            step,
+            value,
+            last_checkpoint,
+        }) => {
+            assert!(!value.is_finite());
+            assert!(
+                step >= 2 && last_checkpoint < step,
+                "step {step}, checkpoint {last_checkpoint}"
+            );
+        }
+        other => panic!("expected a non-finite loss error, got {other:?}"),
+    }
+    assert!(
+        !dir.path().join("out/model").exists(),
+        "no model is written from a diverged run"
+    );
+}
