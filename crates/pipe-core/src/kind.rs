@@ -151,6 +151,12 @@ pub trait Stage: Send + Sync {
     }
     /// Produces the outputs into `cx.out_dir`.
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()>;
+    /// Called once the stage's outputs are in the store — after a run or on a cache hit — by
+    /// stages that also deliver them outside the store (`export` with `to:`). Returns what it
+    /// did, for the log.
+    fn deliver(&self, _outputs: &Path) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// The error a stage returns when it stopped because the run was interrupted.

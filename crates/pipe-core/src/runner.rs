@@ -470,6 +470,20 @@ impl<'p> Engine<'p> {
                     let forced = plan.forced.contains(&i) && selected;
                     if !forced {
                         if let Some(m) = self.store.lookup(&key) {
+                            if let Err(e) = deliver(&pipeline.stages[i], &self.store.out_dir(&key))
+                            {
+                                lines[i].finish("FAILED", &e);
+                                outcomes[i] = Some(Outcome {
+                                    stage: id.clone(),
+                                    status: Status::Failed(e),
+                                    wall: Duration::ZERO,
+                                    key: Some(key.clone()),
+                                    artifacts: Some(self.store.out_dir(&key)),
+                                    log: None,
+                                });
+                                progressed = true;
+                                continue;
+                            }
                             lines[i].finish("cached", &key[..12]);
                             self.store.write_ref(
                                 &pipeline.name,
@@ -545,7 +559,6 @@ impl<'p> Engine<'p> {
                         let id = pipeline.stages[i].id.clone();
                         let outcome = match attempt {
                             Attempt::Done(m) => {
-                                lines[i].finish("done", &format!("{:.1}s", wall.as_secs_f64()));
                                 self.store.write_ref(
                                     &pipeline.name,
                                     &id,
@@ -554,16 +567,34 @@ impl<'p> Engine<'p> {
                                         finished: m.finished.clone(),
                                     },
                                 )?;
-                                run_keys.insert(id.clone(), key.clone());
                                 let artifacts = Some(self.store.out_dir(&key));
-                                done.insert(i, *m);
-                                Outcome {
-                                    stage: id,
-                                    status: Status::Done,
-                                    wall,
-                                    key: Some(key),
-                                    artifacts,
-                                    log: None,
+                                match deliver(&pipeline.stages[i], &self.store.out_dir(&key)) {
+                                    // The outputs are stored; only their delivery failed.
+                                    Err(e) => {
+                                        lines[i].finish("FAILED", &e);
+                                        Outcome {
+                                            stage: id,
+                                            status: Status::Failed(e),
+                                            wall,
+                                            key: Some(key),
+                                            artifacts,
+                                            log: None,
+                                        }
+                                    }
+                                    Ok(()) => {
+                                        lines[i]
+                                            .finish("done", &format!("{:.1}s", wall.as_secs_f64()));
+                                        run_keys.insert(id.clone(), key.clone());
+                                        done.insert(i, *m);
+                                        Outcome {
+                                            stage: id,
+                                            status: Status::Done,
+                                            wall,
+                                            key: Some(key),
+                                            artifacts,
+                                            log: None,
+                                        }
+                                    }
                                 }
                             }
                             Attempt::Failed { error, log } => {
@@ -621,6 +652,18 @@ impl<'p> Engine<'p> {
             outcomes,
             wall: t0.elapsed(),
         })
+    }
+}
+
+/// Lets a stage deliver its stored outputs (see [`crate::kind::Stage::deliver`]).
+fn deliver(def: &crate::spec::StageDef, out: &std::path::Path) -> Result<(), String> {
+    match def.stage.deliver(out) {
+        Ok(Some(msg)) => {
+            tracing::info!("{}: {msg}", def.id);
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(format!("cannot deliver the outputs: {e:#}")),
     }
 }
 

@@ -140,6 +140,18 @@ impl<B: Backend> Llama<B> {
 
     /// Writes `config.json` and `model.safetensors` (Hugging Face layout) into `dir`.
     pub fn save_hf(&self, dir: &Path, dtype: SaveDtype) -> Result<(), ModelError> {
+        self.save_hf_sharded(dir, dtype, u64::MAX)
+    }
+
+    /// Like [`save_hf`](Self::save_hf), split into `model-0000i-of-0000N.safetensors` files of at
+    /// most `max_shard_bytes` each (a single tensor larger than that gets a shard of its own),
+    /// with `model.safetensors.index.json`, when the weights do not fit in one.
+    pub fn save_hf_sharded(
+        &self,
+        dir: &Path,
+        dtype: SaveDtype,
+        max_shard_bytes: u64,
+    ) -> Result<(), ModelError> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::Io(dir.display().to_string(), e))?;
         let mut cfg = hf_config_json(&self.config);
         cfg["torch_dtype"] = serde_json::json!(match dtype {
@@ -149,12 +161,45 @@ impl<B: Backend> Llama<B> {
         let p = dir.join("config.json");
         std::fs::write(&p, serde_json::to_vec_pretty(&cfg).expect("json"))
             .map_err(|e| ModelError::Io(p.display().to_string(), e))?;
-        write_safetensors(
-            &dir.join("model.safetensors"),
-            &self.hf_tensors(),
-            dtype,
-            &[("format", "pt")],
-        )
+        let tensors = self.hf_tensors();
+        let width = match dtype {
+            SaveDtype::F32 => 4,
+            SaveDtype::Bf16 => 2,
+        };
+        let bytes = |t: &Named| t.data.len() as u64 * width;
+        let total: u64 = tensors.iter().map(bytes).sum();
+        if total <= max_shard_bytes {
+            return write_safetensors(
+                &dir.join("model.safetensors"),
+                &tensors,
+                dtype,
+                &[("format", "pt")],
+            );
+        }
+        let mut shards: Vec<Vec<Named>> = vec![Vec::new()];
+        let mut size = 0;
+        for t in tensors {
+            if size > 0 && size + bytes(&t) > max_shard_bytes {
+                shards.push(Vec::new());
+                size = 0;
+            }
+            size += bytes(&t);
+            shards.last_mut().expect("a shard").push(t);
+        }
+        let n = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+            for t in shard {
+                weight_map.insert(t.name.clone(), serde_json::Value::String(name.clone()));
+            }
+            write_safetensors(&dir.join(&name), shard, dtype, &[("format", "pt")])?;
+        }
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let p = dir.join("model.safetensors.index.json");
+        std::fs::write(&p, serde_json::to_vec_pretty(&index).expect("json"))
+            .map_err(|e| ModelError::Io(p.display().to_string(), e))
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod download;
+pub mod export;
 pub mod format;
 pub mod tokenize;
 pub mod train;
@@ -16,5 +17,6 @@ pub fn registry() -> Registry {
         .with(format::FormatKind)
         .with(tokenize::TokenizeKind)
         .with(train::TrainKind)
+        .with(export::ExportKind)
         .with(command::CommandKind)
 }

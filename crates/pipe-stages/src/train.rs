@@ -396,7 +396,18 @@ impl Stage for TrainStage {
                 config: c.clone(),
                 seed: *seed,
             },
-            _ => BaseModel::Dir(PathBuf::from(cx.input("model")?)),
+            _ => {
+                // A train stage's output keeps the model in `model/`.
+                let dir = PathBuf::from(cx.input("model")?);
+                let dir = if !dir.join("config.json").exists()
+                    && dir.join("model/config.json").exists()
+                {
+                    dir.join("model")
+                } else {
+                    dir
+                };
+                BaseModel::Dir(dir)
+            }
         };
         let total = pipe_train::run::total_steps(&self.spec, data.len());
         cx.progress().set_length(total);

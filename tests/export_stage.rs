@@ -1,0 +1,201 @@
+//! Export through the real binary: Hugging Face layout (sharded, tokenizer files, LoRA merged)
+//! and PEFT layout, loaded back by pipe's own loader with the same logits; `to:` delivers the
+//! result outside the store, on a run and on a cache hit.
+
+mod common;
+use std::path::{Path, PathBuf};
+
+use burn::backend::NdArray;
+use burn::tensor::{Int, Tensor, TensorData};
+use common::Project;
+use pipe_model::{load_llama, Llama};
+
+type B = NdArray<f32>;
+
+const PIPELINE: &str = r#"name: export
+stages:
+  data:
+    kind: download
+    source: instructions.json
+  tokenizer:
+    kind: download
+    source: tokenizer
+  prompts:
+    kind: format
+    input: data
+  tokens:
+    kind: tokenize
+    input: prompts
+    tokenizer: tokenizer
+    max_len: 64
+  base:
+    kind: train
+    data: tokens
+    model:
+      init: {vocab_size: 2001, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
+      seed: 1
+    lr: 3.0e-3
+    epochs: 2
+    batch_size: 4
+    micro_batch_size: 2
+  lora:
+    kind: train
+    data: tokens
+    model: base
+    method: lora
+    lora: {r: 4, alpha: 8, target_modules: all-linear}
+    lr: 1.0e-2
+    epochs: 2
+    batch_size: 4
+    micro_batch_size: 2
+  full_hf:
+    kind: export
+    model: base
+    dtype: f32
+    max_shard_size: 100KB
+    to: exported/full
+  merged_hf:
+    kind: export
+    model: lora
+    base: base
+    dtype: f32
+  adapter:
+    kind: export
+    model: lora
+    base: base
+    format: peft
+    dtype: f32
+    to: exported/adapter
+"#;
+
+fn project() -> Project {
+    let p = Project::new();
+    let root = env!("CARGO_MANIFEST_DIR");
+    p.write("p.yaml", PIPELINE);
+    p.write(
+        "instructions.json",
+        &std::fs::read_to_string(format!("{root}/examples/instructions.json")).unwrap(),
+    );
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        p.write(
+            &format!("tokenizer/{f}"),
+            &std::fs::read_to_string(format!("{root}/examples/tokenizer/{f}")).unwrap(),
+        );
+    }
+    p
+}
+
+fn out_dir(p: &Project, stage: &str) -> PathBuf {
+    let m: serde_json::Value =
+        serde_json::from_str(&p.pipe(&["show", "p.yaml", stage, "--json"]).ok().stdout).unwrap();
+    p.path("cache/stages")
+        .join(m["key"].as_str().unwrap())
+        .join("out")
+}
+
+fn logits(model: &Llama<B>) -> Vec<f32> {
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(
+            (1..17).map(|i| i * 37 % 2000).collect::<Vec<i64>>(),
+            [1, 16],
+        ),
+        &Default::default(),
+    );
+    model.forward(ids, None).into_data().to_vec().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn hf_and_peft_exports_load_back_with_the_same_logits() {
+    let p = project();
+    p.pipe(&["run", "p.yaml"]).ok();
+
+    // Full model, sharded at 100 KB.
+    let full = out_dir(&p, "full_hf");
+    let names = files(&full);
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(names.contains(&f.to_string()), "{f} missing: {names:?}");
+    }
+    assert!(
+        names.iter().filter(|n| n.starts_with("model-0000")).count() >= 2,
+        "{names:?}"
+    );
+    let trained: Llama<B> =
+        load_llama(&out_dir(&p, "base").join("model"), &Default::default()).unwrap();
+    let exported: Llama<B> = load_llama(&full, &Default::default()).unwrap();
+    assert_eq!(
+        logits(&trained),
+        logits(&exported),
+        "an f32 export is exact"
+    );
+
+    // LoRA merged into its base.
+    let adapter_dir = out_dir(&p, "lora").join("adapter");
+    let with_adapter = load_llama::<B>(&out_dir(&p, "base").join("model"), &Default::default())
+        .unwrap()
+        .load_peft_adapter(&adapter_dir, false)
+        .unwrap();
+    let merged: Llama<B> = load_llama(&out_dir(&p, "merged_hf"), &Default::default()).unwrap();
+    let d = max_diff(&logits(&with_adapter), &logits(&merged));
+    assert!(d < 1e-4, "merged export: max |Δlogit| = {d}");
+    assert_ne!(
+        logits(&with_adapter),
+        logits(&trained),
+        "the adapter changed the model"
+    );
+
+    // PEFT layout, delivered to a user path; a cache hit delivers it again.
+    let peft = p.path("exported/adapter");
+    assert_eq!(
+        files(&peft),
+        vec![
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(peft.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    let from_peft = load_llama::<B>(&out_dir(&p, "base").join("model"), &Default::default())
+        .unwrap()
+        .load_peft_adapter(&peft, false)
+        .unwrap();
+    assert_eq!(logits(&from_peft), logits(&with_adapter));
+    assert!(!std::fs::metadata(peft.join("adapter_config.json"))
+        .unwrap()
+        .permissions()
+        .readonly());
+    std::fs::remove_dir_all(p.path("exported")).unwrap();
+    let r = p.pipe(&["run", "p.yaml"]).ok();
+    assert_eq!(r.stdout.matches(" cached ").count(), 9, "{}", r.stdout);
+    assert!(
+        p.path("exported/full/config.json").exists()
+            && p.path("exported/adapter/adapter_model.safetensors")
+                .exists()
+    );
+}
