@@ -9,6 +9,11 @@ fn the_default_pipeline_runs_and_then_is_cached() {
         Command::new(env!("CARGO_BIN_EXE_pipe"))
             .args(["run", "pipelines/demo.yaml", "--cache"])
             .arg(cache.path())
+            .arg("--set")
+            .arg(format!(
+                "export.to={}",
+                cache.path().join("delivered").display()
+            ))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env_remove("PIPE_CACHE")
             .output()
@@ -21,12 +26,13 @@ fn the_default_pipeline_runs_and_then_is_cached() {
         "{out}\n{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert_eq!(out.matches(" done ").count(), 7, "{out}");
+    assert_eq!(out.matches(" done ").count(), 8, "{out}");
     let second = run();
     assert_eq!(
         String::from_utf8_lossy(&second.stdout)
             .matches(" cached ")
             .count(),
-        7
+        8
     );
+    assert!(cache.path().join("delivered/config.json").exists());
 }
