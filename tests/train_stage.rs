@@ -38,20 +38,7 @@ stages:
 "#;
 
 fn project() -> Project {
-    let p = Project::new();
-    let root = env!("CARGO_MANIFEST_DIR");
-    p.write("p.yaml", PIPELINE);
-    p.write(
-        "instructions.json",
-        &std::fs::read_to_string(format!("{root}/examples/instructions.json")).unwrap(),
-    );
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        p.write(
-            &format!("tokenizer/{f}"),
-            &std::fs::read_to_string(format!("{root}/examples/tokenizer/{f}")).unwrap(),
-        );
-    }
-    p
+    Project::with_examples(PIPELINE)
 }
 
 fn weights(p: &Project) -> Vec<u8> {

@@ -16,6 +16,22 @@ impl Project {
             dir: tempfile::tempdir().expect("tempdir"),
         }
     }
+    /// A project holding `pipeline` as p.yaml and copies of the repository's example
+    /// instructions and tokenizer (as `instructions.json` and `tokenizer/`).
+    pub fn with_examples(pipeline: &str) -> Self {
+        let p = Project::new();
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        p.write("p.yaml", pipeline);
+        for f in [
+            "instructions.json",
+            "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer_config.json",
+        ] {
+            p.write(f, &fs::read_to_string(examples.join(f)).unwrap());
+        }
+        p
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }

@@ -428,7 +428,7 @@ fn classify(url: &str, e: ureq::Error, not_found_help: &str) -> FetchError {
 }
 
 /// `host[:port]` of a URL.
-pub(crate) fn host_of(url: &str) -> String {
+pub fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     rest.split(['/', '?', '#'])
         .next()

@@ -5,7 +5,7 @@ mod http;
 mod hub;
 mod source;
 
-pub use http::{url_file_name, Client, Download, FetchError, Transfer};
+pub use http::{host_of, url_file_name, Client, Download, FetchError, Transfer};
 pub use hub::{default_model_files, HubFile, HubRepo, RepoKind};
 pub use source::{fetch, FetchOptions, FetchReport, Fetched, Source};
 

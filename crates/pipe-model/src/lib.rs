@@ -5,6 +5,7 @@ pub mod config;
 pub mod load;
 pub mod lora;
 pub mod model;
+mod rng;
 pub mod save;
 
 pub use config::LlamaConfig;

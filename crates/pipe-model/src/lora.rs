@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::{named_param, Checkpoint};
 use crate::model::{Llama, Lora, Proj};
+use crate::rng::SplitMix64;
 use crate::ModelError;
 
 /// Which linear layers get adapters.
@@ -182,22 +183,5 @@ impl<B: Backend> Llama<B> {
             }
         }
         self
-    }
-}
-
-/// SplitMix64: a fixed, reproducible generator for adapter initialisation.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 }

@@ -12,6 +12,7 @@ use safetensors::Dtype;
 use crate::config::LlamaConfig;
 use crate::load::named_param;
 use crate::model::{Attention, DecoderLayer, Llama, Mlp, Proj, RmsNorm, Rope};
+use crate::rng::SplitMix64;
 use crate::ModelError;
 
 /// On-disk dtype for saved weights.
@@ -286,24 +287,17 @@ pub fn write_safetensors(
 
 /// Normal(0, std) samples from a fixed generator (Box–Muller over SplitMix64).
 struct Gaussian {
-    state: u64,
+    rng: SplitMix64,
     spare: Option<f64>,
 }
 
 impl Gaussian {
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
     fn sample(&mut self, std: f64) -> f32 {
         if let Some(s) = self.spare.take() {
             return (s * std) as f32;
         }
-        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let u1 = ((self.rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let u2 = self.rng.next_f64();
         let r = (-2.0 * u1.ln()).sqrt();
         let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
         self.spare = Some(r * s);
@@ -321,7 +315,7 @@ pub fn init_llama<B: Backend>(
     trainable: bool,
 ) -> Llama<B> {
     let mut g = Gaussian {
-        state: seed,
+        rng: SplitMix64(seed),
         spare: None,
     };
     let mut matrix = |name: &str, rows: usize, cols: usize| -> Param<Tensor<B, 2>> {

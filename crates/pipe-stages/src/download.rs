@@ -192,13 +192,8 @@ impl Stage for DownloadStage {
         let mut client = Client::new();
         client.retries = self.fields.retries;
         if let Source::Hub(_) = &self.source {
-            let host = self
-                .options
-                .endpoint
-                .split_once("://")
-                .map(|(_, r)| r.split('/').next().unwrap_or(""))
-                .unwrap_or("")
-                .to_string();
+            // The same host reading the client compares request URLs against.
+            let host = pipe_fetch::host_of(&self.options.endpoint);
             client = client.with_token(&host, std::env::var("HF_TOKEN").ok());
         }
         let work = cx.work_dir.join("partial");

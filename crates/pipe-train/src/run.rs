@@ -152,7 +152,7 @@ pub fn step_examples(spec: &TrainSpec, n: usize, step: u64) -> Vec<Vec<usize>> {
     let epoch = step / per_epoch;
     let k = (step % per_epoch) as usize;
     let mut order: Vec<usize> = (0..n).collect();
-    shuffle(
+    pipe_data::format::shuffle(
         &mut order,
         spec.seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
     );
@@ -161,18 +161,6 @@ pub fn step_examples(spec: &TrainSpec, n: usize, step: u64) -> Vec<Vec<usize>> {
         .chunks(spec.micro_batch_size)
         .map(|c| c.to_vec())
         .collect()
-}
-
-fn shuffle(items: &mut [usize], seed: u64) {
-    let mut s = seed;
-    for i in (1..items.len()).rev() {
-        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        items.swap(i, (z % (i as u64 + 1)) as usize);
-    }
 }
 
 /// Right-pads examples to the longest, with -100 labels and a 0 mask on the padding.
