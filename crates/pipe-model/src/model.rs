@@ -111,15 +111,20 @@ impl Rope {
         }
     }
 
-    /// `cos`, `sin` for positions `0..seq`, `[1, 1, seq, head_dim]`.
-    fn tables<B: Backend>(&self, seq: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let n = seq * self.head_dim;
+    /// `cos`, `sin` for positions `start..start + seq`, `[1, 1, seq, head_dim]`.
+    fn tables<B: Backend>(
+        &self,
+        start: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let range = start * self.head_dim..(start + seq) * self.head_dim;
         let cos = Tensor::<B, 2>::from_data(
-            TensorData::new(self.cos[..n].to_vec(), [seq, self.head_dim]),
+            TensorData::new(self.cos[range.clone()].to_vec(), [seq, self.head_dim]),
             device,
         );
         let sin = Tensor::<B, 2>::from_data(
-            TensorData::new(self.sin[..n].to_vec(), [seq, self.head_dim]),
+            TensorData::new(self.sin[range].to_vec(), [seq, self.head_dim]),
             device,
         );
         (cos.unsqueeze(), sin.unsqueeze())
@@ -148,13 +153,16 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// `x`: `[batch, seq, hidden]`; `mask`: additive, `[batch, 1, seq, seq]` → `[batch, seq, hidden]`
+    /// `x`: `[batch, seq, hidden]`; `mask`: additive, `[batch, 1, seq, past + seq]`;
+    /// `past`: this layer's cached keys and values of earlier positions (extended with this
+    /// call's) → `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: Tensor<B, 4>,
         sin: Tensor<B, 4>,
         mask: Tensor<B, 4>,
+        past: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -175,6 +183,18 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2);
         let q = apply_rope(q, cos.clone(), sin.clone());
         let k = apply_rope(k, cos, sin);
+        let (k, v) = match past {
+            None => (k, v),
+            Some(cache) => {
+                let (k, v) = match cache.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                };
+                *cache = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        let t = k.dims()[2];
         // Head i reads key/value head i / (h / kv), as transformers' repeat_kv arranges it.
         let (k, v) = if kv == h {
             (k, v)
@@ -182,12 +202,12 @@ impl<B: Backend> Attention<B> {
             let rep = h / kv;
             let k = k
                 .unsqueeze_dim::<5>(2)
-                .expand([b, kv, rep, s, d])
-                .reshape([b, h, s, d]);
+                .expand([b, kv, rep, t, d])
+                .reshape([b, h, t, d]);
             let v = v
                 .unsqueeze_dim::<5>(2)
-                .expand([b, kv, rep, s, d])
-                .reshape([b, h, s, d]);
+                .expand([b, kv, rep, t, d])
+                .reshape([b, h, t, d]);
             (k, v)
         };
         let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt() + mask;
@@ -223,18 +243,19 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// `[batch, seq, hidden]` → same
+    /// `[batch, seq, hidden]` → same (`mask` and `past` as in [`Attention::forward`])
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cos: Tensor<B, 4>,
         sin: Tensor<B, 4>,
         mask: Tensor<B, 4>,
+        past: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, mask);
+                .forward(self.input_layernorm.forward(x), cos, sin, mask, past);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -262,6 +283,17 @@ impl<B: Backend> Llama<B> {
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<&[Vec<u8>]>,
     ) -> Tensor<B, 3> {
+        self.logits(self.hidden(input_ids, attention_mask))
+    }
+
+    /// The final hidden states (after the last norm), before the output projection:
+    /// `input_ids` `[batch, seq]` → `[batch, seq, hidden]`. Scoring a few positions of a long
+    /// sequence projects only those onto the vocabulary.
+    pub fn hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<&[Vec<u8>]>,
+    ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
         assert!(
             s <= self.rope.max_positions,
@@ -270,39 +302,107 @@ impl<B: Backend> Llama<B> {
         );
         let device = input_ids.device();
         let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
-        let (cos, sin) = self.rope.tables::<B>(s, &device);
-        let mask = additive_mask::<B>(b, s, attention_mask, &device);
+        let (cos, sin) = self.rope.tables::<B>(0, s, &device);
+        let mask = additive_mask::<B>(b, s, 0, attention_mask, &device);
         for layer in &self.layers {
-            x = layer.forward(x, cos.clone(), sin.clone(), mask.clone());
+            x = layer.forward(x, cos.clone(), sin.clone(), mask.clone(), None);
         }
-        let x = self.norm.forward(x);
+        self.norm.forward(x)
+    }
+
+    /// The output projection: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => x.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+        }
+    }
+
+    /// Incremental decoding: runs `input_ids` `[batch, seq]` after the positions already in
+    /// `cache` (extending it) → the logits of the last position, `[batch, vocab]`.
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 2> {
+        let [b, s] = input_ids.dims();
+        let past = cache.len;
+        assert!(
+            past + s <= self.rope.max_positions,
+            "sequence of {} exceeds max_position_embeddings {}",
+            past + s,
+            self.rope.max_positions
+        );
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let device = input_ids.device();
+        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
+        let (cos, sin) = self.rope.tables::<B>(past, s, &device);
+        let mask = additive_mask::<B>(b, s, past, None, &device);
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, cos.clone(), sin.clone(), mask.clone(), Some(slot));
+        }
+        cache.len = past + s;
+        let last = self.norm.forward(x).narrow(1, s - 1, 1);
+        let logits = self.logits(last);
+        let [_, _, v] = logits.dims();
+        logits.reshape([b, v])
+    }
+}
+
+/// One layer's keys and values so far, `[batch, n_kv_heads, positions, head_dim]` each.
+pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// The keys and values of every layer for the positions decoded so far.
+#[derive(Debug)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<LayerCache<B>>,
+    len: usize,
+}
+
+impl<B: Backend> Default for KvCache<B> {
+    fn default() -> Self {
+        KvCache {
+            layers: Vec::new(),
+            len: 0,
         }
     }
 }
 
+impl<B: Backend> KvCache<B> {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// The causal mask (and padding, if given) as additive biases: 0 where attending is allowed,
-/// the lowest f32 elsewhere (as transformers uses `finfo.min`). `[batch, 1, seq, seq]`.
+/// the lowest f32 elsewhere (as transformers uses `finfo.min`). The `s` queries follow `past`
+/// cached positions: `[batch, 1, s, past + s]`.
 fn additive_mask<B: Backend>(
     b: usize,
     s: usize,
+    past: usize,
     padding: Option<&[Vec<u8>]>,
     device: &B::Device,
 ) -> Tensor<B, 4> {
-    let mut m = vec![0f32; b * s * s];
+    let t = past + s;
+    let mut m = vec![0f32; b * s * t];
     for bi in 0..b {
         for i in 0..s {
-            for j in 0..s {
+            for j in 0..t {
                 let padded = padding.is_some_and(|p| p[bi][j] == 0);
-                if j > i || padded {
-                    m[(bi * s + i) * s + j] = f32::MIN;
+                if j > past + i || padded {
+                    m[(bi * s + i) * t + j] = f32::MIN;
                 }
             }
         }
     }
-    Tensor::from_data(TensorData::new(m, [b, 1, s, s]), device)
+    Tensor::from_data(TensorData::new(m, [b, 1, s, t]), device)
 }
 
 /// Mean cross-entropy over labels ≠ -100, with logits at position t predicting the label at

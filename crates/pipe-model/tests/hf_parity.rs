@@ -284,3 +284,35 @@ fn smollm2_matches_transformers() {
     assert!(d <= 1e-3, "max |Δlogit| = {d}");
     assert!((loss - want).abs() <= 1e-4);
 }
+
+/// Decoding with the key/value cache — the prompt at once, then one token at a time — gives
+/// the logits of a full forward pass at every position.
+#[test]
+fn cached_decoding_matches_the_full_forward() {
+    for dir in ["gqa-untied", "tied-llama3-rope"] {
+        let model: Llama<B> = load_llama(&fixtures().join(dir), &Default::default()).unwrap();
+        let e = expected(dir);
+        let row = rows_i64(&e["input_ids"])[0].clone();
+        let v = model.config.vocab_size;
+        let full = model.forward(ids_tensor(std::slice::from_ref(&row)), None);
+        let full = full.into_data().to_vec::<f32>().unwrap();
+        let mut cache = pipe_model::KvCache::default();
+        let prompt = 3;
+        let mut got = vec![(
+            prompt - 1,
+            model.forward_cached(ids_tensor(&[row[..prompt].to_vec()]), &mut cache),
+        )];
+        for (t, &token) in row.iter().enumerate().skip(prompt) {
+            got.push((
+                t,
+                model.forward_cached(ids_tensor(&[vec![token]]), &mut cache),
+            ));
+        }
+        assert_eq!(cache.len(), row.len());
+        for (t, logits) in got {
+            let logits = logits.into_data().to_vec::<f32>().unwrap();
+            let d = max_abs_diff(&logits, &full[t * v..(t + 1) * v]);
+            assert!(d <= 1e-5, "{dir}: position {t} differs by {d}");
+        }
+    }
+}

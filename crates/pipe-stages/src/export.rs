@@ -24,6 +24,8 @@ use pipe_model::save::SaveDtype;
 use pipe_model::{load_llama, Llama};
 use serde::{Deserialize, Serialize};
 
+use crate::models::{find_weights, Weights};
+
 pub struct ExportKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -138,27 +140,6 @@ impl StageKind for ExportKind {
             inputs,
         }))
     }
-}
-
-/// What a model input holds: a full model directory or an adapter directory.
-enum Weights {
-    Model(PathBuf),
-    Adapter(PathBuf),
-}
-
-fn find_weights(dir: &Path) -> anyhow::Result<Weights> {
-    for d in [dir.to_path_buf(), dir.join("model"), dir.join("adapter")] {
-        if d.join("adapter_config.json").exists() {
-            return Ok(Weights::Adapter(d));
-        }
-        if d.join("config.json").exists() {
-            return Ok(Weights::Model(d));
-        }
-    }
-    bail!(
-        "{} holds neither a model (config.json) nor a LoRA adapter (adapter_config.json)",
-        dir.display()
-    )
 }
 
 type Cpu = NdArray<f32>;

@@ -3,8 +3,10 @@
 
 pub mod command;
 pub mod download;
+pub mod evaluate;
 pub mod export;
 pub mod format;
+mod models;
 pub mod tokenize;
 pub mod train;
 
@@ -17,6 +19,7 @@ pub fn registry() -> Registry {
         .with(format::FormatKind)
         .with(tokenize::TokenizeKind)
         .with(train::TrainKind)
+        .with(evaluate::EvaluateKind)
         .with(export::ExportKind)
         .with(command::CommandKind)
 }

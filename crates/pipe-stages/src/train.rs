@@ -19,77 +19,20 @@
 //!   micro_batch_size: 4
 //! ```
 
-use std::path::PathBuf;
-
-use anyhow::anyhow;
+use anyhow::{anyhow, bail};
 use burn::backend::{Autodiff, NdArray};
 use pipe_core::diag::FieldError;
-use pipe_core::{Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageKind};
+use pipe_core::{Input, Interrupted, ParseContext, Stage, StageContext, StageKind};
 use pipe_data::dataset::Dataset;
-use pipe_model::{LlamaConfig, LoraSpec, Targets};
+use pipe_model::{LoraSpec, Targets};
 use pipe_train::{
     AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::models::{find_weights, Device, ModelField, ModelSource, Weights};
+
 pub struct TrainKind;
-
-/// Where training runs.
-enum Device {
-    Cpu,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    Cuda(usize),
-}
-
-impl Device {
-    fn parse(text: &str) -> anyhow::Result<Self> {
-        if text == "cpu" {
-            return Ok(Device::Cpu);
-        }
-        let index = match text.strip_prefix("cuda") {
-            Some("") => 0,
-            Some(rest) => rest
-                .strip_prefix(':')
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| anyhow!("bad device `{text}` (cpu, cuda, cuda:N)"))?,
-            None => return Err(anyhow!("unknown device `{text}` (cpu, cuda, cuda:N)")),
-        };
-        if !cfg!(feature = "cuda") {
-            return Err(anyhow!(
-                "`device: {text}` needs a pipe built with the `cuda` feature (cargo build --release --features cuda)"
-            ));
-        }
-        cuda_driver_present()?;
-        Ok(Device::Cuda(index))
-    }
-}
-
-/// burn-cuda panics inside a device thread when the driver library is missing; look for it
-/// first and say what is wrong instead.
-fn cuda_driver_present() -> anyhow::Result<()> {
-    for lib in [c"libcuda.so.1", c"libcuda.so"] {
-        // SAFETY: dlopen with a valid C string; the handle is closed right away.
-        let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
-        if !h.is_null() {
-            unsafe { libc::dlclose(h) };
-            return Ok(());
-        }
-    }
-    Err(anyhow!(
-        "no NVIDIA driver found (libcuda.so.1 cannot be loaded): is there a GPU with its driver installed? Use `device: cpu` otherwise"
-    ))
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(untagged)]
-enum ModelField {
-    Source(String),
-    Init {
-        init: serde_json::Value,
-        #[serde(default)]
-        seed: u64,
-    },
-}
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
@@ -217,7 +160,7 @@ fn default_device() -> String {
 struct TrainStage {
     fields: Fields,
     spec: TrainSpec,
-    init: Option<LlamaConfig>,
+    model: ModelSource,
     inputs: Vec<Input>,
 }
 
@@ -243,28 +186,7 @@ impl StageKind for TrainKind {
             source: data,
             field: cx.path.key("data"),
         }];
-        let init = match &f.model {
-            ModelField::Source(s) => {
-                let source = cx
-                    .as_stage_ref(s)
-                    .unwrap_or_else(|| InputSource::Path(cx.resolve_path(s)));
-                inputs.push(Input {
-                    name: "model".into(),
-                    source,
-                    field: cx.path.key("model"),
-                });
-                None
-            }
-            ModelField::Init { init, .. } => {
-                Some(LlamaConfig::from_json(&init.to_string()).map_err(|e| {
-                    FieldError::new(
-                        cx.path.key("model").key("init"),
-                        pipe_core::diag::Target::Value,
-                        e,
-                    )
-                })?)
-            }
-        };
+        let model = f.model.parse(cx, "model", &mut inputs)?;
         let method = match (f.method, &f.lora) {
             (MethodField::Full, None) => Method::Full,
             (MethodField::Full, Some(_)) => {
@@ -317,12 +239,7 @@ impl StageKind for TrainKind {
                     "use `dtype: f32` on CPU (`save_dtype: bf16` still writes bf16 weights)",
                 ));
         }
-        if f.device != "cpu" && !f.device.starts_with("cuda") {
-            return Err(cx.error(
-                "device",
-                format!("unknown device `{}` (cpu, cuda, cuda:N)", f.device),
-            ));
-        }
+        Device::check_field(&f.device).map_err(|e| cx.error("device", e))?;
         let spec = TrainSpec {
             method,
             lr: f.lr,
@@ -347,7 +264,7 @@ impl StageKind for TrainKind {
         Ok(Box::new(TrainStage {
             fields: f,
             spec,
-            init,
+            model,
             inputs,
         }))
     }
@@ -361,11 +278,11 @@ impl Stage for TrainStage {
         let mut p = serde_json::to_value(&self.spec).expect("spec serialises");
         // How often checkpoints are written does not change the result.
         p.as_object_mut().expect("object").remove("save_steps");
-        p["init"] = match (&self.fields.model, &self.init) {
-            (ModelField::Init { seed, .. }, Some(c)) => {
-                serde_json::json!({"config": c, "seed": seed})
+        p["init"] = match &self.model {
+            ModelSource::Init { config, seed } => {
+                serde_json::json!({"config": config, "seed": seed})
             }
-            _ => serde_json::Value::Null,
+            ModelSource::Input(_) => serde_json::Value::Null,
         };
         p["dtype"] = serde_json::to_value(self.fields.dtype).expect("dtype");
         p
@@ -385,29 +302,24 @@ impl Stage for TrainStage {
         true
     }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
-        let device = Device::parse(&self.fields.device)?;
+        let device = Device::open(&self.fields.device)?;
         let data_dir = cx.input("data")?.to_path_buf();
         let data = Dataset::open(&data_dir.join("train.safetensors")).map_err(|e| anyhow!(e))?;
         let meta_text = std::fs::read_to_string(data_dir.join("meta.json"))
             .map_err(|e| anyhow!("`data` must be a tokenize stage (no meta.json): {e}"))?;
         let meta: DataMeta = serde_json::from_str(&meta_text)?;
-        let base = match (&self.fields.model, &self.init) {
-            (ModelField::Init { seed, .. }, Some(c)) => BaseModel::Init {
-                config: c.clone(),
+        let base = match &self.model {
+            ModelSource::Init { config, seed } => BaseModel::Init {
+                config: config.clone(),
                 seed: *seed,
             },
-            _ => {
-                // A train stage's output keeps the model in `model/`.
-                let dir = PathBuf::from(cx.input("model")?);
-                let dir = if !dir.join("config.json").exists()
-                    && dir.join("model/config.json").exists()
-                {
-                    dir.join("model")
-                } else {
-                    dir
-                };
-                BaseModel::Dir(dir)
-            }
+            ModelSource::Input(name) => match find_weights(cx.input(name)?)? {
+                Weights::Model(dir) => BaseModel::Dir(dir),
+                Weights::Adapter(dir) => bail!(
+                    "{} is a LoRA adapter; train from the full model it belongs to (export it merged with `kind: export`, `format: hf`)",
+                    dir.display()
+                ),
+            },
         };
         let total = pipe_train::run::total_steps(&self.spec, data.len());
         cx.progress().set_length(total);
@@ -453,7 +365,7 @@ impl Stage for TrainStage {
                 }
             }
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => unreachable!("Device::parse refuses cuda without the feature"),
+            Device::Cuda(_) => unreachable!("Device::open refuses cuda without the feature"),
         };
         let summary = match result {
             Ok(s) => s,

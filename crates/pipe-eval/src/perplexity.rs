@@ -1,0 +1,100 @@
+//! Loss and perplexity on held-out examples, over their labelled tokens only (the response
+//! tokens of an instruction set, as training counts them).
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use pipe_data::dataset::Dataset;
+use pipe_model::Llama;
+use serde::Serialize;
+
+use crate::EvalError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct HeldOut {
+    pub examples: usize,
+    /// Tokens counted (labels other than -100, after the shift).
+    pub tokens: usize,
+    /// Mean negative log-likelihood per counted token.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+}
+
+/// Token-weighted mean cross-entropy of `data`'s examples, `batch_size` at a time: the logits
+/// at position t are scored against the label at t + 1, as in training. `on_batch(n)` reports
+/// progress; returning `false` stops with [`EvalError::Interrupted`].
+pub fn heldout_loss<B: Backend>(
+    model: &Llama<B>,
+    data: &Dataset,
+    batch_size: usize,
+    device: &B::Device,
+    on_batch: &mut dyn FnMut(usize) -> bool,
+) -> Result<HeldOut, EvalError> {
+    if data.packed() {
+        return Err(EvalError::Task(
+            "the held-out split is packed; evaluate an unpacked tokenize stage".into(),
+        ));
+    }
+    let max_len = model.config.max_position_embeddings;
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(data.example(i).0.len()));
+    let mut total = 0.0f64;
+    let mut tokens = 0usize;
+    for batch in order.chunks(batch_size.max(1)) {
+        let seq = data.example(batch[0]).0.len().min(max_len);
+        let mut ids = vec![0i64; batch.len() * seq];
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (bi, &i) in batch.iter().enumerate() {
+            let (input, labels) = data.example(i);
+            let n = input.len().min(seq);
+            for t in 0..n {
+                ids[bi * seq + t] = input[t] as i64;
+            }
+            for t in 0..n.saturating_sub(1) {
+                if labels[t + 1] >= 0 {
+                    rows.push((bi * seq + t) as i64);
+                    targets.push(labels[t + 1] as i64);
+                }
+            }
+        }
+        if !rows.is_empty() && seq > 0 {
+            let ids =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.len(), seq]), device);
+            let hidden = model.hidden(ids, None);
+            let [b, s, h] = hidden.dims();
+            let m = rows.len();
+            let picked = hidden.reshape([b * s, h]).select(
+                0,
+                Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), device),
+            );
+            let logits = model.logits(picked.unsqueeze::<3>());
+            let v = logits.dims()[2];
+            let logp = log_softmax(logits.reshape([m, v]), 1);
+            let target = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [m, 1]), device);
+            let picked: Vec<f32> = logp
+                .gather(1, target)
+                .reshape([m])
+                .into_data()
+                .to_vec()
+                .map_err(|e| EvalError::Task(format!("{e:?}")))?;
+            total -= picked.iter().map(|&x| x as f64).sum::<f64>();
+            tokens += m;
+        }
+        if !on_batch(batch.len()) {
+            return Err(EvalError::Interrupted);
+        }
+    }
+    let loss = if tokens == 0 {
+        f64::NAN
+    } else {
+        total / tokens as f64
+    };
+    Ok(HeldOut {
+        examples: data.len(),
+        tokens,
+        loss,
+        perplexity: loss.exp(),
+    })
+}

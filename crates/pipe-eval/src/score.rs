@@ -1,0 +1,264 @@
+//! Log-likelihood scoring of (context, continuation) requests, as lm-evaluation-harness's
+//! Hugging Face backend computes it, and the accuracy metrics built on it.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use pipe_model::Llama;
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::stats::{mean_and_stderr, Estimate};
+use crate::tasks::{prefix, Doc, FewShot};
+use crate::EvalError;
+
+/// One tokenized request: the model reads `context` and is scored on `continuation`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub context: Vec<u32>,
+    pub continuation: Vec<u32>,
+}
+
+fn encode(tok: &Tokenizer, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, EvalError> {
+    tok.encode_fast(text, add_special_tokens)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| EvalError::Tokenize(e.to_string()))
+}
+
+/// The harness's `_encode_pair`: whitespace at the end of the context moves to the start of
+/// the continuation; the continuation's tokens are those of `context + continuation` beyond
+/// the context's own encoding (so a merge across the boundary is scored as the model would
+/// see it). An empty context becomes `[prefix_token]` (BOS, or EOS where there is none).
+/// Special tokens are not added unless `add_special_tokens` (the harness's `add_bos_token`).
+pub fn encode_pair(
+    tok: &Tokenizer,
+    context: &str,
+    continuation: &str,
+    prefix_token: u32,
+    add_special_tokens: bool,
+) -> Result<Request, EvalError> {
+    if context.is_empty() {
+        return Ok(Request {
+            context: vec![prefix_token],
+            continuation: encode(tok, continuation, add_special_tokens)?,
+        });
+    }
+    let trimmed = context.trim_end();
+    let (context, continuation) = if trimmed.len() < context.len() {
+        (
+            trimmed.to_string(),
+            format!("{}{continuation}", &context[trimmed.len()..]),
+        )
+    } else {
+        (context.to_string(), continuation.to_string())
+    };
+    let whole = encode(tok, &format!("{context}{continuation}"), add_special_tokens)?;
+    let context_ids = encode(tok, &context, add_special_tokens)?;
+    let split = context_ids.len().min(whole.len());
+    Ok(Request {
+        continuation: whole[split..].to_vec(),
+        context: context_ids,
+    })
+}
+
+/// The log-likelihood of a request's continuation, and whether greedy decoding would have
+/// produced it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Scored {
+    pub loglikelihood: f64,
+    pub is_greedy: bool,
+}
+
+/// Scores every request: the sum over the continuation's tokens of log-softmax of the logits
+/// that predict them. Requests are batched longest first, right-padded (a causal model's
+/// earlier positions never see the padding), and at most `max_len + 1` tokens long (longer
+/// ones lose tokens from the left, as the harness does). `on_batch(n)` reports progress;
+/// returning `false` stops with [`EvalError::Interrupted`].
+pub fn loglikelihoods<B: Backend>(
+    model: &Llama<B>,
+    requests: &[Request],
+    batch_size: usize,
+    device: &B::Device,
+    on_batch: &mut dyn FnMut(usize) -> bool,
+) -> Result<Vec<Scored>, EvalError> {
+    let max_len = model.config.max_position_embeddings;
+    // What the model reads (the whole text but its last token) and how many trailing
+    // positions are scored.
+    let inputs: Vec<(Vec<u32>, usize)> = requests
+        .iter()
+        .map(|r| {
+            let mut whole: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
+            if whole.len() > max_len + 1 {
+                whole.drain(..whole.len() - (max_len + 1));
+            }
+            whole.pop();
+            (whole, r.continuation.len().min(max_len))
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by(|&a, &b| inputs[b].0.len().cmp(&inputs[a].0.len()).then(a.cmp(&b)));
+    let mut scored = vec![
+        Scored {
+            loglikelihood: 0.0,
+            is_greedy: true
+        };
+        requests.len()
+    ];
+    for batch in order.chunks(batch_size.max(1)) {
+        let seq = inputs[batch[0]].0.len();
+        let mut ids = vec![0i64; batch.len() * seq];
+        // Rows of the flattened `[batch·seq, hidden]` states that predict continuation tokens.
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (bi, &r) in batch.iter().enumerate() {
+            let (tokens, n_scored) = &inputs[r];
+            for (t, &id) in tokens.iter().enumerate() {
+                ids[bi * seq + t] = id as i64;
+            }
+            let cont = &requests[r].continuation;
+            let cont = &cont[cont.len() - n_scored..];
+            for (k, &target) in cont.iter().enumerate() {
+                rows.push((bi * seq + tokens.len() - n_scored + k) as i64);
+                targets.push(target as i64);
+            }
+        }
+        if !rows.is_empty() {
+            let ids =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.len(), seq]), device);
+            let hidden = model.hidden(ids, None);
+            let [b, s, h] = hidden.dims();
+            let m = rows.len();
+            let picked = hidden.reshape([b * s, h]).select(
+                0,
+                Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), device),
+            );
+            let logits = model.logits(picked.unsqueeze::<3>());
+            let v = logits.dims()[2];
+            let logp = log_softmax(logits.reshape([m, v]), 1);
+            let greedy = logp.clone().argmax(1).reshape([m]);
+            let target =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(targets.clone(), [m, 1]), device);
+            let token_logp: Vec<f32> = logp
+                .gather(1, target)
+                .reshape([m])
+                .into_data()
+                .to_vec()
+                .map_err(|e| EvalError::Task(format!("{e:?}")))?;
+            let greedy: Vec<i64> = greedy
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .map_err(|e| EvalError::Task(format!("{e:?}")))?;
+            let mut k = 0;
+            for &r in batch {
+                let n = inputs[r].1;
+                let s = &mut scored[r];
+                s.loglikelihood = token_logp[k..k + n].iter().map(|&x| x as f64).sum();
+                s.is_greedy = (k..k + n).all(|i| greedy[i] == targets[i]);
+                k += n;
+            }
+        }
+        if !on_batch(batch.len()) {
+            return Err(EvalError::Interrupted);
+        }
+    }
+    Ok(scored)
+}
+
+/// A multiple-choice task's results for one model.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskResult {
+    pub items: usize,
+    pub acc: Estimate,
+    /// `None` where the choices are contexts (WinoGrande).
+    pub acc_norm: Option<Estimate>,
+    pub per_item: Vec<ItemResult>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemResult {
+    pub index: usize,
+    pub gold: usize,
+    pub loglikelihoods: Vec<f64>,
+    pub pred: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pred_norm: Option<usize>,
+}
+
+/// The requests of every item of a task, in item order then choice order, and how many
+/// belong to each item.
+pub fn task_requests(
+    tok: &Tokenizer,
+    docs: &[Doc],
+    fewshot: &FewShot,
+    prefix_token: u32,
+    add_special_tokens: bool,
+) -> Result<(Vec<Request>, Vec<usize>), EvalError> {
+    let mut requests = Vec::new();
+    let mut counts = Vec::new();
+    for (i, doc) in docs.iter().enumerate() {
+        let p = prefix(doc, docs, i, fewshot);
+        let pairs = doc.requests(&p);
+        counts.push(pairs.len());
+        for (context, continuation) in pairs {
+            requests.push(encode_pair(
+                tok,
+                &context,
+                &continuation,
+                prefix_token,
+                add_special_tokens,
+            )?);
+        }
+    }
+    Ok((requests, counts))
+}
+
+/// The first index of the largest value (numpy's `argmax`).
+fn argmax(xs: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in xs.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// `acc`: the choice with the highest log-likelihood is the gold one; `acc_norm`: the same
+/// with each log-likelihood divided by its choice's length in characters.
+pub fn task_result(docs: &[Doc], scored: &[Scored], counts: &[usize]) -> TaskResult {
+    let mut per_item = Vec::with_capacity(docs.len());
+    let mut start = 0;
+    for (doc, &n) in docs.iter().zip(counts) {
+        let lls: Vec<f64> = scored[start..start + n]
+            .iter()
+            .map(|s| s.loglikelihood)
+            .collect();
+        start += n;
+        let pred = argmax(lls.iter().copied());
+        let pred_norm = doc
+            .choice_lengths()
+            .map(|lens| argmax(lls.iter().zip(&lens).map(|(ll, &len)| ll / len as f64)));
+        per_item.push(ItemResult {
+            index: doc.index,
+            gold: doc.gold,
+            loglikelihoods: lls,
+            pred,
+            pred_norm,
+        });
+    }
+    let acc: Vec<f64> = per_item
+        .iter()
+        .map(|r| (r.pred == r.gold) as u8 as f64)
+        .collect();
+    let acc_norm: Option<Vec<f64>> = per_item
+        .iter()
+        .map(|r| r.pred_norm.map(|p| (p == r.gold) as u8 as f64))
+        .collect();
+    TaskResult {
+        items: docs.len(),
+        acc: mean_and_stderr(&acc),
+        acc_norm: acc_norm.map(|v| mean_and_stderr(&v)),
+        per_item,
+    }
+}

@@ -1,0 +1,874 @@
+//! `kind: evaluate` — the numbers practitioners compare, for the tuned model and (side by
+//! side) the model it started from: held-out loss and perplexity on a tokenize stage's
+//! validation split, multiple-choice tasks scored by log-likelihood as lm-evaluation-harness
+//! does (`acc`, `acc_norm`, standard errors), and generated samples (exact match against the
+//! reference responses when they come from a format stage).
+//!
+//! ```yaml
+//! eval:
+//!   kind: evaluate
+//!   model: train                 # a train stage (model or adapter), a model directory,
+//!                                # or {init: {…config…}, seed: N}
+//!   base: model                  # the model before tuning: evaluated beside it (and the
+//!                                # base an adapter is applied to)
+//!   data: tokens                 # a tokenize stage: loss/perplexity on its val split
+//!   tasks:
+//!     - {name: arc_easy, format: arc, path: data/arc_easy.jsonl, limit: 500}
+//!     - {format: mmlu, path: data/mmlu.jsonl, num_fewshot: 5, fewshot_path: data/mmlu_dev.jsonl}
+//!   generate:
+//!     prompts: prompts           # a format stage: its val split's prompts and responses
+//!     instructions: ["Name three primary colours."]   # more prompts, Alpaca template
+//!     limit: 20
+//!     max_new_tokens: 128
+//!     temperature: 0.0           # 0: greedy; else sampled with top_p and seed
+//!   batch_size: 8
+//! ```
+//!
+//! Outputs: `metrics.json`, `report.md` (metric, base, tuned, delta), `items/<task>.jsonl`
+//! (every item's log-likelihoods and predictions) and `samples.jsonl`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use pipe_core::diag::FieldError;
+use pipe_core::{Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageKind};
+use pipe_data::dataset::Dataset;
+use pipe_data::prompt::{Template, TemplateSpec};
+use pipe_data::records::Record;
+use pipe_eval::score::{task_requests, task_result};
+use pipe_eval::tasks::{read_docs, FewShot, TaskFormat};
+use pipe_eval::{EvalError, Request, Sampling};
+use pipe_model::{init_llama, load_llama, Llama};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
+
+use crate::models::{find_weights, Device, ModelField, ModelSource, Weights};
+
+pub struct EvaluateKind;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFields {
+    #[serde(default)]
+    name: Option<String>,
+    format: TaskFormat,
+    path: String,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    num_fewshot: usize,
+    /// A dev file whose first `num_fewshot` items are the examples; without it they are drawn
+    /// (seeded) from the task's own items.
+    #[serde(default)]
+    fewshot_path: Option<String>,
+    #[serde(default = "default_fewshot_seed")]
+    fewshot_seed: u64,
+    /// Put the tokenizer's special tokens (BOS) around contexts, as the harness's
+    /// `add_bos_token=True` does.
+    #[serde(default)]
+    add_bos_token: bool,
+}
+
+fn default_fewshot_seed() -> u64 {
+    1234
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+enum InstructionField {
+    Text(String),
+    Record(BTreeMap<String, String>),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateFields {
+    #[serde(default)]
+    prompts: Option<String>,
+    #[serde(default)]
+    instructions: Vec<InstructionField>,
+    #[serde(default = "default_gen_limit")]
+    limit: usize,
+    #[serde(default = "default_max_new")]
+    max_new_tokens: usize,
+    #[serde(default)]
+    temperature: f64,
+    #[serde(default = "default_top_p")]
+    top_p: f64,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_gen_limit() -> usize {
+    16
+}
+fn default_max_new() -> usize {
+    128
+}
+fn default_top_p() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Fields {
+    model: ModelField,
+    #[serde(default)]
+    base: Option<ModelField>,
+    /// Evaluate `base` too (default: whenever it is given).
+    #[serde(default)]
+    compare: Option<bool>,
+    #[serde(default)]
+    tokenizer: Option<String>,
+    #[serde(default)]
+    data: Option<String>,
+    #[serde(default)]
+    tasks: Vec<TaskFields>,
+    #[serde(default)]
+    generate: Option<GenerateFields>,
+    #[serde(default = "default_batch")]
+    batch_size: usize,
+    #[serde(default = "default_device")]
+    device: String,
+}
+
+fn default_batch() -> usize {
+    8
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+struct Task {
+    name: String,
+    fields: TaskFields,
+}
+
+struct EvaluateStage {
+    fields: Fields,
+    model: ModelSource,
+    base: Option<ModelSource>,
+    compare: bool,
+    tasks: Vec<Task>,
+    inputs: Vec<Input>,
+}
+
+impl StageKind for EvaluateKind {
+    fn name(&self) -> &'static str {
+        "evaluate"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "score a model (and its base, side by side): held-out perplexity, lm-eval-harness multiple choice, generated samples"
+    }
+    fn parse(
+        &self,
+        cx: &ParseContext<'_>,
+        fields: serde_yaml::Value,
+    ) -> Result<Box<dyn Stage>, FieldError> {
+        let f: Fields = cx.fields(fields)?;
+        let mut inputs = Vec::new();
+        let model = f.model.parse(cx, "model", &mut inputs)?;
+        let base = f
+            .base
+            .as_ref()
+            .map(|b| b.parse(cx, "base", &mut inputs))
+            .transpose()?;
+        let compare = f.compare.unwrap_or(base.is_some());
+        if compare && base.is_none() {
+            return Err(cx.error(
+                "compare",
+                "`compare: true` needs a `base:` model to compare with",
+            ));
+        }
+        let source = |text: &str| {
+            cx.as_stage_ref(text)
+                .unwrap_or_else(|| InputSource::Path(cx.resolve_path(text)))
+        };
+        for (name, value) in [("tokenizer", &f.tokenizer), ("data", &f.data)] {
+            if let Some(v) = value {
+                inputs.push(Input {
+                    name: name.into(),
+                    source: source(v),
+                    field: cx.path.key(name),
+                });
+            }
+        }
+        let mut tasks: Vec<Task> = Vec::new();
+        for (i, t) in f.tasks.iter().enumerate() {
+            let at = cx.path.key("tasks").index(i);
+            let name = t
+                .name
+                .clone()
+                .unwrap_or_else(|| t.format.name().to_string());
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+            if !valid {
+                return Err(FieldError::new(
+                    at.key("name"),
+                    pipe_core::diag::Target::Value,
+                    format!("task name `{name}` must be letters, digits, `_`, `-` or `.`"),
+                ));
+            }
+            if tasks.iter().any(|o| o.name == name) {
+                return Err(FieldError::new(
+                    at.clone(),
+                    pipe_core::diag::Target::Key,
+                    format!("two tasks are named `{name}`"),
+                )
+                .with_help("give one of them a `name:`"));
+            }
+            if t.fewshot_path.is_some() && t.num_fewshot == 0 {
+                return Err(FieldError::new(
+                    at.key("fewshot_path"),
+                    pipe_core::diag::Target::Value,
+                    "`fewshot_path` is set but `num_fewshot` is 0",
+                ));
+            }
+            inputs.push(Input {
+                name: format!("task/{name}"),
+                source: source(&t.path),
+                field: at.key("path"),
+            });
+            if let Some(p) = &t.fewshot_path {
+                inputs.push(Input {
+                    name: format!("fewshot/{name}"),
+                    source: source(p),
+                    field: at.key("fewshot_path"),
+                });
+            }
+            tasks.push(Task {
+                name,
+                fields: t.clone(),
+            });
+        }
+        if let Some(g) = &f.generate {
+            if let Some(p) = &g.prompts {
+                inputs.push(Input {
+                    name: "prompts".into(),
+                    source: cx.stage_ref(&cx.path.key("generate").key("prompts"), p)?,
+                    field: cx.path.key("generate").key("prompts"),
+                });
+            }
+            if g.prompts.is_none() && g.instructions.is_empty() {
+                return Err(cx
+                    .error("generate", "nothing to generate from")
+                    .with_help("set `prompts:` (a format stage) or `instructions:` (a list)"));
+            }
+            if !(g.temperature >= 0.0 && g.temperature.is_finite()) {
+                return Err(cx.error("generate", "`temperature` must be 0 (greedy) or more"));
+            }
+            if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+                return Err(cx.error("generate", "`top_p` must be in (0, 1]"));
+            }
+            for (i, ins) in g.instructions.iter().enumerate() {
+                if let InstructionField::Record(r) = ins {
+                    if !r.contains_key("instruction") {
+                        return Err(FieldError::new(
+                            cx.path.key("generate").key("instructions").index(i),
+                            pipe_core::diag::Target::Value,
+                            "an instruction record needs an `instruction` (and may have an `input`)",
+                        ));
+                    }
+                }
+            }
+        }
+        if f.data.is_none() && f.tasks.is_empty() && f.generate.is_none() {
+            return Err(cx
+                .error("model", "nothing to evaluate")
+                .with_help("set `data:` (held-out loss), `tasks:` and/or `generate:`"));
+        }
+        if f.batch_size == 0 {
+            return Err(cx.error("batch_size", "batch_size must be at least 1"));
+        }
+        Device::check_field(&f.device).map_err(|e| cx.error("device", e))?;
+        Ok(Box::new(EvaluateStage {
+            model,
+            base,
+            compare,
+            tasks,
+            inputs,
+            fields: f,
+        }))
+    }
+}
+
+fn source_params(s: &ModelSource) -> Value {
+    match s {
+        ModelSource::Input(name) => json!({ "input": name }),
+        ModelSource::Init { config, seed } => json!({"init": config, "seed": seed}),
+    }
+}
+
+impl Stage for EvaluateStage {
+    fn inputs(&self) -> Vec<Input> {
+        self.inputs.clone()
+    }
+    fn params(&self) -> Value {
+        // The device and batch size change only float rounding, not what is measured.
+        json!({
+            "model": source_params(&self.model),
+            "base": self.base.as_ref().map(source_params),
+            "compare": self.compare,
+            "tasks": self.fields.tasks,
+            "generate": self.fields.generate,
+        })
+    }
+    fn outputs(&self) -> Option<Vec<String>> {
+        let mut outs = vec!["metrics.json".to_string(), "report.md".to_string()];
+        if !self.tasks.is_empty() {
+            outs.push("items".into());
+        }
+        if self.fields.generate.is_some() {
+            outs.push("samples.jsonl".into());
+        }
+        Some(outs)
+    }
+    fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
+        match Device::open(&self.fields.device)? {
+            Device::Cpu => self.evaluate::<NdArray<f32>>(cx, &Default::default()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(index) => self.evaluate::<burn::backend::Cuda<f32, i32>>(
+                cx,
+                &burn::backend::cuda::CudaDevice::new(index),
+            ),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => unreachable!("Device::open refuses cuda without the feature"),
+        }
+    }
+}
+
+/// Everything prepared once and scored for each model.
+struct Work {
+    tokenizer: Tokenizer,
+    heldout: Option<Dataset>,
+    tasks: Vec<PreparedTask>,
+    prompts: Vec<Prompt>,
+    stop: Vec<u32>,
+}
+
+/// A task's items, their tokenized requests, and how many requests each item has.
+struct PreparedTask {
+    name: String,
+    docs: Vec<pipe_eval::Doc>,
+    requests: Vec<Request>,
+    counts: Vec<usize>,
+}
+
+struct Prompt {
+    /// Where it came from: `val:<record index>` or `instruction:<n>`.
+    id: String,
+    text: String,
+    ids: Vec<u32>,
+    reference: Option<String>,
+}
+
+fn interrupted(e: EvalError) -> anyhow::Error {
+    match e {
+        EvalError::Interrupted => Interrupted.into(),
+        other => anyhow!("{other}"),
+    }
+}
+
+impl EvaluateStage {
+    /// The tokenizer: the `tokenizer:` input, else the one beside the model's weights, else
+    /// the data's, else the base's.
+    fn tokenizer(&self, cx: &StageContext) -> anyhow::Result<Tokenizer> {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Ok(p) = cx.input("tokenizer") {
+            candidates.push(p.to_path_buf());
+        }
+        for name in ["model", "data", "base"] {
+            if let Ok(p) = cx.input(name) {
+                candidates.push(p.to_path_buf());
+                if let Ok(Weights::Model(d) | Weights::Adapter(d)) = find_weights(p) {
+                    candidates.push(d);
+                }
+            }
+        }
+        for c in &candidates {
+            if c.join("tokenizer.json").exists()
+                || (c.is_file() && c.extension().is_some_and(|e| e == "json"))
+            {
+                let mut loaded = pipe_data::tokenize::load_tokenizer(c).map_err(|e| anyhow!(e))?;
+                let tok = &mut loaded.tokenizer;
+                tok.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
+                tok.with_padding(None);
+                return Ok(loaded.tokenizer);
+            }
+        }
+        bail!("no tokenizer.json found beside the model, the data or the base: set `tokenizer:`")
+    }
+
+    fn prepare(&self, cx: &StageContext) -> anyhow::Result<Work> {
+        let tokenizer = self.tokenizer(cx)?;
+        let heldout = match cx.input("data") {
+            Ok(dir) => {
+                let file = dir.join("val.safetensors");
+                if !file.exists() {
+                    bail!(
+                        "`data` must be a tokenize stage (no val.safetensors in {})",
+                        dir.display()
+                    );
+                }
+                let d = Dataset::open(&file).map_err(|e| anyhow!(e))?;
+                if d.is_empty() {
+                    bail!("the tokenize stage has no validation split: set `val_size` on its format stage")
+                }
+                Some(d)
+            }
+            Err(_) => None,
+        };
+        let token_id = |t: &str| tokenizer.token_to_id(t);
+        // The harness's prefix token for an empty context: BOS, or EOS where there is none.
+        let prefix_token = ["<s>", "<|begin_of_text|>", "<|endoftext|>", "</s>"]
+            .iter()
+            .find_map(|t| token_id(t))
+            .unwrap_or(0);
+        let mut tasks = Vec::new();
+        for t in &self.tasks {
+            let path = file_in(cx.input(&format!("task/{}", t.name))?, "jsonl")?;
+            let docs = read_docs(&path, t.fields.format, t.fields.limit)
+                .map_err(|e| anyhow!("task `{}`: {e}", t.name))?;
+            let fewshot = match (
+                t.fields.num_fewshot,
+                cx.input(&format!("fewshot/{}", t.name)),
+            ) {
+                (0, _) => FewShot::None,
+                (k, Ok(dev)) => {
+                    let dev = file_in(dev, "jsonl")?;
+                    let docs = read_docs(&dev, t.fields.format, Some(k))
+                        .map_err(|e| anyhow!("task `{}` few-shot file: {e}", t.name))?;
+                    if docs.len() < k {
+                        bail!(
+                            "task `{}`: num_fewshot {k} but {} has {} items",
+                            t.name,
+                            dev.display(),
+                            docs.len()
+                        );
+                    }
+                    FewShot::FirstOf { docs, k }
+                }
+                (k, Err(_)) => {
+                    if docs.len() <= k {
+                        bail!(
+                            "task `{}`: num_fewshot {k} needs more than {k} items (it has {})",
+                            t.name,
+                            docs.len()
+                        );
+                    }
+                    FewShot::Sampled {
+                        k,
+                        seed: t.fields.fewshot_seed,
+                    }
+                }
+            };
+            let (requests, counts) = task_requests(
+                &tokenizer,
+                &docs,
+                &fewshot,
+                prefix_token,
+                t.fields.add_bos_token,
+            )
+            .map_err(|e| anyhow!("task `{}`: {e}", t.name))?;
+            tasks.push(PreparedTask {
+                name: t.name.clone(),
+                docs,
+                requests,
+                counts,
+            });
+        }
+        let mut prompts = Vec::new();
+        let mut stop = Vec::new();
+        if let Some(g) = &self.fields.generate {
+            if let Ok(dir) = cx.input("prompts") {
+                let file = dir.join("val.jsonl");
+                let pairs = pipe_data::format::read_pairs(&file).map_err(|e| anyhow!(e))?;
+                if pairs.is_empty() {
+                    bail!("`generate.prompts`: the format stage has no validation split (set its `val_size`)");
+                }
+                for p in pairs.into_iter().take(g.limit) {
+                    prompts.push(Prompt {
+                        id: format!("val:{}", p.index),
+                        text: p.prompt,
+                        ids: Vec::new(),
+                        reference: Some(p.response),
+                    });
+                }
+            }
+            let template =
+                Template::new(&TemplateSpec::alpaca(), BTreeMap::new()).map_err(|e| anyhow!(e))?;
+            for (i, ins) in g.instructions.iter().enumerate() {
+                let mut fields: serde_json::Map<String, Value> = match ins {
+                    InstructionField::Text(t) => {
+                        [("instruction".to_string(), Value::from(t.as_str()))]
+                            .into_iter()
+                            .collect()
+                    }
+                    InstructionField::Record(r) => r
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                        .collect(),
+                };
+                // The template renders a response too; here there is none yet.
+                fields.entry("output").or_insert(Value::from(""));
+                let rec = Record {
+                    index: i,
+                    line: None,
+                    fields,
+                };
+                let (text, _) = template
+                    .format(&rec)
+                    .map_err(|e| anyhow!("generate.instructions[{i}]: {e}"))?;
+                prompts.push(Prompt {
+                    id: format!("instruction:{i}"),
+                    text,
+                    ids: Vec::new(),
+                    reference: None,
+                });
+            }
+            // Prompts are encoded as the tokenize stage encodes training text (with the
+            // tokenizer's special tokens, e.g. BOS).
+            for p in &mut prompts {
+                p.ids = tokenizer
+                    .encode_fast(p.text.as_str(), true)
+                    .map_err(|e| anyhow!("cannot tokenize prompt {}: {e}", p.id))?
+                    .get_ids()
+                    .to_vec();
+            }
+            for t in [
+                "</s>",
+                "<|endoftext|>",
+                "<|eot_id|>",
+                "<|end_of_text|>",
+                "<|im_end|>",
+            ] {
+                stop.extend(token_id(t));
+            }
+        }
+        Ok(Work {
+            tokenizer,
+            heldout,
+            tasks,
+            prompts,
+            stop,
+        })
+    }
+
+    /// The model to evaluate: `which` is the tuned model or the base.
+    fn load<B: Backend>(
+        &self,
+        cx: &StageContext,
+        source: &ModelSource,
+        vocab: usize,
+        device: &B::Device,
+    ) -> anyhow::Result<Llama<B>> {
+        let full = |s: &ModelSource| -> anyhow::Result<Llama<B>> {
+            let m = match s {
+                ModelSource::Init { config, seed } => {
+                    init_llama(config, *seed, 0.02, device, false)
+                }
+                ModelSource::Input(name) => match find_weights(cx.input(name)?)? {
+                    Weights::Model(dir) => load_llama(&dir, device)
+                        .with_context(|| format!("loading {}", dir.display()))?,
+                    Weights::Adapter(dir) => {
+                        bail!("{} is a LoRA adapter, not a full model", dir.display())
+                    }
+                },
+            };
+            // An added pad token grows the embeddings as training did (mean of the old rows).
+            Ok(if vocab > m.config.vocab_size {
+                m.resize_embeddings(vocab)
+            } else {
+                m
+            })
+        };
+        if let ModelSource::Input(name) = source {
+            if let Weights::Adapter(dir) = find_weights(cx.input(name)?)? {
+                let base = self.base.as_ref().ok_or_else(|| {
+                    anyhow!("`model` is a LoRA adapter: set `base:` to the model it was trained on")
+                })?;
+                let model = full(base)?
+                    .load_peft_adapter(&dir, false)
+                    .with_context(|| format!("applying the adapter {}", dir.display()))?;
+                return Ok(model.merge_lora());
+            }
+        }
+        full(source)
+    }
+
+    fn evaluate<B: Backend>(
+        &self,
+        cx: &mut StageContext,
+        device: &B::Device,
+    ) -> anyhow::Result<()> {
+        let work = self.prepare(cx)?;
+        let vocab = work.tokenizer.get_vocab_size(true);
+        let mut models: Vec<(&str, &ModelSource)> = Vec::new();
+        if self.compare {
+            models.push(("base", self.base.as_ref().expect("compare needs base")));
+            models.push(("tuned", &self.model));
+        } else {
+            models.push(("model", &self.model));
+        }
+        let heldout_n = work.heldout.as_ref().map_or(0, |d| d.len());
+        let requests_n: usize = work.tasks.iter().map(|t| t.requests.len()).sum();
+        let per_model = heldout_n + requests_n + work.prompts.len();
+        cx.progress().set_length((per_model * models.len()) as u64);
+        std::fs::create_dir_all(cx.out_dir.join("items"))?;
+        let mut metrics = serde_json::Map::new();
+        let mut samples = Vec::new();
+        let mut items: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        let bs = self.fields.batch_size;
+        let done = std::cell::Cell::new(0u64);
+        let advance = |n: u64| {
+            done.set(done.get() + n);
+            cx.progress().set_position(done.get());
+        };
+        for (label, source) in &models {
+            let model: Llama<B> = self.load(cx, source, vocab, device)?;
+            let mut m = serde_json::Map::new();
+            let cx_ref = &*cx;
+            let mut on_batch = |n: usize| {
+                advance(n as u64);
+                !cx_ref.is_cancelled()
+            };
+            if let Some(data) = &work.heldout {
+                cx_ref
+                    .progress()
+                    .set_message(format!("{label}: held-out loss"));
+                let h = pipe_eval::heldout_loss(&model, data, bs, device, &mut on_batch)
+                    .map_err(interrupted)?;
+                cx_ref.log(&format!(
+                    "{label}: held-out loss {:.4}, perplexity {:.3} over {} tokens of {} examples",
+                    h.loss, h.perplexity, h.tokens, h.examples
+                ));
+                m.insert("heldout".into(), serde_json::to_value(h)?);
+            }
+            let mut task_metrics = serde_json::Map::new();
+            for PreparedTask {
+                name,
+                docs,
+                requests,
+                counts,
+            } in &work.tasks
+            {
+                cx_ref.progress().set_message(format!("{label}: {name}"));
+                let scored = pipe_eval::loglikelihoods(&model, requests, bs, device, &mut on_batch)
+                    .map_err(interrupted)?;
+                let r = task_result(docs, &scored, counts);
+                cx_ref.log(&format!(
+                    "{label}: {name}: acc {:.4} ± {:.4}{} over {} items",
+                    r.acc.value,
+                    r.acc.stderr.unwrap_or(f64::NAN),
+                    r.acc_norm
+                        .map(|a| format!(
+                            ", acc_norm {:.4} ± {:.4}",
+                            a.value,
+                            a.stderr.unwrap_or(f64::NAN)
+                        ))
+                        .unwrap_or_default(),
+                    r.items
+                ));
+                let rows = items.entry(name.clone()).or_default();
+                for it in &r.per_item {
+                    let mut v = serde_json::to_value(it)?;
+                    v["model"] = Value::from(*label);
+                    rows.push(v);
+                }
+                task_metrics.insert(
+                    name.clone(),
+                    json!({
+                        "items": r.items,
+                        "acc": r.acc.value,
+                        "acc_stderr": r.acc.stderr,
+                        "acc_norm": r.acc_norm.map(|a| a.value),
+                        "acc_norm_stderr": r.acc_norm.and_then(|a| a.stderr),
+                    }),
+                );
+            }
+            if !task_metrics.is_empty() {
+                m.insert("tasks".into(), Value::Object(task_metrics));
+            }
+            if let Some(g) = &self.fields.generate {
+                cx_ref
+                    .progress()
+                    .set_message(format!("{label}: generating"));
+                let sampling = if g.temperature > 0.0 {
+                    Sampling::Sample {
+                        temperature: g.temperature,
+                        top_p: g.top_p,
+                        seed: g.seed,
+                    }
+                } else {
+                    Sampling::Greedy
+                };
+                let mut exact = Vec::new();
+                for (i, p) in work.prompts.iter().enumerate() {
+                    let cancelled = || cx_ref.is_cancelled();
+                    let out = pipe_eval::generate(
+                        &model,
+                        &p.ids,
+                        g.max_new_tokens,
+                        &work.stop,
+                        &sampling,
+                        i as u64,
+                        device,
+                        &cancelled,
+                    )
+                    .map_err(interrupted)?;
+                    let text = work
+                        .tokenizer
+                        .decode(&out, true)
+                        .map_err(|e| anyhow!("cannot decode a generated sample: {e}"))?;
+                    let matched = p.reference.as_ref().map(|r| r.trim() == text.trim());
+                    if let Some(ok) = matched {
+                        exact.push(ok as u8 as f64);
+                    }
+                    samples.push(json!({
+                        "model": label,
+                        "id": p.id,
+                        "prompt": p.text,
+                        "output": text,
+                        "reference": p.reference,
+                        "exact_match": matched,
+                        "tokens": out.len(),
+                    }));
+                    advance(1);
+                }
+                let mut gm = json!({ "samples": work.prompts.len() });
+                if !exact.is_empty() {
+                    let e = pipe_eval::stats::mean_and_stderr(&exact);
+                    cx_ref.log(&format!(
+                        "{label}: exact match {:.4} ± {:.4} over {} held-out prompts",
+                        e.value,
+                        e.stderr.unwrap_or(f64::NAN),
+                        exact.len()
+                    ));
+                    gm["exact_match"] = json!(e.value);
+                    gm["exact_match_stderr"] = json!(e.stderr);
+                    gm["exact_match_items"] = json!(exact.len());
+                }
+                m.insert("generation".into(), gm);
+            }
+            metrics.insert(label.to_string(), Value::Object(m));
+        }
+        let out = &cx.out_dir;
+        for (name, rows) in &items {
+            write_jsonl(&out.join("items").join(format!("{name}.jsonl")), rows)?;
+        }
+        if self.fields.generate.is_some() {
+            write_jsonl(&out.join("samples.jsonl"), &samples)?;
+        }
+        let metrics = Value::Object(metrics);
+        std::fs::write(
+            out.join("metrics.json"),
+            serde_json::to_vec_pretty(&metrics)?,
+        )?;
+        let rows = flatten(&metrics);
+        std::fs::write(out.join("report.md"), report(&rows, self.compare))?;
+        cx.set_metrics(Value::Object(
+            rows.into_iter()
+                .flat_map(|(k, vals)| {
+                    vals.into_iter()
+                        .map(move |(label, v)| (format!("{label}.{k}"), json!(v)))
+                })
+                .collect(),
+        ));
+        Ok(())
+    }
+}
+
+/// A path input that is a file, or a directory holding exactly one `*.ext` file (a
+/// download stage's output).
+fn file_in(path: &Path, ext: &str) -> anyhow::Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    match found.len() {
+        1 => Ok(found.pop().expect("one")),
+        0 => bail!("no .{ext} file in {}", path.display()),
+        _ => bail!("several .{ext} files in {}: name the file", path.display()),
+    }
+}
+
+fn write_jsonl(path: &Path, rows: &[Value]) -> anyhow::Result<()> {
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for r in rows {
+        serde_json::to_writer(&mut w, r)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// The headline numbers, metric → [(model label, value)], in a stable order.
+fn flatten(metrics: &Value) -> Vec<(String, Vec<(String, f64)>)> {
+    let mut rows: Vec<(String, Vec<(String, f64)>)> = Vec::new();
+    let mut put = |metric: String, label: &str, v: Option<f64>| {
+        let Some(v) = v else { return };
+        match rows.iter_mut().find(|r| r.0 == metric) {
+            Some(r) => r.1.push((label.to_string(), v)),
+            None => rows.push((metric, vec![(label.to_string(), v)])),
+        }
+    };
+    for (label, m) in metrics.as_object().into_iter().flatten() {
+        put("heldout.loss".into(), label, m["heldout"]["loss"].as_f64());
+        put(
+            "heldout.perplexity".into(),
+            label,
+            m["heldout"]["perplexity"].as_f64(),
+        );
+        for (task, t) in m["tasks"].as_object().into_iter().flatten() {
+            put(format!("{task}.acc"), label, t["acc"].as_f64());
+            put(format!("{task}.acc_norm"), label, t["acc_norm"].as_f64());
+        }
+        put(
+            "generation.exact_match".into(),
+            label,
+            m["generation"]["exact_match"].as_f64(),
+        );
+    }
+    rows
+}
+
+fn report(rows: &[(String, Vec<(String, f64)>)], compare: bool) -> String {
+    let mut s = String::from("# Evaluation\n\n");
+    if compare {
+        s.push_str("| metric | base | tuned | delta |\n|---|---:|---:|---:|\n");
+        for (metric, vals) in rows {
+            let get = |l: &str| vals.iter().find(|v| v.0 == l).map(|v| v.1);
+            let (b, t) = (get("base"), get("tuned"));
+            let fmt = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_default();
+            let delta = match (b, t) {
+                (Some(b), Some(t)) => format!("{:+.4}", t - b),
+                _ => String::new(),
+            };
+            s.push_str(&format!(
+                "| {metric} | {} | {} | {delta} |\n",
+                fmt(b),
+                fmt(t)
+            ));
+        }
+    } else {
+        s.push_str("| metric | value |\n|---|---:|\n");
+        for (metric, vals) in rows {
+            s.push_str(&format!("| {metric} | {:.4} |\n", vals[0].1));
+        }
+    }
+    s
+}
