@@ -170,9 +170,7 @@ impl SpecError {
             Some((l, c)) => (Some(l), Some(c)),
             None => (None, None),
         };
-        let source_line = line
-            .and_then(|l| src.lines().nth(l - 1))
-            .map(str::to_string);
+        let source_line = line.and_then(|l| yaml_line(src, l));
         SpecError {
             file: file.to_path_buf(),
             line,
@@ -214,12 +212,24 @@ impl SpecError {
                 "`{dup}` is defined twice; ids and field names must be unique"
             ));
         }
+        // A second document has no location from the parser: point at its marker.
+        if line.is_none() && message.contains("more than one document") {
+            let lines = yaml_lines(src);
+            let mut seen_content = false;
+            for (i, l) in lines.iter().enumerate() {
+                let is_marker = l.starts_with("---") || l.starts_with("...") || l.starts_with('%');
+                if is_marker && seen_content {
+                    (line, column) = (Some(i + 1), Some(1));
+                    break;
+                }
+                seen_content |= !l.trim().is_empty();
+            }
+            help = Some("a pipeline file holds one YAML document: remove the `---` and what follows, or put it in its own file".into());
+        }
         if message.contains("mapping values are not allowed in this context") {
             help = Some("a value containing `: ` must be quoted, or written as a block: `cmd: |` and the text indented on the next lines".into());
         }
-        let source_line = line
-            .and_then(|l| src.lines().nth(l - 1))
-            .map(str::to_string);
+        let source_line = line.and_then(|l| yaml_line(src, l));
         // serde_yaml appends " at line L column C"; we print the location ourselves.
         if let Some(idx) = message.find(" at line ") {
             message.truncate(idx);
@@ -453,6 +463,35 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
     fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
         self.visit_str("null")
     }
+}
+
+/// Line `n` (1-based) as YAML counts lines.
+fn yaml_line(src: &str, n: usize) -> Option<String> {
+    yaml_lines(src).into_iter().nth(n.checked_sub(1)?)
+}
+
+/// The lines of `src` as YAML counts them: a line ends at `\n`, `\r\n`, a lone `\r`, NEL, LS
+/// or PS.
+fn yaml_lines(src: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    let mut chars = src.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' | '\u{85}' | '\u{2028}' | '\u{2029}' => lines.push(std::mem::take(&mut current)),
+            '\r' => {
+                if chars.peek() == Some(&'\n') {
+                    chars.next();
+                }
+                lines.push(std::mem::take(&mut current));
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        lines.push(current);
+    }
+    lines
 }
 
 #[cfg(test)]

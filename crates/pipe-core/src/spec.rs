@@ -370,16 +370,15 @@ fn parse_override(text: &str) -> Result<Override, LoadError> {
         Ok(v @ (Value::Bool(_) | Value::Number(_) | Value::Null | Value::String(_))) => v,
         _ => Value::String(rhs.to_string()),
     };
-    let mut path = FieldPath::root();
-    if segs[0] == "params" {
-        path = path.key("params");
+    // `params.name…` sets a param; anything else is `stage.field…` below `stages`. Only the
+    // first `params` is the prefix: `params.params` is a param named `params`.
+    let (mut path, rest) = if segs[0] == "params" {
+        (FieldPath::root().key("params"), &segs[1..])
     } else {
-        path = path.key("stages");
-    }
-    for s in &segs {
-        if *s != "params" || path.0.len() > 1 {
-            path = path.key(*s);
-        }
+        (FieldPath::root().key("stages"), &segs[..])
+    };
+    for s in rest {
+        path = path.key(*s);
     }
     Ok(Override {
         text: text.to_string(),

@@ -62,21 +62,23 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, RecordError> {
 
 /// Parses records from text; `name` is used in errors.
 pub fn parse_records(text: &str, name: &str) -> Result<Vec<Record>, RecordError> {
-    let syntax = |e: serde_json::Error, line_offset: usize| RecordError::Syntax {
-        path: name.to_string(),
-        line: e.line() + line_offset,
-        column: e.column(),
-        detail: e
-            .to_string()
-            .split(" at line ")
-            .next()
-            .unwrap_or_default()
-            .to_string(),
-    };
+    // `column_offset`: bytes trimmed off the start of a JSON Lines line before parsing.
+    let syntax =
+        |e: serde_json::Error, line_offset: usize, column_offset: usize| RecordError::Syntax {
+            path: name.to_string(),
+            line: e.line() + line_offset,
+            column: e.column() + column_offset,
+            detail: e
+                .to_string()
+                .split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        };
     let trimmed = text.trim_start_matches('\u{feff}').trim_start();
     if trimmed.starts_with('[') {
-        let values: Vec<Value> =
-            serde_json::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| syntax(e, 0))?;
+        let values: Vec<Value> = serde_json::from_str(text.trim_start_matches('\u{feff}'))
+            .map_err(|e| syntax(e, 0, 0))?;
         return values
             .into_iter()
             .enumerate()
@@ -106,7 +108,8 @@ pub fn parse_records(text: &str, name: &str) -> Result<Vec<Record>, RecordError>
         if l.is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(l).map_err(|e| syntax(e, i))?;
+        let indent = line.len() - line.trim_start().len();
+        let v: Value = serde_json::from_str(l).map_err(|e| syntax(e, i, indent))?;
         let index = out.len();
         match v {
             Value::Object(fields) => out.push(Record {
@@ -152,6 +155,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("x.jsonl:2:7: not valid JSON"), "{e}");
+        // Indentation counts: the column is where the mistake is in the file.
+        let e = parse_records("{\"a\": 1}\n    {\"a\": }\n", "x.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("x.jsonl:2:11: not valid JSON"), "{e}");
         let e = parse_records("hello", "x.txt").unwrap_err().to_string();
         assert!(e.contains("expected a JSON array"), "{e}");
     }

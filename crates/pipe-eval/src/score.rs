@@ -29,7 +29,8 @@ fn encode(tok: &Tokenizer, text: &str, add_special_tokens: bool) -> Result<Vec<u
 /// the continuation; the continuation's tokens are those of `context + continuation` beyond
 /// the context's own encoding (so a merge across the boundary is scored as the model would
 /// see it). An empty context becomes `[prefix_token]` (BOS, or EOS where there is none).
-/// Special tokens are not added unless `add_special_tokens` (the harness's `add_bos_token`).
+/// `add_special_tokens`: encode with the tokenizer's own special tokens (e.g. a Llama
+/// tokenizer's BOS), as the harness does since v0.4.9.2; without, as it did before.
 pub fn encode_pair(
     tok: &Tokenizer,
     context: &str,
@@ -38,9 +39,16 @@ pub fn encode_pair(
     add_special_tokens: bool,
 ) -> Result<Request, EvalError> {
     if context.is_empty() {
+        let mut continuation = encode(tok, continuation, add_special_tokens)?;
+        // A tokenizer that adds BOS already starts the continuation with the prefix token.
+        let context = if continuation.first() == Some(&prefix_token) {
+            vec![continuation.remove(0)]
+        } else {
+            vec![prefix_token]
+        };
         return Ok(Request {
-            context: vec![prefix_token],
-            continuation: encode(tok, continuation, add_special_tokens)?,
+            context,
+            continuation,
         });
     }
     let trimmed = context.trim_end();

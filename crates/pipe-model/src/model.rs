@@ -36,7 +36,12 @@ pub struct Lora<B: Backend> {
 impl<B: Backend> Proj<B> {
     /// `[batch, seq, d_input]` → `[batch, seq, d_output]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let mut y = x.clone().matmul(self.weight.val().unsqueeze());
+        let [b, s, d] = x.dims();
+        // One [batch·seq, d_input] × [d_input, d_output] product rather than `batch` small
+        // ones: CPU matrix kernels are far faster on one large operand.
+        let y = x.clone().reshape([b * s, d]).matmul(self.weight.val());
+        let d_out = y.dims()[1];
+        let mut y = y.reshape([b, s, d_out]);
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze();
         }
@@ -53,10 +58,12 @@ impl<B: Backend> Proj<B> {
             } else {
                 x
             };
-            y = y + x
-                .matmul(l.a.val().unsqueeze())
-                .matmul(l.b.val().unsqueeze())
-                * l.scaling;
+            let update = x
+                .reshape([b * s, d])
+                .matmul(l.a.val())
+                .matmul(l.b.val())
+                .reshape([b, s, d_out]);
+            y = y + update * l.scaling;
         }
         y
     }
@@ -314,7 +321,14 @@ impl<B: Backend> Llama<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+            None => {
+                let [b, s, h] = hidden.dims();
+                let logits = hidden
+                    .reshape([b * s, h])
+                    .matmul(self.embed_tokens.val().transpose());
+                let v = logits.dims()[1];
+                logits.reshape([b, s, v])
+            }
         }
     }
 

@@ -15,6 +15,7 @@
 //!   tasks:
 //!     - {name: arc_easy, format: arc, path: data/arc_easy.jsonl, limit: 500}
 //!     - {format: mmlu, path: data/mmlu.jsonl, num_fewshot: 5, fewshot_path: data/mmlu_dev.jsonl}
+//!     - {format: piqa, path: "${params.piqa}"}   # left out while the path is ""
 //!   generate:
 //!     prompts: prompts           # a format stage: its val split's prompts and responses
 //!     instructions: ["Name three primary colours."]   # more prompts, Alpaca template
@@ -68,12 +69,15 @@ struct TaskFields {
     fewshot_path: Option<String>,
     #[serde(default = "default_fewshot_seed")]
     fewshot_seed: u64,
-    /// Put the tokenizer's special tokens (BOS) around contexts, as the harness's
-    /// `add_bos_token=True` does.
-    #[serde(default)]
+    /// Encode with the tokenizer's special tokens (a Llama tokenizer's BOS), as the harness
+    /// does by default since v0.4.9.2; `false` for none, as it did before.
+    #[serde(default = "yes")]
     add_bos_token: bool,
 }
 
+fn yes() -> bool {
+    true
+}
 fn default_fewshot_seed() -> u64 {
     1234
 }
@@ -203,6 +207,11 @@ impl StageKind for EvaluateKind {
         }
         let mut tasks: Vec<Task> = Vec::new();
         for (i, t) in f.tasks.iter().enumerate() {
+            // An empty path leaves the task out: pipelines declare optional tasks whose file a
+            // `--set params.…=FILE` supplies.
+            if t.path.is_empty() {
+                continue;
+            }
             let at = cx.path.key("tasks").index(i);
             let name = t
                 .name
@@ -227,6 +236,10 @@ impl StageKind for EvaluateKind {
                 )
                 .with_help("give one of them a `name:`"));
             }
+            let mut t = t.clone();
+            if t.fewshot_path.as_deref() == Some("") {
+                t.fewshot_path = None;
+            }
             if t.fewshot_path.is_some() && t.num_fewshot == 0 {
                 return Err(FieldError::new(
                     at.key("fewshot_path"),
@@ -246,10 +259,7 @@ impl StageKind for EvaluateKind {
                     field: at.key("fewshot_path"),
                 });
             }
-            tasks.push(Task {
-                name,
-                fields: t.clone(),
-            });
+            tasks.push(Task { name, fields: t });
         }
         if let Some(g) = &f.generate {
             if let Some(p) = &g.prompts {
@@ -282,7 +292,7 @@ impl StageKind for EvaluateKind {
                 }
             }
         }
-        if f.data.is_none() && f.tasks.is_empty() && f.generate.is_none() {
+        if f.data.is_none() && tasks.is_empty() && f.generate.is_none() {
             return Err(cx
                 .error("model", "nothing to evaluate")
                 .with_help("set `data:` (held-out loss), `tasks:` and/or `generate:`"));
@@ -319,7 +329,7 @@ impl Stage for EvaluateStage {
             "model": source_params(&self.model),
             "base": self.base.as_ref().map(source_params),
             "compare": self.compare,
-            "tasks": self.fields.tasks,
+            "tasks": self.tasks.iter().map(|t| &t.fields).collect::<Vec<_>>(),
             "generate": self.fields.generate,
         })
     }
@@ -382,7 +392,7 @@ fn interrupted(e: EvalError) -> anyhow::Error {
 impl EvaluateStage {
     /// The tokenizer: the `tokenizer:` input, else the one beside the model's weights, else
     /// the data's, else the base's.
-    fn tokenizer(&self, cx: &StageContext) -> anyhow::Result<Tokenizer> {
+    fn tokenizer(&self, cx: &StageContext) -> anyhow::Result<(Tokenizer, Option<Value>)> {
         let mut candidates: Vec<PathBuf> = Vec::new();
         if let Ok(p) = cx.input("tokenizer") {
             candidates.push(p.to_path_buf());
@@ -403,14 +413,14 @@ impl EvaluateStage {
                 let tok = &mut loaded.tokenizer;
                 tok.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
                 tok.with_padding(None);
-                return Ok(loaded.tokenizer);
+                return Ok((loaded.tokenizer, loaded.config));
             }
         }
         bail!("no tokenizer.json found beside the model, the data or the base: set `tokenizer:`")
     }
 
     fn prepare(&self, cx: &StageContext) -> anyhow::Result<Work> {
-        let tokenizer = self.tokenizer(cx)?;
+        let (tokenizer, config) = self.tokenizer(cx)?;
         let heldout = match cx.input("data") {
             Ok(dir) => {
                 let file = dir.join("val.safetensors");
@@ -430,9 +440,18 @@ impl EvaluateStage {
         };
         let token_id = |t: &str| tokenizer.token_to_id(t);
         // The harness's prefix token for an empty context: BOS, or EOS where there is none.
-        let prefix_token = ["<s>", "<|begin_of_text|>", "<|endoftext|>", "</s>"]
-            .iter()
-            .find_map(|t| token_id(t))
+        let named = |key: &str| match config.as_ref().and_then(|c| c.get(key)) {
+            Some(Value::String(t)) => token_id(t),
+            Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).and_then(token_id),
+            _ => None,
+        };
+        let prefix_token = named("bos_token")
+            .or_else(|| named("eos_token"))
+            .or_else(|| {
+                ["<s>", "<|begin_of_text|>", "<|endoftext|>", "</s>"]
+                    .iter()
+                    .find_map(|t| token_id(t))
+            })
             .unwrap_or(0);
         let mut tasks = Vec::new();
         for t in &self.tasks {
@@ -545,6 +564,7 @@ impl EvaluateStage {
                     .get_ids()
                     .to_vec();
             }
+            stop.extend(named("eos_token"));
             for t in [
                 "</s>",
                 "<|endoftext|>",

@@ -367,7 +367,7 @@ impl Stage for TrainStage {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => unreachable!("Device::open refuses cuda without the feature"),
         };
-        let summary = match result {
+        let trained = match result {
             Ok(s) => s,
             Err(TrainError::Interrupted { step }) => {
                 cx.log(&format!("interrupted at step {step}; checkpoint saved"));
@@ -388,12 +388,12 @@ impl Stage for TrainStage {
         }
         cx.log(&format!(
             "{} steps over {} examples: loss {:.4} → {:.4}",
-            summary.steps,
-            summary.examples,
-            summary.first_loss.unwrap_or(f64::NAN),
-            summary.last_loss.unwrap_or(f64::NAN)
+            trained.summary.steps,
+            trained.summary.examples,
+            trained.summary.first_loss.unwrap_or(f64::NAN),
+            trained.summary.last_loss.unwrap_or(f64::NAN)
         ));
-        cx.set_metrics(serde_json::to_value(&summary)?);
+        cx.set_metrics(serde_json::to_value(&trained)?);
         Ok(())
     }
 }

@@ -5,6 +5,8 @@ pub mod run;
 pub mod schedule;
 pub mod step;
 
-pub use run::{train, BaseModel, DataMeta, Dirs, Hooks, Method, Summary, TrainError, TrainSpec};
+pub use run::{
+    train, BaseModel, DataMeta, Dirs, Hooks, Method, Summary, TrainError, TrainSpec, Trained,
+};
 pub use schedule::{Decay, Schedule};
 pub use step::{adamw, train_step, AdamWSettings, MicroBatch, StepStats};

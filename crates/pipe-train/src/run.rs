@@ -106,7 +106,9 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |e| TrainError::Other(format!("{what}: {e}"))
 }
 
-/// One line of metrics.jsonl.
+/// One line of metrics.jsonl. Only what the training computed: the outputs of a run must
+/// not depend on how fast it went (or whether it was resumed), or everything downstream would
+/// get a new cache key each time. Speed goes to the stage's log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MetricLine {
     pub step: u64,
@@ -115,18 +117,27 @@ pub struct MetricLine {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: usize,
-    pub tokens_per_s: f64,
 }
 
+/// summary.json: the result of a run (the same for a resumed run as for an uninterrupted one).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub steps: u64,
     pub examples: usize,
     pub first_loss: Option<f64>,
     pub last_loss: Option<f64>,
-    pub resumed_from_step: u64,
     pub tokens: u64,
+}
+
+/// What a call to [`train`] did: its result and how this attempt went.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trained {
+    #[serde(flatten)]
+    pub summary: Summary,
+    pub resumed_from_step: u64,
+    /// This attempt's training time and throughput (steps since the resume point).
     pub wall_s: f64,
+    pub tokens_per_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,7 +237,7 @@ pub fn train<B: AutodiffBackend>(
     dirs: &Dirs<'_>,
     hooks: &Hooks<'_>,
     device: &B::Device,
-) -> Result<Summary, TrainError> {
+) -> Result<Trained, TrainError> {
     let (work, out) = (dirs.work, dirs.out);
     // The CPU backends draw random numbers (dropout) from one process-wide generator, which
     // `B::seed` resets at every step; two runs at once would interleave their draws and lose
@@ -287,7 +298,10 @@ pub fn train<B: AutodiffBackend>(
         std::fs::remove_file(&metrics_path).map_err(io("metrics.jsonl"))?;
     }
     let resumed_from_step = state.step;
+    let tokens_at_start = state.tokens;
     let t0 = Instant::now();
+    // How often speed is logged: about ten times a run.
+    let log_every = (total / 10).max(1);
     let mut last_loss = None;
     let mut last_checkpoint = state.step;
     let mut metrics = std::fs::OpenOptions::new()
@@ -308,7 +322,6 @@ pub fn train<B: AutodiffBackend>(
             .map(|idx| micro_batch(data, idx, meta.pad_token_id))
             .collect();
         let lr = schedule.lr(step);
-        let t = Instant::now();
         let (m, stats) = train_step(model, &mut optim, &batches, lr, spec.max_grad_norm);
         model = m;
         if !stats.loss.is_finite() {
@@ -334,12 +347,20 @@ pub fn train<B: AutodiffBackend>(
             lr,
             grad_norm: stats.grad_norm,
             tokens,
-            tokens_per_s: tokens as f64 / t.elapsed().as_secs_f64().max(1e-9),
         };
         writeln!(metrics, "{}", serde_json::to_string(&line).expect("json"))
             .map_err(io("metrics.jsonl"))?;
         state.metrics_lines += 1;
         (hooks.progress)(state.step, total, stats.loss);
+        if state.step.is_multiple_of(log_every) || state.step == total {
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            (hooks.log)(&format!(
+                "step {}/{total}: loss {:.4}, lr {lr:.3e}, {:.0} tokens/s",
+                state.step,
+                stats.loss,
+                (state.tokens - tokens_at_start) as f64 / secs
+            ));
+        }
         if spec
             .save_steps
             .is_some_and(|k| k > 0 && state.step.is_multiple_of(k))
@@ -358,16 +379,20 @@ pub fn train<B: AutodiffBackend>(
         examples: n,
         first_loss: state.first_loss,
         last_loss: last_loss.or(state.first_loss),
-        resumed_from_step,
         tokens: state.tokens,
-        wall_s: t0.elapsed().as_secs_f64(),
     };
     std::fs::write(
         out.join("summary.json"),
         serde_json::to_vec_pretty(&summary).expect("json"),
     )
     .map_err(io("summary.json"))?;
-    Ok(summary)
+    let wall_s = t0.elapsed().as_secs_f64();
+    Ok(Trained {
+        summary,
+        resumed_from_step,
+        wall_s,
+        tokens_per_s: (state.tokens - tokens_at_start) as f64 / wall_s.max(1e-9),
+    })
 }
 
 fn truncate_lines(path: &Path, keep: usize) -> Result<(), TrainError> {

@@ -1,0 +1,133 @@
+//! The reliability pass on the real default pipeline (pipelines/tiny.yaml, one epoch): SIGKILL
+//! `pipe run` at random moments, run it again after each kill, and check that the final
+//! artifacts equal those of an uninterrupted run — the same cache keys and the same bytes:
+//! model weights, the loss curve, evaluation, export — and that no stage that had completed
+//! ever ran again.
+//!
+//! `PIPE_TINY_KILLS` sets the number of kills (default 3; `bench/reliability.sh` runs 20).
+
+mod common;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn pipe(cache: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pipe"));
+    c.arg("--cache")
+        .arg(cache)
+        .args(args)
+        .args(["pipelines/tiny.yaml", "--set", "params.epochs=1", "--set"])
+        .arg(format!("export.to={}", cache.join("delivered").display()))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("PIPE_CACHE")
+        .env_remove("PIPE_FAULT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+fn run_to_completion(cache: &Path) {
+    let out = pipe(cache, &["run"])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every finished entry's outputs: `key/out/path` → blake3 of the content. Equal maps mean
+/// equal keys (so the same inputs and params all the way down) and byte-identical outputs.
+fn artifacts(cache: &Path) -> BTreeMap<String, String> {
+    fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, root, out);
+                continue;
+            }
+            let content = std::fs::read(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            out.insert(rel, blake3::hash(&content).to_hex().to_string());
+        }
+    }
+    let mut out = BTreeMap::new();
+    let stages = cache.join("stages");
+    for e in std::fs::read_dir(&stages).unwrap() {
+        let e = e.unwrap().path();
+        if e.join("manifest.json").exists() {
+            walk(&e.join("out"), &stages, &mut out);
+        }
+    }
+    out
+}
+
+/// Finished entries (by key) and how many attempts each has a log of.
+fn finished_attempts(cache: &Path) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    let Ok(rd) = std::fs::read_dir(cache.join("stages")) else {
+        return out;
+    };
+    for e in rd {
+        let e = e.unwrap().path();
+        if e.join("manifest.json").exists() {
+            let key = e.file_name().unwrap().to_string_lossy().to_string();
+            let logs: PathBuf = cache.join("logs").join(&key);
+            let n = std::fs::read_dir(logs).map(|r| r.count()).unwrap_or(0);
+            out.insert(key, n);
+        }
+    }
+    out
+}
+
+#[test]
+fn killed_at_random_moments_the_tiny_pipeline_ends_as_if_never_killed() {
+    let reference = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    run_to_completion(reference.path());
+    let full_run = started.elapsed();
+    let expected = artifacts(reference.path());
+
+    let kills: u64 = std::env::var("PIPE_TINY_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let killed = tempfile::tempdir().unwrap();
+    let mut finished: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..kills {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // Anywhere in a whole run's duration (later attempts have less left to do, so some
+        // kills land after the run ended: harmless, and it checks a finished run stays put).
+        let delay = Duration::from_millis(seed % full_run.as_millis().max(1) as u64);
+        let mut child = pipe(killed.path(), &["run"]).spawn().unwrap();
+        std::thread::sleep(delay);
+        common::sigkill(&mut child);
+        let now = finished_attempts(killed.path());
+        for (key, attempts) in &now {
+            if let Some(before) = finished.get(key) {
+                assert_eq!(attempts, before, "kill {i}: finished entry {key} ran again");
+            }
+        }
+        eprintln!(
+            "kill {i} after {delay:?}: {} of 7 stages finished",
+            now.len()
+        );
+        finished = now;
+    }
+    run_to_completion(killed.path());
+    for (key, attempts) in &finished {
+        assert_eq!(
+            finished_attempts(killed.path())[key],
+            *attempts,
+            "finished entry {key} ran again in the last run"
+        );
+    }
+    assert_eq!(artifacts(killed.path()), expected);
+}
