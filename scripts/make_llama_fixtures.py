@@ -419,6 +419,32 @@ def build_lora() -> None:
     write_json(d / "expected.json", exp)
 
 
+@torch.no_grad()
+def build_lora_modules_to_save() -> None:
+    """A LoRA adapter that also carries full copies of embed_tokens and lm_head (PEFT's
+    `modules_to_save`), both changed from the base, so a loader that ignored them would fail."""
+    d = fresh_dir(OUT / "lora-modules-to-save")
+    base = load_model(OUT_REL / "gqa-untied")
+    torch.manual_seed(5200)
+    pm = get_peft_model(base, LoraConfig(**LORA_KW, modules_to_save=["embed_tokens", "lm_head"]))
+    cfg = pm.peft_config["default"]
+    cfg.target_modules = sorted(cfg.target_modules)
+    gen = torch.Generator().manual_seed(5201)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name or "modules_to_save" in name:
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    pm.eval()
+    save_adapter(pm, d)
+    ids, labels = make_inputs(BASE_A["vocab_size"])
+    exp = forward_expected(pm, ids, labels, extra_info=False)
+    re = PeftModel.from_pretrained(load_model(OUT_REL / "gqa-untied"), d).eval()
+    assert torch.equal(re(input_ids=ids).logits, pm(input_ids=ids).logits)
+    merged = pm.merge_and_unload().eval()
+    exp["merged_logits"] = flat(merged(input_ids=ids).logits)
+    exp["modules_to_save"] = ["embed_tokens", "lm_head"]
+    write_json(d / "expected.json", exp)
+
+
 # ----------------------------------------------------------------------------------------------
 # (i), (j): training steps
 
@@ -541,11 +567,17 @@ def main() -> int:
     setup_determinism()
     os.chdir(ROOT)
     OUT.mkdir(parents=True, exist_ok=True)
-    build_models()
-    build_resize()
-    build_lora()
-    build_train()
-    build_train_lora()
+    builders = {
+        "models": build_models,
+        "resize": build_resize,
+        "lora": build_lora,
+        "lora-modules-to-save": build_lora_modules_to_save,
+        "train": build_train,
+        "train-lora": build_train_lora,
+    }
+    # `make_llama_fixtures.py lora train` rebuilds only those; no argument rebuilds all.
+    for name in sys.argv[1:] or list(builders):
+        builders[name]()
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT_REL} ({total / 1e6:.2f} MB)")
     return 0

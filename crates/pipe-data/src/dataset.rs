@@ -291,6 +291,16 @@ impl Dataset {
         )
     }
 
+    /// Every example's ids, back to back (packed rows index into this).
+    pub fn all_input_ids(&self) -> &[u32] {
+        self.slice::<u32>("input_ids")
+    }
+
+    /// Every example's labels, back to back.
+    pub fn all_labels(&self) -> &[i32] {
+        self.slice::<i32>("labels")
+    }
+
     /// The record index example `i` came from.
     pub fn source_index(&self, i: usize) -> usize {
         self.slice::<i64>("index")[i] as usize

@@ -78,10 +78,15 @@ pub struct Scored {
 }
 
 /// Scores every request: the sum over the continuation's tokens of log-softmax of the logits
-/// that predict them. Requests are batched longest first, right-padded (a causal model's
-/// earlier positions never see the padding), and at most `max_len + 1` tokens long (longer
-/// ones lose tokens from the left, as the harness does). `on_batch(n)` reports progress;
-/// returning `false` stops with [`EvalError::Interrupted`].
+/// that predict them, the model reading at most `max_len + 1` tokens (longer requests lose
+/// tokens from the left, as the harness does).
+///
+/// Consecutive requests with the same context — the choices of one item — read that context
+/// once: the item becomes one packed row (the context, then every continuation attending to
+/// it), which scores the same positions with a fraction of the work. Other requests are
+/// batched longest first, right-padded (a causal model's earlier positions never see the
+/// padding).
+/// `on_batch(n)` reports progress; returning `false` stops with [`EvalError::Interrupted`].
 pub fn loglikelihoods<B: Backend>(
     model: &Llama<B>,
     requests: &[Request],
@@ -90,11 +95,174 @@ pub fn loglikelihoods<B: Backend>(
     on_batch: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<Scored>, EvalError> {
     let max_len = model.config.max_position_embeddings;
+    let mut scored = vec![
+        Scored {
+            loglikelihood: 0.0,
+            is_greedy: true
+        };
+        requests.len()
+    ];
+    let shareable = |r: &Request| {
+        !r.context.is_empty()
+            && !r.continuation.is_empty()
+            && r.context.len() + r.continuation.len() <= max_len + 1
+    };
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut single: Vec<usize> = Vec::new();
+    let mut i = 0;
+    while i < requests.len() {
+        let mut j = i + 1;
+        while j < requests.len() && requests[j].context == requests[i].context {
+            j += 1;
+        }
+        if j - i >= 2 && (i..j).all(|k| shareable(&requests[k])) {
+            groups.push((i..j).collect());
+        } else {
+            single.extend(i..j);
+        }
+        i = j;
+    }
+    score_packed(
+        model,
+        requests,
+        &groups,
+        batch_size,
+        device,
+        &mut scored,
+        on_batch,
+    )?;
+    score_batched(
+        model,
+        requests,
+        &single,
+        batch_size,
+        device,
+        &mut scored,
+        on_batch,
+    )?;
+    Ok(scored)
+}
+
+/// Items whose choices share a context, packed one item per row: the context once, then each
+/// continuation but its last token, each seeing the context and its own earlier tokens at the
+/// positions it would have alone (see [`Llama::hidden_packed`]). Rows go `batch_size` at a
+/// time, longest first.
+fn score_packed<B: Backend>(
+    model: &Llama<B>,
+    requests: &[Request],
+    groups: &[Vec<usize>],
+    batch_size: usize,
+    device: &B::Device,
+    scored: &mut [Scored],
+    on_batch: &mut dyn FnMut(usize) -> bool,
+) -> Result<(), EvalError> {
+    struct Packed {
+        ids: Vec<u32>,
+        positions: Vec<usize>,
+        segments: Vec<i32>,
+        /// Per request of the group: (request, the row index predicting each of its tokens).
+        scored: Vec<(usize, Vec<usize>)>,
+    }
+    let packed: Vec<Packed> = groups
+        .iter()
+        .map(|group| {
+            let context = &requests[group[0]].context;
+            let l = context.len();
+            let mut p = Packed {
+                ids: context.clone(),
+                positions: (0..l).collect(),
+                segments: vec![0; l],
+                scored: Vec::new(),
+            };
+            for (c, &r) in group.iter().enumerate() {
+                let cont = &requests[r].continuation;
+                let start = p.ids.len();
+                let mut at = vec![l - 1];
+                for (j, &t) in cont[..cont.len() - 1].iter().enumerate() {
+                    p.ids.push(t);
+                    p.positions.push(l + j);
+                    p.segments.push(c as i32 + 1);
+                    at.push(start + j);
+                }
+                p.scored.push((r, at));
+            }
+            p
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..packed.len()).collect();
+    order.sort_by(|&a, &b| {
+        packed[b]
+            .ids
+            .len()
+            .cmp(&packed[a].ids.len())
+            .then(a.cmp(&b))
+    });
+    for batch in order.chunks(batch_size.max(1)) {
+        let seq = packed[batch[0]].ids.len();
+        let mut ids = vec![0i64; batch.len() * seq];
+        let mut positions = Vec::with_capacity(batch.len());
+        let mut segments = Vec::with_capacity(batch.len());
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (bi, &g) in batch.iter().enumerate() {
+            let p = &packed[g];
+            for (t, &id) in p.ids.iter().enumerate() {
+                ids[bi * seq + t] = id as i64;
+            }
+            let mut pos = p.positions.clone();
+            pos.resize(seq, 0);
+            let mut seg = p.segments.clone();
+            seg.resize(seq, -1);
+            positions.push(pos);
+            segments.push(seg);
+            for (r, at) in &p.scored {
+                for (&row, &t) in at.iter().zip(&requests[*r].continuation) {
+                    rows.push((bi * seq + row) as i64);
+                    targets.push(t as i64);
+                }
+            }
+        }
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.len(), seq]), device);
+        let hidden = model.hidden_packed(ids, &positions, &segments);
+        let [b, s, h] = hidden.dims();
+        let (logp, greedy) = score_rows(model, hidden.reshape([b * s, h]), rows, &targets, device)?;
+        let mut k = 0;
+        let mut n = 0;
+        for &g in batch {
+            for (r, at) in &packed[g].scored {
+                let len = at.len();
+                scored[*r] = Scored {
+                    loglikelihood: logp[k..k + len].iter().map(|&x| x as f64).sum(),
+                    is_greedy: (k..k + len).all(|i| greedy[i] == targets[i]),
+                };
+                k += len;
+                n += 1;
+            }
+        }
+        if !on_batch(n) {
+            return Err(EvalError::Interrupted);
+        }
+    }
+    Ok(())
+}
+
+/// Requests scored independently, `batch_size` at a time, longest first.
+fn score_batched<B: Backend>(
+    model: &Llama<B>,
+    requests: &[Request],
+    which: &[usize],
+    batch_size: usize,
+    device: &B::Device,
+    scored: &mut [Scored],
+    on_batch: &mut dyn FnMut(usize) -> bool,
+) -> Result<(), EvalError> {
+    let max_len = model.config.max_position_embeddings;
     // What the model reads (the whole text but its last token) and how many trailing
     // positions are scored.
-    let inputs: Vec<(Vec<u32>, usize)> = requests
+    let inputs: Vec<(Vec<u32>, usize)> = which
         .iter()
-        .map(|r| {
+        .map(|&i| {
+            let r = &requests[i];
             let mut whole: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
             if whole.len() > max_len + 1 {
                 whole.drain(..whole.len() - (max_len + 1));
@@ -103,66 +271,40 @@ pub fn loglikelihoods<B: Backend>(
             (whole, r.continuation.len().min(max_len))
         })
         .collect();
-    let mut order: Vec<usize> = (0..requests.len()).collect();
+    let mut order: Vec<usize> = (0..which.len()).collect();
     order.sort_by(|&a, &b| inputs[b].0.len().cmp(&inputs[a].0.len()).then(a.cmp(&b)));
-    let mut scored = vec![
-        Scored {
-            loglikelihood: 0.0,
-            is_greedy: true
-        };
-        requests.len()
-    ];
     for batch in order.chunks(batch_size.max(1)) {
         let seq = inputs[batch[0]].0.len();
         let mut ids = vec![0i64; batch.len() * seq];
         // Rows of the flattened `[batch·seq, hidden]` states that predict continuation tokens.
         let mut rows = Vec::new();
         let mut targets = Vec::new();
-        for (bi, &r) in batch.iter().enumerate() {
-            let (tokens, n_scored) = &inputs[r];
+        for (bi, &k) in batch.iter().enumerate() {
+            let (tokens, n_scored) = &inputs[k];
             for (t, &id) in tokens.iter().enumerate() {
                 ids[bi * seq + t] = id as i64;
             }
-            let cont = &requests[r].continuation;
+            let cont = &requests[which[k]].continuation;
             let cont = &cont[cont.len() - n_scored..];
-            for (k, &target) in cont.iter().enumerate() {
-                rows.push((bi * seq + tokens.len() - n_scored + k) as i64);
+            for (j, &target) in cont.iter().enumerate() {
+                rows.push((bi * seq + tokens.len() - n_scored + j) as i64);
                 targets.push(target as i64);
             }
         }
-        if !rows.is_empty() {
+        if !rows.is_empty() && seq > 0 {
             let ids =
                 Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.len(), seq]), device);
             let hidden = model.hidden(ids, None);
             let [b, s, h] = hidden.dims();
-            let m = rows.len();
-            let picked = hidden.reshape([b * s, h]).select(
-                0,
-                Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), device),
-            );
-            let logits = model.logits(picked.unsqueeze::<3>());
-            let v = logits.dims()[2];
-            let logp = log_softmax(logits.reshape([m, v]), 1);
-            let greedy = logp.clone().argmax(1).reshape([m]);
-            let target =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(targets.clone(), [m, 1]), device);
-            let token_logp: Vec<f32> = logp
-                .gather(1, target)
-                .reshape([m])
-                .into_data()
-                .to_vec()
-                .map_err(|e| EvalError::Task(format!("{e:?}")))?;
-            let greedy: Vec<i64> = greedy
-                .into_data()
-                .convert::<i64>()
-                .to_vec()
-                .map_err(|e| EvalError::Task(format!("{e:?}")))?;
+            let (logp, greedy) =
+                score_rows(model, hidden.reshape([b * s, h]), rows, &targets, device)?;
             let mut k = 0;
-            for &r in batch {
-                let n = inputs[r].1;
-                let s = &mut scored[r];
-                s.loglikelihood = token_logp[k..k + n].iter().map(|&x| x as f64).sum();
-                s.is_greedy = (k..k + n).all(|i| greedy[i] == targets[i]);
+            for &bk in batch {
+                let n = inputs[bk].1;
+                scored[which[bk]] = Scored {
+                    loglikelihood: logp[k..k + n].iter().map(|&x| x as f64).sum(),
+                    is_greedy: (k..k + n).all(|i| greedy[i] == targets[i]),
+                };
                 k += n;
             }
         }
@@ -170,7 +312,42 @@ pub fn loglikelihoods<B: Backend>(
             return Err(EvalError::Interrupted);
         }
     }
-    Ok(scored)
+    Ok(())
+}
+
+/// Projects the chosen rows of `states` `[rows, hidden]` onto the vocabulary: the
+/// log-probability of each target, and the most likely token.
+fn score_rows<B: Backend>(
+    model: &Llama<B>,
+    states: Tensor<B, 2>,
+    rows: Vec<i64>,
+    targets: &[i64],
+    device: &B::Device,
+) -> Result<(Vec<f32>, Vec<i64>), EvalError> {
+    let m = rows.len();
+    let picked = states.select(
+        0,
+        Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), device),
+    );
+    let logits = model.logits(picked.unsqueeze::<3>());
+    let v = logits.dims()[2];
+    let logp = log_softmax(logits.reshape([m, v]), 1);
+    let greedy: Vec<i64> = logp
+        .clone()
+        .argmax(1)
+        .reshape([m])
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .map_err(|e| EvalError::Task(format!("{e:?}")))?;
+    let target = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.to_vec(), [m, 1]), device);
+    let logp: Vec<f32> = logp
+        .gather(1, target)
+        .reshape([m])
+        .into_data()
+        .to_vec()
+        .map_err(|e| EvalError::Task(format!("{e:?}")))?;
+    Ok((logp, greedy))
 }
 
 /// A multiple-choice task's results for one model.

@@ -7,9 +7,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::load::{named_param, Checkpoint};
+use crate::load::{named_param, Checkpoint, HostTensor};
 use crate::model::{Llama, Lora, Proj};
 use crate::rng::SplitMix64;
+use crate::save::{host, Named};
 use crate::ModelError;
 
 /// Which linear layers get adapters.
@@ -41,6 +42,10 @@ pub struct LoraSpec {
     #[serde(default)]
     pub dropout: f64,
     pub targets: Targets,
+    /// Modules trained in full beside the adapters and saved with them (PEFT's
+    /// `modules_to_save`): `embed_tokens`, `lm_head`, or linear layers by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules_to_save: Vec<String>,
 }
 
 impl LoraSpec {
@@ -166,7 +171,132 @@ impl<B: Backend> Llama<B> {
                 dir.display()
             )));
         }
+        let saved: Vec<String> = match &cfg["modules_to_save"] {
+            serde_json::Value::Array(v) => v
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for module in self.resolve_saved_modules(&saved)? {
+            let key = format!("base_model.model.{module}.weight");
+            if !ck.contains(&key) {
+                return Err(ModelError::Checkpoint(format!(
+                    "adapter_config.json lists `{module}` in modules_to_save but the adapter has no {key}"
+                )));
+            }
+            let w = ck.read(&key)?;
+            self.set_saved_module(&module, Some(w), trainable)?;
+        }
         Ok(self)
+    }
+
+    /// The Hugging Face module names of `modules_to_save` entries: `embed_tokens` →
+    /// `model.embed_tokens`, `lm_head`, and linear layers by short or full name.
+    pub fn resolve_saved_modules(&mut self, names: &[String]) -> Result<Vec<String>, ModelError> {
+        let mut out: Vec<String> = Vec::new();
+        for n in names {
+            let found: Vec<String> =
+                match n.as_str() {
+                    "embed_tokens" | "model.embed_tokens" => vec!["model.embed_tokens".into()],
+                    "lm_head" if self.lm_head.is_none() => return Err(ModelError::Config(
+                        "`lm_head` is tied to `embed_tokens` in this model: save `embed_tokens`"
+                            .into(),
+                    )),
+                    _ => self
+                        .linear_modules_mut()
+                        .into_iter()
+                        .map(|(m, _)| m)
+                        .filter(|m| m == n || m.ends_with(&format!(".{n}")))
+                        .collect(),
+                };
+            if found.is_empty() {
+                return Err(ModelError::Config(format!(
+                    "no module `{n}` to save (embed_tokens, lm_head, or a linear layer's name)"
+                )));
+            }
+            for f in found {
+                if !out.contains(&f) {
+                    out.push(f);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the named modules (from [`Self::resolve_saved_modules`]) trainable in full.
+    pub fn train_saved_modules(mut self, modules: &[String]) -> Self {
+        for m in modules {
+            self.set_saved_module(m, None, true)
+                .expect("resolved module names exist");
+        }
+        self
+    }
+
+    /// The named modules' weights under PEFT's names, in the Hugging Face layout
+    /// (`base_model.model.model.embed_tokens.weight`, `base_model.model.lm_head.weight`).
+    pub fn saved_module_tensors(&mut self, modules: &[String]) -> Vec<Named> {
+        let mut out = Vec::new();
+        for m in modules {
+            let (shape, data) = if m == "model.embed_tokens" {
+                host(self.embed_tokens.val())
+            } else {
+                let proj = self
+                    .linear_modules_mut()
+                    .into_iter()
+                    .find(|(n, _)| n == m)
+                    .map(|(_, p)| p)
+                    .expect("resolved module names exist");
+                host(proj.weight.val().transpose())
+            };
+            out.push(Named {
+                name: format!("base_model.model.{m}.weight"),
+                shape,
+                data,
+            });
+        }
+        out
+    }
+
+    /// Sets a module's weight (Hugging Face layout; `None` keeps the current one) and whether
+    /// it trains.
+    fn set_saved_module(
+        &mut self,
+        module: &str,
+        weight: Option<HostTensor>,
+        trainable: bool,
+    ) -> Result<(), ModelError> {
+        let name = format!("{module}.weight");
+        if module == "model.embed_tokens" {
+            let current = self.embed_tokens.val();
+            let t = match weight {
+                Some(w) => {
+                    check_shape(module, &w, &current.dims())?;
+                    Tensor::from_data(TensorData::new(w.data, current.dims()), &current.device())
+                }
+                None => current,
+            };
+            self.embed_tokens = named_param(&name, t, trainable);
+            return Ok(());
+        }
+        let proj = self
+            .linear_modules_mut()
+            .into_iter()
+            .find(|(n, _)| n == module)
+            .map(|(_, p)| p)
+            .ok_or_else(|| ModelError::Checkpoint(format!("this model has no module {module}")))?;
+        let current = proj.weight.val();
+        let [d_in, d_out] = current.dims();
+        let t = match weight {
+            Some(w) => {
+                check_shape(module, &w, &[d_out, d_in])?;
+                Tensor::<B, 2>::from_data(TensorData::new(w.data, [d_out, d_in]), &current.device())
+                    .transpose()
+            }
+            None => current,
+        };
+        proj.weight = named_param(&name, t, trainable);
+        Ok(())
     }
 
     /// Folds every adapter into its weight: `W + A·B·alpha/r` (in the `[in, out]` layout).
@@ -184,4 +314,15 @@ impl<B: Backend> Llama<B> {
         }
         self
     }
+}
+
+fn check_shape(module: &str, w: &HostTensor, expected: &[usize]) -> Result<(), ModelError> {
+    if w.shape != expected {
+        return Err(ModelError::Checkpoint(format!(
+            "the saved {module} has shape {:?}, the model's is {expected:?} (a vocabulary that grew \
+             must be resized the same way before the adapter is applied)",
+            w.shape
+        )));
+    }
+    Ok(())
 }

@@ -317,6 +317,56 @@ impl<B: Backend> Llama<B> {
         self.norm.forward(x)
     }
 
+    /// [`Self::hidden`] for rows that hold several sequences side by side (packed):
+    /// `segments[b][t]` names the sequence token t of row b belongs to. A token sees the earlier
+    /// tokens of its own segment and of segment 0, the shared prefix (`0` everywhere: plain
+    /// causal attention; a prefix then one segment per continuation: several continuations of
+    /// one context in one row); `positions[b][t]` is its rotary position. Negative segments are
+    /// padding. `[batch, seq]` → `[batch, seq, hidden]`.
+    pub fn hidden_packed(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        positions: &[Vec<usize>],
+        segments: &[Vec<i32>],
+    ) -> Tensor<B, 3> {
+        let [b, s] = input_ids.dims();
+        let device = input_ids.device();
+        let d = self.rope.head_dim;
+        let mut cos = Vec::with_capacity(b * s * d);
+        let mut sin = Vec::with_capacity(b * s * d);
+        for row in positions {
+            for &p in row {
+                assert!(
+                    p < self.rope.max_positions,
+                    "position {p} exceeds max_position_embeddings {}",
+                    self.rope.max_positions
+                );
+                cos.extend_from_slice(&self.rope.cos[p * d..(p + 1) * d]);
+                sin.extend_from_slice(&self.rope.sin[p * d..(p + 1) * d]);
+            }
+        }
+        let cos = Tensor::<B, 4>::from_data(TensorData::new(cos, [b, 1, s, d]), &device);
+        let sin = Tensor::<B, 4>::from_data(TensorData::new(sin, [b, 1, s, d]), &device);
+        let mut m = vec![f32::MIN; b * s * s];
+        for (bi, seg) in segments.iter().enumerate() {
+            for i in 0..s {
+                for j in 0..=i {
+                    let visible = seg[i] >= 0 && (seg[j] == seg[i] || seg[j] == 0);
+                    // Padding sees itself, so that its (unused) softmax stays finite.
+                    if visible || i == j {
+                        m[(bi * s + i) * s + j] = 0.0;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::<B, 4>::from_data(TensorData::new(m, [b, 1, s, s]), &device);
+        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
+        for layer in &self.layers {
+            x = layer.forward(x, cos.clone(), sin.clone(), mask.clone(), None);
+        }
+        self.norm.forward(x)
+    }
+
     /// The output projection: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
@@ -340,6 +390,20 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
     ) -> Tensor<B, 2> {
         let [b, s] = input_ids.dims();
+        let last = self.hidden_cached(input_ids, cache).narrow(1, s - 1, 1);
+        let logits = self.logits(last);
+        let [_, _, v] = logits.dims();
+        logits.reshape([b, v])
+    }
+
+    /// [`Self::hidden`] after the positions already in `cache` (extending it): `input_ids`
+    /// `[batch, seq]` → `[batch, seq, hidden]`.
+    pub fn hidden_cached(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = input_ids.dims();
         let past = cache.len;
         assert!(
             past + s <= self.rope.max_positions,
@@ -358,10 +422,7 @@ impl<B: Backend> Llama<B> {
             x = layer.forward(x, cos.clone(), sin.clone(), mask.clone(), Some(slot));
         }
         cache.len = past + s;
-        let last = self.norm.forward(x).narrow(1, s - 1, 1);
-        let logits = self.logits(last);
-        let [_, _, v] = logits.dims();
-        logits.reshape([b, v])
+        self.norm.forward(x)
     }
 }
 

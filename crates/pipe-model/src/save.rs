@@ -29,7 +29,7 @@ pub struct Named {
     pub data: Vec<f32>,
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
+pub(crate) fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
     let shape = t.dims().to_vec();
     let data = t
         .into_data()

@@ -174,6 +174,43 @@ fn peft_lora_adapter_and_its_merge() {
     assert!(d <= 1e-4, "merged: max |Δlogit| = {d}");
 }
 
+/// PEFT's `modules_to_save`: the adapter carries full copies of `embed_tokens` and `lm_head`
+/// (changed from the base), which replace the base's when loaded and survive a merge.
+#[test]
+fn peft_adapter_with_modules_to_save() {
+    let e = expected("lora-modules-to-save");
+    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let mut model = model
+        .load_peft_adapter(&fixtures().join("lora-modules-to-save"), false)
+        .unwrap();
+    check_case(&model, &e, "", None, "lora-modules-to-save");
+    // Saved again under PEFT's names, they are what was loaded.
+    let saved = model
+        .resolve_saved_modules(&["embed_tokens".into(), "lm_head".into()])
+        .unwrap();
+    let names: Vec<String> = model
+        .saved_module_tensors(&saved)
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "base_model.model.model.embed_tokens.weight",
+            "base_model.model.lm_head.weight"
+        ]
+    );
+    let merged = model.merge_lora();
+    let ids = rows_i64(&e["input_ids"]);
+    let ours: Vec<f32> = merged
+        .forward(ids_tensor(&ids), None)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let d = max_abs_diff(&ours, &floats(&e["merged_logits"]));
+    assert!(d <= 1e-4, "merged: max |Δlogit| = {d}");
+}
+
 #[test]
 fn fresh_adapters_follow_peft_init() {
     use pipe_model::{LoraSpec, Targets};
@@ -183,6 +220,7 @@ fn fresh_adapters_follow_peft_init() {
         alpha: 8.0,
         dropout: 0.0,
         targets: Targets::AllLinear,
+        modules_to_save: Vec::new(),
     };
     let mut model = model.add_lora(&spec, 1).unwrap();
     let mods = model.linear_modules_mut();

@@ -683,9 +683,18 @@ impl EvaluateStage {
             } in &work.tasks
             {
                 cx_ref.progress().set_message(format!("{label}: {name}"));
+                let started = std::time::Instant::now();
                 let scored = pipe_eval::loglikelihoods(&model, requests, bs, device, &mut on_batch)
                     .map_err(interrupted)?;
+                let secs = started.elapsed().as_secs_f64();
                 let r = task_result(docs, &scored, counts);
+                // Speed goes to the log only: the outputs must not depend on it.
+                cx_ref.log(&format!(
+                    "{label}: {name}: {} items ({} requests) scored in {secs:.1} s, {:.2} items/s",
+                    r.items,
+                    requests.len(),
+                    r.items as f64 / secs.max(1e-9)
+                ));
                 cx_ref.log(&format!(
                     "{label}: {name}: acc {:.4} ± {:.4}{} over {} items",
                     r.acc.value,

@@ -10,7 +10,8 @@
 //!   model: model                 # a stage or directory with a Hugging Face checkpoint,
 //!                                # or {init: {…config.json fields…}, seed: 0}
 //!   method: lora                 # or full
-//!   lora: {r: 8, alpha: 16, dropout: 0.05, target_modules: all-linear}
+//!   lora: {r: 8, alpha: 16, dropout: 0.05, target_modules: all-linear,
+//!          modules_to_save: [embed_tokens, lm_head]}   # optional: trained in full
 //!   lr: 2.0e-4
 //!   schedule: cosine             # linear, constant
 //!   warmup_ratio: 0.03           # or warmup_steps
@@ -52,6 +53,10 @@ struct LoraFields {
     dropout: f64,
     #[serde(default = "default_targets")]
     target_modules: TargetsField,
+    /// Modules trained in full beside the adapters (PEFT's `modules_to_save`), e.g.
+    /// `[embed_tokens, lm_head]` when the vocabulary grew.
+    #[serde(default)]
+    modules_to_save: Vec<String>,
 }
 
 fn default_r() -> usize {
@@ -198,6 +203,7 @@ impl StageKind for TrainKind {
                     alpha: default_alpha(),
                     dropout: 0.0,
                     target_modules: default_targets(),
+                    modules_to_save: Vec::new(),
                 });
                 if l.r == 0 {
                     return Err(cx.error("lora", "LoRA rank `r` must be at least 1"));
@@ -217,6 +223,7 @@ impl StageKind for TrainKind {
                     alpha: l.alpha,
                     dropout: l.dropout,
                     targets,
+                    modules_to_save: l.modules_to_save,
                 })
             }
         };
@@ -321,7 +328,7 @@ impl Stage for TrainStage {
                 ),
             },
         };
-        let total = pipe_train::run::total_steps(&self.spec, data.len());
+        let total = pipe_train::run::total_steps(&self.spec, pipe_train::run::units(&data));
         cx.progress().set_length(total);
         let cx_ref = &*cx;
         let cancelled = || cx_ref.is_cancelled();

@@ -52,6 +52,7 @@ fn main() {
             labels: ids.clone(),
             input_ids: ids,
             attention_mask: None,
+            packing: None,
         };
         let (m, _) = train_step(model, &mut optim, &[mb], 1e-4, Some(1.0));
         model = m;

@@ -18,7 +18,7 @@ use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::{Decay, Schedule};
-use crate::step::{adamw, train_step, AdamWSettings, MicroBatch, Optim};
+use crate::step::{adamw, train_step, AdamWSettings, MicroBatch, Optim, Packing};
 
 /// Where the weights to start from come from.
 #[derive(Debug, Clone)]
@@ -174,8 +174,82 @@ pub fn step_examples(spec: &TrainSpec, n: usize, step: u64) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// Right-pads examples to the longest, with -100 labels and a 0 mask on the padding.
+/// The units training draws batches from: examples, or the rows of a packed dataset.
+pub fn units(ds: &Dataset) -> usize {
+    ds.rows().map_or(ds.len(), |r| r.len() - 1)
+}
+
+/// A micro-batch of units `idx` (examples, or packed rows).
 pub fn micro_batch(ds: &Dataset, idx: &[usize], pad: u32) -> MicroBatch {
+    if ds.packed() {
+        packed_micro_batch(ds, idx, pad)
+    } else {
+        plain_micro_batch(ds, idx, pad)
+    }
+}
+
+/// Packed rows, right-padded to the longest. Each example keeps its own positions (from 0)
+/// and attends only to itself; its first token's label is dropped, since what precedes it in
+/// the row is another example.
+fn packed_micro_batch(ds: &Dataset, idx: &[usize], pad: u32) -> MicroBatch {
+    let rows = ds.rows().expect("packed");
+    let offsets = ds.offsets();
+    let positions_all = ds
+        .position_ids()
+        .expect("packed datasets have position ids");
+    let (all_ids, all_labels) = (ds.all_input_ids(), ds.all_labels());
+    let range = |r: usize| rows[r] as usize..rows[r + 1] as usize;
+    let len = idx
+        .iter()
+        .map(|&r| range(r).len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
+    let mut mb = MicroBatch {
+        input_ids: Vec::new(),
+        labels: Vec::new(),
+        attention_mask: None,
+        packing: Some(Packing {
+            positions: Vec::new(),
+            segments: Vec::new(),
+        }),
+    };
+    let packing = mb.packing.as_mut().expect("set above");
+    for &r in idx {
+        let span = range(r);
+        let mut ids: Vec<i64> = all_ids[span.clone()].iter().map(|&x| x as i64).collect();
+        let mut labels: Vec<i64> = all_labels[span.clone()].iter().map(|&x| x as i64).collect();
+        let mut positions: Vec<usize> = positions_all[span.clone()]
+            .iter()
+            .map(|&p| p as usize)
+            .collect();
+        // Examples start where an offset falls inside the row.
+        let mut segments = vec![0i32; span.len()];
+        let first = offsets.partition_point(|&o| (o as usize) < span.start);
+        let mut seg = 0;
+        for w in offsets[first..].windows(2) {
+            let (a, b) = (w[0] as usize, w[1] as usize);
+            if a >= span.end {
+                break;
+            }
+            seg += 1;
+            segments[a - span.start..b - span.start].fill(seg);
+            labels[a - span.start] = -100;
+        }
+        ids.resize(len, pad as i64);
+        labels.resize(len, -100);
+        positions.resize(len, 0);
+        segments.resize(len, -1);
+        mb.input_ids.push(ids);
+        mb.labels.push(labels);
+        packing.positions.push(positions);
+        packing.segments.push(segments);
+    }
+    mb
+}
+
+/// Right-pads examples to the longest, with -100 labels and a 0 mask on the padding.
+fn plain_micro_batch(ds: &Dataset, idx: &[usize], pad: u32) -> MicroBatch {
     let len = idx
         .iter()
         .map(|&i| ds.example(i).0.len())
@@ -202,6 +276,7 @@ pub fn micro_batch(ds: &Dataset, idx: &[usize], pad: u32) -> MicroBatch {
         input_ids,
         labels,
         attention_mask: padded.then_some(mask),
+        packing: None,
     }
 }
 
@@ -223,7 +298,11 @@ fn build_model<B: AutodiffBackend>(
     };
     Ok(match &spec.method {
         Method::Full => model,
-        Method::Lora(l) => model.add_lora(l, spec.seed)?,
+        Method::Lora(l) => {
+            let mut model = model.add_lora(l, spec.seed)?;
+            let saved = model.resolve_saved_modules(&l.modules_to_save)?;
+            model.train_saved_modules(&saved)
+        }
     })
 }
 
@@ -258,12 +337,8 @@ pub fn train<B: AutodiffBackend>(
             "the training split has no examples".into(),
         ));
     }
-    if data.packed() {
-        return Err(TrainError::Other(
-            "packed datasets are not trained on yet: tokenize with `packing: false`".into(),
-        ));
-    }
-    let n = data.len();
+    // Batches are drawn from examples, or from the rows of a packed dataset.
+    let n = units(data);
     let total = total_steps(spec, n);
     let warmup = spec
         .warmup_steps
@@ -376,7 +451,7 @@ pub fn train<B: AutodiffBackend>(
     std::fs::copy(&metrics_path, out.join("metrics.jsonl")).map_err(io("metrics.jsonl"))?;
     let summary = Summary {
         steps: state.step,
-        examples: n,
+        examples: data.len(),
         first_loss: state.first_loss,
         last_loss: last_loss.or(state.first_loss),
         tokens: state.tokens,
@@ -412,9 +487,12 @@ fn write_trainable<B: AutodiffBackend>(
     match &spec.method {
         Method::Full => model.save_hf(dir, dtype)?,
         Method::Lora(l) => {
+            let saved = model.resolve_saved_modules(&l.modules_to_save)?;
+            let mut tensors = model.peft_tensors();
+            tensors.extend(model.saved_module_tensors(&saved));
             write_safetensors(
                 &dir.join("adapter_model.safetensors"),
-                &model.peft_tensors(),
+                &tensors,
                 dtype,
                 &[("format", "pt")],
             )?;
@@ -435,7 +513,7 @@ fn write_trainable<B: AutodiffBackend>(
                 "fan_in_fan_out": false,
                 "init_lora_weights": true,
                 "inference_mode": true,
-                "modules_to_save": null,
+                "modules_to_save": (!l.modules_to_save.is_empty()).then_some(&l.modules_to_save),
                 "base_model_name_or_path": null,
             });
             std::fs::write(

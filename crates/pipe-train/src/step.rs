@@ -16,6 +16,16 @@ pub struct MicroBatch {
     pub labels: Vec<Vec<i64>>,
     /// 1 for tokens, 0 for padding; `None`: no padding.
     pub attention_mask: Option<Vec<Vec<u8>>>,
+    /// Packed rows: every token's position and which example it belongs to (from 1; -1 for
+    /// padding), so that examples do not attend to each other (see `Llama::hidden_packed`).
+    pub packing: Option<Packing>,
+}
+
+/// Where the examples of packed rows are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Packing {
+    pub positions: Vec<Vec<usize>>,
+    pub segments: Vec<Vec<i32>>,
 }
 
 impl MicroBatch {
@@ -90,10 +100,11 @@ pub fn train_step<B: AutodiffBackend>(
     let mut acc = GradientsAccumulator::<Llama<B>>::new();
     let mut loss = 0f64;
     for mb in batches {
-        let logits = model.forward(
-            ids::<B>(&mb.input_ids, &device),
-            mb.attention_mask.as_deref(),
-        );
+        let input_ids = ids::<B>(&mb.input_ids, &device);
+        let logits = match &mb.packing {
+            Some(p) => model.logits(model.hidden_packed(input_ids, &p.positions, &p.segments)),
+            None => model.forward(input_ids, mb.attention_mask.as_deref()),
+        };
         let (sum, _) = shifted_cross_entropy(logits, &mb.labels);
         // Each micro-batch's summed loss over the whole effective batch's token count, so the
         // accumulated gradient is that of the mean over every target token.

@@ -7,7 +7,7 @@ use std::path::Path;
 use burn::backend::{Autodiff, NdArray};
 use pipe_data::dataset::{write, Dataset};
 use pipe_data::tokenize::Example;
-use pipe_model::{LlamaConfig, LoraSpec, Targets};
+use pipe_model::{Llama, LlamaConfig, LoraSpec, Targets};
 use pipe_train::{
     train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
 };
@@ -162,6 +162,7 @@ fn lora_with_dropout_resumes_bit_identically() {
         alpha: 8.0,
         dropout: 0.1,
         targets: Targets::AllLinear,
+        modules_to_save: Vec::new(),
     };
     check(Method::Lora(l), "adapter/adapter_model.safetensors");
 }
@@ -191,4 +192,41 @@ fn a_diverging_run_stops_at_the_bad_step_and_keeps_its_checkpoint() {
         !dir.path().join("out/model").exists(),
         "no model is written from a diverged run"
     );
+}
+
+/// LoRA with `modules_to_save`: the embeddings and the output layer train in full, are saved
+/// in the adapter under PEFT's names and listed in its config, and a resumed run ends
+/// bit-identical.
+#[test]
+fn lora_with_modules_to_save_trains_them_and_resumes_bit_identically() {
+    let l = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Targets::AllLinear,
+        modules_to_save: vec!["embed_tokens".into(), "lm_head".into()],
+    };
+    let s = spec(Method::Lora(l.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    run(&s, dir.path(), None).unwrap();
+    let adapter = dir.path().join("out/adapter");
+    let ck = pipe_model::Checkpoint::open_file(&adapter.join("adapter_model.safetensors")).unwrap();
+    let trained = ck
+        .read("base_model.model.model.embed_tokens.weight")
+        .unwrap();
+    assert!(ck.contains("base_model.model.lm_head.weight"));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["modules_to_save"],
+        serde_json::json!(["embed_tokens", "lm_head"])
+    );
+    // The embeddings moved away from their initial values.
+    let init: Llama<B> = pipe_model::init_llama(&config(), 3, 0.02, &Default::default(), false)
+        .resize_embeddings(41);
+    let before: Vec<f32> = init.embed_tokens.val().into_data().to_vec().unwrap();
+    assert_eq!(before.len(), trained.data.len());
+    assert!(before.iter().zip(&trained.data).any(|(a, b)| a != b));
+    check(Method::Lora(l), "adapter/adapter_model.safetensors");
 }

@@ -57,6 +57,7 @@ fn run(model: Llama<B>, e: &Value) -> Llama<B> {
                 input_ids: rows(&m["input_ids"]),
                 labels: rows(&m["labels"]),
                 attention_mask: None,
+                packing: None,
             })
             .collect();
         let lr = schedule.lr(i as u64);
