@@ -49,36 +49,7 @@ head -c 200000000 /dev/urandom > "$WORK/pipe/big.bin"
 ln "$WORK/pipe/big.bin" "$WORK/dvc/big.bin"
 
 # pipe: the pipeline of bench/engine.sh.
-cat > "$WORK/pipe/p.yaml" <<'YAML'
-name: bench
-params:
-  factor: 2
-stages:
-  s1:
-    kind: command
-    cmd: head -c 1000 ${big.bin} | od -An -tx1 | head -5 > ${out}/sample.txt
-    deps: [big.bin]
-  s2:
-    kind: command
-    cmd: wc -c < ${s1}/sample.txt > ${out}/n
-    deps: [s1]
-  s3:
-    kind: command
-    cmd: echo $(( $(cat ${s2}/n) * ${params.factor} )) > ${out}/n
-    deps: [s2]
-  s4:
-    kind: command
-    cmd: cat ${s3}/n ${s3}/n > ${out}/n
-    deps: [s3]
-  s5:
-    kind: command
-    cmd: sort ${s4}/n > ${out}/n
-    deps: [s4]
-  s6:
-    kind: command
-    cmd: cat ${s5}/n > ${out}/n
-    deps: [s5]
-YAML
+cp "$ROOT/bench/six-stages.yaml" "$WORK/pipe/p.yaml"
 
 # DVC: the same stages; `${factor}` is interpolated from params.yaml.
 cd "$WORK/dvc"

@@ -1,8 +1,9 @@
 //! The reliability pass on the real default pipeline (pipelines/tiny.yaml, one epoch): SIGKILL
-//! `pipe run` at random moments, run it again after each kill, and check that the final
-//! artifacts equal those of an uninterrupted run — the same cache keys and the same bytes:
-//! model weights, the loss curve, evaluation, export — and that no stage that had completed
-//! ever ran again.
+//! `pipe run` at random moments, run it again after each kill, and check that every store,
+//! once its pipeline has finished, equals the store of an uninterrupted run — the same cache
+//! keys and the same bytes: model weights, the loss curve, evaluation, export — and that no
+//! stage that had completed ever ran again. When a store is complete, the next kills go into a
+//! fresh one, so that they land all through a run.
 //!
 //! `PIPE_TINY_KILLS` sets the number of kills (default 3; `bench/reliability.sh` runs 20).
 
@@ -96,38 +97,52 @@ fn killed_at_random_moments_the_tiny_pipeline_ends_as_if_never_killed() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let killed = tempfile::tempdir().unwrap();
+    // Kills go into a store until its pipeline has finished; that store must then equal the
+    // reference, and the next kills start a fresh one — so they land all through a run.
+    let mut store = tempfile::tempdir().unwrap();
     let mut finished: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut landed, mut cycles) = (0, 0);
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for i in 0..kills {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        // Anywhere in a whole run's duration (later attempts have less left to do, so some
-        // kills land after the run ended: harmless, and it checks a finished run stays put).
         let delay = Duration::from_millis(seed % full_run.as_millis().max(1) as u64);
-        let mut child = pipe(killed.path(), &["run"]).spawn().unwrap();
+        let mut child = pipe(store.path(), &["run"]).spawn().unwrap();
         std::thread::sleep(delay);
+        let running = child.try_wait().unwrap().is_none();
+        landed += running as usize;
         common::sigkill(&mut child);
-        let now = finished_attempts(killed.path());
+        let now = finished_attempts(store.path());
         for (key, attempts) in &now {
             if let Some(before) = finished.get(key) {
                 assert_eq!(attempts, before, "kill {i}: finished entry {key} ran again");
             }
         }
         eprintln!(
-            "kill {i} after {delay:?}: {} of 7 stages finished",
+            "kill {i} after {delay:?}{}: {} of 7 stages finished",
+            if running { "" } else { " (the run had ended)" },
             now.len()
         );
         finished = now;
+        if finished.len() == 7 {
+            assert_eq!(artifacts(store.path()), expected, "cycle {cycles}");
+            cycles += 1;
+            store = tempfile::tempdir().unwrap();
+            finished.clear();
+        }
     }
-    run_to_completion(killed.path());
+    run_to_completion(store.path());
     for (key, attempts) in &finished {
         assert_eq!(
-            finished_attempts(killed.path())[key],
+            finished_attempts(store.path())[key],
             *attempts,
             "finished entry {key} ran again in the last run"
         );
     }
-    assert_eq!(artifacts(killed.path()), expected);
+    assert_eq!(artifacts(store.path()), expected);
+    eprintln!(
+        "{kills} kills, {landed} of them during a run; {} stores ended equal to the uninterrupted run's",
+        cycles + 1
+    );
 }

@@ -34,6 +34,10 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use serde::Deserialize;
 
+#[path = "../../../tests/support/mutation.rs"]
+mod mutation;
+use mutation::{edit, junk, mutate};
+
 const FILE: &str = "t.yaml";
 
 // ---------------------------------------------------------------------------------------------
@@ -377,58 +381,6 @@ const ALPHABET: &[&str] = &[
     "...",
 ];
 
-fn piece() -> impl Strategy<Value = String> {
-    prop::sample::select(ALPHABET).prop_map(str::to_string)
-}
-
-fn junk() -> impl Strategy<Value = String> {
-    prop::collection::vec(piece(), 1..6).prop_map(|v| v.concat())
-}
-
-#[derive(Debug, Clone)]
-enum Edit {
-    Delete { at: usize, len: usize },
-    Insert { at: usize, text: String },
-    Replace { at: usize, len: usize, text: String },
-}
-
-fn edit() -> impl Strategy<Value = Edit> {
-    prop_oneof![
-        (any::<usize>(), 1..12usize).prop_map(|(at, len)| Edit::Delete { at, len }),
-        (any::<usize>(), junk()).prop_map(|(at, text)| Edit::Insert { at, text }),
-        (any::<usize>(), 1..12usize, junk()).prop_map(|(at, len, text)| Edit::Replace {
-            at,
-            len,
-            text
-        }),
-    ]
-}
-
-/// Applies edits to the text's characters (so the result is still a `str`).
-fn mutate(text: &str, edits: &[Edit]) -> String {
-    let mut chars: Vec<char> = text.chars().collect();
-    for e in edits {
-        let n = chars.len() + 1;
-        match e {
-            Edit::Delete { at, len } => {
-                let at = at % n;
-                let end = (at + len).min(chars.len());
-                chars.drain(at.min(end)..end);
-            }
-            Edit::Insert { at, text } => {
-                let at = at % n;
-                chars.splice(at..at, text.chars());
-            }
-            Edit::Replace { at, len, text } => {
-                let at = at % n;
-                let end = (at + len).min(chars.len());
-                chars.splice(at.min(end)..end, text.chars());
-            }
-        }
-    }
-    chars.into_iter().collect()
-}
-
 /// A YAML scalar or collection, written inline; some of it is wrong on purpose.
 fn value() -> impl Strategy<Value = String> {
     let scalar = prop_oneof![
@@ -456,7 +408,7 @@ fn value() -> impl Strategy<Value = String> {
         Just("!!binary aGk=".to_string()),
         Just("!custom tagged".to_string()),
         Just("*nope".to_string()),
-        junk(),
+        junk(ALPHABET),
     ];
     scalar.prop_recursive(2, 8, 4, |inner| {
         prop_oneof![
@@ -560,7 +512,7 @@ fn document() -> impl Strategy<Value = String> {
         1 => Just("description: d\n".to_string()),
         1 => Just("name: again\n".to_string()),
         1 => (key(), value()).prop_map(|(k, v)| format!("{k}: {v}\n")),
-        1 => junk(),
+        1 => junk(ALPHABET),
     ];
     (
         prop::option::weighted(0.95, name),
@@ -603,11 +555,11 @@ fn set() -> impl Strategy<Value = String> {
         Just("${params.lr}".to_string()),
         Just("a: b".to_string()),
         Just("=".to_string()),
-        junk(),
+        junk(ALPHABET),
     ];
     prop_oneof![
         6 => (path, val).prop_map(|(p, v)| format!("{p}={v}")),
-        1 => junk(),
+        1 => junk(ALPHABET),
     ]
 }
 
@@ -624,7 +576,7 @@ proptest! {
 
     #[test]
     fn mutated_pipelines_fail_with_located_errors(
-        edits in prop::collection::vec(edit(), 1..6),
+        edits in prop::collection::vec(edit(ALPHABET), 1..6),
     ) {
         check(&mutate(VALID, &edits), &[])?;
     }
@@ -637,7 +589,7 @@ proptest! {
     #[test]
     fn random_overrides_are_rejected_or_located(
         sets in prop::collection::vec(set(), 1..4),
-        edit in prop::option::weighted(0.2, edit()),
+        edit in prop::option::weighted(0.2, edit(ALPHABET)),
     ) {
         check(&mutate(VALID, edit.as_slice()), &sets)?;
     }

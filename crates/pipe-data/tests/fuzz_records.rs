@@ -25,6 +25,10 @@ use pipe_data::records::{parse_records, Record, RecordError};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
+#[path = "../../../tests/support/mutation.rs"]
+mod mutation;
+use mutation::{edit, junk, mutate};
+
 const NAME: &str = "data.jsonl";
 
 const ARRAY: &str = r#"[
@@ -87,63 +91,11 @@ const ALPHABET: &[&str] = &[
     "{\"a\":{\"a\":{\"a\":{\"a\":{\"a\":{\"a\":{\"a\":{\"a\":",
 ];
 
-fn piece() -> impl Strategy<Value = String> {
-    prop::sample::select(ALPHABET).prop_map(str::to_string)
-}
-
-fn junk() -> impl Strategy<Value = String> {
-    prop::collection::vec(piece(), 1..6).prop_map(|v| v.concat())
-}
-
-#[derive(Debug, Clone)]
-enum Edit {
-    Delete { at: usize, len: usize },
-    Insert { at: usize, text: String },
-    Replace { at: usize, len: usize, text: String },
-}
-
-fn edit() -> impl Strategy<Value = Edit> {
-    prop_oneof![
-        (any::<usize>(), 1..12usize).prop_map(|(at, len)| Edit::Delete { at, len }),
-        (any::<usize>(), junk()).prop_map(|(at, text)| Edit::Insert { at, text }),
-        (any::<usize>(), 1..12usize, junk()).prop_map(|(at, len, text)| Edit::Replace {
-            at,
-            len,
-            text
-        }),
-    ]
-}
-
-/// Applies edits to the text's characters (so the result is still a `str`).
-fn mutate(text: &str, edits: &[Edit]) -> String {
-    let mut chars: Vec<char> = text.chars().collect();
-    for e in edits {
-        let n = chars.len() + 1;
-        match e {
-            Edit::Delete { at, len } => {
-                let at = at % n;
-                let end = (at + len).min(chars.len());
-                chars.drain(at.min(end)..end);
-            }
-            Edit::Insert { at, text } => {
-                let at = at % n;
-                chars.splice(at..at, text.chars());
-            }
-            Edit::Replace { at, len, text } => {
-                let at = at % n;
-                let end = (at + len).min(chars.len());
-                chars.splice(at.min(end)..end, text.chars());
-            }
-        }
-    }
-    chars.into_iter().collect()
-}
-
 /// A valid input to start from, then some edits to it.
 fn mutated_input() -> impl Strategy<Value = String> {
     (
         prop::sample::select(&[ARRAY, LINES][..]),
-        prop::collection::vec(edit(), 0..6),
+        prop::collection::vec(edit(ALPHABET), 0..6),
     )
         .prop_map(|(base, edits)| mutate(base, &edits))
 }
@@ -372,7 +324,7 @@ proptest! {
     }
 
     #[test]
-    fn random_text_fails_with_located_errors(text in junk()) {
+    fn random_text_fails_with_located_errors(text in junk(ALPHABET)) {
         if let Err(e) = parse_records(&text, NAME) {
             check_record_error(&e, &text)?;
         }

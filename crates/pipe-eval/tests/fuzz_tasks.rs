@@ -18,6 +18,10 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use serde_json::{json, Value};
 
+#[path = "../../../tests/support/mutation.rs"]
+mod mutation;
+use mutation::{edit, mutate};
+
 const NAME: &str = "task.jsonl";
 
 /// Valid rows of each format, as the Hugging Face datasets have them.
@@ -108,54 +112,6 @@ const ALPHABET: &[&str] = &[
     "\u{2028}",
     "x",
 ];
-
-fn junk() -> impl Strategy<Value = String> {
-    prop::collection::vec(prop::sample::select(ALPHABET), 1..6).prop_map(|v| v.concat())
-}
-
-#[derive(Debug, Clone)]
-enum Edit {
-    Delete { at: usize, len: usize },
-    Insert { at: usize, text: String },
-    Replace { at: usize, len: usize, text: String },
-}
-
-fn edit() -> impl Strategy<Value = Edit> {
-    prop_oneof![
-        (any::<usize>(), 1..12usize).prop_map(|(at, len)| Edit::Delete { at, len }),
-        (any::<usize>(), junk()).prop_map(|(at, text)| Edit::Insert { at, text }),
-        (any::<usize>(), 1..12usize, junk()).prop_map(|(at, len, text)| Edit::Replace {
-            at,
-            len,
-            text
-        }),
-    ]
-}
-
-/// Applies edits to the text's characters (so the result is still a `str`).
-fn mutate(text: &str, edits: &[Edit]) -> String {
-    let mut chars: Vec<char> = text.chars().collect();
-    for e in edits {
-        let n = chars.len() + 1;
-        match e {
-            Edit::Delete { at, len } => {
-                let at = at % n;
-                let end = (at + len).min(chars.len());
-                chars.drain(at.min(end)..end);
-            }
-            Edit::Insert { at, text } => {
-                let at = at % n;
-                chars.splice(at..at, text.chars());
-            }
-            Edit::Replace { at, len, text } => {
-                let at = at % n;
-                let end = (at + len).min(chars.len());
-                chars.splice(at.min(end)..end, text.chars());
-            }
-        }
-    }
-    chars.into_iter().collect()
-}
 
 /// A JSON value that is probably of the wrong type for the field it lands in.
 fn json_value() -> impl Strategy<Value = Value> {
@@ -311,7 +267,7 @@ proptest! {
     #[test]
     fn mutated_rows_fail_with_located_errors(
         format in format(),
-        edits in prop::collection::vec(edit(), 1..6),
+        edits in prop::collection::vec(edit(ALPHABET), 1..6),
         limit in prop::option::weighted(0.2, 0..4usize),
     ) {
         check(&mutate(&jsonl(&rows(format)), &edits), format, limit)?;
