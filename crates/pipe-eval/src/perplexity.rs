@@ -1,7 +1,6 @@
 //! Loss and perplexity on held-out examples, over their labelled tokens only (the response
 //! tokens of an instruction set, as training counts them).
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use pipe_data::dataset::Dataset;
@@ -61,20 +60,13 @@ pub fn heldout_loss<B: Backend>(
             let hidden = model.hidden(ids, None);
             let [b, s, h] = hidden.dims();
             let m = rows.len();
-            let picked = hidden.reshape([b * s, h]).select(
-                0,
-                Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), device),
-            );
-            let logits = model.logits(picked.unsqueeze::<3>());
-            let v = logits.dims()[2];
-            let logp = log_softmax(logits.reshape([m, v]), 1);
-            let target = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [m, 1]), device);
-            let picked: Vec<f32> = logp
-                .gather(1, target)
-                .reshape([m])
-                .into_data()
-                .to_vec()
-                .map_err(|e| EvalError::Task(format!("{e:?}")))?;
+            let (picked, _) = crate::score::score_rows(
+                model,
+                hidden.reshape([b * s, h]),
+                rows,
+                &targets,
+                device,
+            )?;
             total -= picked.iter().map(|&x| x as f64).sum::<f64>();
             tokens += m;
         }

@@ -317,7 +317,7 @@ fn score_batched<B: Backend>(
 
 /// Projects the chosen rows of `states` `[rows, hidden]` onto the vocabulary: the
 /// log-probability of each target, and the most likely token.
-fn score_rows<B: Backend>(
+pub(crate) fn score_rows<B: Backend>(
     model: &Llama<B>,
     states: Tensor<B, 2>,
     rows: Vec<i64>,
