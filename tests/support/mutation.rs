@@ -3,6 +3,16 @@
 //! alphabet of troublesome pieces.
 
 use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+/// 1,024 cases a property (`PROPTEST_CASES` overrides), and no regression files.
+pub fn config() -> Config {
+    Config {
+        cases: 1024,
+        failure_persistence: None,
+        ..Config::default()
+    }
+}
 
 /// A run of 1–5 pieces of `alphabet`.
 pub fn junk(alphabet: &'static [&'static str]) -> impl Strategy<Value = String> {

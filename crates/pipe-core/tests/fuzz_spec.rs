@@ -31,7 +31,6 @@ use pipe_core::{
     Input, InputSource, ParseContext, Registry, SpecError, Stage, StageContext, StageKind,
 };
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 use serde::Deserialize;
 
 #[path = "../../../tests/support/mutation.rs"]
@@ -563,16 +562,8 @@ fn set() -> impl Strategy<Value = String> {
     ]
 }
 
-fn config() -> Config {
-    Config {
-        cases: 1024,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
-
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(mutation::config())]
 
     #[test]
     fn mutated_pipelines_fail_with_located_errors(

@@ -23,7 +23,6 @@ use pipe_data::format::{format_records, OnError, ValSize};
 use pipe_data::prompt::{Pattern, Template, TemplateSpec};
 use pipe_data::records::{parse_records, Record, RecordError};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 
 #[path = "../../../tests/support/mutation.rs"]
 mod mutation;
@@ -280,16 +279,8 @@ fn template_text() -> impl Strategy<Value = String> {
     prop::collection::vec(piece, 0..8).prop_map(|v| v.concat())
 }
 
-fn config() -> Config {
-    Config {
-        cases: 1024,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
-
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(mutation::config())]
 
     #[test]
     fn mutated_records_fail_with_located_errors(

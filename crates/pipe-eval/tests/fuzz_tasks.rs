@@ -15,7 +15,6 @@
 
 use pipe_eval::tasks::{parse_docs, prefix, Doc, FewShot, TaskFormat};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 use serde_json::{json, Value};
 
 #[path = "../../../tests/support/mutation.rs"]
@@ -253,16 +252,8 @@ fn use_doc(d: &Doc, all: &[Doc], i: usize) {
     }
 }
 
-fn config() -> Config {
-    Config {
-        cases: 1024,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
-
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(mutation::config())]
 
     #[test]
     fn mutated_rows_fail_with_located_errors(

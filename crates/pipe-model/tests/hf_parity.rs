@@ -155,15 +155,8 @@ fn pickle_only_checkpoints_are_refused() {
     );
 }
 
-#[test]
-fn peft_lora_adapter_and_its_merge() {
-    let e = expected("lora");
-    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
-    let model = model
-        .load_peft_adapter(&fixtures().join("lora"), false)
-        .unwrap();
-    check_case(&model, &e, "", None, "lora");
-    let merged = model.merge_lora();
+/// The logits of a model with its adapters merged match the fixture's `merged_logits`.
+fn check_merged(merged: Llama<B>, e: &Value) {
     let ids = rows_i64(&e["input_ids"]);
     let ours: Vec<f32> = merged
         .forward(ids_tensor(&ids), None)
@@ -172,6 +165,17 @@ fn peft_lora_adapter_and_its_merge() {
         .unwrap();
     let d = max_abs_diff(&ours, &floats(&e["merged_logits"]));
     assert!(d <= 1e-4, "merged: max |Δlogit| = {d}");
+}
+
+#[test]
+fn peft_lora_adapter_and_its_merge() {
+    let e = expected("lora");
+    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model = model
+        .load_peft_adapter(&fixtures().join("lora"), false)
+        .unwrap();
+    check_case(&model, &e, "", None, "lora");
+    check_merged(model.merge_lora(), &e);
 }
 
 /// PEFT's `modules_to_save`: the adapter carries full copies of `embed_tokens` and `lm_head`
@@ -200,15 +204,7 @@ fn peft_adapter_with_modules_to_save() {
             "base_model.model.lm_head.weight"
         ]
     );
-    let merged = model.merge_lora();
-    let ids = rows_i64(&e["input_ids"]);
-    let ours: Vec<f32> = merged
-        .forward(ids_tensor(&ids), None)
-        .into_data()
-        .to_vec()
-        .unwrap();
-    let d = max_abs_diff(&ours, &floats(&e["merged_logits"]));
-    assert!(d <= 1e-4, "merged: max |Δlogit| = {d}");
+    check_merged(model.merge_lora(), &e);
 }
 
 #[test]
