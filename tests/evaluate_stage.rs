@@ -5,14 +5,13 @@
 mod common;
 use std::path::PathBuf;
 
-use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::Project;
 use pipe_data::dataset::Dataset;
 use pipe_model::{load_llama, shifted_cross_entropy, Llama};
 use serde_json::Value;
 
-type B = NdArray<f32>;
+type B = pipe_model::CpuBackend;
 
 const PIPELINE: &str = r#"name: evaluate
 stages:

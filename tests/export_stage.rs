@@ -5,12 +5,11 @@
 mod common;
 use std::path::{Path, PathBuf};
 
-use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::Project;
 use pipe_model::{load_llama, Llama};
 
-type B = NdArray<f32>;
+type B = pipe_model::CpuBackend;
 
 const PIPELINE: &str = r#"name: export
 stages:

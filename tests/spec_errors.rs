@@ -231,3 +231,51 @@ fn a_valid_pipeline_checks_and_overrides_apply() {
         .ok();
     assert!(r.stdout.contains("echo bye"), "{}", r.stdout);
 }
+
+#[test]
+fn train_devices_are_checked() {
+    let pipeline = |devices: &str, lora: &str| {
+        format!(
+            "name: t\nstages:\n  tokens:\n    kind: command\n    cmd: echo\n  train:\n    kind: train\n    data: tokens\n    model: {{init: {{vocab_size: 10, hidden_size: 8, intermediate_size: 16, num_hidden_layers: 1, num_attention_heads: 2}}, seed: 0}}\n    lr: 1.0e-3\n    batch_size: 8\n    micro_batch_size: 2\n{lora}    {devices}\n"
+        )
+    };
+    let e = check(&pipeline("devices: [cpu, cuda:0]", ""), &[]);
+    assert_has(
+        &e,
+        &["field: stages.train.devices", "mixes the CPU and GPUs"],
+    );
+    let e = check(&pipeline("devices: [cuda:1, cuda:1]", ""), &[]);
+    assert_has(&e, &["GPU 1 is listed twice"]);
+    let e = check(&pipeline("devices: [cpu, cpu, cpu]", ""), &[]);
+    assert_has(
+        &e,
+        &[
+            "3 replicas share each step's micro-batches, but there are 4",
+            "e.g. batch_size: 12",
+        ],
+    );
+    let e = check(
+        &pipeline("devices: [cpu, cpu, cpu, cpu, cpu, cpu, cpu, cpu]", ""),
+        &[],
+    );
+    assert_has(&e, &["e.g. micro_batch_size: 1 (8 micro-batches per step)"]);
+    let e = check(&pipeline("devices: []", ""), &[]);
+    assert_has(&e, &["`devices` is empty"]);
+    let e = check(&pipeline("devices: [gpu]", ""), &[]);
+    assert_has(&e, &["unknown device `gpu`", "field: stages.train.devices"]);
+    let both = pipeline("devices: [cpu, cpu]\n    device: cpu", "");
+    assert_has(&check(&both, &[]), &["`device` and `devices` are both set"]);
+    let dropout = pipeline(
+        "devices: [cpu, cpu]",
+        "    method: lora\n    lora: {dropout: 0.1}\n",
+    );
+    assert_has(
+        &check(&dropout, &[]),
+        &["LoRA dropout with several replicas", "dropout: 0"],
+    );
+    // And the valid form checks.
+    let p = Project::new();
+    p.write("p.yaml", &pipeline("devices: [cpu, cpu]", ""));
+    let r = p.pipe(&["check", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+}

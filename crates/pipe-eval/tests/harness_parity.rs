@@ -6,14 +6,13 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::backend::NdArray;
 use pipe_eval::score::{task_requests, task_result};
 use pipe_eval::tasks::{read_docs, FewShot, TaskFormat};
 use pipe_model::{load_llama, Llama};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-type B = NdArray<f32>;
+type B = pipe_model::CpuBackend;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/eval")

@@ -14,6 +14,11 @@ pub use lora::{LoraSpec, Targets};
 pub use model::{shifted_cross_entropy, KvCache, Llama};
 pub use save::{init_llama, SaveDtype};
 
+/// The backend pipe computes with on the CPU: burn-flex (threads and SIMD), the fastest of
+/// burn 0.21's CPU backends on the training benchmark (`bench/train.sh`: ndarray, candle and
+/// flex measured side by side; burn-cpu needs an LLVM download at build time).
+pub type CpuBackend = burn::backend::Flex;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("cannot read {0}: {1}")]

@@ -167,8 +167,10 @@ pub fn named_param<B: Backend, const D: usize>(
 ) -> Param<Tensor<B, D>> {
     let id = burn::module::ParamId::from(stable_id(name));
     // A leaf of its own: values computed from other parameters (a transpose, a resize, a
-    // merge) must not keep their history.
-    let t = t.detach();
+    // merge) must not keep their history. And a fresh, contiguous buffer: a transposed view
+    // makes the backend sum in another order than for the optimizer's (contiguous) updates,
+    // and a resumed run would drift from an uninterrupted one in the last bits.
+    let t = t.detach().mul_scalar(1.0);
     Param::initialized(id, if trainable { t.require_grad() } else { t })
 }
 

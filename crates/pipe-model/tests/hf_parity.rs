@@ -3,12 +3,11 @@
 
 use std::path::PathBuf;
 
-use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use pipe_model::{load_llama, shifted_cross_entropy, Llama};
 use serde_json::Value;
 
-type B = NdArray<f32>;
+type B = pipe_model::CpuBackend;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")

@@ -33,7 +33,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
-use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use pipe_core::diag::FieldError;
 use pipe_core::{Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageKind};
@@ -43,7 +42,7 @@ use pipe_data::records::Record;
 use pipe_eval::score::{task_requests, task_result};
 use pipe_eval::tasks::{read_docs, FewShot, TaskFormat};
 use pipe_eval::{EvalError, Request, Sampling};
-use pipe_model::{init_llama, load_llama, Llama};
+use pipe_model::{init_llama, load_llama, CpuBackend, Llama};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
@@ -345,7 +344,7 @@ impl Stage for EvaluateStage {
     }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         match Device::open(&self.fields.device)? {
-            Device::Cpu => self.evaluate::<NdArray<f32>>(cx, &Default::default()),
+            Device::Cpu => self.evaluate::<CpuBackend>(cx, &Default::default()),
             #[cfg(feature = "cuda")]
             Device::Cuda(index) => self.evaluate::<burn::backend::Cuda<f32, i32>>(
                 cx,

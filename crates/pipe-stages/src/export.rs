@@ -17,7 +17,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
-use burn::backend::NdArray;
 use pipe_core::diag::FieldError;
 use pipe_core::{Input, InputSource, ParseContext, Stage, StageContext, StageKind};
 use pipe_model::save::SaveDtype;
@@ -142,7 +141,7 @@ impl StageKind for ExportKind {
     }
 }
 
-type Cpu = NdArray<f32>;
+type Cpu = pipe_model::CpuBackend;
 
 /// Copies the tokenizer files found in `from` and writes the files transformers expects
 /// beside them (special_tokens_map.json, generation_config.json).

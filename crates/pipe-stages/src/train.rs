@@ -18,10 +18,14 @@
 //!   epochs: 3                    # or max_steps
 //!   batch_size: 128              # per optimizer step = micro_batch_size × accumulation
 //!   micro_batch_size: 4
+//!   gradient_checkpointing: true # less memory: recompute elementwise results in backward
+//!   device: cpu                  # or cuda, cuda:N; `devices: [cuda:0, cuda:1]` (or
+//!                                # `[cpu, cpu]`): data parallel, one replica per entry
 //! ```
 
 use anyhow::{anyhow, bail};
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
 use pipe_core::diag::FieldError;
 use pipe_core::{Input, Interrupted, ParseContext, Stage, StageContext, StageKind};
 use pipe_data::dataset::Dataset;
@@ -127,8 +131,28 @@ struct Fields {
     #[serde(default = "default_dtype")]
     save_dtype: Dtype,
     /// `cpu`, or `cuda[:N]` (builds with the `cuda` feature).
-    #[serde(default = "default_device")]
-    device: String,
+    #[serde(default)]
+    device: Option<String>,
+    /// Recompute cheap intermediate results (elementwise ops, norms, softmax) in the backward
+    /// pass instead of keeping them from the forward pass: less memory, a little more time,
+    /// the same weights.
+    #[serde(default)]
+    gradient_checkpointing: bool,
+    /// Data parallelism: one replica per entry, e.g. `[cuda:0, cuda:1]`, or `[cpu, cpu]` to
+    /// work on two CPU cores at once. Instead of `device`.
+    #[serde(default)]
+    devices: Option<Vec<String>>,
+}
+
+impl Fields {
+    /// One device per replica.
+    fn replicas(&self) -> Vec<String> {
+        match (&self.devices, &self.device) {
+            (Some(list), _) => list.clone(),
+            (None, Some(one)) => vec![one.clone()],
+            (None, None) => vec!["cpu".into()],
+        }
+    }
 }
 
 fn default_method() -> MethodField {
@@ -157,9 +181,6 @@ fn default_seed() -> u64 {
 }
 fn default_dtype() -> Dtype {
     Dtype::F32
-}
-fn default_device() -> String {
-    "cpu".into()
 }
 
 struct TrainStage {
@@ -236,7 +257,8 @@ impl StageKind for TrainKind {
         if !(f.lr.is_finite() && f.lr > 0.0) {
             return Err(cx.error("lr", "the learning rate must be a positive number"));
         }
-        if f.dtype == Dtype::Bf16 && f.device == "cpu" {
+        let replicas = check_devices(cx, &f)?;
+        if f.dtype == Dtype::Bf16 && replicas[0] == "cpu" {
             return Err(cx
                 .error(
                     "dtype",
@@ -246,7 +268,6 @@ impl StageKind for TrainKind {
                     "use `dtype: f32` on CPU (`save_dtype: bf16` still writes bf16 weights)",
                 ));
         }
-        Device::check_field(&f.device).map_err(|e| cx.error("device", e))?;
         let spec = TrainSpec {
             method,
             lr: f.lr,
@@ -292,6 +313,11 @@ impl Stage for TrainStage {
             ModelSource::Input(_) => serde_json::Value::Null,
         };
         p["dtype"] = serde_json::to_value(self.fields.dtype).expect("dtype");
+        // Replicas sum their gradients in another order than one device does.
+        let replicas = self.fields.replicas().len();
+        if replicas > 1 {
+            p["replicas"] = replicas.into();
+        }
         p
     }
     fn outputs(&self) -> Option<Vec<String>> {
@@ -309,7 +335,12 @@ impl Stage for TrainStage {
         true
     }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
-        let device = Device::open(&self.fields.device)?;
+        let devices = self
+            .fields
+            .replicas()
+            .iter()
+            .map(|d| Device::open(d))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let data_dir = cx.input("data")?.to_path_buf();
         let data = Dataset::open(&data_dir.join("train.safetensors")).map_err(|e| anyhow!(e))?;
         let meta_text = std::fs::read_to_string(data_dir.join("meta.json"))
@@ -347,28 +378,44 @@ impl Stage for TrainStage {
             out: &cx_ref.out_dir,
         };
         let spec = &self.spec;
-        let result = match device {
+        macro_rules! train_on {
+            ($backend:ty, $devices:expr) => {
+                pipe_train::train::<$backend>(&base, &data, &meta, spec, &dirs, &hooks, $devices)
+            };
+        }
+        let checkpointing = self.fields.gradient_checkpointing;
+        let result = match devices[0] {
             Device::Cpu => {
-                type Cpu = Autodiff<NdArray<f32>>;
-                pipe_train::train::<Cpu>(
-                    &base,
-                    &data,
-                    &meta,
-                    spec,
-                    &dirs,
-                    &hooks,
-                    &Default::default(),
-                )
+                use pipe_model::CpuBackend;
+                let replicas = vec![Default::default(); devices.len()];
+                if checkpointing {
+                    train_on!(Autodiff<CpuBackend, BalancedCheckpointing>, &replicas)
+                } else {
+                    train_on!(Autodiff<CpuBackend>, &replicas)
+                }
             }
             #[cfg(feature = "cuda")]
-            Device::Cuda(index) => {
-                let dev = burn::backend::cuda::CudaDevice::new(index);
-                if self.fields.dtype == Dtype::Bf16 {
-                    type Gpu = Autodiff<burn::backend::Cuda<half::bf16, i32>>;
-                    pipe_train::train::<Gpu>(&base, &data, &meta, spec, &dirs, &hooks, &dev)
-                } else {
-                    type Gpu = Autodiff<burn::backend::Cuda<f32, i32>>;
-                    pipe_train::train::<Gpu>(&base, &data, &meta, spec, &dirs, &hooks, &dev)
+            Device::Cuda(_) => {
+                use burn::backend::Cuda;
+                let gpus: Vec<_> = devices
+                    .iter()
+                    .map(|d| match d {
+                        Device::Cuda(index) => burn::backend::cuda::CudaDevice::new(*index),
+                        Device::Cpu => unreachable!("check_devices refuses mixed kinds"),
+                    })
+                    .collect();
+                match (self.fields.dtype, checkpointing) {
+                    (Dtype::Bf16, false) => train_on!(Autodiff<Cuda<half::bf16, i32>>, &gpus),
+                    (Dtype::Bf16, true) => {
+                        train_on!(
+                            Autodiff<Cuda<half::bf16, i32>, BalancedCheckpointing>,
+                            &gpus
+                        )
+                    }
+                    (Dtype::F32, false) => train_on!(Autodiff<Cuda<f32, i32>>, &gpus),
+                    (Dtype::F32, true) => {
+                        train_on!(Autodiff<Cuda<f32, i32>, BalancedCheckpointing>, &gpus)
+                    }
                 }
             }
             #[cfg(not(feature = "cuda"))]
@@ -402,5 +449,93 @@ impl Stage for TrainStage {
         ));
         cx.set_metrics(serde_json::to_value(&trained)?);
         Ok(())
+    }
+}
+
+/// The devices of `device:` or `devices:`, checked: one kind, no GPU twice, and a number of
+/// micro-batches per step that the replicas share evenly.
+fn check_devices(cx: &ParseContext<'_>, f: &Fields) -> Result<Vec<String>, FieldError> {
+    if f.device.is_some() && f.devices.is_some() {
+        return Err(cx
+            .error("devices", "`device` and `devices` are both set")
+            .with_help("`devices: [cuda:0, cuda:1]` trains on several; `device: cuda:0` on one"));
+    }
+    let field = if f.devices.is_some() {
+        "devices"
+    } else {
+        "device"
+    };
+    let replicas = f.replicas();
+    if replicas.is_empty() {
+        return Err(cx.error("devices", "`devices` is empty; list at least one"));
+    }
+    for d in &replicas {
+        Device::check_field(d).map_err(|e| cx.error(field, e))?;
+    }
+    let on_cpu = |d: &String| d == "cpu";
+    if replicas.iter().any(on_cpu) && !replicas.iter().all(on_cpu) {
+        return Err(cx.error(
+            "devices",
+            "`devices` mixes the CPU and GPUs; the replicas of one run are all `cpu` or all `cuda:N`",
+        ));
+    }
+    let gpu_index = |d: &String| {
+        d.strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for d in replicas.iter().filter(|d| !on_cpu(d)) {
+        if !seen.insert(gpu_index(d)) {
+            return Err(cx.error(
+                "devices",
+                format!("GPU {} is listed twice in `devices`", gpu_index(d)),
+            ));
+        }
+    }
+    let n = replicas.len();
+    if n > 1 {
+        let micro = f.micro_batch_size.unwrap_or(f.batch_size).max(1);
+        let accumulation = f.batch_size / micro;
+        if !accumulation.is_multiple_of(n) {
+            return Err(cx
+                .error(
+                    "devices",
+                    format!(
+                        "{n} replicas share each step's micro-batches, but there are {accumulation} (batch_size {} / micro_batch_size {micro})",
+                        f.batch_size
+                    ),
+                )
+                .with_help(shared_batch_hint(f.batch_size, micro, n)));
+        }
+        let dropout = f.lora.as_ref().map_or(0.0, |l| l.dropout);
+        if dropout > 0.0 {
+            return Err(cx
+                .error(
+                    "devices",
+                    "LoRA dropout with several replicas is not reproducible: the replicas draw their masks from one shared generator in whatever order they run",
+                )
+                .with_help("set `lora: {dropout: 0}`, or train on one device"));
+        }
+    }
+    Ok(replicas)
+}
+
+/// A setting under which `n` replicas share each step's micro-batches evenly: a smaller
+/// micro-batch if one fits, else a larger batch.
+fn shared_batch_hint(batch: usize, micro: usize, n: usize) -> String {
+    let fits = |m: usize| batch.is_multiple_of(m) && (batch / m).is_multiple_of(n);
+    match (1..=micro).rev().find(|&m| fits(m)) {
+        Some(m) => format!(
+            "e.g. micro_batch_size: {m} ({} micro-batches per step)",
+            batch / m
+        ),
+        None => {
+            let accumulation = (batch / micro).div_ceil(n) * n;
+            format!(
+                "batch_size / micro_batch_size must be a multiple of {n}, e.g. batch_size: {}",
+                accumulation * micro
+            )
+        }
     }
 }

@@ -9,4 +9,4 @@ pub use run::{
     train, BaseModel, DataMeta, Dirs, Hooks, Method, Summary, TrainError, TrainSpec, Trained,
 };
 pub use schedule::{Decay, Schedule};
-pub use step::{adamw, train_step, AdamWSettings, MicroBatch, StepStats};
+pub use step::{adamw, train_step, train_step_parallel, AdamWSettings, MicroBatch, StepStats};

@@ -18,7 +18,7 @@ use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::{Decay, Schedule};
-use crate::step::{adamw, train_step, AdamWSettings, MicroBatch, Optim, Packing};
+use crate::step::{adamw, train_step_parallel, AdamWSettings, MicroBatch, Optim, Packing};
 
 /// Where the weights to start from come from.
 #[derive(Debug, Clone)]
@@ -308,6 +308,9 @@ fn build_model<B: AutodiffBackend>(
 
 /// Trains, checkpointing into `work`, and writes the result into `out`: `model/` (full) or
 /// `adapter/` (LoRA), `metrics.jsonl` and `summary.json`.
+///
+/// `devices` holds one entry per data-parallel replica (see [`train_step_parallel`]); the
+/// model, optimizer and checkpoints live on the first.
 pub fn train<B: AutodiffBackend>(
     base: &BaseModel,
     data: &Dataset,
@@ -315,9 +318,19 @@ pub fn train<B: AutodiffBackend>(
     spec: &TrainSpec,
     dirs: &Dirs<'_>,
     hooks: &Hooks<'_>,
-    device: &B::Device,
+    devices: &[B::Device],
 ) -> Result<Trained, TrainError> {
     let (work, out) = (dirs.work, dirs.out);
+    let Some(device) = devices.first() else {
+        return Err(TrainError::Other("no device to train on".into()));
+    };
+    let accumulation = spec.batch_size / spec.micro_batch_size.max(1);
+    if devices.len() > 1 && !accumulation.is_multiple_of(devices.len()) {
+        return Err(TrainError::Other(format!(
+            "{} replicas need a number of micro-batches per step that they divide; there are {accumulation}",
+            devices.len()
+        )));
+    }
     // The CPU backends draw random numbers (dropout) from one process-wide generator, which
     // `B::seed` resets at every step; two runs at once would interleave their draws and lose
     // reproducibility. Training is one at a time per process.
@@ -397,7 +410,8 @@ pub fn train<B: AutodiffBackend>(
             .map(|idx| micro_batch(data, idx, meta.pad_token_id))
             .collect();
         let lr = schedule.lr(step);
-        let (m, stats) = train_step(model, &mut optim, &batches, lr, spec.max_grad_norm);
+        let (m, stats) =
+            train_step_parallel(model, &mut optim, &batches, devices, lr, spec.max_grad_norm);
         model = m;
         if !stats.loss.is_finite() {
             return Err(TrainError::NonFinite {

@@ -96,22 +96,54 @@ pub fn train_step<B: AutodiffBackend>(
     max_grad_norm: Option<f64>,
 ) -> (Llama<B>, StepStats) {
     let device = model.embed_tokens.val().device();
+    train_step_parallel(model, optim, batches, &[device], lr, max_grad_norm)
+}
+
+/// [`train_step`] with data parallelism: one replica of the model per entry of `replicas` (a
+/// device may appear more than once: two replicas on the CPU use both its cores), micro-batch
+/// `i` runs on replica `i % replicas.len()`, and the gradients are summed on the model's own
+/// device in replica order before the one update. With one replica this is `train_step` itself,
+/// bit for bit; with more, the sum runs in another order (equal to float rounding).
+pub fn train_step_parallel<B: AutodiffBackend>(
+    model: Llama<B>,
+    optim: &mut Optim<B>,
+    batches: &[MicroBatch],
+    replicas: &[B::Device],
+    lr: f64,
+    max_grad_norm: Option<f64>,
+) -> (Llama<B>, StepStats) {
+    let device = model.embed_tokens.val().device();
     let total: usize = batches.iter().map(MicroBatch::target_tokens).sum();
     let mut acc = GradientsAccumulator::<Llama<B>>::new();
     let mut loss = 0f64;
-    for mb in batches {
-        let input_ids = ids::<B>(&mb.input_ids, &device);
-        let logits = match &mb.packing {
-            Some(p) => model.logits(model.hidden_packed(input_ids, &p.positions, &p.segments)),
-            None => model.forward(input_ids, mb.attention_mask.as_deref()),
-        };
-        let (sum, _) = shifted_cross_entropy(logits, &mb.labels);
-        // Each micro-batch's summed loss over the whole effective batch's token count, so the
-        // accumulated gradient is that of the mean over every target token.
-        let part = sum / total.max(1) as f64;
-        loss += part.clone().into_scalar().elem::<f64>();
-        let grads = GradientsParams::from_grads(part.backward(), &model);
+    if replicas.len() <= 1 || batches.len() <= 1 {
+        let (grads, part) = forward_backward(&model, batches.iter(), total);
+        loss += part;
         acc.accumulate(&model, grads);
+    } else {
+        let n = replicas.len().min(batches.len());
+        let results: Vec<(GradientsParams, f64)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = replicas[..n]
+                .iter()
+                .enumerate()
+                .map(|(w, replica_device)| {
+                    // A fork is a fresh leaf per parameter (same ids), so each replica's graph
+                    // is its own and the backward passes do not wait for one another.
+                    let replica = model.clone().fork(replica_device);
+                    scope.spawn(move || {
+                        forward_backward(&replica, batches.iter().skip(w).step_by(n), total)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a training replica panicked"))
+                .collect()
+        });
+        for (grads, part) in results {
+            loss += part;
+            acc.accumulate(&model, grads.to_device(&device, &model));
+        }
     }
     let mut grads = acc.grads();
     let grad_norm = global_norm(&model, &grads);
@@ -134,6 +166,33 @@ pub fn train_step<B: AutodiffBackend>(
             tokens: total,
         },
     )
+}
+
+/// The summed gradients of `batches` on `model`'s device, each micro-batch's loss divided by
+/// the effective batch's `total` target tokens, and the sum of those losses.
+fn forward_backward<'a, B: AutodiffBackend>(
+    model: &Llama<B>,
+    batches: impl Iterator<Item = &'a MicroBatch>,
+    total: usize,
+) -> (GradientsParams, f64) {
+    let device = model.embed_tokens.val().device();
+    let mut acc = GradientsAccumulator::<Llama<B>>::new();
+    let mut loss = 0f64;
+    for mb in batches {
+        let input_ids = ids::<B>(&mb.input_ids, &device);
+        let logits = match &mb.packing {
+            Some(p) => model.logits(model.hidden_packed(input_ids, &p.positions, &p.segments)),
+            None => model.forward(input_ids, mb.attention_mask.as_deref()),
+        };
+        let (sum, _) = shifted_cross_entropy(logits, &mb.labels);
+        // Each micro-batch's summed loss over the whole effective batch's token count, so the
+        // accumulated gradient is that of the mean over every target token.
+        let part = sum / total.max(1) as f64;
+        loss += part.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(part.backward(), model);
+        acc.accumulate(model, grads);
+    }
+    (acc.grads(), loss)
 }
 
 /// The L2 norm of all gradients together (`torch.nn.utils.clip_grad_norm_`'s).

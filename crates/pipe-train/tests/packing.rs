@@ -5,7 +5,7 @@
 use std::cell::Cell;
 use std::path::Path;
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::Autodiff;
 use pipe_data::dataset::{write, Dataset};
 use pipe_data::tokenize::Example;
 use pipe_model::LlamaConfig;
@@ -13,7 +13,7 @@ use pipe_train::{
     train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainSpec,
 };
 
-type B = Autodiff<NdArray<f32>>;
+type B = Autodiff<pipe_model::CpuBackend>;
 
 fn examples() -> Vec<Example> {
     (0..7)
@@ -91,7 +91,7 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
             out: &out,
         },
         &hooks,
-        &Default::default(),
+        &[Default::default()],
     )
     .unwrap();
     let line = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();

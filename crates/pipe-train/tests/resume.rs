@@ -4,7 +4,9 @@
 use std::cell::Cell;
 use std::path::Path;
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::{write, Dataset};
 use pipe_data::tokenize::Example;
 use pipe_model::{Llama, LlamaConfig, LoraSpec, Targets};
@@ -12,7 +14,7 @@ use pipe_train::{
     train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
 };
 
-type B = Autodiff<NdArray<f32>>;
+type B = Autodiff<pipe_model::CpuBackend>;
 
 fn config() -> LlamaConfig {
     LlamaConfig::from_json(
@@ -71,6 +73,16 @@ fn run(
     dir: &Path,
     stop_after: Option<u64>,
 ) -> Result<pipe_train::Trained, TrainError> {
+    run_on::<B>(spec, dir, stop_after, 1)
+}
+
+/// A run with `replicas` data-parallel replicas on the CPU.
+fn run_on<A: AutodiffBackend>(
+    spec: &TrainSpec,
+    dir: &Path,
+    stop_after: Option<u64>,
+    replicas: usize,
+) -> Result<pipe_train::Trained, TrainError> {
     let data = dataset(dir);
     let meta = DataMeta {
         pad_token_id: 0,
@@ -95,7 +107,7 @@ fn run(
         work: &work,
         out: &out,
     };
-    train::<B>(
+    train::<A>(
         &BaseModel::Init {
             config: config(),
             seed: 3,
@@ -105,11 +117,18 @@ fn run(
         spec,
         &dirs,
         &hooks,
-        &Default::default(),
+        &vec![Default::default(); replicas],
     )
 }
 
-fn check(method: Method, weights: &str) {
+/// Trains uninterrupted and interrupted + resumed, checks that both end the same, and returns
+/// the uninterrupted run's directory.
+fn check(method: Method, weights: &str) -> tempfile::TempDir {
+    check_on(method, weights, 1)
+}
+
+fn check_on(method: Method, weights: &str, replicas: usize) -> tempfile::TempDir {
+    let run = |s: &TrainSpec, dir: &Path, stop: Option<u64>| run_on::<B>(s, dir, stop, replicas);
     let s = spec(method);
     let a = tempfile::tempdir().unwrap();
     let full = run(&s, a.path(), None).unwrap();
@@ -129,7 +148,9 @@ fn check(method: Method, weights: &str) {
     let wb = std::fs::read(b.path().join("out").join(weights)).unwrap();
     assert!(
         wa == wb,
-        "resumed weights differ from the uninterrupted run's"
+        "resumed weights differ from the uninterrupted run's\n{}\n{}",
+        std::fs::read_to_string(a.path().join("out/metrics.jsonl")).unwrap(),
+        std::fs::read_to_string(b.path().join("out/metrics.jsonl")).unwrap()
     );
     let ma = std::fs::read_to_string(a.path().join("out/metrics.jsonl")).unwrap();
     let mb = std::fs::read_to_string(b.path().join("out/metrics.jsonl")).unwrap();
@@ -148,11 +169,49 @@ fn check(method: Method, weights: &str) {
     assert_eq!(ma, mb);
     let summary = |d: &Path| std::fs::read(d.join("out/summary.json")).unwrap();
     assert_eq!(summary(a.path()), summary(b.path()));
+    a
 }
 
 #[test]
 fn full_fine_tuning_resumes_bit_identically() {
     check(Method::Full, "model/model.safetensors");
+}
+
+/// Two replicas (each step's two micro-batches side by side, gradients summed) resume bit for
+/// bit and train the same model as one, up to the order of the float sums.
+#[test]
+fn data_parallel_replicas_resume_bit_identically_and_match_one_replica() {
+    let weights = "model/model.safetensors";
+    let one = check(Method::Full, weights);
+    let two = check_on(Method::Full, weights, 2);
+    let read = |d: &Path| std::fs::read(d.join("out").join(weights)).unwrap();
+    let (a, b) = (read(one.path()), read(two.path()));
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&a).unwrap(),
+        safetensors::SafeTensors::deserialize(&b).unwrap(),
+    );
+    let mut max_diff = 0f32;
+    for (name, t) in a.tensors() {
+        let u = b.tensor(&name).unwrap();
+        let floats = |d: &[u8]| -> Vec<f32> {
+            d.chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        for (x, y) in floats(t.data()).iter().zip(floats(u.data())) {
+            max_diff = max_diff.max((x - y).abs());
+        }
+    }
+    assert!(
+        max_diff < 1e-5,
+        "two replicas differ from one by {max_diff}"
+    );
+    let loss = |d: &Path| {
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join("out/summary.json")).unwrap()).unwrap();
+        s["last_loss"].as_f64().unwrap()
+    };
+    assert!((loss(one.path()) - loss(two.path())).abs() < 1e-5);
 }
 
 #[test]
@@ -229,4 +288,31 @@ fn lora_with_modules_to_save_trains_them_and_resumes_bit_identically() {
     assert_eq!(before.len(), trained.data.len());
     assert!(before.iter().zip(&trained.data).any(|(a, b)| a != b));
     check(Method::Lora(l), "adapter/adapter_model.safetensors");
+}
+
+/// Gradient checkpointing recomputes intermediate results in the backward pass: the same
+/// numbers, so the same weights, bit for bit (and the stage leaves it out of the cache key).
+#[test]
+fn gradient_checkpointing_trains_the_same_weights() {
+    let l = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Targets::AllLinear,
+        modules_to_save: Vec::new(),
+    };
+    for (method, weights) in [
+        (Method::Full, "model/model.safetensors"),
+        (Method::Lora(l), "adapter/adapter_model.safetensors"),
+    ] {
+        let s = spec(method);
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        run_on::<B>(&s, a.path(), None, 1).unwrap();
+        type Checkpointed = Autodiff<pipe_model::CpuBackend, BalancedCheckpointing>;
+        run_on::<Checkpointed>(&s, b.path(), None, 1).unwrap();
+        let read = |d: &Path| std::fs::read(d.join("out").join(weights)).unwrap();
+        assert!(read(a.path()) == read(b.path()), "{weights} differ");
+        let metrics = |d: &Path| std::fs::read(d.join("out/metrics.jsonl")).unwrap();
+        assert_eq!(metrics(a.path()), metrics(b.path()));
+    }
 }

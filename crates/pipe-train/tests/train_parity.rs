@@ -4,14 +4,14 @@
 
 use std::path::PathBuf;
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::Autodiff;
 use burn::tensor::{Int, Tensor, TensorData};
 use pipe_model::{load_llama_with, Llama};
 use pipe_train::step::for_inference;
 use pipe_train::{adamw, train_step, AdamWSettings, Decay, MicroBatch, Schedule};
 use serde_json::Value;
 
-type B = Autodiff<NdArray<f32>>;
+type B = Autodiff<pipe_model::CpuBackend>;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
@@ -88,7 +88,7 @@ fn final_logits(model: &Llama<B>, e: &Value) -> f32 {
     let inf = for_inference(model);
     let ids = rows(&e["final_input_ids"]);
     let (b, s) = (ids.len(), ids[0].len());
-    let t = Tensor::<NdArray<f32>, 2, Int>::from_data(
+    let t = Tensor::<pipe_model::CpuBackend, 2, Int>::from_data(
         TensorData::new(ids.into_iter().flatten().collect::<Vec<i64>>(), [b, s]),
         &Default::default(),
     );
