@@ -12,12 +12,15 @@
 #   bench/train.sh --backends      burn 0.21's CPU backends side by side on (a): flex (pipe's),
 #                                  ndarray, candle (built with the bench-* features)
 #
+# Every figure is the median of REPEAT runs (default 3; 1 for --lora), this machine being noisy.
 # Needs a Rust toolchain and Python 3; PyTorch/transformers/peft are installed into
 # target/bench-venv-train on first use (scripts/requirements-llama-fixtures.txt).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 MODE=${1:-full}
+REPEAT=${REPEAT:-3}
+[ "$MODE" = --lora ] && REPEAT=${REPEAT_LORA:-1}
 FEATURES=()
 [ "$MODE" = --backends ] && FEATURES=(--features bench-ndarray,bench-candle)
 cargo build --release --quiet -p pipe-train --example train_bench "${FEATURES[@]}"
@@ -29,12 +32,25 @@ if ! "$PY" -c "import torch, transformers, peft" 2>/dev/null; then
 fi
 echo "machine: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 
-# Runs pipe with the given arguments, prints its line with the peak memory, and keeps the JSON.
+# The run with the median tokens/s of REPEAT runs of a command that prints one JSON line.
+median_of() {
+  local runs=() out rss
+  for _ in $(seq "$REPEAT"); do
+    out=$( { /usr/bin/time -f 'maxrss_kb %M' "$@" ; } 2>&1 )
+    rss=$(($(grep -o 'maxrss_kb [0-9]*' <<<"$out" | cut -d' ' -f2) / 1024))
+    runs+=("$(grep '^{' <<<"$out" | python3 -c "import json,sys; d=json.load(sys.stdin); d['peak_rss_mb']=$rss; print(json.dumps(d))")")
+  done
+  printf '%s\n' "${runs[@]}" | python3 -c "
+import json, sys
+runs = sorted((json.loads(l) for l in sys.stdin), key=lambda d: d['tokens_per_s'])
+print(json.dumps(runs[len(runs) // 2]))"
+}
+# Runs pipe with the given arguments, prints its line, and keeps the JSON.
 pipe_run() {
   local out
-  out=$( { /usr/bin/time -f 'maxrss_kb %M' "$BIN" "$@" ; } 2>&1 )
-  echo "pipe:    $(grep '^{' <<<"$out") (peak RSS $(($(grep -o 'maxrss_kb [0-9]*' <<<"$out" | cut -d' ' -f2) / 1024)) MB)" >&2
-  grep '^{' <<<"$out"
+  out=$(median_of "$BIN" "$@")
+  echo "pipe:    $out" >&2
+  echo "$out"
 }
 ratio() {
   python3 - "$1" "$2" <<'PYEOF'
@@ -48,7 +64,7 @@ case "$MODE" in
   full)
     SHAPE=(256 4 4 8000 128 8 10)
     echo "(a) full fine-tuning, dim/layers/heads/vocab/seq/batch/steps = ${SHAPE[*]}"
-    REF=$("$PY" bench/train_reference.py "${SHAPE[@]}")
+    REF=$(median_of "$PY" bench/train_reference.py "${SHAPE[@]}")
     echo "pytorch: $REF"
     for args in "flex 1" "flex 2" "flex-checkpointing 1"; do
       read -r backend replicas <<<"$args"
@@ -59,7 +75,7 @@ case "$MODE" in
     DIR=${2:?usage: bench/train.sh --lora MODEL_DIR}
     ARGS=(--lora "$DIR" 16 128 8 5)
     echo "(b) LoRA r=16 all-linear on $DIR, seq 128, batch 8, 5 steps"
-    REF=$("$PY" bench/train_reference.py "${ARGS[@]}")
+    REF=$(median_of "$PY" bench/train_reference.py "${ARGS[@]}")
     echo "pytorch: $REF"
     for replicas in 1 2; do
       ratio "$(pipe_run "${ARGS[@]}" flex "$replicas")" "$REF"

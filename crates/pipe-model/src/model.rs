@@ -173,23 +173,21 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, s, h, d])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, s, kv, d])
-            .swap_dims(1, 2);
+        // The rotation is applied while heads are still the inner dimension ([batch, seq,
+        // heads, head_dim], as the projections leave them), where the elementwise work runs on
+        // contiguous memory; `[rows, 1, seq, d]` tables read as `[rows, seq, 1, d]` for free.
+        let [rows, _, _, _] = cos.dims();
+        let cos = cos.reshape([rows, s, 1, d]);
+        let sin = sin.reshape([rows, s, 1, d]);
+        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+        let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
+        let q = apply_rope(q, cos.clone(), sin.clone()).swap_dims(1, 2);
+        let k = apply_rope(k, cos, sin).swap_dims(1, 2);
         let v = self
             .v_proj
             .forward(x)
             .reshape([b, s, kv, d])
             .swap_dims(1, 2);
-        let q = apply_rope(q, cos.clone(), sin.clone());
-        let k = apply_rope(k, cos, sin);
         let (k, v) = match past {
             None => (k, v),
             Some(cache) => {
