@@ -42,6 +42,8 @@ What it writes (under tests/fixtures/llama/):
                               clip_grad_norm_ 1.0: per-step lr/loss/grad_norm/micro-batches, final
                               logits and parameter values/sums. train/final_model.safetensors: all
                               parameters after the 4 steps (HF names, f32).
+  autocast-bf16/expected.json gqa-untied's logits and loss under torch.autocast("cpu", bfloat16)
+                              (what mixed-precision training computes), and their distance from f32.
   train-lora/                 the same with the LoRA config of lora/ (PEFT default init, B = 0) at
                               lr 2e-4: initial_adapter/ (start point), final_adapter/ (after 4 steps),
                               expected.json.
@@ -563,6 +565,30 @@ def build_train_lora() -> None:
     write_json(d / "expected.json", res)
 
 
+@torch.no_grad()
+def build_autocast_bf16() -> None:
+    """gqa-untied under torch.autocast("cpu", bfloat16) — mixed-precision training's forward:
+    matrix products in bf16, the parameters f32 — with the f32 logits beside it for scale."""
+    model = load_model(OUT / "gqa-untied")
+    ids, labels = make_inputs(model.config.vocab_size)
+    f32 = model(input_ids=ids, labels=labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(input_ids=ids, labels=labels)
+    d = fresh_dir(OUT / "autocast-bf16")
+    write_json(d / "expected.json", {
+        "model": "gqa-untied",
+        "input_ids": ids.tolist(),
+        "labels": labels.tolist(),
+        "logits_shape": list(mixed.logits.shape),
+        "logits": flat(mixed.logits.float()),
+        "loss": float(mixed.loss),
+        "f32_max_abs_diff": float((mixed.logits.float() - f32.logits).abs().max()),
+        "f32_loss": float(f32.loss),
+        "attn_implementation": ATTN,
+        **VERSIONS,
+    })
+
+
 def main() -> int:
     setup_determinism()
     os.chdir(ROOT)
@@ -574,6 +600,7 @@ def main() -> int:
         "lora-modules-to-save": build_lora_modules_to_save,
         "train": build_train,
         "train-lora": build_train_lora,
+        "autocast-bf16": build_autocast_bf16,
     }
     # `make_llama_fixtures.py lora train` rebuilds only those; no argument rebuilds all.
     for name in sys.argv[1:] or list(builders):

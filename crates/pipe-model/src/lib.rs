@@ -11,7 +11,7 @@ pub mod save;
 pub use config::LlamaConfig;
 pub use load::{load_llama, load_llama_with, Checkpoint};
 pub use lora::{LoraSpec, Targets};
-pub use model::{shifted_cross_entropy, KvCache, Llama};
+pub use model::{shifted_cross_entropy, KvCache, Llama, MatmulPrecision};
 pub use save::{init_llama, SaveDtype};
 
 /// The backend pipe computes with on the CPU: burn-flex (threads and SIMD), the fastest of

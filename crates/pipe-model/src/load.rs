@@ -12,7 +12,7 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::LlamaConfig;
-use crate::model::{Attention, DecoderLayer, Llama, Mlp, Proj, RmsNorm, Rope};
+use crate::model::{Attention, DecoderLayer, Llama, MatmulPrecision, Mlp, Proj, RmsNorm, Rope};
 use crate::ModelError;
 
 /// A tensor read from a checkpoint, as f32 with its shape.
@@ -242,6 +242,7 @@ impl<B: Backend> Loader<'_, B> {
             weight: named_param(&name, weight, self.trainable),
             bias,
             lora: None,
+            precision: MatmulPrecision::F32,
         })
     }
 
@@ -295,6 +296,7 @@ pub fn load_llama_with<B: Backend>(
                 n_heads: cfg.num_attention_heads,
                 n_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
+                precision: MatmulPrecision::F32,
             },
             post_attention_layernorm: ld.norm(
                 &format!("{p}.post_attention_layernorm.weight"),
@@ -319,6 +321,7 @@ pub fn load_llama_with<B: Backend>(
         layers,
         norm: ld.norm("model.norm.weight", hid, cfg.rms_norm_eps)?,
         lm_head,
+        matmul_precision: MatmulPrecision::F32,
         rope: Rope::new(&cfg),
         config: cfg,
     })
@@ -351,6 +354,7 @@ impl<B: Backend> Llama<B> {
                 weight: named_param("lm_head.weight", w, trainable),
                 bias: head.bias,
                 lora: head.lora,
+                precision: head.precision,
             });
         }
         self.config.vocab_size = new_vocab;

@@ -5,9 +5,35 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
+
+/// How matrix products are computed: in f32, or as mixed-precision training does (PyTorch's
+/// `autocast` to bf16): both operands rounded to bf16, the result (accumulated in f32 by the
+/// backend) rounded to bf16 and widened back. Parameters, optimizer state, norms, softmax and
+/// the loss stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+/// `a·b` at `precision`.
+pub fn matmul_at<B: Backend, const D: usize>(
+    precision: MatmulPrecision,
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Tensor<B, D> {
+    match precision {
+        MatmulPrecision::F32 => a.matmul(b),
+        MatmulPrecision::Bf16 => a
+            .cast(FloatDType::BF16)
+            .matmul(b.cast(FloatDType::BF16))
+            .cast(FloatDType::F32),
+    }
+}
 
 /// A linear map `y = x·W (+ b)`, with `W` stored `[d_input, d_output]` (transposed from the
 /// `[out, in]` of a Hugging Face checkpoint when loaded), and optionally a LoRA adapter.
@@ -18,6 +44,8 @@ pub struct Proj<B: Backend> {
     /// `[d_output]`
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<Lora<B>>,
+    #[module(skip)]
+    pub precision: MatmulPrecision,
 }
 
 /// A low-rank update as PEFT computes it: `y += (x·A)·B · alpha/r`.
@@ -39,7 +67,11 @@ impl<B: Backend> Proj<B> {
         let [b, s, d] = x.dims();
         // One [batch·seq, d_input] × [d_input, d_output] product rather than `batch` small
         // ones: CPU matrix kernels are far faster on one large operand.
-        let y = x.clone().reshape([b * s, d]).matmul(self.weight.val());
+        let y = matmul_at(
+            self.precision,
+            x.clone().reshape([b * s, d]),
+            self.weight.val(),
+        );
         let d_out = y.dims()[1];
         let mut y = y.reshape([b, s, d_out]);
         if let Some(b) = &self.bias {
@@ -58,11 +90,8 @@ impl<B: Backend> Proj<B> {
             } else {
                 x
             };
-            let update = x
-                .reshape([b * s, d])
-                .matmul(l.a.val())
-                .matmul(l.b.val())
-                .reshape([b, s, d_out]);
+            let down = matmul_at(self.precision, x.reshape([b * s, d]), l.a.val());
+            let update = matmul_at(self.precision, down, l.b.val()).reshape([b, s, d_out]);
             y = y + update * l.scaling;
         }
         y
@@ -157,6 +186,9 @@ pub struct Attention<B: Backend> {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Of the score and weighted-sum products (the projections have their own).
+    #[module(skip)]
+    pub precision: MatmulPrecision,
 }
 
 impl<B: Backend> Attention<B> {
@@ -215,9 +247,11 @@ impl<B: Backend> Attention<B> {
                 .reshape([b, h, t, d]);
             (k, v)
         };
-        let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt() + mask;
+        let scores = matmul_at(self.precision, q, k.swap_dims(2, 3)) / (d as f64).sqrt() + mask;
         let probs = softmax(scores, 3);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * d]);
+        let out = matmul_at(self.precision, probs, v)
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d]);
         self.o_proj.forward(out)
     }
 }
@@ -274,6 +308,9 @@ pub struct Llama<B: Backend> {
     pub norm: RmsNorm<B>,
     /// `None` when the output projection is the (transposed) input embedding.
     pub lm_head: Option<Proj<B>>,
+    /// Of the tied output projection (the other products have their own).
+    #[module(skip)]
+    pub matmul_precision: MatmulPrecision,
     #[module(skip)]
     pub rope: Rope,
     #[module(skip)]
@@ -281,6 +318,19 @@ pub struct Llama<B: Backend> {
 }
 
 impl<B: Backend> Llama<B> {
+    /// Every matrix product of the model at `precision` (mixed-precision training with
+    /// `MatmulPrecision::Bf16`).
+    pub fn with_matmul_precision(mut self, precision: MatmulPrecision) -> Self {
+        self.matmul_precision = precision;
+        for layer in &mut self.layers {
+            layer.self_attn.precision = precision;
+        }
+        for (_, proj) in self.linear_modules_mut() {
+            proj.precision = precision;
+        }
+        self
+    }
+
     /// `input_ids`: `[batch, seq]`; `attention_mask`: `[batch, seq]`, 1 for tokens and 0 for
     /// padding (keys at 0 are not attended to) → logits `[batch, seq, vocab]`.
     pub fn forward(
@@ -371,9 +421,11 @@ impl<B: Backend> Llama<B> {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, s, h] = hidden.dims();
-                let logits = hidden
-                    .reshape([b * s, h])
-                    .matmul(self.embed_tokens.val().transpose());
+                let logits = matmul_at(
+                    self.matmul_precision,
+                    hidden.reshape([b * s, h]),
+                    self.embed_tokens.val().transpose(),
+                );
                 let v = logits.dims()[1];
                 logits.reshape([b, s, v])
             }

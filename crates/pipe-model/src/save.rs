@@ -11,7 +11,7 @@ use safetensors::Dtype;
 
 use crate::config::LlamaConfig;
 use crate::load::named_param;
-use crate::model::{Attention, DecoderLayer, Llama, Mlp, Proj, RmsNorm, Rope};
+use crate::model::{Attention, DecoderLayer, Llama, MatmulPrecision, Mlp, Proj, RmsNorm, Rope};
 use crate::rng::SplitMix64;
 use crate::ModelError;
 
@@ -346,6 +346,7 @@ pub fn init_llama<B: Backend>(
                 weight: named_param(&format!("{name}.weight"), w.val().transpose(), trainable),
                 bias: None,
                 lora: None,
+                precision: MatmulPrecision::F32,
             }
         };
         let q = proj(format!("{p}.self_attn.q_proj"), q_dim, hid);
@@ -365,6 +366,7 @@ pub fn init_llama<B: Backend>(
                 n_heads: cfg.num_attention_heads,
                 n_kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
+                precision: MatmulPrecision::F32,
             },
             post_attention_layernorm: ones(&format!("{p}.post_attention_layernorm.weight"), hid),
             mlp: Mlp {
@@ -382,6 +384,7 @@ pub fn init_llama<B: Backend>(
             weight: named_param("lm_head.weight", w.val().transpose(), trainable),
             bias: None,
             lora: None,
+            precision: MatmulPrecision::F32,
         })
     };
     Llama {
@@ -389,6 +392,7 @@ pub fn init_llama<B: Backend>(
         layers,
         norm: ones("model.norm.weight", hid),
         lm_head,
+        matmul_precision: MatmulPrecision::F32,
         rope: Rope::new(cfg),
         config: cfg.clone(),
     }

@@ -349,3 +349,62 @@ fn cached_decoding_matches_the_full_forward() {
         }
     }
 }
+
+/// `dtype: bf16` training computes as PyTorch's autocast does for matrix products (bf16
+/// operands and result, the parameters f32): its logits and loss are nearer autocast's than the
+/// f32 model's are.
+#[test]
+fn bf16_matmuls_follow_torch_autocast() {
+    let e = expected("autocast-bf16");
+    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let ids = rows_i64(&e["input_ids"]);
+    let labels = rows_i64(&e["labels"]);
+    let reference = floats(&e["logits"]);
+    let run = |m: &Llama<B>| {
+        let logits = m.forward(ids_tensor(&ids), None);
+        let values: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
+        let (sum, n) = pipe_model::shifted_cross_entropy(logits, &labels);
+        (values, sum.into_scalar() as f64 / n as f64)
+    };
+    let (f32_logits, f32_loss) = run(&model);
+    let mixed = model.with_matmul_precision(pipe_model::MatmulPrecision::Bf16);
+    let (mixed_logits, mixed_loss) = run(&mixed);
+    let f32_gap = max_abs_diff(&f32_logits, &reference);
+    let mixed_gap = max_abs_diff(&mixed_logits, &reference);
+    let autocast_loss = e["loss"].as_f64().unwrap();
+    eprintln!(
+        "max |Δlogit| to autocast: f32 {f32_gap:.5}, mixed {mixed_gap:.5}; loss: f32 {f32_loss:.6}, mixed {mixed_loss:.6}, autocast {autocast_loss:.6}"
+    );
+    let mean_gap = |a: &[f32]| {
+        a.iter()
+            .zip(&reference)
+            .map(|(x, y)| (x - y).abs())
+            .sum::<f32>()
+            / a.len() as f32
+    };
+    eprintln!(
+        "mean |Δlogit| to autocast: f32 {:.6}, mixed {:.6}",
+        mean_gap(&f32_logits),
+        mean_gap(&mixed_logits)
+    );
+    assert!((f32_gap - e["f32_max_abs_diff"].as_f64().unwrap() as f32).abs() < 1e-3);
+    // Elementwise work stays f32 here (autocast runs some of it in bf16), so the two are not
+    // equal, but the bf16 products bring pipe most of the way to autocast.
+    assert!(
+        mixed_gap < f32_gap,
+        "max: mixed {mixed_gap} vs f32 {f32_gap}"
+    );
+    let (f32_mean, mixed_mean) = (mean_gap(&f32_logits), mean_gap(&mixed_logits));
+    assert!(
+        mixed_mean < 0.7 * f32_mean,
+        "mean: mixed {mixed_mean} vs f32 {f32_mean}"
+    );
+    assert!(
+        (mixed_loss - autocast_loss).abs() < 0.5 * (f32_loss - autocast_loss).abs(),
+        "loss: mixed {mixed_loss}, f32 {f32_loss}, autocast {autocast_loss}"
+    );
+    // The output product ran in bf16: every logit is a bf16 value.
+    assert!(mixed_logits
+        .iter()
+        .all(|&x| half::bf16::from_f32(x).to_f32() == x));
+}

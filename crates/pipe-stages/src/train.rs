@@ -29,7 +29,7 @@ use burn::backend::Autodiff;
 use pipe_core::diag::FieldError;
 use pipe_core::{Input, Interrupted, ParseContext, Stage, StageContext, StageKind};
 use pipe_data::dataset::Dataset;
-use pipe_model::{LoraSpec, Targets};
+use pipe_model::{LoraSpec, MatmulPrecision, Targets};
 use pipe_train::{
     AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
 };
@@ -124,7 +124,8 @@ struct Fields {
     seed: u64,
     #[serde(default)]
     save_steps: Option<u64>,
-    /// The dtype of the computation.
+    /// The precision of the computation: `f32`, or `bf16` — mixed precision as PyTorch's
+    /// autocast: matrix products in bf16, parameters, optimizer, norms, softmax, loss in f32.
     #[serde(default = "default_dtype")]
     dtype: Dtype,
     /// The dtype of the saved weights.
@@ -257,17 +258,7 @@ impl StageKind for TrainKind {
         if !(f.lr.is_finite() && f.lr > 0.0) {
             return Err(cx.error("lr", "the learning rate must be a positive number"));
         }
-        let replicas = check_devices(cx, &f)?;
-        if f.dtype == Dtype::Bf16 && replicas[0] == "cpu" {
-            return Err(cx
-                .error(
-                    "dtype",
-                    "bf16 training runs on a GPU (`device: cuda`); the CPU backend computes in f32",
-                )
-                .with_help(
-                    "use `dtype: f32` on CPU (`save_dtype: bf16` still writes bf16 weights)",
-                ));
-        }
+        check_devices(cx, &f)?;
         let spec = TrainSpec {
             method,
             lr: f.lr,
@@ -288,6 +279,10 @@ impl StageKind for TrainKind {
             seed: f.seed,
             save_steps: f.save_steps,
             save_dtype_bf16: f.save_dtype == Dtype::Bf16,
+            matmul_precision: match f.dtype {
+                Dtype::F32 => MatmulPrecision::F32,
+                Dtype::Bf16 => MatmulPrecision::Bf16,
+            },
         };
         Ok(Box::new(TrainStage {
             fields: f,
@@ -404,18 +399,11 @@ impl Stage for TrainStage {
                         Device::Cpu => unreachable!("check_devices refuses mixed kinds"),
                     })
                     .collect();
-                match (self.fields.dtype, checkpointing) {
-                    (Dtype::Bf16, false) => train_on!(Autodiff<Cuda<half::bf16, i32>>, &gpus),
-                    (Dtype::Bf16, true) => {
-                        train_on!(
-                            Autodiff<Cuda<half::bf16, i32>, BalancedCheckpointing>,
-                            &gpus
-                        )
-                    }
-                    (Dtype::F32, false) => train_on!(Autodiff<Cuda<f32, i32>>, &gpus),
-                    (Dtype::F32, true) => {
-                        train_on!(Autodiff<Cuda<f32, i32>, BalancedCheckpointing>, &gpus)
-                    }
+                // bf16 is mixed precision (`spec.matmul_precision`) on f32 parameters.
+                if checkpointing {
+                    train_on!(Autodiff<Cuda<f32, i32>, BalancedCheckpointing>, &gpus)
+                } else {
+                    train_on!(Autodiff<Cuda<f32, i32>>, &gpus)
                 }
             }
             #[cfg(not(feature = "cuda"))]

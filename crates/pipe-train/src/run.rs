@@ -14,7 +14,7 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::Dataset;
 use pipe_model::save::{write_safetensors, SaveDtype};
-use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec};
+use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec, MatmulPrecision};
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::{Decay, Schedule};
@@ -54,6 +54,10 @@ pub struct TrainSpec {
     /// Checkpoint every this many steps (and on interruption).
     pub save_steps: Option<u64>,
     pub save_dtype_bf16: bool,
+    /// Mixed precision: matrix products in bf16, all else f32. In the stage's cache key as
+    /// its `dtype` field.
+    #[serde(skip)]
+    pub matmul_precision: MatmulPrecision,
 }
 
 /// The special tokens of the dataset (from the tokenize stage's meta.json).
@@ -385,6 +389,7 @@ pub fn train<B: AutodiffBackend>(
     } else if metrics_path.exists() {
         std::fs::remove_file(&metrics_path).map_err(io("metrics.jsonl"))?;
     }
+    let mut model = model.with_matmul_precision(spec.matmul_precision);
     let resumed_from_step = state.step;
     let tokens_at_start = state.tokens;
     let t0 = Instant::now();

@@ -60,6 +60,7 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
         seed: 1,
         save_steps: None,
         save_dtype_bf16: false,
+        matmul_precision: Default::default(),
     };
     let config = LlamaConfig::from_json(
         r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,

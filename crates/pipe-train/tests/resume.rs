@@ -9,7 +9,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::{write, Dataset};
 use pipe_data::tokenize::Example;
-use pipe_model::{Llama, LlamaConfig, LoraSpec, Targets};
+use pipe_model::{Llama, LlamaConfig, LoraSpec, MatmulPrecision, Targets};
 use pipe_train::{
     train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
 };
@@ -65,6 +65,7 @@ fn spec(method: Method) -> TrainSpec {
         seed: 5,
         save_steps: Some(2),
         save_dtype_bf16: false,
+        matmul_precision: MatmulPrecision::F32,
     }
 }
 
@@ -124,12 +125,11 @@ fn run_on<A: AutodiffBackend>(
 /// Trains uninterrupted and interrupted + resumed, checks that both end the same, and returns
 /// the uninterrupted run's directory.
 fn check(method: Method, weights: &str) -> tempfile::TempDir {
-    check_on(method, weights, 1)
+    check_on(spec(method), weights, 1)
 }
 
-fn check_on(method: Method, weights: &str, replicas: usize) -> tempfile::TempDir {
+fn check_on(s: TrainSpec, weights: &str, replicas: usize) -> tempfile::TempDir {
     let run = |s: &TrainSpec, dir: &Path, stop: Option<u64>| run_on::<B>(s, dir, stop, replicas);
-    let s = spec(method);
     let a = tempfile::tempdir().unwrap();
     let full = run(&s, a.path(), None).unwrap();
     assert_eq!(full.summary.steps, 9);
@@ -183,7 +183,7 @@ fn full_fine_tuning_resumes_bit_identically() {
 fn data_parallel_replicas_resume_bit_identically_and_match_one_replica() {
     let weights = "model/model.safetensors";
     let one = check(Method::Full, weights);
-    let two = check_on(Method::Full, weights, 2);
+    let two = check_on(spec(Method::Full), weights, 2);
     let read = |d: &Path| std::fs::read(d.join("out").join(weights)).unwrap();
     let (a, b) = (read(one.path()), read(two.path()));
     let (a, b) = (
@@ -314,5 +314,37 @@ fn gradient_checkpointing_trains_the_same_weights() {
         assert!(read(a.path()) == read(b.path()), "{weights} differ");
         let metrics = |d: &Path| std::fs::read(d.join("out/metrics.jsonl")).unwrap();
         assert_eq!(metrics(a.path()), metrics(b.path()));
+    }
+}
+
+/// `dtype: bf16` (bf16 matrix products on f32 parameters) resumes bit for bit, and trains
+/// like f32 up to bf16's rounding.
+#[test]
+fn mixed_precision_resumes_bit_identically_and_tracks_f32() {
+    let mixed = TrainSpec {
+        matmul_precision: MatmulPrecision::Bf16,
+        ..spec(Method::Full)
+    };
+    let weights = "model/model.safetensors";
+    let a = check_on(mixed, weights, 1);
+    let b = check(Method::Full, weights);
+    let losses = |d: &Path| -> Vec<f64> {
+        std::fs::read_to_string(d.join("out/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (mixed, full) = (losses(a.path()), losses(b.path()));
+    assert_ne!(mixed, full, "bf16 products must change the numbers");
+    for (m, f) in mixed.iter().zip(&full) {
+        assert!(
+            (m - f).abs() < 0.02 * f,
+            "step loss {m} (bf16) vs {f} (f32)"
+        );
     }
 }
