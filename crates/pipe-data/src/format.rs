@@ -183,6 +183,18 @@ pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, String> {
 /// The file to read from a `format` stage's input: the file itself, `file` inside a directory,
 /// or the directory's only `.json`/`.jsonl` file.
 pub fn find_records_file(input: &Path, file: Option<&str>) -> Result<std::path::PathBuf, String> {
+    find_data_file(input, file, &["json", "jsonl"], "name one with `file:`")
+}
+
+/// A data file given as a stage input: `input` itself when it is a file, `file` inside the
+/// directory `input`, or the directory's only file with one of `extensions` (a download
+/// stage's output); `choose` tells the user how to pick one when there are several.
+pub fn find_data_file(
+    input: &Path,
+    file: Option<&str>,
+    extensions: &[&str],
+    choose: &str,
+) -> Result<std::path::PathBuf, String> {
     if input.is_file() {
         return Ok(input.to_path_buf());
     }
@@ -197,14 +209,25 @@ pub fn find_records_file(input: &Path, file: Option<&str>) -> Result<std::path::
     let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(input)
         .map_err(|e| format!("cannot read {}: {e}", input.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json" || x == "jsonl"))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| extensions.iter().any(|e| x == *e))
+        })
         .collect();
     found.sort();
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(format!("no .json or .jsonl file in {}", input.display())),
+        0 => Err(format!(
+            "no {} file in {}",
+            extensions
+                .iter()
+                .map(|e| format!(".{e}"))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            input.display()
+        )),
         _ => Err(format!(
-            "{} holds several data files ({}); name one with `file:`",
+            "{} holds several data files ({}); {choose}",
             input.display(),
             found
                 .iter()
@@ -246,6 +269,36 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_file_is_the_path_or_the_one_matching_file_of_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let find = |file: Option<&str>| find_data_file(d, file, &["jsonl"], "pick one");
+        assert_eq!(
+            find(None).unwrap_err(),
+            format!("no .jsonl file in {}", d.display())
+        );
+        std::fs::write(d.join("b.jsonl"), "{}\n").unwrap();
+        std::fs::write(d.join("notes.txt"), "").unwrap();
+        assert_eq!(find(None).unwrap(), d.join("b.jsonl"));
+        assert_eq!(
+            find_data_file(&d.join("notes.txt"), None, &["jsonl"], "").unwrap(),
+            d.join("notes.txt")
+        );
+        std::fs::write(d.join("a.jsonl"), "{}\n").unwrap();
+        let e = find(None).unwrap_err();
+        assert!(
+            e.ends_with("holds several data files (a.jsonl, b.jsonl); pick one"),
+            "{e}"
+        );
+        assert_eq!(find(Some("a.jsonl")).unwrap(), d.join("a.jsonl"));
+        assert!(find(Some("c.jsonl"))
+            .unwrap_err()
+            .starts_with("no file `c.jsonl` in"));
+        let records = find_records_file(d, None).unwrap_err();
+        assert!(records.ends_with("name one with `file:`"), "{records}");
+    }
     use crate::prompt::TemplateSpec;
     use std::collections::BTreeMap;
 

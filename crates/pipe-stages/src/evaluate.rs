@@ -37,6 +37,7 @@ use burn::tensor::backend::Backend;
 use pipe_core::diag::FieldError;
 use pipe_core::{Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageKind};
 use pipe_data::dataset::Dataset;
+use pipe_data::format::find_data_file;
 use pipe_data::prompt::{Template, TemplateSpec};
 use pipe_data::records::Record;
 use pipe_eval::score::{task_requests, task_result};
@@ -454,7 +455,7 @@ impl EvaluateStage {
             .unwrap_or(0);
         let mut tasks = Vec::new();
         for t in &self.tasks {
-            let path = file_in(cx.input(&format!("task/{}", t.name))?, "jsonl")?;
+            let path = task_file(cx.input(&format!("task/{}", t.name))?)?;
             let docs = read_docs(&path, t.fields.format, t.fields.limit)
                 .map_err(|e| anyhow!("task `{}`: {e}", t.name))?;
             let fewshot = match (
@@ -463,7 +464,7 @@ impl EvaluateStage {
             ) {
                 (0, _) => FewShot::None,
                 (k, Ok(dev)) => {
-                    let dev = file_in(dev, "jsonl")?;
+                    let dev = task_file(dev)?;
                     let docs = read_docs(&dev, t.fields.format, Some(k))
                         .map_err(|e| anyhow!("task `{}` few-shot file: {e}", t.name))?;
                     if docs.len() < k {
@@ -816,22 +817,16 @@ impl EvaluateStage {
     }
 }
 
-/// A path input that is a file, or a directory holding exactly one `*.ext` file (a
-/// download stage's output).
-fn file_in(path: &Path, ext: &str) -> anyhow::Result<PathBuf> {
-    if path.is_file() {
-        return Ok(path.to_path_buf());
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == ext))
-        .collect();
-    match found.len() {
-        1 => Ok(found.pop().expect("one")),
-        0 => bail!("no .{ext} file in {}", path.display()),
-        _ => bail!("several .{ext} files in {}: name the file", path.display()),
-    }
+/// A task's JSONL file: the path itself, or the one `.jsonl` file of a directory (a download
+/// stage's output).
+fn task_file(path: &Path) -> anyhow::Result<PathBuf> {
+    find_data_file(
+        path,
+        None,
+        &["jsonl"],
+        "point the task's `path` at one of them",
+    )
+    .map_err(|e| anyhow!(e))
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) -> anyhow::Result<()> {
