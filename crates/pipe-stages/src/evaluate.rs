@@ -300,7 +300,7 @@ impl StageKind for EvaluateKind {
         if f.batch_size == 0 {
             return Err(cx.error("batch_size", "batch_size must be at least 1"));
         }
-        Device::check_field(&f.device).map_err(|e| cx.error("device", e))?;
+        Device::parse(&f.device).map_err(|e| cx.error("device", e))?;
         Ok(Box::new(EvaluateStage {
             model,
             base,

@@ -90,41 +90,38 @@ pub(crate) fn find_weights(dir: &Path) -> anyhow::Result<Weights> {
 }
 
 /// Where a stage's tensor work runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Device {
     Cpu,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Cuda(usize),
 }
 
 impl Device {
-    /// Checks the field's syntax (at parse time, without looking for a GPU).
-    pub(crate) fn check_field(text: &str) -> Result<(), String> {
-        if text == "cpu" || text == "cuda" {
-            return Ok(());
-        }
-        match text.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(_)) => Ok(()),
-            _ => Err(format!("unknown device `{text}` (cpu, cuda, cuda:N)")),
+    /// The device a field names (`cpu`, `cuda` = `cuda:0`, `cuda:N`), without looking for it.
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match text.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(index)) => Ok(Device::Cuda(index)),
+                _ => Err(format!("unknown device `{text}` (cpu, cuda, cuda:N)")),
+            },
         }
     }
 
     /// The device to run on: a GPU needs a build with the `cuda` feature and a driver.
     pub(crate) fn open(text: &str) -> anyhow::Result<Self> {
-        Self::check_field(text).map_err(|e| anyhow!(e))?;
-        if text == "cpu" {
-            return Ok(Device::Cpu);
+        let device = Self::parse(text).map_err(|e| anyhow!(e))?;
+        if device == Device::Cpu {
+            return Ok(device);
         }
-        let index = text
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
         if !cfg!(feature = "cuda") {
             bail!(
                 "`device: {text}` needs a pipe built with the `cuda` feature (cargo build --release --features cuda)"
             );
         }
         cuda_driver_present()?;
-        Ok(Device::Cuda(index))
+        Ok(device)
     }
 }
 

@@ -442,7 +442,7 @@ impl Stage for TrainStage {
 
 /// The devices of `device:` or `devices:`, checked: one kind, no GPU twice, and a number of
 /// micro-batches per step that the replicas share evenly.
-fn check_devices(cx: &ParseContext<'_>, f: &Fields) -> Result<Vec<String>, FieldError> {
+fn check_devices(cx: &ParseContext<'_>, f: &Fields) -> Result<(), FieldError> {
     if f.device.is_some() && f.devices.is_some() {
         return Err(cx
             .error("devices", "`device` and `devices` are both set")
@@ -453,32 +453,31 @@ fn check_devices(cx: &ParseContext<'_>, f: &Fields) -> Result<Vec<String>, Field
     } else {
         "device"
     };
-    let replicas = f.replicas();
+    let replicas = f
+        .replicas()
+        .iter()
+        .map(|d| Device::parse(d))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cx.error(field, e))?;
     if replicas.is_empty() {
         return Err(cx.error("devices", "`devices` is empty; list at least one"));
     }
-    for d in &replicas {
-        Device::check_field(d).map_err(|e| cx.error(field, e))?;
-    }
-    let on_cpu = |d: &String| d == "cpu";
+    let on_cpu = |d: &Device| *d == Device::Cpu;
     if replicas.iter().any(on_cpu) && !replicas.iter().all(on_cpu) {
         return Err(cx.error(
             "devices",
             "`devices` mixes the CPU and GPUs; the replicas of one run are all `cpu` or all `cuda:N`",
         ));
     }
-    let gpu_index = |d: &String| {
-        d.strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-            .unwrap_or(0)
-    };
     let mut seen = std::collections::BTreeSet::new();
-    for d in replicas.iter().filter(|d| !on_cpu(d)) {
-        if !seen.insert(gpu_index(d)) {
-            return Err(cx.error(
-                "devices",
-                format!("GPU {} is listed twice in `devices`", gpu_index(d)),
-            ));
+    for d in &replicas {
+        if let Device::Cuda(index) = d {
+            if !seen.insert(index) {
+                return Err(cx.error(
+                    "devices",
+                    format!("GPU {index} is listed twice in `devices`"),
+                ));
+            }
         }
     }
     let n = replicas.len();
@@ -506,7 +505,7 @@ fn check_devices(cx: &ParseContext<'_>, f: &Fields) -> Result<Vec<String>, Field
                 .with_help("set `lora: {dropout: 0}`, or train on one device"));
         }
     }
-    Ok(replicas)
+    Ok(())
 }
 
 /// A setting under which `n` replicas share each step's micro-batches evenly: a smaller
