@@ -49,13 +49,9 @@ fn usage() -> ! {
 }
 
 fn main() {
+    // As the pipe binary does; BENCH_MALLOC_DEFAULT=1 measures glibc's defaults instead.
     if std::env::var_os("BENCH_MALLOC_DEFAULT").is_none() {
-        // As the pipe binary does (src/main.rs).
-        // SAFETY: mallopt only changes glibc's thresholds; called before any thread starts.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        }
+        pipe_train::keep_freed_tensor_memory();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize| -> usize {

@@ -10,3 +10,17 @@ pub use run::{
 };
 pub use schedule::{Decay, Schedule};
 pub use step::{adamw, train_step, train_step_parallel, AdamWSettings, MicroBatch, StepStats};
+
+/// Tensors are large allocations, which glibc maps fresh from the kernel and unmaps on free, so
+/// every training step page-faults and zeroes its buffers anew. Keeping freed memory in the
+/// heap instead makes training about 10% faster (bench/train.sh); the peak memory is unchanged.
+/// A process-wide setting: call it first thing in `main`, before other threads start.
+pub fn keep_freed_tensor_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets glibc's thresholds; called before any other thread starts.
+    unsafe {
+        // 32 MiB is the largest mmap threshold glibc accepts on 64-bit systems.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
