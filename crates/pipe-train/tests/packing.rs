@@ -8,35 +8,23 @@ use std::path::Path;
 use burn::backend::Autodiff;
 use pipe_data::dataset::{write, Dataset};
 use pipe_data::tokenize::Example;
-use pipe_model::LlamaConfig;
 use pipe_train::{
     train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainSpec,
 };
 
+mod support;
+
 type B = Autodiff<pipe_model::CpuBackend>;
 
 fn examples() -> Vec<Example> {
-    (0..7)
-        .map(|i| {
-            let len = 5 + (i * 3) % 7;
-            let ids: Vec<u32> = (0..len)
-                .map(|t| ((i * 11 + t * 5) % 38 + 1) as u32)
-                .collect();
-            // `train_on_inputs`-style labels on some examples (every token counts), so that a
-            // loss leaking across an example boundary would show.
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(t, &x)| if i % 2 == 0 && t < 2 { -100 } else { x as i32 })
-                .collect();
-            Example {
-                index: i,
-                input_ids: ids,
-                labels,
-                truncated: false,
-            }
-        })
-        .collect()
+    // `train_on_inputs`-style labels on some examples (every token counts), so that a loss
+    // leaking across an example boundary would show.
+    support::examples(
+        7,
+        |i| 5 + (i * 3) % 7,
+        |i, t| (i * 11 + t * 5) % 38 + 1,
+        |i, t| i % 2 == 0 && t < 2,
+    )
 }
 
 /// Trains one step over every unit of the dataset; returns metrics.jsonl's first line.
@@ -62,11 +50,7 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
         save_dtype_bf16: false,
         matmul_precision: Default::default(),
     };
-    let config = LlamaConfig::from_json(
-        r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}"#,
-    )
-    .unwrap();
+    let config = support::tiny_config();
     let meta = DataMeta {
         pad_token_id: 0,
         vocab_size_after: 40,

@@ -8,42 +8,22 @@ use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::{write, Dataset};
-use pipe_data::tokenize::Example;
-use pipe_model::{Llama, LlamaConfig, LoraSpec, MatmulPrecision, Targets};
+use pipe_model::{Llama, LoraSpec, MatmulPrecision, Targets};
 use pipe_train::{
     train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
 };
 
+mod support;
+
 type B = Autodiff<pipe_model::CpuBackend>;
 
-fn config() -> LlamaConfig {
-    LlamaConfig::from_json(
-        r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}"#,
-    )
-    .unwrap()
-}
-
 fn dataset(dir: &Path) -> Dataset {
-    let examples: Vec<Example> = (0..10)
-        .map(|i| {
-            let len = 6 + i % 5;
-            let ids: Vec<u32> = (0..len)
-                .map(|t| ((i * 7 + t * 3) % 38 + 1) as u32)
-                .collect();
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(t, &x)| if t < 3 { -100 } else { x as i32 })
-                .collect();
-            Example {
-                index: i,
-                input_ids: ids,
-                labels,
-                truncated: false,
-            }
-        })
-        .collect();
+    let examples = support::examples(
+        10,
+        |i| 6 + i % 5,
+        |i, t| (i * 7 + t * 3) % 38 + 1,
+        |_, t| t < 3,
+    );
     let p = dir.join("train.safetensors");
     write(&p, &examples, None, Default::default()).unwrap();
     Dataset::open(&p).unwrap()
@@ -110,7 +90,7 @@ fn run_on<A: AutodiffBackend>(
     };
     train::<A>(
         &BaseModel::Init {
-            config: config(),
+            config: support::tiny_config(),
             seed: 3,
         },
         &data,
@@ -282,8 +262,9 @@ fn lora_with_modules_to_save_trains_them_and_resumes_bit_identically() {
         serde_json::json!(["embed_tokens", "lm_head"])
     );
     // The embeddings moved away from their initial values.
-    let init: Llama<B> = pipe_model::init_llama(&config(), 3, 0.02, &Default::default(), false)
-        .resize_embeddings(41);
+    let init: Llama<B> =
+        pipe_model::init_llama(&support::tiny_config(), 3, 0.02, &Default::default(), false)
+            .resize_embeddings(41);
     let before: Vec<f32> = init.embed_tokens.val().into_data().to_vec().unwrap();
     assert_eq!(before.len(), trained.data.len());
     assert!(before.iter().zip(&trained.data).any(|(a, b)| a != b));
