@@ -235,11 +235,16 @@ impl Store {
         }
         fs::create_dir_all(&view_tmp)?;
 
-        listed
-            .par_iter()
-            .zip(entries.par_iter())
-            .map(|((_, path), e)| {
-                let obj = self.object_path(&e.digest);
+        // One staged file per digest becomes the object: files with the same bytes, stored from
+        // parallel threads, would otherwise race through the same temporary name.
+        let mut first_with_digest: BTreeMap<&str, &Path> = BTreeMap::new();
+        for ((_, path), e) in listed.iter().zip(&entries) {
+            first_with_digest.entry(&e.digest).or_insert(path);
+        }
+        first_with_digest
+            .into_par_iter()
+            .map(|(digest, path)| {
+                let obj = self.object_path(digest);
                 if !obj.exists() {
                     fs::create_dir_all(obj.parent().expect("object dir"))?;
                     fs::File::open(path)?.sync_all()?;
@@ -251,6 +256,13 @@ impl Store {
                     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))?;
                     fs::rename(&tmp, &obj)?;
                 }
+                Ok(())
+            })
+            .collect::<io::Result<()>>()?;
+        entries
+            .par_iter()
+            .map(|e| {
+                let obj = self.object_path(&e.digest);
                 let dest = view_tmp.join(&e.path);
                 fs::create_dir_all(dest.parent().expect("parent"))?;
                 if e.executable {
@@ -641,6 +653,37 @@ mod tests {
         assert!(m.output_digest(Some("d")).is_some());
         assert_eq!(m.output_digest(Some("nope")), None);
         assert_eq!(m.output_digest(None), Some(m.outputs_digest.clone()));
+    }
+
+    #[test]
+    fn many_files_with_the_same_bytes_commit_as_one_object() {
+        // Every file is stored by its digest from parallel threads: identical files must not
+        // race each other into the same temporary object name.
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("cache")).unwrap();
+        let names: Vec<String> = (0..256).map(|i| format!("shard-{i:03}.txt")).collect();
+        // Several rounds, each with new bytes, because a race shows only some of the time.
+        for round in 0..8 {
+            let key = format!("{round}").repeat(64);
+            let bytes = format!("same bytes, round {round}");
+            let files: Vec<(&str, &str)> =
+                names.iter().map(|n| (n.as_str(), bytes.as_str())).collect();
+            let staged_dir = tmp.path().join(format!("round-{round}"));
+            let m = store
+                .commit(&staged(&staged_dir, &files), manifest(&key))
+                .unwrap();
+            assert_eq!(m.outputs.len(), 256);
+            for n in &names {
+                let view = store.out_dir(&key).join(n);
+                assert_eq!(fs::read_to_string(view).unwrap(), bytes);
+            }
+        }
+        let objects: usize = fs::read_dir(store.root.join("objects"))
+            .unwrap()
+            .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
+            .sum();
+        assert_eq!(objects, 8);
+        assert!(store.verify().unwrap().problems.is_empty());
     }
 
     #[test]
