@@ -3,6 +3,7 @@
 //! that runs it.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail};
 use pipe_core::diag::{FieldError, Target};
@@ -120,23 +121,115 @@ impl Device {
                 "`device: {text}` needs a pipe built with the `cuda` feature (cargo build --release --features cuda)"
             );
         }
-        cuda_driver_present()?;
+        let Device::Cuda(index) = device else {
+            unreachable!("the CPU returned above")
+        };
+        check_gpu_index(text, index, cuda_device_count()?)?;
         Ok(device)
     }
 }
 
-/// burn-cuda panics inside a device thread when the driver library is missing; look for it
-/// first and say what is wrong instead.
-fn cuda_driver_present() -> anyhow::Result<()> {
-    for lib in [c"libcuda.so.1", c"libcuda.so"] {
-        // SAFETY: dlopen with a valid C string; the handle is closed right away.
-        let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
-        if !h.is_null() {
-            unsafe { libc::dlclose(h) };
-            return Ok(());
-        }
+/// `cuda:index` must be one of the `count` GPUs the driver shows this process.
+fn check_gpu_index(text: &str, index: usize, count: usize) -> anyhow::Result<()> {
+    match count {
+        0 => bail!(
+            "`device: {text}`: the NVIDIA driver sees no GPU (check `nvidia-smi` and CUDA_VISIBLE_DEVICES), or use `device: cpu`"
+        ),
+        n if index >= n => bail!(
+            "`device: {text}` does not exist: the NVIDIA driver shows {n} GPU{} to this process (cuda:0{}); check CUDA_VISIBLE_DEVICES",
+            if n == 1 { "" } else { "s" },
+            if n == 1 { String::new() } else { format!(" … cuda:{}", n - 1) },
+        ),
+        _ => Ok(()),
     }
-    Err(anyhow!(
-        "no NVIDIA driver found (libcuda.so.1 cannot be loaded): is there a GPU with its driver installed? Use `device: cpu` otherwise"
-    ))
+}
+
+/// How many GPUs the NVIDIA driver shows this process (honouring `CUDA_VISIBLE_DEVICES`, as
+/// burn-cuda will). burn-cuda panics inside a device thread when the driver is missing or a GPU
+/// index does not exist, so this is asked first, once per process.
+fn cuda_device_count() -> anyhow::Result<usize> {
+    static COUNT: OnceLock<Result<usize, String>> = OnceLock::new();
+    COUNT
+        .get_or_init(|| ask_driver_for_device_count().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn ask_driver_for_device_count() -> anyhow::Result<usize> {
+    const CUDA_SUCCESS: i32 = 0;
+    const CUDA_ERROR_NO_DEVICE: i32 = 100;
+    type CuInit = unsafe extern "C" fn(u32) -> i32;
+    type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
+    let Some((lib, handle)) = [c"libcuda.so.1", c"libcuda.so"]
+        .into_iter()
+        .find_map(|lib| {
+            // SAFETY: dlopen with a valid C string. The handle is never closed: burn-cuda loads the
+            // same library, and an initialised driver must not be unloaded under it.
+            let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+            (!h.is_null()).then_some((lib, h))
+        })
+    else {
+        bail!(
+            "no NVIDIA driver found (libcuda.so.1 cannot be loaded): is there a GPU with its driver installed? Use `device: cpu` otherwise"
+        )
+    };
+    // SAFETY: the handle is live and never closed.
+    let (init, get_count) = unsafe {
+        (
+            libc::dlsym(handle, c"cuInit".as_ptr()),
+            libc::dlsym(handle, c"cuDeviceGetCount".as_ptr()),
+        )
+    };
+    if init.is_null() || get_count.is_null() {
+        bail!(
+            "{} is not an NVIDIA driver (it lacks cuInit/cuDeviceGetCount)",
+            lib.to_string_lossy()
+        );
+    }
+    // SAFETY: these are the CUDA driver API's `CUresult cuInit(unsigned int)` and
+    // `CUresult cuDeviceGetCount(int*)`; both may be called any number of times.
+    let (init, get_count) = unsafe {
+        (
+            std::mem::transmute::<*mut libc::c_void, CuInit>(init),
+            std::mem::transmute::<*mut libc::c_void, CuDeviceGetCount>(get_count),
+        )
+    };
+    let mut count = 0i32;
+    // SAFETY: see above; `count` outlives the call.
+    match unsafe { init(0) } {
+        CUDA_SUCCESS => {}
+        CUDA_ERROR_NO_DEVICE => return Ok(0),
+        code => bail!(
+            "the NVIDIA driver failed to start (cuInit returned CUresult {code}); `nvidia-smi` tells whether the GPU and its driver are healthy"
+        ),
+    }
+    // SAFETY: as above.
+    match unsafe { get_count(&mut count) } {
+        CUDA_SUCCESS => Ok(usize::try_from(count).unwrap_or(0)),
+        code => bail!("the NVIDIA driver could not count the GPUs (CUresult {code})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_index_must_be_one_the_driver_shows() {
+        assert!(check_gpu_index("cuda", 0, 1).is_ok());
+        assert!(check_gpu_index("cuda:7", 7, 8).is_ok());
+        let one = check_gpu_index("cuda:1", 1, 1).unwrap_err().to_string();
+        assert!(one.contains("`device: cuda:1` does not exist"), "{one}");
+        assert!(
+            one.contains("shows 1 GPU to this process (cuda:0)"),
+            "{one}"
+        );
+        let four = check_gpu_index("cuda:4", 4, 4).unwrap_err().to_string();
+        assert!(
+            four.contains("shows 4 GPUs to this process (cuda:0 … cuda:3)"),
+            "{four}"
+        );
+        let none = check_gpu_index("cuda", 0, 0).unwrap_err().to_string();
+        assert!(none.contains("sees no GPU"), "{none}");
+    }
 }
