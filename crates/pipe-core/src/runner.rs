@@ -81,6 +81,42 @@ pub struct Outcome {
     pub log: Option<PathBuf>,
 }
 
+impl Outcome {
+    /// How `stage` ended; no time, key, artifacts or log until they are added.
+    fn new(stage: &str, status: Status) -> Self {
+        Outcome {
+            stage: stage.to_string(),
+            status,
+            wall: Duration::ZERO,
+            key: None,
+            artifacts: None,
+            log: None,
+        }
+    }
+
+    fn keyed(self, key: &str) -> Self {
+        Outcome {
+            key: Some(key.to_string()),
+            ..self
+        }
+    }
+
+    fn stored_in(self, artifacts: PathBuf) -> Self {
+        Outcome {
+            artifacts: Some(artifacts),
+            ..self
+        }
+    }
+
+    fn took(self, wall: Duration) -> Self {
+        Outcome { wall, ..self }
+    }
+
+    fn logged(self, log: Option<PathBuf>) -> Self {
+        Outcome { log, ..self }
+    }
+}
+
 #[derive(Debug)]
 pub struct RunSummary {
     pub pipeline: String,
@@ -441,7 +477,7 @@ impl<'p> Engine<'p> {
                             _ => format!("upstream stage `{up}` did not complete"),
                         };
                         lines[i].finish("skipped", &why);
-                        outcomes[i] = Some(skipped(id, why));
+                        outcomes[i] = Some(Outcome::new(id, Status::Skipped(why)));
                         progressed = true;
                         continue;
                     }
@@ -453,14 +489,7 @@ impl<'p> Engine<'p> {
                         Ok(None) => continue,
                         Err(e) => {
                             lines[i].finish("FAILED", &e);
-                            outcomes[i] = Some(Outcome {
-                                stage: id.clone(),
-                                status: Status::Failed(e),
-                                wall: Duration::ZERO,
-                                key: None,
-                                artifacts: None,
-                                log: None,
-                            });
+                            outcomes[i] = Some(Outcome::new(id, Status::Failed(e)));
                             progressed = true;
                             continue;
                         }
@@ -473,14 +502,11 @@ impl<'p> Engine<'p> {
                             if let Err(e) = deliver(&pipeline.stages[i], &self.store.out_dir(&key))
                             {
                                 lines[i].finish("FAILED", &e);
-                                outcomes[i] = Some(Outcome {
-                                    stage: id.clone(),
-                                    status: Status::Failed(e),
-                                    wall: Duration::ZERO,
-                                    key: Some(key.clone()),
-                                    artifacts: Some(self.store.out_dir(&key)),
-                                    log: None,
-                                });
+                                outcomes[i] = Some(
+                                    Outcome::new(id, Status::Failed(e))
+                                        .keyed(&key)
+                                        .stored_in(self.store.out_dir(&key)),
+                                );
                                 progressed = true;
                                 continue;
                             }
@@ -494,14 +520,11 @@ impl<'p> Engine<'p> {
                                 },
                             )?;
                             run_keys.insert(id.clone(), key.clone());
-                            outcomes[i] = Some(Outcome {
-                                stage: id.clone(),
-                                status: Status::Cached,
-                                wall: Duration::ZERO,
-                                key: Some(key.clone()),
-                                artifacts: Some(self.store.out_dir(&key)),
-                                log: None,
-                            });
+                            outcomes[i] = Some(
+                                Outcome::new(id, Status::Cached)
+                                    .keyed(&key)
+                                    .stored_in(self.store.out_dir(&key)),
+                            );
                             done.insert(i, m);
                             progressed = true;
                             continue;
@@ -509,16 +532,14 @@ impl<'p> Engine<'p> {
                     }
                     if !selected {
                         lines[i].finish("skipped", NOT_SELECTED);
-                        outcomes[i] = Some(skipped(id, NOT_SELECTED.into()));
+                        outcomes[i] = Some(Outcome::new(id, Status::Skipped(NOT_SELECTED.into())));
                         progressed = true;
                         continue;
                     }
                     if stopping {
                         lines[i].finish("skipped", "interrupted before it started");
-                        outcomes[i] = Some(skipped(
-                            id,
-                            "the run was interrupted before it started".into(),
-                        ));
+                        let why = "the run was interrupted before it started";
+                        outcomes[i] = Some(Outcome::new(id, Status::Skipped(why.into())));
                         progressed = true;
                         continue;
                     }
@@ -556,68 +577,50 @@ impl<'p> Engine<'p> {
                     Ok((i, attempt)) => {
                         let (key, t) = running.remove(&i).expect("was running");
                         let wall = t.elapsed();
-                        let id = pipeline.stages[i].id.clone();
+                        let id = &pipeline.stages[i].id;
                         let outcome = match attempt {
                             Attempt::Done(m) => {
                                 self.store.write_ref(
                                     &pipeline.name,
-                                    &id,
+                                    id,
                                     &StageRef {
                                         key: key.clone(),
                                         finished: m.finished.clone(),
                                     },
                                 )?;
-                                let artifacts = Some(self.store.out_dir(&key));
-                                match deliver(&pipeline.stages[i], &self.store.out_dir(&key)) {
+                                let out = self.store.out_dir(&key);
+                                let status = match deliver(&pipeline.stages[i], &out) {
                                     // The outputs are stored; only their delivery failed.
                                     Err(e) => {
                                         lines[i].finish("FAILED", &e);
-                                        Outcome {
-                                            stage: id,
-                                            status: Status::Failed(e),
-                                            wall,
-                                            key: Some(key),
-                                            artifacts,
-                                            log: None,
-                                        }
+                                        Status::Failed(e)
                                     }
                                     Ok(()) => {
                                         lines[i]
                                             .finish("done", &format!("{:.1}s", wall.as_secs_f64()));
                                         run_keys.insert(id.clone(), key.clone());
                                         done.insert(i, *m);
-                                        Outcome {
-                                            stage: id,
-                                            status: Status::Done,
-                                            wall,
-                                            key: Some(key),
-                                            artifacts,
-                                            log: None,
-                                        }
+                                        Status::Done
                                     }
-                                }
+                                };
+                                Outcome::new(id, status)
+                                    .keyed(&key)
+                                    .stored_in(out)
+                                    .took(wall)
                             }
                             Attempt::Failed { error, log } => {
                                 lines[i].finish("FAILED", &first_line(&error));
-                                Outcome {
-                                    stage: id,
-                                    status: Status::Failed(error),
-                                    wall,
-                                    key: Some(key),
-                                    artifacts: None,
-                                    log,
-                                }
+                                Outcome::new(id, Status::Failed(error))
+                                    .keyed(&key)
+                                    .took(wall)
+                                    .logged(log)
                             }
                             Attempt::Interrupted { log } => {
                                 lines[i].finish("interrupted", "state saved");
-                                Outcome {
-                                    stage: id,
-                                    status: Status::Interrupted,
-                                    wall,
-                                    key: Some(key),
-                                    artifacts: None,
-                                    log,
-                                }
+                                Outcome::new(id, Status::Interrupted)
+                                    .keyed(&key)
+                                    .took(wall)
+                                    .logged(log)
                             }
                         };
                         outcomes[i] = Some(outcome);
@@ -664,17 +667,6 @@ fn deliver(def: &crate::spec::StageDef, out: &std::path::Path) -> Result<(), Str
         }
         Ok(None) => Ok(()),
         Err(e) => Err(format!("cannot deliver the outputs: {e:#}")),
-    }
-}
-
-fn skipped(id: &str, why: String) -> Outcome {
-    Outcome {
-        stage: id.to_string(),
-        status: Status::Skipped(why),
-        wall: Duration::ZERO,
-        key: None,
-        artifacts: None,
-        log: None,
     }
 }
 
