@@ -615,13 +615,19 @@ fn load_checkpoint<B: AutodiffBackend>(
     let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else {
         return Ok(None);
     };
-    let state: CheckpointState = serde_json::from_str(&text)
-        .map_err(|e| TrainError::Other(format!("bad checkpoint state: {e}")))?;
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
+        TrainError::Other(format!(
+            "{}: bad checkpoint state: {e}; delete the stage's work directory to start over",
+            dir.join("state.json").display()
+        ))
+    })?;
     let bytes = std::fs::read(dir.join("optimizer.bin")).map_err(io("optimizer.bin"))?;
-    if blake3::hash(&bytes).to_hex().as_str() != state.optimizer_blake3 {
+    let actual = blake3::hash(&bytes).to_hex();
+    if actual.as_str() != state.optimizer_blake3 {
         return Err(TrainError::Other(format!(
-            "the checkpoint's optimizer state in {} is damaged (digest mismatch); delete the stage's work directory to start over",
-            dir.display()
+            "the checkpoint's optimizer state {} is damaged: state.json expects blake3 {}, the file hashes to {actual}; delete the stage's work directory to start over",
+            dir.join("optimizer.bin").display(),
+            state.optimizer_blake3
         )));
     }
     let weights = dir.join("weights");

@@ -329,3 +329,27 @@ fn mixed_precision_resumes_bit_identically_and_tracks_f32() {
         );
     }
 }
+
+/// A checkpoint whose optimizer state was damaged on disk is refused, not half-used: the
+/// error names the file and both digests, and says how to start over.
+#[test]
+fn a_damaged_checkpoint_is_refused_with_both_digests() {
+    let s = spec(Method::Full);
+    let dir = tempfile::tempdir().unwrap();
+    match run(&s, dir.path(), Some(4)) {
+        Err(TrainError::Interrupted { step }) => assert_eq!(step, 4),
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    let optimizer = dir.path().join("work/checkpoint/optimizer.bin");
+    let mut bytes = std::fs::read(&optimizer).unwrap();
+    let expected = blake3::hash(&bytes).to_hex().to_string();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let actual = blake3::hash(&bytes).to_hex().to_string();
+    std::fs::write(&optimizer, &bytes).unwrap();
+    let err = run(&s, dir.path(), None).unwrap_err().to_string();
+    assert!(err.contains(&expected), "{err}");
+    assert!(err.contains(&actual), "{err}");
+    assert!(err.contains("optimizer.bin"), "{err}");
+    assert!(err.contains("delete the stage's work directory"), "{err}");
+}
