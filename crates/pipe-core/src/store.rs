@@ -18,6 +18,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -235,8 +236,7 @@ impl Store {
         }
         fs::create_dir_all(&view_tmp)?;
 
-        // One staged file per digest becomes the object: files with the same bytes, stored from
-        // parallel threads, would otherwise race through the same temporary name.
+        // One staged file per digest becomes the object (the others are only linked to it).
         let mut first_with_digest: BTreeMap<&str, &Path> = BTreeMap::new();
         for ((_, path), e) in listed.iter().zip(&entries) {
             first_with_digest.entry(&e.digest).or_insert(path);
@@ -248,7 +248,7 @@ impl Store {
                 if !obj.exists() {
                     fs::create_dir_all(obj.parent().expect("object dir"))?;
                     fs::File::open(path)?.sync_all()?;
-                    let tmp = obj.with_extension(format!("tmp{}", std::process::id()));
+                    let tmp = unique_tmp_name(&obj);
                     if fs::rename(path, &tmp).is_err() {
                         // A symlinked or cross-device staged file: copy its bytes instead.
                         fs::copy(path, &tmp)?;
@@ -537,15 +537,21 @@ impl Store {
     }
 }
 
+/// A hidden temporary name beside `path` that no other thread or process uses: stages that
+/// run at once may store objects with the same digest at the same moment. `gc` removes what a
+/// kill leaves behind.
+fn unique_tmp_name(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.tmp{}-{n}", std::process::id()))
+}
+
 /// Writes `bytes` to `path` so that a reader sees either the old file or the whole new one:
 /// a temporary file, (optionally) fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = unique_tmp_name(path);
     {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -683,6 +689,32 @@ mod tests {
             .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
             .sum();
         assert_eq!(objects, 8);
+        assert!(store.verify().unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn stages_committing_the_same_bytes_at_once_share_one_object() {
+        // The runner commits independent stages from parallel threads.
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("cache")).unwrap();
+        for round in 0..16 {
+            let bytes = format!("shared bytes, round {round}");
+            std::thread::scope(|scope| {
+                for stage in 0..4 {
+                    let (store, bytes, tmp) = (&store, &bytes, tmp.path());
+                    scope.spawn(move || {
+                        let key = format!("{round}{stage}").repeat(32);
+                        let names: Vec<String> = (0..64).map(|i| format!("f{i}")).collect();
+                        let files: Vec<(&str, &str)> =
+                            names.iter().map(|n| (n.as_str(), bytes.as_str())).collect();
+                        let dir = tmp.join(format!("round-{round}-stage-{stage}"));
+                        store.commit(&staged(&dir, &files), manifest(&key)).unwrap();
+                        let view = store.out_dir(&key).join("f63");
+                        assert_eq!(fs::read_to_string(view).unwrap(), *bytes);
+                    });
+                }
+            });
+        }
         assert!(store.verify().unwrap().problems.is_empty());
     }
 
