@@ -258,7 +258,7 @@ impl StageKind for TrainKind {
         if !(f.lr.is_finite() && f.lr > 0.0) {
             return Err(cx.error("lr", "the learning rate must be a positive number"));
         }
-        check_devices(cx, &f)?;
+        check_devices(cx, &f, micro)?;
         let spec = TrainSpec {
             method,
             lr: f.lr,
@@ -441,8 +441,9 @@ impl Stage for TrainStage {
 }
 
 /// The devices of `device:` or `devices:`, checked: one kind, no GPU twice, and a number of
-/// micro-batches per step that the replicas share evenly.
-fn check_devices(cx: &ParseContext<'_>, f: &Fields) -> Result<(), FieldError> {
+/// micro-batches per step that the replicas share evenly (`micro`: the checked micro-batch
+/// size).
+fn check_devices(cx: &ParseContext<'_>, f: &Fields, micro: usize) -> Result<(), FieldError> {
     if f.device.is_some() && f.devices.is_some() {
         return Err(cx
             .error("devices", "`device` and `devices` are both set")
@@ -482,7 +483,6 @@ fn check_devices(cx: &ParseContext<'_>, f: &Fields) -> Result<(), FieldError> {
     }
     let n = replicas.len();
     if n > 1 {
-        let micro = f.micro_batch_size.unwrap_or(f.batch_size).max(1);
         let accumulation = f.batch_size / micro;
         if !accumulation.is_multiple_of(n) {
             return Err(cx
