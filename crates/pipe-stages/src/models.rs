@@ -112,20 +112,17 @@ impl Device {
 
     /// The device to run on: a GPU needs a build with the `cuda` feature and a driver.
     pub(crate) fn open(text: &str) -> anyhow::Result<Self> {
-        let device = Self::parse(text).map_err(|e| anyhow!(e))?;
-        if device == Device::Cpu {
-            return Ok(device);
-        }
+        let index = match Self::parse(text).map_err(|e| anyhow!(e))? {
+            Device::Cpu => return Ok(Device::Cpu),
+            Device::Cuda(index) => index,
+        };
         if !cfg!(feature = "cuda") {
             bail!(
                 "`device: {text}` needs a pipe built with the `cuda` feature (cargo build --release --features cuda)"
             );
         }
-        let Device::Cuda(index) = device else {
-            unreachable!("the CPU returned above")
-        };
         check_gpu_index(text, index, cuda_device_count()?)?;
-        Ok(device)
+        Ok(Device::Cuda(index))
     }
 }
 
