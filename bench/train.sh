@@ -60,9 +60,10 @@ print(f"  -> {r['impl']}, {r['replicas']} replica(s): {r['tokens_per_s']:.0f} to
 PYEOF
 }
 
+# (a)'s shape: dim, layers, heads, vocab, seq, batch, timed steps.
+SHAPE=(256 4 4 8000 128 8 10)
 case "$MODE" in
   full)
-    SHAPE=(256 4 4 8000 128 8 10)
     echo "(a) full fine-tuning, dim/layers/heads/vocab/seq/batch/steps = ${SHAPE[*]}"
     REF=$(median_of "$PY" bench/train_reference.py "${SHAPE[@]}")
     echo "pytorch: $REF"
@@ -82,7 +83,6 @@ case "$MODE" in
     done
     ;;
   --backends)
-    SHAPE=(256 4 4 8000 128 8 10)
     for backend in flex ndarray candle; do
       for replicas in 1 2; do
         pipe_run "${SHAPE[@]}" "$backend" "$replicas" >/dev/null
