@@ -11,6 +11,9 @@
 #   LIMIT           items (default: all)
 #   PYTHON          a python with torch + transformers; default: python3 if it has them, else a
 #                   venv in target/bench-venv-eval (scripts/requirements-eval-fixtures.txt)
+# Environment: PIPE, a built pipe binary to use (default: cargo build --release); DEVICE, where
+# both sides score (default cpu; bench/gpu.sh sets cuda); EVAL_WORK, the work folder (default
+# target/bench-eval). The last line printed is the figures as JSON, after `json: `.
 set -euo pipefail
 MODEL=$(realpath "$1")
 DATA=$(realpath "$2")
@@ -22,10 +25,13 @@ if ! "$PY" -c "import torch, transformers" 2>/dev/null; then
   [ -x "$VENV/bin/python" ] || { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q -r "$ROOT/scripts/requirements-eval-fixtures.txt"; }
   PY="$VENV/bin/python"
 fi
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
-PIPE="$ROOT/target/release/pipe"
+DEVICE=${DEVICE:-cpu}
+if [ -z "${PIPE:-}" ]; then
+  cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+  PIPE="$ROOT/target/release/pipe"
+fi
 # Kept after the run (the store, the reference's JSON), to look at the per-item results.
-WORK="$ROOT/target/bench-eval"
+WORK=${EVAL_WORK:-"$ROOT/target/bench-eval"}
 rm -rf "$WORK" && mkdir -p "$WORK"
 
 limit_yaml=""; limit_arg=()
@@ -39,6 +45,7 @@ stages:
     tasks:
       - {name: arc_easy, format: arc, path: $DATA$limit_yaml}
     batch_size: 16
+    device: $DEVICE
 YAML
 
 t0=$(date +%s.%N)
@@ -48,7 +55,7 @@ key=$("$PIPE" --cache "$WORK/cache" show "$WORK/p.yaml" eval --json | "$PY" -c '
 OUT="$WORK/cache/stages/$key/out"
 
 "$PY" "$ROOT/scripts/eval_reference.py" --model "$MODEL" --format arc --data "$DATA" \
-  "${limit_arg[@]}" --batch-size 16 --out "$WORK/ref.json" >/dev/null
+  "${limit_arg[@]}" --batch-size 16 --device "$DEVICE" --out "$WORK/ref.json" >/dev/null
 
 LOG=$(ls "$WORK/cache/logs/$key/"*.log | tail -n 1)
 "$PY" - "$OUT" "$WORK/ref.json" "$t0" "$t1" "$MODEL" "$LOG" <<'PY'
@@ -78,5 +85,9 @@ print(f"{'items/s (whole run)':24}{n / pipe_s:>10.2f}{'':>12}   (pipe run: load,
 print(f"ratio pipe/reference (scoring): {(n / scoring) / ref['items_per_s']:.2f}x")
 ok = m["acc"] == ref["acc"] and m["acc_norm"] == ref["acc_norm"]
 print("acc and acc_norm equal: " + ("yes" if ok else "NO"))
+print("json: " + json.dumps({"n": n, "pipe_items_per_s": n / scoring, "reference_items_per_s": ref["items_per_s"],
+      "pipe_whole_run_s": pipe_s, "acc": m["acc"], "acc_norm": m["acc_norm"], "reference_acc": ref["acc"],
+      "reference_acc_norm": ref["acc_norm"], "same_acc": ok, "same_predictions": same_pred,
+      "max_abs_loglikelihood_diff": d}))
 sys.exit(0 if ok else 1)
 PY

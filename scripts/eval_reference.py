@@ -328,12 +328,12 @@ class Encoder:
 # scoring
 
 
-def load_model(model_dir: str | Path):
+def load_model(model_dir: str | Path, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def max_length_of(model) -> int:
@@ -371,12 +371,12 @@ def score_requests(
             batch = torch.zeros((len(inps), width), dtype=torch.long)
             for r, x in enumerate(inps):
                 batch[r, : len(x)] = torch.tensor(x, dtype=torch.long)
-            logp = F.log_softmax(model(input_ids=batch).logits.float(), dim=-1)
+            logp = F.log_softmax(model(input_ids=batch.to(model.device)).logits.float(), dim=-1)
             for r, i in enumerate(idx):
                 cont = reqs[i][1]
                 n = len(inps[r])
                 rows = logp[r, n - len(cont) : n]  # position t predicts token t+1
-                target = torch.tensor(cont, dtype=torch.long)
+                target = torch.tensor(cont, dtype=torch.long, device=logp.device)
                 ll = rows.gather(1, target[:, None]).sum()
                 greedy = bool((rows.argmax(dim=-1) == target).all())
                 out[i] = (float(ll), greedy)
@@ -519,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--add-bos", action="store_true", help="prepend BOS to every encoding")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda (bench/gpu.sh)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -533,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_fewshot > 0 and shot_rows is None:
         ap.error("--num-fewshot needs --fewshot-file")
 
-    model = load_model(args.model)
+    model = load_model(args.model, args.device)
     enc = Encoder(args.model, add_bos=args.add_bos)
     result = evaluate(
         model, enc, args.format, rows, shot_rows, args.num_fewshot, batch_size=args.batch_size
