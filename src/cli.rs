@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pipe_core::graph::{render, DagFormat, Selection};
 use pipe_core::lock::WorkspaceLock;
 use pipe_core::runner::{interrupt_flag, PlanRow, Verdict};
+use pipe_core::store::WorkDirs;
 use pipe_core::{Engine, Pipeline, RunOptions, Store};
 
 const EXAMPLES: &str = "\
@@ -74,14 +75,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove objects no manifest references
+    /// Remove what no cache entry needs (unused objects, leftovers of killed commits)
+    #[command(long_about = GC_ABOUT)]
     Gc {
-        /// Keep only the entries used by the last N runs
+        /// Also remove the entries that the last N runs did not use (a killed run counts; the
+        /// last result of each stage of each pipeline is always kept)
         #[arg(long, value_name = "N")]
         keep_last: Option<usize>,
-        /// Also remove work directories of unfinished stages (their resume state)
+        /// Also remove the resume state (work dirs) of unfinished stages, except what the
+        /// latest run of each pipeline left: the next `pipe run` resumes from that
         #[arg(long)]
         work: bool,
+        /// Remove the resume state of every unfinished stage, the latest runs' too: an
+        /// interrupted stage (a half-done training, say) then starts over from scratch
+        #[arg(long)]
+        work_all: bool,
         /// Say what would be removed
         #[arg(long)]
         dry_run: bool,
@@ -93,9 +101,26 @@ enum Command {
     },
 }
 
+const GC_ABOUT: &str = "\
+Remove what no cache entry needs.
+
+Always removed: objects that no entry's manifest references, entry directories that a killed \
+commit left without a manifest, and the work directories of stages that have completed since.
+
+--keep-last N also removes entries, except those used by the last N runs (a run that was \
+killed counts, with the stages it started) and those that refs point at (the last result of \
+each stage of each pipeline, which `status` and `show` read).
+
+Never removed unless asked: the work directories of unfinished stages, which hold their \
+resume state (checkpoints). --work removes those that the latest run of each pipeline did not \
+use; --work-all removes every one, so that interrupted stages start over.
+
+Nothing outside the store is touched.";
+
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// Re-hash every stored file; corrupt entries are removed so the next run re-makes them
+    /// Re-hash every stored file; corrupt entries, and the entries built from their outputs,
+    /// are removed so the next run re-makes them
     Verify,
 }
 
@@ -212,10 +237,10 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .map(|s| format!("{} ({})", s.id, s.kind))
                 .collect();
             println!(
-                "{}: ok — pipeline `{}`, {} stages: {}",
+                "{}: ok — pipeline `{}`, {}: {}",
                 f.file.display(),
                 p.name,
-                p.stages.len(),
+                count(p.stages.len(), "stage", "stages"),
                 kinds.join(", ")
             );
             Ok(ExitCode::SUCCESS)
@@ -282,26 +307,42 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Gc {
             keep_last,
             work,
+            work_all,
             dry_run,
         } => {
-            let store = Store::open(&cli.cache)?;
-            let _lock = WorkspaceLock::acquire(&store.lock_path())?;
             if keep_last == Some(0) {
                 bail!(
                     "--keep-last must be at least 1 (to empty the store, delete {})",
                     cli.cache.display()
                 );
             }
+            let store = Store::open(&cli.cache)?;
+            let _lock = WorkspaceLock::acquire(&store.root)?;
+            let work = match (work, work_all) {
+                (_, true) => WorkDirs::All,
+                (true, false) => WorkDirs::Unused,
+                (false, false) => WorkDirs::Keep,
+            };
             let r = store.gc(keep_last, work, dry_run)?;
             let verb = if dry_run { "would remove" } else { "removed" };
+            let kept = match work {
+                _ if r.work_dirs_kept == 0 => String::new(),
+                WorkDirs::Keep => format!(
+                    "; kept {} of unfinished stages (their resume state; --work removes it)",
+                    count(r.work_dirs_kept, "work dir", "work dirs")
+                ),
+                _ => format!(
+                    "; kept {} that the latest run of a pipeline resumes from (--work-all removes {})",
+                    count(r.work_dirs_kept, "work dir", "work dirs"),
+                    if r.work_dirs_kept == 1 { "it" } else { "them" }
+                ),
+            };
             println!(
-                "{verb} {} objects ({}), {} entries, {} work dirs; kept {} work dirs of unfinished stages{}",
-                r.objects_removed,
+                "{verb} {} ({}), {}, {}{kept}",
+                count(r.objects_removed, "object", "objects"),
                 human_bytes(r.bytes_freed),
-                r.entries_removed,
-                r.work_dirs_removed,
-                r.work_dirs_kept,
-                if r.work_dirs_kept > 0 && !work { " (remove them with --work)" } else { "" }
+                count(r.entries_removed, "entry", "entries"),
+                count(r.work_dirs_removed, "work dir", "work dirs"),
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -309,19 +350,28 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             command: CacheCommand::Verify,
         } => {
             let store = Store::open(&cli.cache)?;
-            let _lock = WorkspaceLock::acquire(&store.lock_path())?;
+            let _lock = WorkspaceLock::acquire(&store.root)?;
             let r = store.verify()?;
             for p in &r.problems {
                 eprintln!("corrupt: {p}");
             }
+            for p in &r.built_from_corrupt {
+                eprintln!("built from corrupt data: {p}");
+            }
             if r.problems.is_empty() {
-                println!("ok: {} entries, {} objects verified", r.entries, r.objects);
+                println!(
+                    "ok: {}, {} verified",
+                    count(r.entries, "entry", "entries"),
+                    count(r.objects, "object", "objects")
+                );
                 Ok(ExitCode::SUCCESS)
             } else {
                 eprintln!(
-                    "{} problems; {} entries removed from the cache, the next run re-makes them",
-                    r.problems.len(),
-                    r.invalidated.len()
+                    "{}; {} removed from the cache ({} built from corrupt data), the next run re-makes {}",
+                    count(r.problems.len(), "problem", "problems"),
+                    count(r.invalidated.len(), "entry", "entries"),
+                    r.built_from_corrupt.len(),
+                    if r.invalidated.len() == 1 { "it" } else { "them" }
                 );
                 Ok(ExitCode::from(1))
             }
@@ -352,6 +402,12 @@ fn status_text(p: &Pipeline, rows: &[PlanRow], explain: bool) -> String {
                 vec!["its last result is no longer in the store".into()],
             ),
             Verdict::Stale(changes) => ("stale", changes.iter().map(|c| c.to_string()).collect()),
+            Verdict::Damaged(d) => (
+                "stale",
+                vec![format!(
+                    "its stored outputs are damaged ({d}); the next run re-makes them"
+                )],
+            ),
             Verdict::Forced | Verdict::NotSelected => ("stale", vec![]),
             Verdict::WaitsOn(ups) => (
                 "stale",
@@ -369,7 +425,7 @@ fn status_text(p: &Pipeline, rows: &[PlanRow], explain: bool) -> String {
         for note in &row.notes {
             s.push_str(&format!("             note: {note}\n"));
         }
-        if explain || matches!(row.verdict, Verdict::Error(_)) {
+        if explain || matches!(row.verdict, Verdict::Error(_) | Verdict::Damaged(_)) {
             for d in detail {
                 s.push_str(&format!("             - {d}\n"));
             }
@@ -407,8 +463,8 @@ fn show_text(store: &Store, m: &pipe_core::store::Manifest, current: bool) -> St
     }
     let total: u64 = m.outputs.iter().map(|f| f.size).sum();
     s.push_str(&format!(
-        "outputs   {} files, {} in {}\n",
-        m.outputs.len(),
+        "outputs   {}, {} in {}\n",
+        count(m.outputs.len(), "file", "files"),
         human_bytes(total),
         store.out_dir(&m.key).display()
     ));
@@ -434,6 +490,11 @@ fn show_text(store: &Store, m: &pipe_core::store::Manifest, current: bool) -> St
         store.root.join(&m.log).display()
     ));
     s
+}
+
+/// `n` and the noun for it: "1 stage", "2 stages".
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn human_bytes(n: u64) -> String {

@@ -488,7 +488,7 @@ fn gc_removes_what_no_kept_run_uses() {
     assert!(r.stdout.contains("removed 0 objects"), "{}", r.stdout);
     let r = p.pipe(&["gc", "--keep-last", "1"]).ok();
     assert!(
-        r.stdout.contains("removed 1 objects") && r.stdout.contains("1 entries"),
+        r.stdout.contains("removed 1 object (") && r.stdout.contains("1 entry,"),
         "{}",
         r.stdout
     );

@@ -221,7 +221,7 @@ fn a_valid_pipeline_checks_and_overrides_apply() {
     let r = p.pipe(&["check", "p.yaml"]).ok();
     assert!(
         r.stdout
-            .contains("ok — pipeline `t`, 1 stages: a (command)"),
+            .contains("ok — pipeline `t`, 1 stage: a (command)"),
         "{}",
         r.stdout
     );

@@ -1,45 +1,58 @@
 //! The workspace lock: one writer per store.
 //!
-//! The kernel's advisory lock (`flock`) decides who holds it, so a killed run can never keep
-//! it; the file also names the holder (PID and process start time) so that a second run can
-//! say who holds it, and a run that finds a dead holder's record says it cleared it.
+//! The kernel's advisory lock (`flock`) on the store directory itself decides who holds it:
+//! a killed run can never keep it, and deleting a file cannot hand it to a second writer (the
+//! directory is never unlinked while the store exists). The file `lock` in the store only
+//! names the holder (PID and process start time), so that a second run can say who holds it,
+//! and a run that finds a dead holder's record says it cleared it.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::{self, File, TryLockError};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Held for as long as the value lives.
 #[derive(Debug)]
 pub struct WorkspaceLock {
-    file: File,
-    path: PathBuf,
+    /// The store directory, opened: its `flock` is the lock.
+    dir: File,
+    record: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "the store {} is in use by another pipe process (pid {pid}, started {since})\n  = help: wait for it to finish, or stop it; two runs on one store would corrupt it",
-        path.display()
+        "the store {} is in use by another pipe process ({})\n  = help: wait for it to finish, or stop it; two runs on one store would corrupt it",
+        path.display(),
+        describe(holder.as_ref())
     )]
     Busy {
         path: PathBuf,
-        pid: u32,
-        since: String,
+        /// `None` when the holder's record could not be read (see [`describe`]).
+        holder: Option<Holder>,
     },
-    #[error("cannot lock {}: {source}", path.display())]
+    #[error("cannot lock the store {}: {source}", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
 }
 
-/// What a lock file says about its holder.
+fn describe(holder: Option<&Holder>) -> String {
+    match holder {
+        Some(h) if h.since.is_empty() => format!("pid {}", h.pid),
+        Some(h) => format!("pid {}, started {}", h.pid, h.since),
+        None => "its process id could not be read".into(),
+    }
+}
+
+/// What a lock record says about its holder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
     pub pid: u32,
     /// The process's start time in clock ticks since boot (/proc/PID/stat field 22), which
     /// tells a live holder from a new process that reused its PID.
     pub start_ticks: u64,
+    /// When it took the lock (RFC 3339); empty when only the kernel's lock table named it.
     pub since: String,
 }
 
@@ -57,7 +70,7 @@ impl Holder {
         Some(Holder {
             pid: it.next()?.parse().ok()?,
             start_ticks: it.next()?.parse().ok()?,
-            since: it.next().unwrap_or("?").to_string(),
+            since: it.next().unwrap_or("").to_string(),
         })
     }
     /// Whether the recorded process is still running (and is the same process).
@@ -66,70 +79,113 @@ impl Holder {
     }
 }
 
+/// How long a refused run waits for the holder to write its record: two runs that start at
+/// the same instant find the lock taken before the winner has said who it is.
+const RECORD_WAIT: Duration = Duration::from_secs(2);
+
 impl WorkspaceLock {
-    /// Takes the lock of the store whose lock file is `path`, or says who holds it.
-    pub fn acquire(path: &Path) -> Result<Self, LockError> {
+    /// Takes the lock of the store at `root`, or says who holds it.
+    pub fn acquire(root: &Path) -> Result<Self, LockError> {
         let io = |source| LockError::Io {
-            path: path.to_path_buf(),
+            path: root.to_path_buf(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io)?;
-        let mut previous = String::new();
-        let _ = file.read_to_string(&mut previous);
-        match file.try_lock() {
+        let dir = File::open(root).map_err(io)?;
+        let record = root.join("lock");
+        match dir.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let h = Holder::parse(&previous);
                 return Err(LockError::Busy {
-                    path: path.parent().unwrap_or(path).to_path_buf(),
-                    pid: h.as_ref().map(|h| h.pid).unwrap_or(0),
-                    since: h.map(|h| h.since).unwrap_or_else(|| "?".into()),
+                    path: root.to_path_buf(),
+                    holder: wait_for_holder(&record, &dir),
                 });
             }
             Err(TryLockError::Error(e)) => return Err(io(e)),
         }
-        if let Some(old) = Holder::parse(&previous) {
+        if let Some(old) = fs::read_to_string(&record)
+            .ok()
+            .and_then(|t| Holder::parse(&t))
+        {
             if old.pid != std::process::id() {
                 tracing::warn!(
                     "cleared a stale lock left by pid {} (started {}), which is no longer running; its unfinished work resumes where it stopped",
                     old.pid,
-                    old.since
+                    if old.since.is_empty() { "?" } else { &old.since }
                 );
             }
         }
         let me = Holder::current();
-        file.set_len(0).map_err(io)?;
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        writeln!(file, "{} {} {}", me.pid, me.start_ticks, me.since).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        Ok(WorkspaceLock {
-            file,
-            path: path.to_path_buf(),
-        })
+        // Written whole under a temporary name, so that a reader never sees half a record.
+        crate::store::write_atomic(
+            &record,
+            format!("{} {} {}\n", me.pid, me.start_ticks, me.since).as_bytes(),
+            true,
+        )
+        .map_err(io)?;
+        Ok(WorkspaceLock { dir, record })
     }
 
-    /// Who holds the lock at `path`, if anyone does.
-    pub fn holder(path: &Path) -> Option<Holder> {
-        let file = File::open(path).ok()?;
-        match file.try_lock_shared() {
+    /// Who holds the lock of the store at `root`, if anyone does.
+    pub fn holder(root: &Path) -> Option<Holder> {
+        let dir = File::open(root).ok()?;
+        match dir.try_lock_shared() {
             Ok(()) => None,
-            Err(_) => Holder::parse(&fs::read_to_string(path).ok()?),
+            Err(_) => wait_for_holder(&root.join("lock"), &dir),
         }
     }
 }
 
+/// The live holder named by the record, waiting briefly for a winner that has not written it
+/// yet; failing that, the process the kernel's lock table names for the store directory.
+fn wait_for_holder(record: &Path, dir: &File) -> Option<Holder> {
+    let t = Instant::now();
+    loop {
+        let named = fs::read_to_string(record)
+            .ok()
+            .and_then(|t| Holder::parse(&t))
+            .filter(Holder::alive);
+        if named.is_some() {
+            return named;
+        }
+        if t.elapsed() >= RECORD_WAIT {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    flock_holder(dir).map(|pid| Holder {
+        pid,
+        start_ticks: process_start_ticks(pid).unwrap_or(0),
+        since: String::new(),
+    })
+}
+
+/// The process that holds a `flock` on `file`, from /proc/locks (lines such as
+/// `1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF`).
+fn flock_holder(file: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let wanted = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    // `->` lines are processes waiting for a lock, not holding it.
+    locks
+        .lines()
+        .filter(|l| !l.contains("->"))
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let at = fields.iter().position(|f| *f == "FLOCK")?;
+            let pid = fields.get(at + 3)?.parse().ok()?;
+            (fields.get(at + 4)? == &wanted).then_some(pid)
+        })
+}
+
 impl Drop for WorkspaceLock {
     fn drop(&mut self) {
-        // An empty lock file is a cleanly released one.
-        let _ = self.file.set_len(0);
-        let _ = self.file.unlock();
-        tracing::debug!("released {}", self.path.display());
+        // An empty record is a cleanly released lock.
+        // Replaced, never written through: the record may have been swapped for a link.
+        let _ = crate::store::write_atomic(&self.record, b"", false);
+        let _ = self.dir.unlock();
+        tracing::debug!("released {}", self.record.display());
     }
 }
 
@@ -144,23 +200,56 @@ fn process_start_ticks(pid: u32) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// A lock taken by another process (flock locks belong to open files, so this one holds
+    /// its own, as a second pipe would).
+    fn other_process_holding(root: &Path) -> std::process::Child {
+        let child = std::process::Command::new("flock")
+            .arg(root)
+            .args(["sleep", "30"])
+            .spawn()
+            .expect("flock(1) runs");
+        let t = Instant::now();
+        while WorkspaceLock::holder(root).is_none() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
     #[test]
     fn second_lock_is_refused_and_release_frees_it() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("lock");
-        let a = WorkspaceLock::acquire(&p).unwrap();
-        let err = WorkspaceLock::acquire(&p).unwrap_err();
+        let a = WorkspaceLock::acquire(dir.path()).unwrap();
+        let err = WorkspaceLock::acquire(dir.path()).unwrap_err();
         assert!(
-            matches!(err, LockError::Busy { pid, .. } if pid == std::process::id()),
+            matches!(&err, LockError::Busy { holder: Some(h), .. } if h.pid == std::process::id()),
             "{err}"
         );
-        assert_eq!(
-            WorkspaceLock::holder(&p).map(|h| h.pid),
-            Some(std::process::id())
-        );
         drop(a);
-        assert!(WorkspaceLock::holder(&p).is_none());
-        WorkspaceLock::acquire(&p).unwrap();
+        assert!(WorkspaceLock::holder(dir.path()).is_none());
+        assert_eq!(fs::read_to_string(dir.path().join("lock")).unwrap(), "");
+        WorkspaceLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn deleting_the_record_does_not_free_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = WorkspaceLock::acquire(dir.path()).unwrap();
+        fs::remove_file(dir.path().join("lock")).unwrap();
+        let err = WorkspaceLock::acquire(dir.path()).unwrap_err();
+        assert!(matches!(err, LockError::Busy { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_holder_without_a_record_is_named_from_the_kernels_lock_table() {
+        // What a second run sees when the first has the lock but has not written its record.
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = other_process_holding(dir.path());
+        let err = WorkspaceLock::acquire(dir.path()).unwrap_err();
+        let _ = child.kill();
+        let _ = child.wait();
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("(pid {})", child.id())), "{msg}");
+        assert!(!msg.contains("pid 0"), "{msg}");
     }
 
     #[test]

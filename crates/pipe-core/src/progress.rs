@@ -87,6 +87,17 @@ impl StageLine {
         }
     }
 
+    /// Back to pending, after it had finished (its result turned out unusable), and why.
+    pub fn again(&self, why: &str) {
+        self.bar.reset();
+        self.bar
+            .set_style(ProgressStyle::with_template("  {prefix} {msg}").expect("template"));
+        self.bar.set_message(format!("pending ({why})"));
+        if !live() {
+            tracing::info!("{}: {why}", self.id);
+        }
+    }
+
     /// The handle a running stage reports progress through.
     pub fn reporter(&self) -> BarProgress {
         BarProgress(self.bar.clone())

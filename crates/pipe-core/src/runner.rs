@@ -7,7 +7,7 @@
 //! dependents; independent branches finish. Ctrl-C/SIGTERM asks running stages to save their
 //! state and stop, and starts nothing new.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -192,6 +192,19 @@ impl RunSummary {
                 _ => {}
             }
         }
+        let left_out: Vec<String> = self
+            .outcomes
+            .iter()
+            .filter(|o| matches!(&o.status, Status::Skipped(r) if r == NOT_SELECTED))
+            .map(|o| format!("`{}`", o.stage))
+            .collect();
+        if !left_out.is_empty() {
+            s.push_str(&format!(
+                "\nleft out (not selected, not in the cache): {}; a run without --only/--until makes {}\n",
+                left_out.join(", "),
+                if left_out.len() == 1 { "it" } else { "them" }
+            ));
+        }
         if self.interrupted {
             s.push_str("\ninterrupted: finished stages are in the cache; run the same command again to resume\n");
         }
@@ -225,6 +238,9 @@ pub enum Verdict {
     Stale(Vec<Change>),
     /// Its last record is gone from the store (garbage-collected or invalidated).
     Missing,
+    /// Its entry is in the store, but the bytes of an output are not the recorded ones: the
+    /// next run discards and re-makes it. The first damaged file, described.
+    Damaged(String),
     Forced,
     /// Its key depends on outputs of upstream stages that are not in the cache yet.
     WaitsOn(Vec<String>),
@@ -265,6 +281,11 @@ impl std::fmt::Display for PlanRow {
                 write!(f, "run         {}  ({first}{more})", self.stage)
             }
             Verdict::Forced => write!(f, "run         {}  (forced)", self.stage),
+            Verdict::Damaged(d) => write!(
+                f,
+                "run         {}  (its stored outputs are damaged: {d})",
+                self.stage
+            ),
             Verdict::WaitsOn(ups) => write!(
                 f,
                 "run?        {}  (after {} run: only if their outputs change)",
@@ -350,6 +371,26 @@ impl<'p> Engine<'p> {
         }))
     }
 
+    /// The first input of stage `i` read from a stored entry whose bytes are damaged: that
+    /// upstream stage, and what is wrong.
+    fn damaged_input(
+        &self,
+        i: usize,
+        done: &HashMap<usize, Manifest>,
+    ) -> Option<(usize, Vec<crate::store::Damage>)> {
+        self.pipeline.stages[i]
+            .inputs
+            .iter()
+            .filter_map(|input| match &input.source {
+                InputSource::Stage { stage, .. } => self.pipeline.index(stage),
+                InputSource::Path(_) => None,
+            })
+            .find_map(|up| {
+                let damage = self.store.damage(done.get(&up)?);
+                (!damage.is_empty()).then_some((up, damage))
+            })
+    }
+
     /// What a run with `selection` would do, stage by stage, without running anything.
     pub fn plan(&mut self, selection: &Selection) -> Result<Vec<PlanRow>, String> {
         let plan = selection.plan(self.pipeline, &self.dag)?;
@@ -379,8 +420,14 @@ impl<'p> Engine<'p> {
                 Ok(Some(r)) => {
                     let key = r.recipe.key();
                     let hit = self.store.lookup(&key);
+                    let damage = hit
+                        .as_ref()
+                        .map(|m| self.store.damage(m))
+                        .unwrap_or_default();
                     row.verdict = if plan.forced.contains(&i) && plan.selected.contains(&i) {
                         Verdict::Forced
+                    } else if let Some(d) = damage.first() {
+                        Verdict::Damaged(d.to_string())
                     } else if let Some(m) = &hit {
                         done.insert(i, m.clone());
                         Verdict::Cached
@@ -427,7 +474,7 @@ impl<'p> Engine<'p> {
         opts: &RunOptions,
         cancel: Arc<AtomicBool>,
     ) -> anyhow::Result<RunSummary> {
-        let _lock = WorkspaceLock::acquire(&self.store.lock_path())?;
+        let _lock = WorkspaceLock::acquire(&self.store.root)?;
         let started_at = SystemTime::now();
         let t0 = Instant::now();
         let plan = opts
@@ -447,7 +494,17 @@ impl<'p> Engine<'p> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
         let mut done: HashMap<usize, Manifest> = HashMap::new();
         let mut running: HashMap<usize, (String, Instant)> = HashMap::new();
-        let mut run_keys = BTreeMap::new();
+        // Written now and as stages start or hit, so that a killed run leaves its record too
+        // (gc keeps what it used, and the work dirs it would resume from).
+        let mut record = RunRecord {
+            pipeline: self.pipeline.name.clone(),
+            started: humantime::format_rfc3339_millis(started_at).to_string(),
+            keys: BTreeMap::new(),
+            finished: false,
+        };
+        self.store.record_run(&record)?;
+        // Stages whose entry was found damaged and discarded in this run: each is re-made once.
+        let mut remade: HashSet<usize> = HashSet::new();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<(usize, Attempt)>();
 
@@ -470,6 +527,14 @@ impl<'p> Engine<'p> {
                         .find(|u| outcomes[**u].is_some() && !done.contains_key(u))
                     {
                         let up = &pipeline.stages[bad].id;
+                        if !plan.selected.contains(&i) {
+                            // Its upstream did not complete, but it was not asked for either.
+                            lines[i].finish("skipped", NOT_SELECTED);
+                            outcomes[i] =
+                                Some(Outcome::new(id, Status::Skipped(NOT_SELECTED.into())));
+                            progressed = true;
+                            continue;
+                        }
                         let why = match &outcomes[bad].as_ref().expect("finished").status {
                             Status::Skipped(r) if r == NOT_SELECTED => format!(
                                 "it reads `{up}`, which is not selected and not in the cache (run it first, or widen the selection)"
@@ -498,7 +563,7 @@ impl<'p> Engine<'p> {
                     let selected = plan.selected.contains(&i);
                     let forced = plan.forced.contains(&i) && selected;
                     if !forced {
-                        if let Some(m) = self.store.lookup(&key) {
+                        if let Some(m) = self.store.lookup_intact(&key) {
                             if let Err(e) = deliver(&pipeline.stages[i], &self.store.out_dir(&key))
                             {
                                 lines[i].finish("FAILED", &e);
@@ -519,7 +584,8 @@ impl<'p> Engine<'p> {
                                     finished: m.finished.clone(),
                                 },
                             )?;
-                            run_keys.insert(id.clone(), key.clone());
+                            record.keys.insert(id.clone(), key.clone());
+                            self.store.record_run(&record)?;
                             outcomes[i] = Some(
                                 Outcome::new(id, Status::Cached)
                                     .keyed(&key)
@@ -547,6 +613,28 @@ impl<'p> Engine<'p> {
                     if running.len() >= jobs || running.values().any(|(k, _)| *k == key) {
                         continue;
                     }
+                    // Its inputs are read from the store: their bytes are checked first, and a
+                    // damaged upstream entry is discarded and re-made before this stage runs.
+                    if let Some((up, damage)) = self.damaged_input(i, &done) {
+                        let up_id = &pipeline.stages[up].id;
+                        let m = done.remove(&up).expect("a damaged input was done");
+                        self.store.discard(&m, &damage);
+                        if remade.insert(up) {
+                            lines[up].again("its stored outputs were damaged; re-making them");
+                            outcomes[up] = None;
+                        } else {
+                            let why = format!(
+                                "the stored outputs of `{up_id}` were damaged again after it was re-made in this run: {}",
+                                damage[0]
+                            );
+                            lines[i].finish("FAILED", &why);
+                            outcomes[i] = Some(Outcome::new(id, Status::Failed(why)).keyed(&key));
+                        }
+                        progressed = true;
+                        continue;
+                    }
+                    record.keys.insert(id.clone(), key.clone());
+                    self.store.record_run(&record)?;
                     lines[i].running();
                     running.insert(i, (key.clone(), Instant::now()));
                     let job = Job {
@@ -598,7 +686,6 @@ impl<'p> Engine<'p> {
                                     Ok(()) => {
                                         lines[i]
                                             .finish("done", &format!("{:.1}s", wall.as_secs_f64()));
-                                        run_keys.insert(id.clone(), key.clone());
                                         done.insert(i, *m);
                                         Status::Done
                                     }
@@ -639,12 +726,8 @@ impl<'p> Engine<'p> {
             self.memo.bytes_hashed
         );
         let _ = self.memo.save();
-        let started = humantime::format_rfc3339_millis(started_at).to_string();
-        let _ = self.store.record_run(&RunRecord {
-            pipeline: pipeline.name.clone(),
-            started,
-            keys: run_keys,
-        });
+        record.finished = true;
+        let _ = self.store.record_run(&record);
         let outcomes: Vec<Outcome> = order
             .iter()
             .map(|&i| outcomes[i].take().expect("every stage ends"))

@@ -4,19 +4,22 @@
 //! cache/
 //!   objects/ab/cdef…         file contents by blake3 digest, read-only, shared by all entries
 //!   stages/<key>/out/…       a completed stage's outputs (hard links to objects)
+//!   stages/<key>/stamps.json     each output's (dev, inode, size, mtime, ctime) when last
+//!                                known intact: a file whose stamp differs is re-hashed before use
 //!   stages/<key>/manifest.json   written last: an entry is complete iff its manifest exists
 //!   work/<key>/              in-progress state of an unfinished key (staged outputs, resume state)
 //!   logs/<key>/<time>.log    one log per attempt
 //!   refs/<pipeline>/<stage>.json  the key each stage last completed with (for status/explain)
-//!   runs/<time>-<pid>.json   the keys each run used (for gc --keep-last)
+//!   runs/<time>-<pid>.json   the keys each run used (for gc): written when the run starts and
+//!                            whenever a stage starts or is a cache hit, so a killed run has one
 //!   hash-memo.json           digests of external inputs by (dev, inode, size, mtime, ctime)
-//!   lock                     the workspace lock
+//!   lock                     names the holder of the workspace lock (a flock on cache/ itself)
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -94,12 +97,20 @@ pub struct StageRef {
     pub finished: String,
 }
 
-/// A record of which keys one run used.
+/// A record of which keys one run used: every stage that was a cache hit or started, by id.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub pipeline: String,
     pub started: String,
     pub keys: BTreeMap<String, String>,
+    /// False while the run goes on, and forever for a run that was killed. Records written
+    /// before this field existed were written when their run ended.
+    #[serde(default = "ended")]
+    pub finished: bool,
+}
+
+fn ended() -> bool {
+    true
 }
 
 /// Problems `verify` found.
@@ -110,6 +121,22 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
     /// Keys whose manifests were removed so that the next run re-makes them.
     pub invalidated: Vec<String>,
+    /// Entries removed because an input they were built from came from a corrupt entry: one
+    /// line each, naming the entry and where its input came from.
+    pub built_from_corrupt: Vec<String>,
+}
+
+/// What `gc` does with work directories (the resume state of unfinished stages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkDirs {
+    /// Keep all of them (only those of keys that have completed since are removed).
+    #[default]
+    Keep,
+    /// Remove them, except those of the stages that the latest run of each pipeline used:
+    /// the next run of that pipeline resumes from them.
+    Unused,
+    /// Remove every one: interrupted stages start over.
+    All,
 }
 
 #[derive(Debug, Default)]
@@ -119,6 +146,58 @@ pub struct GcReport {
     pub entries_removed: usize,
     pub work_dirs_removed: usize,
     pub work_dirs_kept: usize,
+    /// Of the kept work dirs, those kept because the latest run of a pipeline used them.
+    pub work_dirs_of_latest_runs: usize,
+}
+
+/// An output file of a stored entry whose bytes are not the ones its manifest records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub key: String,
+    pub stage: String,
+    /// The output's path inside the entry.
+    pub path: String,
+    pub expected: String,
+    /// What was found instead: another digest, or why it cannot be read.
+    pub found: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stage `{}` ({}): output {} should hash to {}, but {}",
+            self.stage,
+            &self.key[..12.min(self.key.len())],
+            self.path,
+            self.expected,
+            self.found
+        )
+    }
+}
+
+/// What a file looked like when its bytes were last known to be right. Any write, replacement
+/// or mode change moves mtime or ctime (ctime cannot be set back), so an equal stamp means the
+/// bytes need not be read again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        }
+    }
 }
 
 /// The store at one root directory.
@@ -161,6 +240,9 @@ impl Store {
     pub fn manifest_path(&self, key: &str) -> PathBuf {
         self.entry_dir(key).join("manifest.json")
     }
+    fn stamps_path(&self, key: &str) -> PathBuf {
+        self.entry_dir(key).join("stamps.json")
+    }
     /// Where a completed stage's outputs can be read.
     pub fn out_dir(&self, key: &str) -> PathBuf {
         self.entry_dir(key).join("out")
@@ -170,9 +252,6 @@ impl Store {
     }
     pub fn memo_path(&self) -> PathBuf {
         self.root.join("hash-memo.json")
-    }
-    pub fn lock_path(&self) -> PathBuf {
-        self.root.join("lock")
     }
     fn ref_path(&self, pipeline: &str, stage: &str) -> PathBuf {
         self.root
@@ -200,6 +279,115 @@ impl Store {
         }
     }
 
+    /// [`Store::lookup`], and then the bytes of the entry's outputs are checked
+    /// ([`Store::damage`]) before anything reads them: a damaged entry is discarded
+    /// ([`Store::discard`]), with a warning that names the files, so that it is re-made.
+    pub fn lookup_intact(&self, key: &str) -> Option<Manifest> {
+        let m = self.lookup(key)?;
+        let damage = self.damage(&m);
+        if damage.is_empty() {
+            return Some(m);
+        }
+        self.discard(&m, &damage);
+        None
+    }
+
+    /// The outputs of `m` whose bytes are not the recorded ones. A file whose stamp equals the
+    /// one recorded when it was last known intact is not read; any other is re-hashed (and, if
+    /// intact, stamped again, so the next check is cheap).
+    pub fn damage(&self, m: &Manifest) -> Vec<Damage> {
+        let stamps_path = self.stamps_path(&m.key);
+        let mut stamps: BTreeMap<String, Stamp> = fs::read(&stamps_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let out = self.out_dir(&m.key);
+        let checked: Vec<(&FileEntry, Result<Option<Stamp>, String>)> = m
+            .outputs
+            .par_iter()
+            .map(|f| {
+                let view = out.join(&f.path);
+                let meta = match fs::symlink_metadata(&view) {
+                    Ok(meta) if meta.is_file() => meta,
+                    Ok(_) => return (f, Err("it is no longer a regular file".to_string())),
+                    Err(e) => return (f, Err(format!("it cannot be read: {e}"))),
+                };
+                let now = Stamp::of(&meta);
+                if stamps.get(&f.path) == Some(&now) {
+                    return (f, Ok(None));
+                }
+                match hash_file(&view) {
+                    Ok(d) if d == f.digest => (f, Ok(Some(now))),
+                    Ok(d) => (f, Err(format!("it hashes to {d}"))),
+                    Err(e) => (f, Err(format!("it cannot be read: {e}"))),
+                }
+            })
+            .collect();
+        let mut damage = Vec::new();
+        let mut restamped = false;
+        for (f, result) in checked {
+            match result {
+                Ok(None) => {}
+                Ok(Some(stamp)) => {
+                    stamps.insert(f.path.clone(), stamp);
+                    restamped = true;
+                }
+                Err(found) => damage.push(Damage {
+                    key: m.key.clone(),
+                    stage: m.stage.clone(),
+                    path: f.path.clone(),
+                    expected: f.digest.clone(),
+                    found,
+                }),
+            }
+        }
+        if restamped && damage.is_empty() {
+            // Only a cost if it fails: the files are re-hashed next time.
+            if let Ok(body) = serde_json::to_vec(&stamps) {
+                let _ = write_atomic(&stamps_path, &body, false);
+            }
+        }
+        damage
+    }
+
+    /// Removes the damaged entry `m` and every object of it whose bytes are wrong (other
+    /// entries linked to such an object find out when they are checked), and says so.
+    pub fn discard(&self, m: &Manifest, damage: &[Damage]) {
+        for d in damage {
+            tracing::warn!("cache entry damaged: {d}; the stage will run again");
+            self.remove_object_if_corrupt(&d.expected);
+        }
+        if let Err(e) = self.invalidate(&m.key) {
+            tracing::warn!(
+                "cannot remove the damaged entry {}: {e}",
+                self.entry_dir(&m.key).display()
+            );
+        }
+    }
+
+    fn remove_object_if_corrupt(&self, digest: &str) {
+        let obj = self.object_path(digest);
+        if obj.exists() && hash_file(&obj).ok().as_deref() != Some(digest) {
+            let _ = fs::remove_file(&obj);
+        }
+    }
+
+    /// Records the stamps of the entry's files as they are now (just after commit, when they
+    /// are known to hold the bytes that were hashed).
+    fn stamp_entry(&self, key: &str, entries: &[FileEntry]) -> io::Result<()> {
+        let out = self.out_dir(key);
+        let stamps: BTreeMap<&str, Stamp> = entries
+            .iter()
+            .map(|f| {
+                Ok((
+                    f.path.as_str(),
+                    Stamp::of(&fs::metadata(out.join(&f.path))?),
+                ))
+            })
+            .collect::<io::Result<_>>()?;
+        write_atomic(&self.stamps_path(key), &serde_json::to_vec(&stamps)?, false)
+    }
+
     pub fn read_manifest(&self, key: &str) -> Option<Manifest> {
         let bytes = fs::read(self.manifest_path(key)).ok()?;
         serde_json::from_slice::<Manifest>(&bytes)
@@ -209,8 +397,14 @@ impl Store {
 
     /// Moves the files staged in `staged` into the store as the outputs of `manifest.key`, then
     /// writes the manifest. Until the manifest's rename, the entry does not look complete.
+    ///
+    /// The store holds bytes only: a symbolic link among the staged files is replaced by a copy
+    /// of what it points to (a file or a whole directory), and a staged file that has other
+    /// hard links (perhaps a user's file outside the workspace) is copied rather than moved, so
+    /// that nothing outside the store is ever moved, linked to or has its mode changed.
     pub fn commit(&self, staged: &Path, mut manifest: Manifest) -> io::Result<Manifest> {
         let key = manifest.key.clone();
+        own_every_file(staged, staged, 0)?;
         let listed = walk_files(staged)?;
         let entries: Vec<FileEntry> = listed
             .par_iter()
@@ -245,17 +439,20 @@ impl Store {
             .into_par_iter()
             .map(|(digest, path)| {
                 let obj = self.object_path(digest);
-                if !obj.exists() {
-                    fs::create_dir_all(obj.parent().expect("object dir"))?;
-                    fs::File::open(path)?.sync_all()?;
-                    let tmp = unique_tmp_name(&obj);
-                    if fs::rename(path, &tmp).is_err() {
-                        // A symlinked or cross-device staged file: copy its bytes instead.
-                        fs::copy(path, &tmp)?;
-                    }
-                    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))?;
-                    fs::rename(&tmp, &obj)?;
+                // An object that exists already is linked into this entry only if its bytes
+                // are still the right ones; a damaged one is replaced by the staged bytes.
+                if obj.exists() && hash_file(&obj).ok().as_deref() == Some(digest) {
+                    return Ok(());
                 }
+                fs::create_dir_all(obj.parent().expect("object dir"))?;
+                fs::File::open(path)?.sync_all()?;
+                let tmp = unique_tmp_name(&obj);
+                if fs::rename(path, &tmp).is_err() {
+                    // A staged file on another device: copy its bytes instead.
+                    fs::copy(path, &tmp)?;
+                }
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))?;
+                fs::rename(&tmp, &obj)?;
                 Ok(())
             })
             .collect::<io::Result<()>>()?;
@@ -286,6 +483,7 @@ impl Store {
         sync_dir(&entry);
 
         crate::fault::point("commit-view-built");
+        self.stamp_entry(&key, &entries)?;
         manifest.outputs_digest = tree_digest(&entries);
         manifest.outputs = entries;
         let body = serde_json::to_vec_pretty(&manifest)?;
@@ -305,6 +503,8 @@ impl Store {
         write_atomic(&path, &serde_json::to_vec_pretty(r)?, false)
     }
 
+    /// Writes (or rewrites: the name depends only on its start and this process) the record
+    /// of a run.
     pub fn record_run(&self, run: &RunRecord) -> io::Result<()> {
         let name = format!(
             "{}-{}.json",
@@ -412,6 +612,36 @@ impl Store {
                 report.invalidated.push(m.key.clone());
             }
         }
+        // An entry built from a corrupt entry's output may hold results of the bad bytes, and
+        // its key would still match once the corrupt entry is re-made with the right ones.
+        let mut corrupt: Vec<&Manifest> = manifests
+            .iter()
+            .filter(|m| report.invalidated.contains(&m.key))
+            .collect();
+        let mut next = 0;
+        while next < corrupt.len() {
+            let bad = corrupt[next];
+            next += 1;
+            for m in &manifests {
+                if corrupt.iter().any(|c| c.key == m.key) {
+                    continue;
+                }
+                let Some((name, _)) = m.inputs.iter().find(|(_, input)| read_from(bad, input))
+                else {
+                    continue;
+                };
+                report.built_from_corrupt.push(format!(
+                    "stage `{}` ({}): its input `{name}` came from stage `{}` ({}), which is corrupt",
+                    m.stage,
+                    &m.key[..12.min(m.key.len())],
+                    bad.stage,
+                    &bad.key[..12.min(bad.key.len())]
+                ));
+                self.invalidate(&m.key)?;
+                report.invalidated.push(m.key.clone());
+                corrupt.push(m);
+            }
+        }
         Ok(report)
     }
 
@@ -426,29 +656,26 @@ impl Store {
         Ok(())
     }
 
-    /// Removes what no kept entry needs. With `keep_last`, only the entries used by the last
-    /// N runs (and the ones refs point at) are kept. Work directories of unfinished keys are
-    /// resume state: they are kept unless `work` is set.
-    pub fn gc(&self, keep_last: Option<usize>, work: bool, dry_run: bool) -> io::Result<GcReport> {
+    /// Removes what no kept entry needs: objects no manifest references and leftovers of
+    /// interrupted commits. With `keep_last`, entries too, except those used by the last N
+    /// runs (a killed run counts: its record is written as it goes) and those that refs point
+    /// at (each stage's last result in each pipeline). Work directories are resume state:
+    /// `work` says which go (see [`WorkDirs`]); those of completed keys always go.
+    pub fn gc(
+        &self,
+        keep_last: Option<usize>,
+        work: WorkDirs,
+        dry_run: bool,
+    ) -> io::Result<GcReport> {
         let mut report = GcReport::default();
         let mut keys: BTreeSet<String> = self.keys()?.into_iter().collect();
+        let runs = self.run_records()?;
         if let Some(n) = keep_last {
-            let mut runs: Vec<PathBuf> = fs::read_dir(self.root.join("runs"))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "json"))
-                .collect();
-            runs.sort();
-            let recent: Vec<PathBuf> = runs.iter().rev().take(n).cloned().collect();
-            let mut keep = BTreeSet::new();
-            for r in &recent {
-                if let Some(rec) = fs::read(r)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<RunRecord>(&b).ok())
-                {
-                    keep.extend(rec.keys.into_values());
-                }
+            let mut keep: BTreeSet<String> = self.ref_keys()?;
+            for (_, rec) in runs.iter().rev().take(n) {
+                keep.extend(rec.keys.values().cloned());
             }
-            for old in runs.iter().rev().skip(n) {
+            for (old, _) in runs.iter().rev().skip(n) {
                 if !dry_run {
                     fs::remove_file(old)?;
                 }
@@ -501,19 +728,69 @@ impl Store {
                 fs::remove_dir_all(e.path())?;
             }
         }
+        // The latest run of each pipeline: the next run of that pipeline resumes its stages.
+        let mut latest: BTreeMap<&str, &RunRecord> = BTreeMap::new();
+        for (_, rec) in &runs {
+            latest.insert(&rec.pipeline, rec);
+        }
+        let resumable: BTreeSet<&String> = latest.values().flat_map(|r| r.keys.values()).collect();
         for e in fs::read_dir(self.root.join("work"))? {
             let e = e?;
             let key = e.file_name().to_string_lossy().into_owned();
-            if keys.contains(&key) || work {
+            let remove = keys.contains(&key)
+                || match work {
+                    WorkDirs::Keep => false,
+                    WorkDirs::Unused => !resumable.contains(&key),
+                    WorkDirs::All => true,
+                };
+            if remove {
                 report.work_dirs_removed += 1;
                 if !dry_run {
+                    make_writable(&e.path());
                     fs::remove_dir_all(e.path())?;
                 }
             } else {
                 report.work_dirs_kept += 1;
+                report.work_dirs_of_latest_runs += resumable.contains(&key) as usize;
             }
         }
         Ok(report)
+    }
+
+    /// Every run record, oldest first (their names start with the run's start time).
+    fn run_records(&self) -> io::Result<Vec<(PathBuf, RunRecord)>> {
+        let mut paths: Vec<PathBuf> = fs::read_dir(self.root.join("runs"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        paths.sort();
+        Ok(paths
+            .into_iter()
+            .filter_map(|p| {
+                let rec = serde_json::from_slice::<RunRecord>(&fs::read(&p).ok()?).ok()?;
+                Some((p, rec))
+            })
+            .collect())
+    }
+
+    /// The keys that refs point at.
+    fn ref_keys(&self) -> io::Result<BTreeSet<String>> {
+        let mut keys = BTreeSet::new();
+        for p in fs::read_dir(self.root.join("refs"))? {
+            let p = p?.path();
+            if !p.is_dir() {
+                continue;
+            }
+            for r in fs::read_dir(&p)? {
+                if let Some(sr) = fs::read(r?.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<StageRef>(&b).ok())
+                {
+                    keys.insert(sr.key);
+                }
+            }
+        }
+        Ok(keys)
     }
 
     fn prune_refs(&self, keys: &BTreeSet<String>, dry_run: bool) -> io::Result<()> {
@@ -537,6 +814,19 @@ impl Store {
     }
 }
 
+/// Whether `input` (of some entry) was read from the outputs of the entry `producer`: it names
+/// that stage as its source and has the digest of the output it names there.
+fn read_from(producer: &Manifest, input: &InputRecord) -> bool {
+    let Some(source) = input.source.strip_prefix("stage:") else {
+        return false;
+    };
+    let (stage, output) = match source.split_once('/') {
+        Some((stage, output)) => (stage, Some(output)),
+        None => (source, None),
+    };
+    stage == producer.stage && producer.output_digest(output).as_ref() == Some(&input.digest)
+}
+
 /// A hidden temporary name beside `path` that no other thread or process uses: stages that
 /// run at once may store objects with the same digest at the same moment. `gc` removes what a
 /// kill leaves behind.
@@ -545,6 +835,80 @@ fn unique_tmp_name(path: &Path) -> PathBuf {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     path.with_file_name(format!(".{name}.tmp{}-{n}", std::process::id()))
+}
+
+/// Makes every file under `dir` (the staged outputs, `root` their top) one that only the
+/// store's copy owns: a symbolic link becomes a copy of its target, a file with other hard
+/// links becomes a private copy. Staged files are the stage's own; their targets are not.
+fn own_every_file(dir: &Path, root: &Path, depth: usize) -> io::Result<()> {
+    if depth > 64 {
+        return Err(io::Error::other(format!(
+            "{} is nested too deeply",
+            dir.display()
+        )));
+    }
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let meta = fs::symlink_metadata(&path)?;
+        let rel = || {
+            path.strip_prefix(root)
+                .unwrap_or(&path)
+                .display()
+                .to_string()
+        };
+        if meta.file_type().is_symlink() {
+            let link = fs::read_link(&path)?;
+            let target = fs::metadata(&path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "output `{}` is a symbolic link to {}, which cannot be read ({e}); a stage's outputs must be files or directories",
+                        rel(),
+                        link.display()
+                    ),
+                )
+            })?;
+            let copy = unique_tmp_name(&path);
+            if target.is_dir() {
+                copy_tree_following_links(&path, &copy, 0)?;
+                fs::remove_file(&path)?;
+            } else if target.is_file() {
+                fs::copy(&path, &copy)?;
+            } else {
+                continue;
+            }
+            fs::rename(&copy, &path)?;
+        } else if meta.is_dir() {
+            own_every_file(&path, root, depth + 1)?;
+        } else if meta.is_file() && meta.nlink() > 1 {
+            let copy = unique_tmp_name(&path);
+            fs::copy(&path, &copy)?;
+            fs::rename(&copy, &path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the tree at `from` to `to`, with the bytes of every file that a link points to.
+fn copy_tree_following_links(from: &Path, to: &Path, depth: usize) -> io::Result<()> {
+    if depth > 64 {
+        return Err(io::Error::other(format!(
+            "{} is nested too deeply (a symbolic link loop?)",
+            from.display()
+        )));
+    }
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dest) = (entry.path(), to.join(entry.file_name()));
+        let meta = fs::metadata(&src)?;
+        if meta.is_dir() {
+            copy_tree_following_links(&src, &dest, depth + 1)?;
+        } else if meta.is_file() {
+            fs::copy(&src, &dest)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` so that a reader sees either the old file or the whole new one:
@@ -743,6 +1107,61 @@ mod tests {
     }
 
     #[test]
+    fn commit_stores_the_bytes_of_links_and_never_touches_their_targets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("cache")).unwrap();
+        let outside = tmp.path().join("outside.txt");
+        fs::write(&outside, "mine").unwrap();
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o644)).unwrap();
+        let s = staged(tmp.path(), &[("plain.txt", "plain")]);
+        std::os::unix::fs::symlink(&outside, s.join("sym.txt")).unwrap();
+        fs::hard_link(&outside, s.join("hard.txt")).unwrap();
+        let key = "e".repeat(64);
+        store.commit(&s, manifest(&key)).unwrap();
+        let meta = fs::metadata(&outside).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            meta.nlink(),
+            1,
+            "the store must not share the outside file's inode"
+        );
+        for name in ["sym.txt", "hard.txt"] {
+            let view = store.out_dir(&key).join(name);
+            assert!(fs::symlink_metadata(&view).unwrap().is_file());
+            assert_eq!(fs::read_to_string(view).unwrap(), "mine");
+        }
+        fs::write(&outside, "changed").unwrap();
+        assert!(store.verify().unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn damage_is_found_by_stamp_and_bytes_and_the_entry_discarded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("cache")).unwrap();
+        let key = "f".repeat(64);
+        let s = staged(tmp.path(), &[("x.txt", "good bytes")]);
+        let m = store.commit(&s, manifest(&key)).unwrap();
+        assert!(store.damage(&m).is_empty());
+        let view = store.out_dir(&key).join("x.txt");
+        // A change of mode alone moves ctime: re-hashed, found intact, stamped again.
+        fs::set_permissions(&view, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(store.damage(&m).is_empty());
+        fs::write(&view, "evil bytes").unwrap();
+        let damage = store.damage(&m);
+        assert_eq!(damage.len(), 1);
+        assert!(
+            damage[0]
+                .to_string()
+                .contains("output x.txt should hash to"),
+            "{}",
+            damage[0]
+        );
+        assert!(store.lookup_intact(&key).is_none());
+        assert!(store.lookup(&key).is_none(), "the damaged entry is gone");
+        assert!(!store.object_path(&m.outputs[0].digest).exists());
+    }
+
+    #[test]
     fn gc_removes_unreferenced_objects_and_abandoned_entries() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp.path().join("cache")).unwrap();
@@ -753,7 +1172,7 @@ mod tests {
         fs::create_dir_all(orphan.parent().unwrap()).unwrap();
         fs::write(&orphan, "orphan").unwrap();
         fs::create_dir_all(store.entry_dir(&"d".repeat(64)).join("out.partial")).unwrap();
-        let r = store.gc(None, false, false).unwrap();
+        let r = store.gc(None, WorkDirs::Keep, false).unwrap();
         assert_eq!(r.objects_removed, 1);
         assert!(!orphan.exists());
         assert!(!store.entry_dir(&"d".repeat(64)).exists());
