@@ -183,7 +183,9 @@ pub fn init_logging(verbose: u8, quiet: bool) {
 }
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let registry = pipe_stages::registry();
+    // Read for the store this command uses, so `to:` fields are checked against it.
+    let registry =
+        pipe_stages::registry().in_workspace(pipe_core::kind::Workspace::here(&cli.cache));
     let load = |f: &FileArgs| -> Result<Pipeline> {
         pipe_core::load(&f.file, &f.set, &registry).map_err(|e| anyhow::anyhow!("{e}"))
     };

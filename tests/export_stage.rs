@@ -1,6 +1,7 @@
 //! Export through the real binary: Hugging Face layout (sharded, tokenizer files, LoRA merged)
 //! and PEFT layout, loaded back by pipe's own loader with the same logits; `to:` delivers the
-//! result outside the store, on a run and on a cache hit.
+//! result outside the store, marked as pipe's, on a run and on a cache hit (tests/safety_paths.rs
+//! has what it refuses).
 
 mod common;
 use std::path::{Path, PathBuf};
@@ -157,6 +158,7 @@ fn hf_and_peft_exports_load_back_with_the_same_logits() {
     assert_eq!(
         files(&peft),
         vec![
+            ".pipe-delivery.json",
             "adapter_config.json",
             "adapter_model.safetensors",
             "special_tokens_map.json",

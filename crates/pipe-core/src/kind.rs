@@ -43,6 +43,8 @@ pub struct ParseContext<'a> {
     pub stage_ids: &'a [String],
     /// The directory relative paths are resolved against (the pipeline file's).
     pub base_dir: &'a Path,
+    /// Where pipe runs and keeps its store: places no stage may deliver over.
+    pub workspace: &'a Workspace,
 }
 
 impl ParseContext<'_> {
@@ -105,10 +107,140 @@ impl ParseContext<'_> {
         }
     }
 
+    /// Resolves the path of a delivery field (`to:`) and refuses the places a delivery would
+    /// destroy: the store or anything inside it, and the directory that holds (or is an
+    /// ancestor of) the store, the directory pipe runs in, the pipeline file, or the home
+    /// directory. `/` is an ancestor of all of them.
+    pub fn delivery_target(&self, field: &str, text: &str) -> Result<PathBuf, FieldError> {
+        let target = normalize(&self.resolve_path(text));
+        let store = normalize(&self.workspace.store);
+        let refuse = |what: String| {
+            Err(self
+                .error(field, format!("`{field}: {text}` {what}"))
+                .with_help(format!(
+                    "point `{field}:` at a directory of its own, such as `exported/{}`; pipe replaces only a directory it delivered itself",
+                    self.stage_id
+                )))
+        };
+        if target.starts_with(&store) && target != store {
+            return refuse(format!(
+                "is inside the store ({}), which pipe alone manages",
+                store.display()
+            ));
+        }
+        let mut protected = vec![
+            (store, "the store"),
+            (normalize(self.base_dir), "the pipeline file's directory"),
+            (
+                normalize(&self.workspace.root),
+                "the directory pipe runs in",
+            ),
+        ];
+        if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            protected.push((normalize(Path::new(&home)), "the home directory"));
+        }
+        if let Some((place, name)) = protected.iter().find(|(place, _)| *place == target) {
+            return refuse(format!(
+                "is {name} ({}); delivering there would replace it",
+                place.display()
+            ));
+        }
+        for (place, name) in protected {
+            if place.starts_with(&target) {
+                let resolved = if Path::new(text) == target {
+                    String::new()
+                } else {
+                    format!("({}) ", target.display())
+                };
+                return refuse(format!(
+                    "{resolved}holds {name} ({}); delivering there would replace it",
+                    place.display()
+                ));
+            }
+        }
+        Ok(target)
+    }
+
     /// A field error at `field` (a path below this stage).
     pub fn error(&self, field: &str, message: impl Into<String>) -> FieldError {
         FieldError::new(self.path.key(field), Target::Value, message)
     }
+}
+
+/// The places pipe works in, which a stage's parser needs to keep deliveries away from them.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    /// The directory pipe runs in.
+    pub root: PathBuf,
+    /// The store (`--cache`).
+    pub store: PathBuf,
+}
+
+impl Workspace {
+    /// The current directory, with the store at `store` (relative paths are read from the
+    /// current directory, as the store itself opens them).
+    pub fn here(store: &Path) -> Self {
+        let root = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        Workspace {
+            store: root.join(store),
+            root,
+        }
+    }
+}
+
+impl Default for Workspace {
+    /// The store pipe uses without `--cache`: `$PIPE_CACHE`, else `cache`.
+    fn default() -> Self {
+        let store = std::env::var_os("PIPE_CACHE")
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "cache".into());
+        Workspace::here(Path::new(&store))
+    }
+}
+
+/// `path` made absolute, with symbolic links resolved as far as it exists and `.`/`..` applied
+/// to the rest, so that two spellings of one place compare equal.
+fn normalize(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join(path)
+    };
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    let mut resolved = loop {
+        if let Ok(real) = existing.canonicalize() {
+            break real;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            // `..` as the last component, or the root: apply it lexically below.
+            _ => {
+                rest.extend(
+                    existing
+                        .components()
+                        .rev()
+                        .map(|c| c.as_os_str().to_os_string()),
+                );
+                break PathBuf::from("/");
+            }
+        }
+    };
+    for part in rest.iter().rev() {
+        match Path::new(part).components().next() {
+            Some(std::path::Component::ParentDir) => {
+                resolved.pop();
+            }
+            Some(std::path::Component::Normal(n)) => resolved.push(n),
+            _ => {}
+        }
+    }
+    resolved
 }
 
 /// One kind of stage. Implementations live in the `pipe-stages` crate, one module each.
@@ -257,10 +389,11 @@ impl StageContext {
     }
 }
 
-/// The stage kinds a binary offers.
+/// The stage kinds a binary offers, and the workspace their pipelines are read for.
 #[derive(Default)]
 pub struct Registry {
     kinds: Vec<Box<dyn StageKind>>,
+    workspace: Workspace,
 }
 
 impl Registry {
@@ -270,6 +403,14 @@ impl Registry {
     pub fn with(mut self, kind: impl StageKind + 'static) -> Self {
         self.kinds.push(Box::new(kind));
         self
+    }
+    /// Reads pipelines for `workspace` (default: [`Workspace::default`]).
+    pub fn in_workspace(mut self, workspace: Workspace) -> Self {
+        self.workspace = workspace;
+        self
+    }
+    pub fn workspace(&self) -> &Workspace {
+        &self.workspace
     }
     pub fn get(&self, name: &str) -> Option<&dyn StageKind> {
         self.kinds

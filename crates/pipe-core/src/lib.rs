@@ -15,6 +15,7 @@ pub mod key;
 pub mod kind;
 pub mod lock;
 pub mod progress;
+pub mod relpath;
 pub mod runner;
 pub mod spec;
 pub mod store;

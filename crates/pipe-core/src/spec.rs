@@ -244,6 +244,7 @@ pub fn parse(
             path: path.clone(),
             stage_ids: &stage_ids,
             base_dir: &base_dir,
+            workspace: registry.workspace(),
         };
         let stage = kind.parse(&cx, fields).map_err(|e| {
             let o = origin_of(&e.path);

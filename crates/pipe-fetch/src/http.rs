@@ -72,17 +72,46 @@ struct PartialMeta {
     url: String,
     etag: Option<String>,
     last_modified: Option<String>,
+    /// Set when a partial was thrown away, so the download does not claim it resumed.
+    #[serde(skip)]
+    restarted: bool,
 }
 
-/// An HTTP client with the project's policies: timeouts, retries with back-off, auth header
-/// only for its own host, messages that say what to do.
+/// The origin of a URL: scheme, host and port (the scheme's default port when none is
+/// written), the unit a credential is sent to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl Origin {
+    pub fn of(url: &str) -> Result<Self, FetchError> {
+        let parsed = url::Url::parse(url).map_err(|e| FetchError::Invalid {
+            what: url.to_string(),
+            detail: format!("not a URL: {e}"),
+        })?;
+        Ok(Origin {
+            scheme: parsed.scheme().to_string(),
+            host: parsed.host_str().unwrap_or_default().to_ascii_lowercase(),
+            port: parsed.port_or_known_default(),
+        })
+    }
+}
+
+/// How many redirects one request follows.
+const MAX_REDIRECTS: usize = 10;
+
+/// An HTTP client with the project's policies: timeouts, retries with back-off, an auth
+/// header only for its own origin, messages that say what to do.
 #[derive(Clone)]
 pub struct Client {
     agent: ureq::Agent,
     pub retries: u32,
     pub backoff: Duration,
-    /// `Authorization: Bearer …` sent to URLs on this host (the Hub endpoint) only.
-    auth: Option<(String, String)>,
+    /// `Authorization: Bearer …` sent to URLs of this origin (the Hub endpoint) only.
+    auth: Option<(Origin, String)>,
 }
 
 impl Client {
@@ -90,7 +119,8 @@ impl Client {
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(20))
             .timeout_read(Duration::from_secs(60))
-            .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
+            // Redirects are followed by `call`, which decides per hop whether the token goes.
+            .redirects(0)
             .user_agent(concat!("pipe/", env!("CARGO_PKG_VERSION")))
             .build();
         Client {
@@ -101,22 +131,57 @@ impl Client {
         }
     }
 
-    /// Sends `token` as a bearer token to `host` (never to other hosts, never logged).
-    pub fn with_token(mut self, host: &str, token: Option<String>) -> Self {
-        self.auth = token
-            .filter(|t| !t.is_empty())
-            .map(|t| (host.to_string(), t));
-        self
+    /// Sends `token` as a bearer token to the origin (scheme, host and port) of `endpoint`
+    /// only: never to another host, another port of the same host, or over another scheme,
+    /// including where a redirect leads. Never logged.
+    pub fn with_token(mut self, endpoint: &str, token: Option<String>) -> Result<Self, FetchError> {
+        self.auth = match token.filter(|t| !t.is_empty()) {
+            Some(t) => Some((Origin::of(endpoint)?, t)),
+            None => None,
+        };
+        Ok(self)
     }
 
-    fn request(&self, method: &str, url: &str) -> ureq::Request {
-        let mut req = self.agent.request(method, url);
-        if let Some((host, token)) = &self.auth {
-            if host_of(url) == *host {
-                req = req.set("Authorization", &format!("Bearer {token}"));
+    /// GET `url` with `headers`, following redirects; the token goes only to hops on its
+    /// origin. Errors are classified as [`classify`] does, against `url`.
+    fn call(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        not_found_help: &str,
+    ) -> Result<ureq::Response, FetchError> {
+        let mut current = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self.agent.get(&current);
+            for (name, value) in headers {
+                req = req.set(name, value);
             }
+            if let Some((origin, token)) = &self.auth {
+                if Origin::of(&current).is_ok_and(|o| o == *origin) {
+                    req = req.set("Authorization", &format!("Bearer {token}"));
+                }
+            }
+            let resp = req.call().map_err(|e| classify(url, e, not_found_help))?;
+            let location = match resp.status() {
+                301 | 302 | 303 | 307 | 308 => resp.header("Location").map(str::to_string),
+                _ => None,
+            };
+            let Some(location) = location else {
+                return Ok(resp);
+            };
+            let next = url::Url::parse(&current)
+                .and_then(|base| base.join(&location))
+                .map_err(|e| FetchError::Invalid {
+                    what: url.to_string(),
+                    detail: format!("{current} redirects to `{location}`, which is not a URL: {e}"),
+                })?;
+            tracing::debug!("{current} redirects to {next}");
+            current = next.into();
         }
-        req
+        Err(FetchError::Invalid {
+            what: url.to_string(),
+            detail: format!("more than {MAX_REDIRECTS} redirects"),
+        })
     }
 
     /// GET `url` and parse its JSON body, with retries.
@@ -128,7 +193,7 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.request("GET", url).call() {
+            match self.call(url, &[], not_found_help) {
                 Ok(resp) => {
                     let mut body = String::new();
                     match resp.into_reader().take(64 << 20).read_to_string(&mut body) {
@@ -144,8 +209,7 @@ impl Client {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Err(e) => {
-                    let err = classify(url, e, not_found_help);
+                Err(err) => {
                     if !retryable(&err) || attempt > self.retries {
                         return Err(err);
                     }
@@ -213,7 +277,7 @@ impl Client {
                         url: url.to_string(),
                         bytes: total,
                         etag: meta.etag.clone(),
-                        resumed_from,
+                        resumed_from: if meta.restarted { 0 } else { resumed_from },
                     });
                 }
                 Err(FetchError::Interrupted) => return Err(FetchError::Interrupted),
@@ -267,17 +331,31 @@ impl Client {
                 );
             }
         }
-        let mut req = self.request("GET", url);
-        if have > 0 {
-            req = req.set("Range", &format!("bytes={have}-"));
-            // Continue only if the remote file is the one the partial came from.
-            if let Some(v) = meta.etag.as_ref().or(meta.last_modified.as_ref()) {
-                req = req.set("If-Range", v);
-            }
+        // Continue only if the remote file is the one the partial came from: a partial
+        // without a validator to prove that starts over.
+        let validator = meta.validator();
+        if have > 0 && validator.is_none() {
+            fs::remove_file(part)?;
+            meta.restarted = true;
+            return self.try_download(
+                url,
+                part,
+                meta_path,
+                meta,
+                expected_size,
+                not_found_help,
+                transfer,
+            );
         }
-        let resp = match req.call() {
+        let range = format!("bytes={have}-");
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if let (true, Some(v)) = (have > 0, &validator) {
+            headers.push(("Range", &range));
+            headers.push(("If-Range", v.value()));
+        }
+        let resp = match self.call(url, &headers, not_found_help) {
             Ok(r) => r,
-            Err(ureq::Error::Status(416, _)) if have > 0 => {
+            Err(FetchError::Http { status: 416, .. }) if have > 0 => {
                 // The partial already holds the whole file (or a different one): start over
                 // unless its size is the expected one.
                 fs::remove_file(part)?;
@@ -287,13 +365,51 @@ impl Client {
                     detail: " (range not satisfiable; restarting)".into(),
                 });
             }
-            Err(e) => return Err(classify(url, e, not_found_help)),
+            Err(e) => return Err(e),
         };
         let status = resp.status();
         let etag = resp.header("ETag").map(str::to_string);
         let last_modified = resp.header("Last-Modified").map(str::to_string);
         let content_length: Option<u64> =
             resp.header("Content-Length").and_then(|v| v.parse().ok());
+        if status == 206 {
+            if let Some(sent) = &validator {
+                if !sent.matches(etag.as_deref(), last_modified.as_deref()) {
+                    // The server ignored If-Range and sent part of another version of the
+                    // file; splicing it onto the partial would corrupt it.
+                    tracing::warn!(
+                        "{url} changed since the partial download ({}); starting over",
+                        sent.describe_change(etag.as_deref(), last_modified.as_deref())
+                    );
+                    drop(resp);
+                    fs::remove_file(part)?;
+                    *meta = PartialMeta {
+                        url: url.to_string(),
+                        restarted: true,
+                        ..Default::default()
+                    };
+                    let _ = fs::remove_file(meta_path);
+                    return self.try_download(
+                        url,
+                        part,
+                        meta_path,
+                        meta,
+                        expected_size,
+                        not_found_help,
+                        transfer,
+                    );
+                }
+            }
+        }
+        if status != 206 {
+            // A whole file: remember what identifies it before writing any of it.
+            meta.etag = etag;
+            meta.last_modified = last_modified;
+            fs::write(
+                meta_path,
+                serde_json::to_vec(meta).expect("meta serialises"),
+            )?;
+        }
         let (mut file, mut done) = if status == 206 {
             let start = resp
                 .header("Content-Range")
@@ -312,14 +428,6 @@ impl Client {
         } else {
             (File::create(part)?, 0)
         };
-        if status != 206 || meta.etag.is_none() {
-            meta.etag = etag;
-            meta.last_modified = last_modified;
-            fs::write(
-                meta_path,
-                serde_json::to_vec(meta).expect("meta serialises"),
-            )?;
-        }
         let total = content_length.map(|l| l + done).or(expected_size);
         let mut reader = resp.into_reader();
         let mut buf = vec![0u8; 256 << 10];
@@ -365,6 +473,47 @@ impl Client {
             }
         }
         Ok(done)
+    }
+}
+
+/// What a resumed request sends as `If-Range`: a strong ETag, else the Last-Modified date
+/// (a weak ETag cannot be used for ranges).
+enum Validator {
+    ETag(String),
+    LastModified(String),
+}
+
+impl Validator {
+    fn value(&self) -> &str {
+        match self {
+            Validator::ETag(v) | Validator::LastModified(v) => v,
+        }
+    }
+
+    /// Whether a 206 reply is of the version this validator names.
+    fn matches(&self, etag: Option<&str>, last_modified: Option<&str>) -> bool {
+        match self {
+            Validator::ETag(v) => etag == Some(v.as_str()),
+            Validator::LastModified(v) => last_modified == Some(v.as_str()),
+        }
+    }
+
+    fn describe_change(&self, etag: Option<&str>, last_modified: Option<&str>) -> String {
+        let (what, sent, got) = match self {
+            Validator::ETag(v) => ("ETag", v, etag),
+            Validator::LastModified(v) => ("Last-Modified", v, last_modified),
+        };
+        format!("{what} was {sent}, the reply has {}", got.unwrap_or("none"))
+    }
+}
+
+impl PartialMeta {
+    fn validator(&self) -> Option<Validator> {
+        match (&self.etag, &self.last_modified) {
+            (Some(e), _) if !e.starts_with("W/") => Some(Validator::ETag(e.clone())),
+            (_, Some(d)) => Some(Validator::LastModified(d.clone())),
+            _ => None,
+        }
     }
 }
 
@@ -464,5 +613,19 @@ mod tests {
             Some("data.json".into())
         );
         assert_eq!(url_file_name("https://e.org/"), None);
+    }
+
+    #[test]
+    fn origins_are_scheme_host_and_port() {
+        let o = |u: &str| Origin::of(u).unwrap();
+        assert_eq!(
+            o("https://huggingface.co"),
+            o("https://HuggingFace.co:443/api/x")
+        );
+        assert_eq!(o("http://127.0.0.1:8080/a"), o("http://127.0.0.1:8080/b?c"));
+        assert_ne!(o("http://127.0.0.1:8080"), o("http://127.0.0.1:8081"));
+        assert_ne!(o("https://huggingface.co"), o("http://huggingface.co"));
+        assert_ne!(o("https://huggingface.co"), o("https://cdn.huggingface.co"));
+        assert!(Origin::of("huggingface.co").is_err());
     }
 }

@@ -116,7 +116,7 @@ pub fn fetch(
                     what: url.clone(),
                     detail: "the URL does not end in a file name; set `file_name:`".into(),
                 })?;
-            let dest = out.join(&name);
+            let dest = out.join(safe_name(&name, text, "the name to store the file under")?);
             let d = client.download(url, &dest, work, None, "check the URL", transfer)?;
             verify(opts, &name, &dest, None, work)?;
             report.etag = d.etag;
@@ -128,6 +128,15 @@ pub fn fetch(
         }
         Source::Hub(repo) => {
             let (commit, listed) = repo.resolve(client, &opts.endpoint)?;
+            // Every listed name is checked before anything is written, not only the chosen:
+            // a listing with one hostile name is not to be trusted with the others.
+            for f in &listed {
+                safe_name(
+                    &f.name,
+                    text,
+                    &format!("a file in the file list of {}@{commit}", repo.repo),
+                )?;
+            }
             let chosen =
                 hub::select(repo.kind, &listed, &opts.files, &repo.repo).map_err(|detail| {
                     FetchError::Invalid {
@@ -178,6 +187,7 @@ pub fn fetch(
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default()
                 });
+                safe_name(&name, text, "the name to store the file under")?;
                 vec![(name, path.clone())]
             } else {
                 local_files(path, &opts.files)?
@@ -293,6 +303,15 @@ fn local_files(dir: &Path, globs: &[String]) -> Result<Vec<(String, PathBuf)>, F
     }
     out.sort();
     Ok(out)
+}
+
+/// `name` as a path inside the output directory, or an error that names it, the source and
+/// `what` it is.
+fn safe_name<'a>(name: &'a str, source: &str, what: &str) -> Result<&'a Path, FetchError> {
+    pipe_core::relpath::relative_path(name).map_err(|e| FetchError::Invalid {
+        what: source.to_string(),
+        detail: format!("{what}: {e}; pipe wrote nothing, since such a name could put a file outside the stage's outputs"),
+    })
 }
 
 fn sanitize(name: &str) -> String {

@@ -242,10 +242,9 @@ fn hub_repositories_resolve_list_verify_and_authenticate() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("HTTP 401") && e.contains("HF_TOKEN"), "{e}");
-    let c = client().with_token(
-        srv.base.trim_start_matches("http://"),
-        Some("s3cret".into()),
-    );
+    let c = client()
+        .with_token(&srv.base, Some("s3cret".into()))
+        .unwrap();
     let r = fetch(
         &src,
         "hf://org/tiny",
@@ -339,4 +338,202 @@ fn local_sources_copy_files_and_directories() {
     .unwrap_err()
     .to_string()
     .contains("nope.json"));
+}
+
+/// Interrupts a download of `path` after `after` bytes, then publishes `new` there.
+fn interrupt_then_change(srv: &TestServer, path: &str, dir: &Path, after: u64, new: &[u8]) {
+    let url = srv.url(path);
+    let src = Source::parse(&url, dir).unwrap();
+    let stop = CancelAfter {
+        after,
+        seen: Cell::new(0),
+    };
+    let e = fetch(
+        &src,
+        &url,
+        &opts(&srv.base),
+        &client(),
+        &dir.join("out"),
+        &dir.join("work"),
+        &stop,
+    )
+    .unwrap_err();
+    assert!(matches!(e, FetchError::Interrupted), "{e}");
+    srv.add(path, new);
+}
+
+#[test]
+fn a_server_that_ignores_if_range_cannot_splice_two_versions() {
+    for last_modified_only in [false, true] {
+        let srv = TestServer::start();
+        srv.ignore_if_range();
+        if last_modified_only {
+            srv.last_modified_only();
+        }
+        srv.add("/f.bin", &body(1_000_000));
+        let dir = tempfile::tempdir().unwrap();
+        let new: Vec<u8> = body(1_000_000).into_iter().map(|b| b ^ 0x5a).collect();
+        interrupt_then_change(&srv, "/f.bin", dir.path(), 300_000, &new);
+        let r = get(&srv.url("/f.bin"), &opts(&srv.base), dir.path()).unwrap();
+        assert!(
+            std::fs::read(dir.path().join("out/f.bin")).unwrap() == new,
+            "the 206 of another version was spliced onto the partial (Last-Modified only: {last_modified_only})"
+        );
+        assert_eq!(r.files[0].resumed_from, 0, "{:?}", r.files);
+        let seen = srv.seen();
+        let last_two: Vec<Option<String>> = seen[seen.len() - 2..]
+            .iter()
+            .map(|s| s.range.clone())
+            .collect();
+        assert!(
+            last_two[0].is_some() && last_two[1].is_none(),
+            "a range request, refused by its validator, then the whole file: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unchanged_file_still_resumes_when_the_server_honours_its_validator() {
+    let srv = TestServer::start();
+    srv.last_modified_only();
+    let data = body(1_000_000);
+    srv.add("/same.bin", &data);
+    let dir = tempfile::tempdir().unwrap();
+    interrupt_then_change(&srv, "/same.bin", dir.path(), 300_000, &data);
+    let r = get(&srv.url("/same.bin"), &opts(&srv.base), dir.path()).unwrap();
+    assert!(std::fs::read(dir.path().join("out/same.bin")).unwrap() == data);
+    assert!(r.files[0].resumed_from >= 300_000, "{:?}", r.files);
+}
+
+#[test]
+fn the_hub_token_goes_only_to_the_hub_origin() {
+    let hub = TestServer::start();
+    let other = TestServer::start();
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    hub.add_hub_repo("org/gated", commit, &[("config.json", b"{}", false)]);
+    hub.gate("/", "s3cret");
+    // The same host on another port: another origin, which must not see the token.
+    let weights = body(5000);
+    other.add("/cdn/model.safetensors", &weights);
+    hub.redirect(
+        &format!("/org/gated/resolve/{commit}/model.safetensors"),
+        &other.url("/cdn/model.safetensors"),
+    );
+    // A redirect within the Hub's origin keeps it (a relative Location, as the Hub sends).
+    hub.redirect(
+        &format!("/org/gated/resolve/{commit}/tokenizer.json"),
+        &format!("/org/gated/resolve/{commit}/tokenizer-moved.json"),
+    );
+    hub.add(
+        &format!("/org/gated/resolve/{commit}/tokenizer-moved.json"),
+        b"{\"model\": {}}",
+    );
+    let listing = serde_json::json!({"sha": commit, "siblings": [
+        {"rfilename": "config.json", "size": 2},
+        {"rfilename": "tokenizer.json", "size": 13},
+        {"rfilename": "model.safetensors", "size": 5000,
+         "lfs": {"sha256": sha256_hex(&weights), "size": 5000}},
+    ]});
+    hub.add(
+        "/api/models/org/gated/revision/main?blobs=true",
+        &serde_json::to_vec(&listing).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let src = Source::parse("hf://org/gated", dir.path()).unwrap();
+    let c = client()
+        .with_token(&hub.base, Some("s3cret".into()))
+        .unwrap();
+    let r = fetch(
+        &src,
+        "hf://org/gated",
+        &opts(&hub.base),
+        &c,
+        &dir.path().join("out"),
+        &dir.path().join("work"),
+        &Quiet,
+    )
+    .unwrap();
+    assert_eq!(r.files.len(), 3, "{:?}", r.files);
+    assert!(std::fs::read(dir.path().join("out/model.safetensors")).unwrap() == weights);
+    let to_other = other.seen();
+    assert_eq!(to_other.len(), 1, "{to_other:?}");
+    assert_eq!(
+        to_other[0].auth, None,
+        "the token followed a redirect to another port of the same host"
+    );
+    assert!(hub
+        .seen()
+        .iter()
+        .all(|s| s.auth.as_deref() == Some("Bearer s3cret")));
+}
+
+#[test]
+fn a_hub_listing_with_names_that_leave_the_output_is_refused_before_writing() {
+    for hostile in [
+        "../../pipe-escaped.txt",
+        "/tmp/pipe-escaped-absolute.txt",
+        "a/../../pipe-escaped.txt",
+        "a//b.json",
+        "nul\0.json",
+    ] {
+        let srv = TestServer::start();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        srv.add_hub_repo(
+            "org/evil",
+            commit,
+            &[
+                ("config.json", b"{}", false),
+                (hostile, b"pwned", false),
+                ("model.safetensors", b"weights", false),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("deep/er/out");
+        let src = Source::parse("hf://org/evil", dir.path()).unwrap();
+        let e = fetch(
+            &src,
+            "hf://org/evil",
+            &opts(&srv.base),
+            &client(),
+            &out,
+            &dir.path().join("work"),
+            &Quiet,
+        )
+        .unwrap_err()
+        .to_string();
+        let shown: String = hostile.chars().flat_map(char::escape_debug).collect();
+        assert!(
+            e.contains(&format!("`{shown}`"))
+                && e.contains("org/evil")
+                && e.contains("wrote nothing"),
+            "{e}"
+        );
+        assert!(!out.exists(), "nothing is written: {hostile:?}");
+        assert!(!dir.path().join("deep/pipe-escaped.txt").exists());
+        assert!(!Path::new("/tmp/pipe-escaped-absolute.txt").exists());
+        assert!(
+            srv.seen().iter().all(|s| !s.path.contains("/resolve/")),
+            "no file was requested"
+        );
+    }
+}
+
+#[test]
+fn a_url_or_local_file_name_that_leaves_the_output_is_refused() {
+    let srv = TestServer::start();
+    srv.add("/d.json", b"{}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&srv.base);
+    o.file_name = Some("../outside.json".into());
+    let e = get(&srv.url("/d.json"), &o, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`../outside.json`") && e.contains("`..`"), "{e}");
+    assert!(srv.seen().is_empty(), "refused before any request");
+    std::fs::write(dir.path().join("local.json"), "{}").unwrap();
+    o.file_name = Some(dir.path().join("abs.json").display().to_string());
+    let e = get("local.json", &o, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("absolute path"), "{e}");
+    assert!(!dir.path().join("abs.json").exists());
+    assert!(!dir.path().join("outside.json").exists());
 }

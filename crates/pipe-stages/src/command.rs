@@ -102,17 +102,13 @@ impl StageKind for CommandKind {
             });
         }
         for (i, out) in fields.outs.iter().enumerate() {
-            let p = std::path::Path::new(out);
-            if out.is_empty()
-                || p.is_absolute()
-                || p.components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
+            if let Err(e) = pipe_core::relpath::relative_path(out) {
                 return Err(FieldError::new(
                     cx.path.key("outs").index(i),
                     Target::Value,
-                    format!("output `{out}` must be a relative path inside ${{out}}"),
-                ));
+                    format!("output {e}"),
+                )
+                .with_help("an output is a relative path inside ${out}, such as `features.csv` or `model/config.json`"));
             }
         }
         if let Some(m) = &fields.metrics {

@@ -12,8 +12,11 @@
 //! ```
 //!
 //! Partial downloads stay in the stage's work directory and resume (HTTP Range) after a
-//! failure or a kill. `HF_TOKEN` is sent to the Hub only; `HF_ENDPOINT` names the Hub. Neither
-//! enters the cache key or any log.
+//! failure or a kill, only while the server proves (ETag or Last-Modified) that the file is the
+//! same. `HF_TOKEN` is sent to the Hub's origin only (scheme, host and port, also after a
+//! redirect); `HF_ENDPOINT` names the Hub. Neither enters the cache key or any log. Every name
+//! that becomes a file (`file_name:`, a Hub listing) is checked by
+//! `pipe_core::relpath::relative_path` before anything is written.
 
 use std::collections::BTreeMap;
 
@@ -79,6 +82,12 @@ impl StageKind for DownloadKind {
         fields: serde_yaml::Value,
     ) -> Result<Box<dyn Stage>, FieldError> {
         let fields: Fields = cx.fields(fields)?;
+        if let Some(name) = &fields.file_name {
+            pipe_core::relpath::relative_path(name).map_err(|e| {
+                cx.error("file_name", format!("`file_name:` {e}"))
+                    .with_help("name a file inside the stage's outputs, such as `data.json` or `raw/data.json`")
+            })?;
+        }
         let source =
             Source::parse(&fields.source, cx.base_dir).map_err(|e| cx.error("source", e))?;
         let mut checksums = BTreeMap::new();
@@ -114,6 +123,16 @@ impl StageKind for DownloadKind {
                 checksums.insert(name.clone(), c);
             }
         }
+        if let (Source::Url(url), None, Some(name)) = (&source, &fields.file_name, &single) {
+            if let Err(e) = pipe_core::relpath::relative_path(name) {
+                return Err(cx
+                    .error(
+                        "source",
+                        format!("the file name at the end of `{url}`, {e}"),
+                    )
+                    .with_help("set `file_name:` to the name to store it under"));
+            }
+        }
         if matches!(source, Source::Url(_)) && single.is_none() {
             return Err(cx
                 .error("source", "the URL does not end in a file name")
@@ -133,7 +152,10 @@ impl StageKind for DownloadKind {
             }],
             _ => Vec::new(),
         };
-        let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.into());
+        let endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.into());
         let options = FetchOptions {
             files: fields.files.clone(),
             checksums,
@@ -192,9 +214,9 @@ impl Stage for DownloadStage {
         let mut client = Client::new();
         client.retries = self.fields.retries;
         if let Source::Hub(_) = &self.source {
-            // The same host reading the client compares request URLs against.
-            let host = pipe_fetch::host_of(&self.options.endpoint);
-            client = client.with_token(&host, std::env::var("HF_TOKEN").ok());
+            client = client
+                .with_token(&self.options.endpoint, std::env::var("HF_TOKEN").ok())
+                .map_err(|e| anyhow!("HF_ENDPOINT: {e}"))?;
         }
         let work = cx.work_dir.join("partial");
         let out = cx.out_dir.clone();

@@ -13,6 +13,12 @@
 //!   max_shard_size: 5GB
 //!   to: out/alpaca-7b     # also copy the result here (atomically), even on a cache hit
 //! ```
+//!
+//! `to:` is a directory pipe owns once it delivered there: each delivery leaves a marker file
+//! ([`MARKER`]) naming the stage and its key, and pipe replaces only a directory that holds
+//! one (or an empty one). A directory with other contents is refused, never emptied; the
+//! store, the directory pipe runs in, the pipeline's directory, the home directory and their
+//! ancestors are refused by `pipe check` already.
 
 use std::path::{Path, PathBuf};
 
@@ -67,7 +73,12 @@ fn default_shard() -> String {
     "5GB".into()
 }
 
+/// The file every delivered directory holds, so that pipe can tell its own delivery (which it
+/// may replace) from a directory of the user's (which it must not touch).
+pub const MARKER: &str = ".pipe-delivery.json";
+
 struct ExportStage {
+    stage_id: String,
     fields: Fields,
     shard_bytes: u64,
     to: Option<PathBuf>,
@@ -131,8 +142,12 @@ impl StageKind for ExportKind {
                 field: cx.path.key("base"),
             });
         }
-        let to = fields.to.as_deref().map(|t| cx.resolve_path(t));
+        let to = match fields.to.as_deref() {
+            Some(t) => Some(cx.delivery_target("to", t)?),
+            None => None,
+        };
         Ok(Box::new(ExportStage {
+            stage_id: cx.stage_id.to_string(),
             fields,
             shard_bytes,
             to,
@@ -286,43 +301,173 @@ impl Stage for ExportStage {
     }
     fn deliver(&self, outputs: &Path) -> anyhow::Result<Option<String>> {
         let Some(to) = &self.to else { return Ok(None) };
-        copy_atomically(outputs, to)?;
+        // The store keeps a stage's outputs in `stages/<key>/out`.
+        let key = outputs
+            .parent()
+            .and_then(Path::file_name)
+            .map(|k| k.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let marker = serde_json::json!({
+            "delivered_by": "pipe",
+            "stage": self.stage_id,
+            "key": key,
+            "note": "pipe replaces this directory on its next delivery; delete this file to keep the directory as it is",
+        });
+        deliver_dir(outputs, to, &serde_json::to_vec_pretty(&marker)?)?;
         Ok(Some(format!("copied to {}", to.display())))
     }
 }
 
+/// What lies at a delivery target before a delivery.
+enum Existing {
+    Nothing,
+    /// An empty directory, or one a delivery left (it holds the marker).
+    Replaceable,
+}
+
+fn existing(to: &Path) -> anyhow::Result<Existing> {
+    let meta = match std::fs::symlink_metadata(to) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::Nothing),
+        Err(e) => return Err(anyhow!("cannot inspect {}: {e}", to.display())),
+        Ok(m) => m,
+    };
+    let help = "pipe replaces only a directory it delivered itself (one holding its `.pipe-delivery.json`); move it away, or point `to:` at a new directory";
+    if meta.file_type().is_symlink() {
+        bail!(
+            "{} is a symbolic link, not a directory pipe delivered\n  = help: {help}",
+            to.display()
+        );
+    }
+    if !meta.is_dir() {
+        bail!(
+            "{} exists and is not a directory\n  = help: {help}",
+            to.display()
+        );
+    }
+    if std::fs::symlink_metadata(to.join(MARKER)).is_ok_and(|m| m.is_file()) {
+        return Ok(Existing::Replaceable);
+    }
+    let mut names: Vec<String> = std::fs::read_dir(to)
+        .with_context(|| format!("cannot read {}", to.display()))?
+        .take(4)
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    if names.is_empty() {
+        return Ok(Existing::Replaceable);
+    }
+    names.sort();
+    if names.len() > 3 {
+        names.truncate(3);
+        names.push("…".into());
+    }
+    bail!(
+        "{} already holds files that pipe did not deliver ({}); it was left untouched\n  = help: {help}",
+        to.display(),
+        names.join(", ")
+    )
+}
+
+/// Removes what it names when dropped, unless released: the temporary copies and the
+/// directories a failed delivery created, so that no failure leaves debris.
+struct Cleanup(Option<PathBuf>);
+
+impl Cleanup {
+    fn release(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
 /// Copies `from` to `to` through a sibling temporary directory and a rename, so `to` is
-/// either the old copy or the whole new one.
-fn copy_atomically(from: &Path, to: &Path) -> anyhow::Result<()> {
+/// either the old delivery or the whole new one, and marks it as pipe's with `marker`.
+fn deliver_dir(from: &Path, to: &Path, marker: &[u8]) -> anyhow::Result<()> {
+    let before = existing(to)?;
     let parent = to
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
+        .ok_or_else(|| anyhow!("{} has no parent directory to deliver into", to.display()))?;
     let name = to
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+        .ok_or_else(|| anyhow!("{} does not end in a directory name", to.display()))?;
+    // The topmost parent this delivery creates goes again if the delivery fails.
+    let created = parent
+        .ancestors()
+        .take_while(|a| !a.exists())
+        .last()
+        .map(Path::to_path_buf);
+    let created = Cleanup(created);
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    remove_stale_temporaries(parent, &name);
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let tmp_guard = Cleanup(Some(tmp.clone()));
+    // The marker first: a copy left by a kill is then recognisably pipe's.
+    std::fs::write(tmp.join(MARKER), marker)?;
     for (rel, src) in pipe_core::digest::walk_files(from)? {
         let dest = tmp.join(&rel);
-        std::fs::create_dir_all(dest.parent().expect("parent"))?;
-        std::fs::copy(&src, &dest)?;
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::copy(&src, &dest)
+            .with_context(|| format!("cannot copy {rel} to {}", tmp.display()))?;
         // Store files are read-only; the user's copy should not be.
         let mut perm = std::fs::metadata(&dest)?.permissions();
         #[allow(clippy::permissions_set_readonly_false)]
         perm.set_readonly(false);
         std::fs::set_permissions(&dest, perm)?;
     }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if to.exists() {
-        std::fs::rename(to, &old)?;
+    match before {
+        Existing::Nothing => {
+            std::fs::rename(&tmp, to)
+                .with_context(|| format!("cannot move the copy to {}", to.display()))?;
+        }
+        Existing::Replaceable => {
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(to, &old)
+                .with_context(|| format!("cannot replace {}", to.display()))?;
+            if let Err(e) = std::fs::rename(&tmp, to) {
+                // Put the previous delivery back rather than leave nothing.
+                let _ = std::fs::rename(&old, to);
+                return Err(anyhow!("cannot replace {}: {e}", to.display()));
+            }
+            let _ = std::fs::remove_dir_all(&old);
+        }
     }
-    std::fs::rename(&tmp, to)?;
-    let _ = std::fs::remove_dir_all(&old);
+    tmp_guard.release();
+    created.release();
     Ok(())
+}
+
+/// Removes the temporary directories an earlier, killed delivery to `name` left in `parent`
+/// (`.NAME.partial-PID`, `.NAME.old-PID`). Only those holding the marker are pipe's.
+fn remove_stale_temporaries(parent: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&format!(".{name}.")) else {
+            continue;
+        };
+        let ours = ["partial-", "old-"].iter().any(|p| {
+            rest.strip_prefix(p)
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if ours && e.path().join(MARKER).is_file() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,12 @@ pub struct State {
     pub drops: BTreeMap<String, usize>,
     /// Paths that demand `Authorization: Bearer <token>`.
     pub gated: BTreeMap<String, String>,
+    /// Paths answered with `302 Found` to a location.
+    pub redirects: BTreeMap<String, String>,
+    /// Serve a Range even when If-Range names another version (a broken server or proxy).
+    pub ignore_if_range: bool,
+    /// Send `Last-Modified` (derived from the content) instead of an ETag.
+    pub last_modified_only: bool,
     pub seen: Vec<Seen>,
 }
 
@@ -92,6 +98,22 @@ impl TestServer {
             .unwrap()
             .gated
             .insert(path_prefix.to_string(), token.to_string());
+    }
+
+    pub fn redirect(&self, path: &str, location: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .redirects
+            .insert(path.to_string(), location.to_string());
+    }
+
+    pub fn ignore_if_range(&self) {
+        self.state.lock().unwrap().ignore_if_range = true;
+    }
+
+    pub fn last_modified_only(&self) {
+        self.state.lock().unwrap().last_modified_only = true;
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -171,7 +193,7 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) {
             .map(|(_, v)| v.clone())
     };
     let (range, if_range, auth) = (header("range"), header("if-range"), header("authorization"));
-    let (file, drop, gate) = {
+    let (file, drop, gate, redirect, ignore_if_range, last_modified_only) = {
         let mut st = state.lock().unwrap();
         st.seen.push(Seen {
             path: path.clone(),
@@ -190,7 +212,14 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) {
             .iter()
             .find(|(p, _)| path.starts_with(p.as_str()))
             .map(|(_, t)| t.clone());
-        (st.files.get(&path).cloned(), drop, gate)
+        (
+            st.files.get(&path).cloned(),
+            drop,
+            gate,
+            st.redirects.get(&path).cloned(),
+            st.ignore_if_range,
+            st.last_modified_only,
+        )
     };
     let respond =
         |conn: &mut TcpStream, status: &str, extra: &[String], body: &[u8], send: usize| {
@@ -214,6 +243,16 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) {
             return;
         }
     }
+    if let Some(location) = redirect {
+        respond(
+            &mut conn,
+            "302 Found",
+            &[format!("Location: {location}")],
+            b"",
+            0,
+        );
+        return;
+    }
     let Some((body, etag)) = file else {
         respond(&mut conn, "404 Not Found", &[], b"not found", 9);
         return;
@@ -222,9 +261,30 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) {
         .as_deref()
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.strip_suffix('-'))
-        .and_then(|r| r.parse::<usize>().ok())
-        .filter(|_| if_range.as_deref().is_none_or(|v| v == etag));
-    let mut extra = vec![format!("ETag: {etag}"), "Accept-Ranges: bytes".to_string()];
+        .and_then(|r| r.parse::<usize>().ok());
+    // A stand-in for a modification date that changes with the content.
+    let digits = u32::from_str_radix(&etag[1..7], 16).unwrap_or(0);
+    let modified = format!(
+        "Mon, 01 Jan 2024 {:02}:{:02}:{:02} GMT",
+        digits % 24,
+        digits / 24 % 60,
+        digits / 1440 % 60
+    );
+    let validator = if last_modified_only {
+        modified.clone()
+    } else {
+        etag.clone()
+    };
+    let start =
+        start.filter(|_| ignore_if_range || if_range.as_deref().is_none_or(|v| v == validator));
+    let mut extra = vec![
+        if last_modified_only {
+            format!("Last-Modified: {modified}")
+        } else {
+            format!("ETag: {etag}")
+        },
+        "Accept-Ranges: bytes".to_string(),
+    ];
     let (status, slice) = match start {
         Some(s) if s >= body.len() => {
             respond(&mut conn, "416 Range Not Satisfiable", &[], b"", 0);
