@@ -256,6 +256,37 @@ fn outputs_linked_to_files_outside_are_stored_as_bytes() {
 use std::os::unix::fs::MetadataExt;
 
 #[test]
+fn an_output_directory_replaced_by_a_link_is_copied_not_moved() {
+    let outside = tempfile::tempdir().unwrap();
+    let file = outside.path().join("weights.bin");
+    fs::write(&file, "user's weights\n").unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        &format!(
+            "name: swapped\nstages:\n  s:\n    kind: command\n    cmd: rmdir ${{out}} && ln -s {} ${{out}}\n",
+            outside.path().display()
+        ),
+    );
+    p.pipe(&["run", "p.yaml"]).ok();
+    assert_eq!(fs::read_to_string(&file).unwrap(), "user's weights\n");
+    assert_eq!(mode(&file), 0o644);
+    assert_eq!(
+        fs::read_dir(outside.path()).unwrap().count(),
+        1,
+        "pipe wrote into the linked directory"
+    );
+    let outs = p.outputs("cache");
+    assert!(
+        outs.iter()
+            .any(|(path, t)| path.ends_with("out/weights.bin") && t == "user's weights\n"),
+        "{outs:?}"
+    );
+    assert_eq!(links_under(&p.path("cache")), Vec::<String>::new());
+}
+
+#[test]
 fn a_dangling_output_link_fails_the_stage_naming_it() {
     let p = Project::new();
     p.write(

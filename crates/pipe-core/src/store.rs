@@ -404,6 +404,14 @@ impl Store {
     /// that nothing outside the store is ever moved, linked to or has its mode changed.
     pub fn commit(&self, staged: &Path, mut manifest: Manifest) -> io::Result<Manifest> {
         let key = manifest.key.clone();
+        if fs::symlink_metadata(staged)?.file_type().is_symlink() {
+            // The stage replaced its output directory by a link: store what it points to,
+            // without reaching into it.
+            let copy = unique_tmp_name(staged);
+            copy_tree_following_links(staged, &copy, 0)?;
+            fs::remove_file(staged)?;
+            fs::rename(&copy, staged)?;
+        }
         own_every_file(staged, staged, 0)?;
         let listed = walk_files(staged)?;
         let entries: Vec<FileEntry> = listed
