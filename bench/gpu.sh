@@ -320,14 +320,16 @@ elif n:
               f"| logits after 4 training steps | {n['final_logits_after_training']['max_abs']:.2e} | {n['final_logits_after_training']['mean_abs']:.2e} |",
               "", f"training curve: worst relative loss difference over 4 steps {worst:.2e}" if worst is not None else "", ""]
 lines += ["(b) training speed and memory, " + json.dumps(shapes), "",
-          "| run | tokens/s | peak GPU MiB | MFU | params | trainable |", "|---|---:|---:|---:|---:|---:|"]
+          "| run | tokens/s | peak GPU MiB | pipe's plan MiB | MFU | params | trainable |", "|---|---:|---:|---:|---:|---:|---:|"]
 for method, label in (("lora", "Llama-2-7B shape, LoRA r16 all-linear"), ("full", "~1.1B Llama, full fine-tuning")):
     for impl in ("pipe", "torch"):
         r = report.get(f"{method}_{impl}")
-        lines.append(f"| {label}: {impl} | {cell(r, 'tokens_per_s', '{:.0f}')} | {cell(r, 'peak_gpu_mib', '{:.0f}')} | {cell(r, 'mfu', '{:.1%}')} | {cell(r, 'params', '{:,}')} | {cell(r, 'trainable_params', '{:,}')} |")
+        plan = (r or {}).get("memory_plan", {}).get("total")
+        plan = "—" if plan is None else f"{plan / 2**20:.0f}"
+        lines.append(f"| {label}: {impl} | {cell(r, 'tokens_per_s', '{:.0f}')} | {cell(r, 'peak_gpu_mib', '{:.0f}')} | {plan} | {cell(r, 'mfu', '{:.1%}')} | {cell(r, 'params', '{:,}')} | {cell(r, 'trainable_params', '{:,}')} |")
     p, t = report.get(f"{method}_pipe") or {}, report.get(f"{method}_torch") or {}
     if "tokens_per_s" in p and "tokens_per_s" in t:
-        lines.append(f"| ratio pipe/torch | {p['tokens_per_s'] / t['tokens_per_s']:.2f}x | | | | |")
+        lines.append(f"| ratio pipe/torch | {p['tokens_per_s'] / t['tokens_per_s']:.2f}x | | | | | |")
 t = report["tiny_pipeline"] or {}
 lines += ["", "(c) tiny pipeline on the device: " + (t.get("error") or f"{t.get('wall_s', 0):.1f} s wall; " + json.dumps((t.get("metrics") or {}).get("model", {}).get("heldout", (t.get("metrics") or {}).get("model")))[:300])]
 s = report["scoring"] or {}

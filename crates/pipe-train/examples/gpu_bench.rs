@@ -5,11 +5,14 @@
 //!       DIR is written by `gpu_reference.py numerics`: a small random Llama (`DIR/model`, saved
 //!       by transformers) and `DIR/expected.json` (torch's f32 logits, its logits under autocast
 //!       to bf16, and four AdamW steps). Prints pipe's distance to each.
-//!   gpu_bench throughput DEVICE METHOD CONFIG_JSON SEQ BATCH STEPS
+//!   gpu_bench throughput DEVICE METHOD CONFIG_JSON SEQ BATCH STEPS [DTYPE] [checkpointing] [REPLICAS]
 //!       Training steps on random tokens of a randomly initialised Llama of the shape in
-//!       CONFIG_JSON (a Hugging Face config.json), mixed precision (`dtype: bf16`), AdamW,
-//!       clipping at 1.0; METHOD is `full` or `lora` (r 16, alpha 32, all linear layers, the base
-//!       frozen). Two untimed steps first (kernel compilation and autotuning), then STEPS timed.
+//!       CONFIG_JSON (a Hugging Face config.json), AdamW, clipping at 1.0; METHOD is `full` or
+//!       `lora` (r 16, alpha 32, all linear layers, the base frozen); DTYPE `bf16` (mixed
+//!       precision, the default) or `f32`; `checkpointing` turns gradient checkpointing on;
+//!       REPLICAS (CPU) splits each batch over that many data-parallel replicas. Two untimed
+//!       steps first (kernel compilation and autotuning), then STEPS timed. The output carries
+//!       pipe's memory plan for the run (pipe_train::memory), to set beside the measured peak.
 //!
 //! DEVICE is `cpu` (flex, to check this program and the script on any machine) or `cuda`
 //! (`cuda:0`; a build with the `cuda` feature).
@@ -17,19 +20,23 @@
 use std::path::Path;
 use std::time::Instant;
 
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec, MatmulPrecision};
 use pipe_model::{shifted_cross_entropy, Targets};
+use pipe_train::memory::{plan_training, LoraShape, TrainShape};
 use pipe_train::step::for_inference;
-use pipe_train::{adamw, train_step, AdamWSettings, Decay, MicroBatch, Schedule};
+use pipe_train::{
+    adamw, train_step, train_step_parallel, AdamWSettings, Decay, MicroBatch, Schedule,
+};
 use serde_json::{json, Value};
 
 fn usage() -> ! {
     eprintln!("usage: gpu_bench numerics DIR DEVICE");
-    eprintln!("       gpu_bench throughput DEVICE full|lora CONFIG_JSON SEQ BATCH STEPS");
+    eprintln!("       gpu_bench throughput DEVICE full|lora CONFIG_JSON SEQ BATCH STEPS [bf16|f32] [checkpointing] [REPLICAS]");
     std::process::exit(2);
 }
 
@@ -47,14 +54,23 @@ fn main() {
         Some("throughput") => arg(1),
         _ => usage(),
     };
-    match device {
-        "cpu" => dispatch::<Autodiff<pipe_model::CpuBackend>>(&args, Default::default()),
+    let checkpointing = args.iter().any(|a| a == "checkpointing");
+    match (device, checkpointing) {
+        ("cpu", false) => dispatch::<Autodiff<pipe_model::CpuBackend>>(&args, Default::default()),
+        ("cpu", true) => dispatch::<Autodiff<pipe_model::CpuBackend, BalancedCheckpointing>>(
+            &args,
+            Default::default(),
+        ),
         #[cfg(feature = "cuda")]
-        "cuda" | "cuda:0" => dispatch::<Autodiff<burn::backend::Cuda<f32, i32>>>(
+        ("cuda" | "cuda:0", false) => dispatch::<Autodiff<burn::backend::Cuda<f32, i32>>>(
             &args,
             burn::backend::cuda::CudaDevice::new(0),
         ),
-        other => fail(format!(
+        #[cfg(feature = "cuda")]
+        ("cuda" | "cuda:0", true) => dispatch::<
+            Autodiff<burn::backend::Cuda<f32, i32>, BalancedCheckpointing>,
+        >(&args, burn::backend::cuda::CudaDevice::new(0)),
+        (other, _) => fail(format!(
             "device `{other}` is not available in this build (cpu; cuda with --features cuda)"
         )),
     }
@@ -68,14 +84,19 @@ fn dispatch<B: AutodiffBackend>(args: &[String], device: B::Device) {
     };
     let report = match args[0].as_str() {
         "numerics" => numerics::<B>(Path::new(&args[1]), &device),
-        _ => throughput::<B>(
-            &device,
-            &args[2],
-            Path::new(&args[3]),
-            num(4),
-            num(5),
-            num(6),
-        ),
+        _ => {
+            let run = Run {
+                method: args[2].clone(),
+                seq: num(4),
+                batch: num(5),
+                steps: num(6),
+                bf16: args.get(7).map(String::as_str) != Some("f32"),
+                checkpointing: args.iter().any(|a| a == "checkpointing"),
+                replicas: args[7..].iter().find_map(|a| a.parse().ok()).unwrap_or(1),
+                on_gpu: args[1] != "cpu",
+            };
+            throughput::<B>(&device, Path::new(&args[3]), &run)
+        }
     };
     println!("{report}");
 }
@@ -201,15 +222,38 @@ fn numerics<B: AutodiffBackend>(dir: &Path, device: &B::Device) -> Value {
     })
 }
 
-fn throughput<B: AutodiffBackend>(
-    device: &B::Device,
-    method: &str,
-    config: &Path,
+struct Run {
+    method: String,
     seq: usize,
     batch: usize,
     steps: usize,
-) -> Value {
+    bf16: bool,
+    checkpointing: bool,
+    replicas: usize,
+    on_gpu: bool,
+}
+
+fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) -> Value {
+    let Run {
+        seq, batch, steps, ..
+    } = *run;
+    let method = run.method.as_str();
     let cfg = LlamaConfig::from_file(config).unwrap_or_else(|e| fail(e.to_string()));
+    let plan = plan_training(
+        &cfg,
+        &TrainShape {
+            lora: (method == "lora").then_some(LoraShape {
+                rank: 16,
+                targets_per_layer: 7,
+            }),
+            micro_batch_size: batch.div_ceil(run.replicas),
+            seq_len: seq,
+            bf16_products: run.bf16,
+            gradient_checkpointing: run.checkpointing,
+            replicas: run.replicas,
+            on_gpu: run.on_gpu,
+        },
+    );
     let t_init = Instant::now();
     let model: Llama<B> = match method {
         "full" => init_llama(&cfg, 0, 0.02, device, true),
@@ -227,7 +271,12 @@ fn throughput<B: AutodiffBackend>(
         }
         other => fail(format!("method `{other}`: full or lora")),
     };
-    let mut model = model.with_matmul_precision(MatmulPrecision::Bf16);
+    let precision = if run.bf16 {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    };
+    let mut model = model.with_matmul_precision(precision);
     let init_s = t_init.elapsed().as_secs_f64();
     let params = model.num_params();
     let trainable = trainable_params(&model);
@@ -239,6 +288,7 @@ fn throughput<B: AutodiffBackend>(
             .wrapping_add(1442695040888963407);
         (state >> 33) as i64 % cfg.vocab_size as i64
     };
+    let replicas = vec![device.clone(); run.replicas];
     let warmup = 2;
     let (mut t0, mut first_step_s, mut loss) = (Instant::now(), 0.0, f64::NAN);
     for step in 0..steps + warmup {
@@ -251,14 +301,18 @@ fn throughput<B: AutodiffBackend>(
         let rows: Vec<Vec<i64>> = (0..batch)
             .map(|_| (0..seq).map(|_| next_token()).collect())
             .collect();
-        let micro = [MicroBatch {
-            labels: rows.clone(),
-            input_ids: rows,
-            attention_mask: None,
-            packing: None,
-        }];
+        let micro: Vec<MicroBatch> = rows
+            .chunks(batch.div_ceil(run.replicas))
+            .map(|rows| MicroBatch {
+                labels: rows.to_vec(),
+                input_ids: rows.to_vec(),
+                attention_mask: None,
+                packing: None,
+            })
+            .collect();
         // The loss is read back every step (a device sync), so the clock measures finished work.
-        let (next, stats) = train_step(model, &mut optim, &micro, 1e-5, Some(1.0));
+        let (next, stats) =
+            train_step_parallel(model, &mut optim, &micro, &replicas, 1e-5, Some(1.0));
         model = next;
         loss = stats.loss;
         if !loss.is_finite() {
@@ -268,7 +322,11 @@ fn throughput<B: AutodiffBackend>(
     let secs = t0.elapsed().as_secs_f64();
     let tokens = steps * batch * seq;
     json!({
-        "impl": "pipe (burn 0.21, dtype bf16: bf16 products on f32 weights)",
+        "impl": "pipe (burn 0.21, f32 weights and AdamW)",
+        "dtype": if run.bf16 { "bf16 (bf16 products)" } else { "f32" },
+        "gradient_checkpointing": run.checkpointing,
+        "replicas": run.replicas,
+        "memory_plan": plan,
         "method": method,
         "params": params,
         "trainable_params": trainable,

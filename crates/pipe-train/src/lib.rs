@@ -1,6 +1,7 @@
 //! Training a pipe-model Llama: learning-rate schedules, token-exact gradient accumulation,
 //! global-norm clipping and AdamW, matching PyTorch + transformers step for step.
 
+pub mod memory;
 pub mod run;
 pub mod schedule;
 pub mod step;

@@ -1,0 +1,413 @@
+//! The memory plan: how many bytes a training or evaluation run will hold at its peak on each
+//! device, worked out from the model's shape and the run's settings before anything is loaded,
+//! so that a run that cannot fit is refused with advice instead of failing hours in.
+//!
+//! The figures are what pipe's own implementation allocates (burn's autodiff keeps every
+//! forward result a backward operation needs until the backward pass frees it), calibrated
+//! against measured peaks (`bench/memory.sh` prints estimate and measurement side by side):
+//! - weights: every parameter in f32, plus a bf16 copy of each matrix while products run in bf16
+//!   (`dtype: bf16`: the rounded operand lives until the backward pass has used it);
+//! - gradients: one f32 value per trainable parameter, and AdamW's two f32 moments;
+//! - activations: per decoder layer, the saved results of the norms, projections, rotary
+//!   embedding, grouped-query expansion, attention scores and probabilities (seq × seq per
+//!   head — no fused attention in burn 0.21), and SwiGLU; then the final norm, the logits and
+//!   the cross-entropy over the vocabulary. Gradient checkpointing keeps only what is costly to
+//!   recompute (the products' results) and recomputes the elementwise ones.
+//! - on a CPU, replicas share one memory: the weights count once, each replica adds its own
+//!   activations and gradients; on GPUs each device holds a whole replica.
+
+use pipe_model::LlamaConfig;
+use serde::Serialize;
+
+/// What a training run's memory depends on besides the model's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainShape {
+    /// `None`: full fine-tuning; `Some(rank)`: LoRA of that rank on `lora_targets` projections
+    /// per layer (7 for all-linear).
+    pub lora: Option<LoraShape>,
+    pub micro_batch_size: usize,
+    /// Tokens per row (the tokenize stage's `max_len`).
+    pub seq_len: usize,
+    /// bf16 matrix products (`dtype: bf16`).
+    pub bf16_products: bool,
+    pub gradient_checkpointing: bool,
+    pub replicas: usize,
+    pub on_gpu: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraShape {
+    pub rank: usize,
+    /// How many of the seven projections of a layer carry an adapter.
+    pub targets_per_layer: usize,
+}
+
+/// Estimated peak bytes of one device, by what holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryPlan {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    /// The process and backend's own (allocator, threads, a GPU's context).
+    pub overhead: u64,
+    /// On the busiest device.
+    pub total: u64,
+}
+
+const F32: u64 = 4;
+const BF16: u64 = 2;
+/// A CUDA context with burn's kernels and memory pools, measured: none yet on a GPU; the usual
+/// context size of recent drivers.
+const GPU_OVERHEAD: u64 = 600 << 20;
+/// The process itself on a CPU (code, threads, allocator's slack): 6 MiB measured for a
+/// one-layer model, and some room.
+const CPU_OVERHEAD: u64 = 8 << 20;
+
+/// Parameters of the model as pipe builds it: (all, in matrices).
+pub fn parameter_count(cfg: &LlamaConfig) -> (u64, u64) {
+    let (d, i, v, l) = (
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+        cfg.vocab_size as u64,
+        cfg.num_hidden_layers as u64,
+    );
+    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+    let per_layer = d * q + 2 * d * kv + q * d + 3 * d * i;
+    let embeddings = v * d * if cfg.tie_word_embeddings { 1 } else { 2 };
+    let matrices = l * per_layer + embeddings;
+    let norms = (2 * l + 1) * d;
+    let biases = if cfg.attention_bias {
+        l * (q + 2 * kv + d)
+    } else {
+        0
+    } + if cfg.mlp_bias { l * (2 * i + d) } else { 0 };
+    (matrices + norms + biases, matrices)
+}
+
+/// LoRA's parameters for `shape` on `cfg`: A `[in, r]` and B `[r, out]` on each targeted
+/// projection, counted as if all seven were targeted and scaled to the targeted share.
+fn lora_parameters(cfg: &LlamaConfig, shape: LoraShape) -> u64 {
+    let (d, i, l, r) = (
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+        cfg.num_hidden_layers as u64,
+        shape.rank as u64,
+    );
+    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+    let all_seven = r * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + i) + (i + d));
+    l * all_seven * shape.targets_per_layer as u64 / 7
+}
+
+/// f32 values one decoder layer keeps for the backward pass, per token of a micro-batch, and
+/// per (query, key) pair: `(per_token, per_score)`.
+fn saved_per_layer(cfg: &LlamaConfig, shape: &TrainShape) -> (u64, u64) {
+    let d = cfg.hidden_size as u64;
+    let i = cfg.intermediate_size as u64;
+    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+    let h = cfg.num_attention_heads as u64;
+    if shape.gradient_checkpointing {
+        // The products' results (q, k, v, attention output, o_proj, gate, up, down), the
+        // residual stream and norms' inputs, the score and probability matrices per head.
+        return (8 * d + q + 2 * kv + 4 * i, 2 * h);
+    }
+    // Norms (input, squared, normalised: two norms), q/k/v, rotary (the rotated halves and
+    // products for q and k), keys and values expanded to every head, attention output, o_proj
+    // input, the residuals, SwiGLU (gate, its sigmoid, silu, up, product).
+    let norms = 2 * 3 * d;
+    let attention = (q + 2 * kv) + 3 * (q + kv) + 2 * q + 2 * q + 2 * d;
+    let mlp = 5 * i;
+    // Scores, their scaled-and-masked sum, the softmax's exp and result.
+    (norms + attention + mlp, 4 * h)
+}
+
+/// The estimated peak of a training run.
+pub fn plan_training(cfg: &LlamaConfig, shape: &TrainShape) -> MemoryPlan {
+    let (all, matrices) = parameter_count(cfg);
+    let adapters = shape.lora.map_or(0, |l| lora_parameters(cfg, l));
+    let trainable = if shape.lora.is_some() { adapters } else { all };
+    let mut weights = (all + adapters) * F32;
+    if shape.bf16_products {
+        weights += matrices * BF16;
+    }
+    let tokens = (shape.micro_batch_size * shape.seq_len) as u64;
+    let scores = (shape.micro_batch_size * shape.seq_len * shape.seq_len) as u64;
+    let (per_token, per_score) = saved_per_layer(cfg, shape);
+    let layers = cfg.num_hidden_layers as u64;
+    let v = cfg.vocab_size as u64;
+    // Final norm, the logits and their log-softmax over the vocabulary.
+    let head = tokens * (3 * cfg.hidden_size as u64 + 2 * v);
+    let mut activations = (layers * (tokens * per_token + scores * per_score) + head) * F32;
+    if shape.bf16_products {
+        // The bf16 operands of the products: inputs of every projection, q, k, v, probs.
+        activations += layers * tokens * (4 * cfg.hidden_size as u64) * BF16;
+    }
+    let gradients = trainable * F32;
+    let optimizer = 2 * trainable * F32;
+    let replicas = shape.replicas.max(1) as u64;
+    let (overhead, total) = if shape.on_gpu {
+        (
+            GPU_OVERHEAD,
+            weights + gradients + optimizer + activations + GPU_OVERHEAD,
+        )
+    } else {
+        // One memory for every replica: their activations and gradients add up.
+        let replica_grads = (replicas - 1) * gradients;
+        (
+            CPU_OVERHEAD,
+            weights + gradients + replica_grads + optimizer + replicas * activations + CPU_OVERHEAD,
+        )
+    };
+    MemoryPlan {
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        overhead,
+        total,
+    }
+}
+
+/// The estimated peak of scoring or generating with `cfg` (no gradients): the weights, one
+/// layer's working set at a time, and the logits of a batch.
+pub fn plan_inference(cfg: &LlamaConfig, batch: usize, seq_len: usize, on_gpu: bool) -> MemoryPlan {
+    let (all, _) = parameter_count(cfg);
+    let weights = all * F32;
+    let tokens = (batch * seq_len) as u64;
+    let h = cfg.num_attention_heads as u64;
+    let layer = tokens * (6 * cfg.hidden_size as u64 + 3 * cfg.intermediate_size as u64)
+        + 3 * h * (batch * seq_len * seq_len) as u64;
+    let activations = (layer + 2 * tokens * cfg.vocab_size as u64) * F32;
+    let overhead = if on_gpu { GPU_OVERHEAD } else { CPU_OVERHEAD };
+    MemoryPlan {
+        weights,
+        gradients: 0,
+        optimizer: 0,
+        activations,
+        overhead,
+        total: weights + activations + overhead,
+    }
+}
+
+/// Changes to `shape` that bring its plan within `available` bytes, most effective last
+/// resort last, as settings a user writes: `micro_batch_size: 2`, `gradient_checkpointing:
+/// true`, `method: lora`. Empty when nothing pipe offers would fit.
+pub fn what_would_fit(cfg: &LlamaConfig, shape: &TrainShape, available: u64) -> Vec<String> {
+    let fits = |s: &TrainShape| plan_training(cfg, s).total <= available;
+    let mut advice = Vec::new();
+    if let Some(m) = (1..shape.micro_batch_size).rev().find(|&m| {
+        fits(&TrainShape {
+            micro_batch_size: m,
+            ..shape.clone()
+        })
+    }) {
+        advice.push(format!("micro_batch_size: {m}"));
+    }
+    if !shape.gradient_checkpointing {
+        let with = TrainShape {
+            gradient_checkpointing: true,
+            ..shape.clone()
+        };
+        if fits(&with) {
+            advice.push("gradient_checkpointing: true".into());
+        } else if fits(&TrainShape {
+            micro_batch_size: 1,
+            ..with
+        }) {
+            advice.push("gradient_checkpointing: true with micro_batch_size: 1".into());
+        }
+    }
+    if shape.lora.is_none() {
+        let lora = TrainShape {
+            lora: Some(LoraShape {
+                rank: 16,
+                targets_per_layer: 7,
+            }),
+            ..shape.clone()
+        };
+        if fits(&lora)
+            || fits(&TrainShape {
+                gradient_checkpointing: true,
+                micro_batch_size: 1,
+                ..lora
+            })
+        {
+            advice.push("method: lora".into());
+        }
+    }
+    advice
+}
+
+/// `n` bytes for people: `512 MiB`, `3.1 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / GIB)
+    } else {
+        format!("{} MiB", n.div_ceil(1 << 20))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama2_7b() -> LlamaConfig {
+        LlamaConfig::from_json(
+            r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                "max_position_embeddings": 4096}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn llama2_7b_has_its_published_parameter_count() {
+        let (all, _) = parameter_count(&llama2_7b());
+        assert_eq!(all, 6_738_415_616);
+    }
+
+    #[test]
+    fn lora_r16_all_linear_on_7b_matches_peft() {
+        // PEFT's print_trainable_parameters for r=16 on every linear layer of Llama-2-7B.
+        let lora = LoraShape {
+            rank: 16,
+            targets_per_layer: 7,
+        };
+        assert_eq!(lora_parameters(&llama2_7b(), lora), 39_976_960);
+    }
+
+    #[test]
+    fn full_fine_tuning_of_7b_in_f32_needs_sixteen_bytes_a_parameter_before_activations() {
+        let shape = TrainShape {
+            lora: None,
+            micro_batch_size: 1,
+            seq_len: 1,
+            bf16_products: false,
+            gradient_checkpointing: false,
+            replicas: 1,
+            on_gpu: true,
+        };
+        let plan = plan_training(&llama2_7b(), &shape);
+        assert_eq!(
+            plan.weights + plan.gradients + plan.optimizer,
+            16 * 6_738_415_616
+        );
+    }
+
+    #[test]
+    fn checkpointing_and_lora_shrink_the_plan_and_batch_grows_it() {
+        let base = TrainShape {
+            lora: None,
+            micro_batch_size: 4,
+            seq_len: 512,
+            bf16_products: true,
+            gradient_checkpointing: false,
+            replicas: 1,
+            on_gpu: true,
+        };
+        let cfg = llama2_7b();
+        let full = plan_training(&cfg, &base);
+        let ckpt = plan_training(
+            &cfg,
+            &TrainShape {
+                gradient_checkpointing: true,
+                ..base.clone()
+            },
+        );
+        let lora = plan_training(
+            &cfg,
+            &TrainShape {
+                lora: Some(LoraShape {
+                    rank: 16,
+                    targets_per_layer: 7,
+                }),
+                ..base.clone()
+            },
+        );
+        let bigger = plan_training(
+            &cfg,
+            &TrainShape {
+                micro_batch_size: 8,
+                ..base.clone()
+            },
+        );
+        assert!(ckpt.activations < full.activations * 3 / 4);
+        assert!(lora.gradients * 100 < full.gradients);
+        assert!(lora.total < full.total);
+        assert!(bigger.activations > full.activations * 19 / 10);
+    }
+
+    #[test]
+    fn advice_names_settings_that_fit_and_none_that_do_not() {
+        let cfg = llama2_7b();
+        let shape = TrainShape {
+            lora: None,
+            micro_batch_size: 8,
+            seq_len: 512,
+            bf16_products: true,
+            gradient_checkpointing: false,
+            replicas: 1,
+            on_gpu: true,
+        };
+        // An 80 GB card cannot hold full fine-tuning in f32 (108 GB of states alone) …
+        let advice = what_would_fit(&cfg, &shape, 80 << 30);
+        assert_eq!(advice, vec!["method: lora".to_string()]);
+        // … a 141 GB one can at a smaller micro-batch: the largest that fits is proposed.
+        let advice = what_would_fit(&cfg, &shape, 141 << 30);
+        let m: usize = advice[0]
+            .strip_prefix("micro_batch_size: ")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("{advice:?}"));
+        let at = |m| {
+            plan_training(
+                &cfg,
+                &TrainShape {
+                    micro_batch_size: m,
+                    ..shape.clone()
+                },
+            )
+            .total
+        };
+        assert!(
+            m < 8 && at(m) <= 141 << 30 && at(m + 1) > 141 << 30,
+            "{advice:?}"
+        );
+        // Nothing fits in 1 GB.
+        assert!(what_would_fit(&cfg, &shape, 1 << 30).is_empty());
+    }
+
+    #[test]
+    fn inference_needs_the_weights_and_a_batch() {
+        let cfg = llama2_7b();
+        let plan = plan_inference(&cfg, 8, 512, true);
+        assert_eq!(plan.weights, 4 * 6_738_415_616);
+        assert!(plan.activations > 8 * 512 * 32000 * 4);
+        assert!(
+            plan.total
+                < plan_training(
+                    &cfg,
+                    &TrainShape {
+                        lora: None,
+                        micro_batch_size: 8,
+                        seq_len: 512,
+                        bf16_products: false,
+                        gradient_checkpointing: false,
+                        replicas: 1,
+                        on_gpu: true,
+                    }
+                )
+                .total
+        );
+    }
+
+    #[test]
+    fn human_bytes_reads_well() {
+        assert_eq!(human_bytes(512 << 20), "512 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(human_bytes(1), "1 MiB");
+    }
+}
