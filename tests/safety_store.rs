@@ -441,7 +441,6 @@ fn deleting_the_lock_file_does_not_let_a_second_run_in() {
         r.stderr
     );
     assert_eq!(first.wait().unwrap().code(), Some(0));
-    sigkill(&mut first);
 }
 
 #[test]
@@ -449,27 +448,24 @@ fn two_runs_started_at_once_name_each_other() {
     for round in 0..4 {
         let p = Project::new();
         p.write("p.yaml", HOLD);
-        let a = p.spawn(&["run", "p.yaml"]);
-        let b = p.spawn(&["run", "p.yaml"]);
-        // The loser ends on its own; then the winner may finish.
+        let mut a = p.spawn(&["run", "p.yaml"]);
+        let mut b = p.spawn(&["run", "p.yaml"]);
+        // The loser ends on its own; the winner holds the lock until `release` appears.
         let t = Instant::now();
-        let (loser, winner) = loop {
+        let a_lost = loop {
             assert!(
                 t.elapsed() < Duration::from_secs(60),
                 "round {round}: no refusal"
             );
-            let refused_a = fs::read_to_string(format!("/proc/{}/stat", a.id()))
-                .map_or(true, |s| s.contains(") Z"));
-            let refused_b = fs::read_to_string(format!("/proc/{}/stat", b.id()))
-                .map_or(true, |s| s.contains(") Z"));
-            if refused_a {
-                break (a, b);
+            if a.try_wait().unwrap().is_some() {
+                break true;
             }
-            if refused_b {
-                break (b, a);
+            if b.try_wait().unwrap().is_some() {
+                break false;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let (loser, winner) = if a_lost { (a, b) } else { (b, a) };
         let winner_pid = winner.id();
         let out = loser.wait_with_output().unwrap();
         p.write("release", "");
