@@ -289,6 +289,23 @@ pub trait Stage: Send + Sync {
     fn deliver(&self, _outputs: &Path) -> anyhow::Result<Option<String>> {
         Ok(None)
     }
+    /// Checks what only the stages it reads from can tell (a sequence length against the
+    /// model's context, say), once the whole pipeline is parsed; `stage` looks one up by id.
+    fn check_upstream<'a>(
+        &self,
+        _stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
+    ) -> Result<(), FieldError> {
+        Ok(())
+    }
+}
+
+/// What a stage's [`Stage::check_upstream`] sees of another stage of the pipeline.
+#[derive(Clone, Copy)]
+pub struct StageInfo<'a> {
+    pub kind: &'static str,
+    /// Its [`Stage::params`].
+    pub params: &'a serde_json::Value,
+    pub inputs: &'a [Input],
 }
 
 /// The error a stage returns when it stopped because the run was interrupted.

@@ -22,7 +22,8 @@ pub mod store;
 
 pub use diag::{FieldError, FieldPath, SpecError};
 pub use kind::{
-    Input, InputSource, Interrupted, ParseContext, Registry, Stage, StageContext, StageKind,
+    Input, InputSource, Interrupted, ParseContext, Registry, Stage, StageContext, StageInfo,
+    StageKind,
 };
 pub use runner::{Engine, RunOptions, RunSummary, Status};
 pub use spec::{load, LoadError, Pipeline};

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
 use crate::diag::{FieldError, FieldPath, Origin, SpecError, Target};
-use crate::kind::{Input, InputSource, ParseContext, Registry, Stage};
+use crate::kind::{Input, InputSource, ParseContext, Registry, Stage, StageInfo};
 
 /// A parsed, checked pipeline.
 pub struct Pipeline {
@@ -102,9 +102,22 @@ pub enum LoadError {
 
 /// Reads, checks and types the pipeline in `file`, applying `--set` overrides.
 pub fn load(file: &Path, overrides: &[String], registry: &Registry) -> Result<Pipeline, LoadError> {
-    let src = std::fs::read_to_string(file).map_err(|source| LoadError::Read {
+    let bytes = std::fs::read(file).map_err(|source| LoadError::Read {
         file: file.to_path_buf(),
         source,
+    })?;
+    let src = String::from_utf8(bytes).map_err(|e| {
+        let (line, column, byte) = crate::diag::utf8_error_position(e.as_bytes(), e.utf8_error());
+        LoadError::Spec(Box::new(SpecError {
+            file: file.to_path_buf(),
+            line: Some(line),
+            column: Some(column),
+            source_line: None,
+            field: FieldPath::root(),
+            message: format!("the pipeline file is not valid UTF-8 (byte {byte} of the file)"),
+            help: Some("save the file as UTF-8".into()),
+            origin: Origin::File,
+        }))
     })?;
     parse(file, &src, overrides, registry)
 }
@@ -134,6 +147,17 @@ pub fn parse(
         ));
     }
 
+    if raw.stages.is_empty() {
+        return Err(spec_err(
+            FieldError::new(
+                root.key("stages"),
+                Target::Key,
+                "the pipeline has no stages",
+            )
+            .with_help("list at least one under `stages:`, as `ID: {kind: KIND, …}`"),
+            Origin::File,
+        ));
+    }
     let mut params = raw.params;
     let mut stage_maps: Vec<(String, Value)> = Vec::new();
     for (k, v) in raw.stages {
@@ -344,6 +368,19 @@ pub fn parse(
             .with_help("a stage cannot depend, directly or through others, on itself"),
             Origin::File,
         ));
+    }
+    let stage_info = |id: &str| {
+        pipeline.stage(id).map(|u| StageInfo {
+            kind: u.kind,
+            params: &u.params,
+            inputs: &u.inputs,
+        })
+    };
+    for s in &pipeline.stages {
+        s.stage.check_upstream(&stage_info).map_err(|e| {
+            let o = origin_of(&e.path);
+            spec_err(e, o)
+        })?;
     }
     Ok(pipeline)
 }

@@ -135,10 +135,29 @@ impl LlamaConfig {
                 "{heads} attention heads cannot be grouped over {kv} key/value heads"
             ));
         }
+        for (name, n) in [
+            ("vocab_size", raw.vocab_size),
+            ("hidden_size", raw.hidden_size),
+            ("intermediate_size", raw.intermediate_size),
+            ("max_position_embeddings", raw.max_position_embeddings),
+        ] {
+            if n == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if !head_dim.is_multiple_of(2) {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(format!(
-                "head_dim {head_dim} must be even for rotary embeddings"
+                "head_dim {head_dim} must be even and at least 2 for rotary embeddings"
+            ));
+        }
+        // The rotary tables hold every position: 2^28 values each is 1 GiB, and a model with
+        // a million positions of head_dim 256 fits.
+        const MAX_ROTARY_VALUES: u128 = 1 << 28;
+        if raw.max_position_embeddings as u128 * head_dim as u128 > MAX_ROTARY_VALUES {
+            return Err(format!(
+                "max_position_embeddings {} × head_dim {head_dim} is more positions than pipe's rotary tables hold ({MAX_ROTARY_VALUES} values)",
+                raw.max_position_embeddings
             ));
         }
         let rope_scaling = match raw.rope_scaling {
@@ -194,6 +213,30 @@ impl LlamaConfig {
             pad_token_id: token_id(raw.pad_token_id),
             torch_dtype: raw.torch_dtype,
         })
+    }
+
+    /// The number of weights of the model (without LoRA adapters), counted wide enough for
+    /// any config.
+    pub fn parameter_count(&self) -> u128 {
+        let [vocab, hidden, inter, layers, heads, kv, head] = [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        ]
+        .map(|n| n as u128);
+        let attention = hidden * heads * head * 2 + hidden * kv * head * 2;
+        let mlp = 3 * hidden * inter;
+        let per_layer = attention + mlp + 2 * hidden;
+        let head_weights = if self.tie_word_embeddings {
+            0
+        } else {
+            vocab * hidden
+        };
+        vocab * hidden + layers * per_layer + hidden + head_weights
     }
 
     /// The inverse frequencies of the rotary embedding (length `head_dim / 2`), as

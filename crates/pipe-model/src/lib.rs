@@ -23,6 +23,8 @@ pub type CpuBackend = burn::backend::Flex;
 pub enum ModelError {
     #[error("cannot read {0}: {1}")]
     Io(String, std::io::Error),
+    #[error("cannot write {0}: {1}")]
+    Write(String, std::io::Error),
     #[error("bad model config: {0}")]
     Config(String),
     #[error("bad checkpoint: {0}")]

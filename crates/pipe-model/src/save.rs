@@ -153,7 +153,8 @@ impl<B: Backend> Llama<B> {
         dtype: SaveDtype,
         max_shard_bytes: u64,
     ) -> Result<(), ModelError> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::Io(dir.display().to_string(), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ModelError::Write(dir.display().to_string(), e))?;
         let mut cfg = hf_config_json(&self.config);
         cfg["torch_dtype"] = serde_json::json!(match dtype {
             SaveDtype::F32 => "float32",
@@ -161,7 +162,7 @@ impl<B: Backend> Llama<B> {
         });
         let p = dir.join("config.json");
         std::fs::write(&p, serde_json::to_vec_pretty(&cfg).expect("json"))
-            .map_err(|e| ModelError::Io(p.display().to_string(), e))?;
+            .map_err(|e| ModelError::Write(p.display().to_string(), e))?;
         let tensors = self.hf_tensors();
         let width = match dtype {
             SaveDtype::F32 => 4,
@@ -200,7 +201,7 @@ impl<B: Backend> Llama<B> {
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let p = dir.join("model.safetensors.index.json");
         std::fs::write(&p, serde_json::to_vec_pretty(&index).expect("json"))
-            .map_err(|e| ModelError::Io(p.display().to_string(), e))
+            .map_err(|e| ModelError::Write(p.display().to_string(), e))
     }
 }
 
@@ -280,9 +281,14 @@ pub fn write_safetensors(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| ModelError::Checkpoint(format!("{}: {e}", path.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::Io(path.display().to_string(), e))
+    // A failed write (a full disk) is an I/O error on this file, not a malformed checkpoint.
+    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(io) => {
+            ModelError::Write(tmp.display().to_string(), io)
+        }
+        other => ModelError::Checkpoint(format!("{}: {other}", path.display())),
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::Write(path.display().to_string(), e))
 }
 
 /// Normal(0, std) samples from a fixed generator (Box–Muller over SplitMix64).

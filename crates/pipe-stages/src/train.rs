@@ -26,8 +26,10 @@
 use anyhow::{anyhow, bail};
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
-use pipe_core::diag::FieldError;
-use pipe_core::{Input, Interrupted, ParseContext, Stage, StageContext, StageKind};
+use pipe_core::diag::{FieldError, FieldPath, Target};
+use pipe_core::{
+    Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageInfo, StageKind,
+};
 use pipe_data::dataset::Dataset;
 use pipe_model::{LoraSpec, MatmulPrecision, Targets};
 use pipe_train::{
@@ -185,6 +187,7 @@ fn default_dtype() -> Dtype {
 }
 
 struct TrainStage {
+    id: String,
     fields: Fields,
     spec: TrainSpec,
     model: ModelSource,
@@ -230,6 +233,17 @@ impl StageKind for TrainKind {
                 if l.r == 0 {
                     return Err(cx.error("lora", "LoRA rank `r` must be at least 1"));
                 }
+                // Adapters are r × the layer's width: a rank beyond any width only allocates.
+                const MAX_RANK: usize = 1 << 16;
+                if l.r > MAX_RANK {
+                    return Err(cx.error(
+                        "lora",
+                        format!(
+                            "LoRA rank `r` {} is more than {MAX_RANK}; ranks are usually 4 to 256",
+                            l.r
+                        ),
+                    ));
+                }
                 if !(0.0..1.0).contains(&l.dropout) {
                     return Err(
                         cx.error("lora", format!("dropout {} must be in [0, 1)", l.dropout))
@@ -249,8 +263,14 @@ impl StageKind for TrainKind {
                 })
             }
         };
+        if f.batch_size == 0 {
+            return Err(cx.error("batch_size", "batch_size must be at least 1"));
+        }
+        if f.micro_batch_size == Some(0) {
+            return Err(cx.error("micro_batch_size", "micro_batch_size must be at least 1"));
+        }
         let micro = f.micro_batch_size.unwrap_or(f.batch_size);
-        if micro == 0 || f.batch_size == 0 || !f.batch_size.is_multiple_of(micro) {
+        if !f.batch_size.is_multiple_of(micro) {
             return Err(cx
                 .error("batch_size", format!("batch_size {} is not a multiple of micro_batch_size {micro}", f.batch_size))
                 .with_help("batch_size is the effective batch: micro_batch_size × gradient accumulation steps"));
@@ -285,6 +305,7 @@ impl StageKind for TrainKind {
             },
         };
         Ok(Box::new(TrainStage {
+            id: cx.stage_id.to_string(),
             fields: f,
             spec,
             model,
@@ -329,6 +350,73 @@ impl Stage for TrainStage {
     fn resumable(&self) -> bool {
         true
     }
+    fn check_upstream<'a>(
+        &self,
+        stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
+    ) -> Result<(), FieldError> {
+        let Some(data) = self.inputs.iter().find(|i| i.name == "data") else {
+            return Ok(());
+        };
+        let InputSource::Stage {
+            stage: tokens_id, ..
+        } = &data.source
+        else {
+            return Ok(());
+        };
+        let Some(tokens) = stage(tokens_id) else {
+            return Ok(());
+        };
+        if matches!(tokens.kind, "format" | "train" | "evaluate" | "export") {
+            return Err(FieldError::new(
+                data.field.clone(),
+                Target::Value,
+                format!(
+                    "`data` must be a tokenize stage; `{tokens_id}` is a `{}` stage",
+                    tokens.kind
+                ),
+            )
+            .with_help("training reads token ids: put a `kind: tokenize` stage in between"));
+        }
+        if tokens.kind != "tokenize" {
+            return Ok(());
+        }
+        if let Some(format_id) = stage_input(&tokens, "input") {
+            if let Some(format) = stage(format_id).filter(|f| f.kind == "format") {
+                if holds_every_record_out(format.params) {
+                    return Err(FieldError::new(
+                        data.field.clone(),
+                        Target::Value,
+                        format!(
+                            "`{tokens_id}` holds no training examples: its input `{format_id}` holds every record out for evaluation (val_size: 1.0)"
+                        ),
+                    )
+                    .with_help(format!(
+                        "score an evaluation-only split with `kind: evaluate` (`data: {tokens_id}`); to train, give `{format_id}` a val_size below 1"
+                    )));
+                }
+            }
+        }
+        let max_len = tokens.params["max_len"].as_u64().unwrap_or(0);
+        if let Some(positions) = self.model_positions(stage) {
+            if max_len > positions as u64 {
+                return Err(FieldError::new(
+                    FieldPath::root()
+                        .key("stages")
+                        .key(tokens_id.as_str())
+                        .key("max_len"),
+                    Target::Value,
+                    format!(
+                        "max_len {max_len} is longer than the model of stage `{}` reads: {positions} positions (its max_position_embeddings)",
+                        self.id
+                    ),
+                )
+                .with_help(format!(
+                    "lower max_len to {positions} or less, or train a model with a longer context"
+                )));
+            }
+        }
+        Ok(())
+    }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         let devices = self
             .fields
@@ -338,6 +426,11 @@ impl Stage for TrainStage {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let data_dir = cx.input("data")?.to_path_buf();
         let data = Dataset::open(&data_dir.join("train.safetensors")).map_err(|e| anyhow!(e))?;
+        if data.is_empty() {
+            bail!(
+                "`data` holds no training examples: its train split is empty (every record was held out for validation, an evaluation-only split); train on a split that keeps records for training, or score this one with `kind: evaluate`"
+            );
+        }
         let meta_text = std::fs::read_to_string(data_dir.join("meta.json"))
             .map_err(|e| anyhow!("`data` must be a tokenize stage (no meta.json): {e}"))?;
         let meta: DataMeta = serde_json::from_str(&meta_text)?;
@@ -363,10 +456,15 @@ impl Stage for TrainStage {
             cx_ref.progress().set_message(format!("loss {loss:.4}"));
         };
         let log = |line: &str| cx_ref.log(line);
+        let warn = |line: &str| {
+            cx_ref.log(&format!("warning: {line}"));
+            tracing::warn!("{}: {line}", cx_ref.stage_id);
+        };
         let hooks = Hooks {
             cancelled: &cancelled,
             progress: &progress,
             log: &log,
+            warn: &warn,
         };
         let dirs = Dirs {
             work: &cx_ref.work_dir,
@@ -438,6 +536,56 @@ impl Stage for TrainStage {
         cx.set_metrics(serde_json::to_value(&trained)?);
         Ok(())
     }
+}
+
+impl TrainStage {
+    /// The context of the model it starts from, when the pipeline tells it before running: a
+    /// seeded model, a local model directory (given directly or through a download stage), or
+    /// the seeded model another train stage trained.
+    fn model_positions<'a>(&self, stage: &dyn Fn(&str) -> Option<StageInfo<'a>>) -> Option<usize> {
+        let name = match &self.model {
+            ModelSource::Init { config, .. } => return Some(config.max_position_embeddings),
+            ModelSource::Input(name) => name,
+        };
+        let input = self.inputs.iter().find(|i| &i.name == name)?;
+        let dir = match &input.source {
+            InputSource::Path(dir) => dir.clone(),
+            InputSource::Stage { stage: id, .. } => {
+                let up = stage(id)?;
+                match up.kind {
+                    "train" => {
+                        let p = up.params["init"]["config"]["max_position_embeddings"].as_u64()?;
+                        return usize::try_from(p).ok();
+                    }
+                    "download" => match &up.inputs.first()?.source {
+                        InputSource::Path(dir) => dir.clone(),
+                        InputSource::Stage { .. } => return None,
+                    },
+                    _ => return None,
+                }
+            }
+        };
+        match find_weights(&dir).ok()? {
+            Weights::Model(d) => pipe_model::LlamaConfig::from_file(&d.join("config.json"))
+                .ok()
+                .map(|c| c.max_position_embeddings),
+            Weights::Adapter(_) => None,
+        }
+    }
+}
+
+/// The stage an input of `info` named `name` reads, if it reads one.
+fn stage_input<'a>(info: &StageInfo<'a>, name: &str) -> Option<&'a str> {
+    match &info.inputs.iter().find(|i| i.name == name)?.source {
+        InputSource::Stage { stage, .. } => Some(stage.as_str()),
+        InputSource::Path(_) => None,
+    }
+}
+
+/// Whether a format stage's params hold every record out (`val_size: 1.0`).
+fn holds_every_record_out(params: &serde_json::Value) -> bool {
+    let v = &params["val_size"];
+    v.is_f64() && v.as_f64() == Some(1.0)
 }
 
 /// The devices of `device:` or `devices:`, checked: one kind, no GPU twice, and a number of

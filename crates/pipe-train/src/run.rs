@@ -2,9 +2,13 @@
 //! killed or interrupted run resumes from exactly, metrics, and the trained model's files.
 //!
 //! The data order is a pure function of (seed, epoch), and a checkpoint holds the trainable
-//! weights (f32), the optimizer state and the step, so a resumed run computes the same
-//! updates as an uninterrupted one: on CPU its final weights are bit-identical.
+//! weights (f32), the optimizer state, the metrics so far and the step, so a resumed run
+//! computes the same updates as an uninterrupted one: on CPU its final weights are
+//! bit-identical. Every file of a checkpoint is listed with its blake3 in `state.json`, under
+//! one digest; a damaged checkpoint is never resumed from: the previous one
+//! (`checkpoint.old`) is, or the run starts over, with a warning that names the damage.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -84,6 +88,8 @@ pub struct Hooks<'a> {
     pub cancelled: &'a dyn Fn() -> bool,
     pub progress: &'a dyn Fn(u64, u64, f64),
     pub log: &'a dyn Fn(&str),
+    /// Something the user must hear about although the run goes on (a damaged checkpoint).
+    pub warn: &'a dyn Fn(&str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,19 +150,52 @@ pub struct Trained {
     pub tokens_per_s: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Where a run stands: what a checkpoint resumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct CheckpointState {
+    /// Optimizer steps done; with the seed, this is the position in the data.
     step: u64,
     metrics_lines: usize,
-    optimizer_blake3: String,
     tokens: u64,
     first_loss: Option<f64>,
+}
+
+/// One file of a checkpoint as it was written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FileDigest {
+    bytes: u64,
+    blake3: String,
+}
+
+/// A checkpoint's `state.json`: the state, every file beside it (path relative to the
+/// checkpoint) with its size and blake3, and one digest over both, so that a change to any
+/// byte of the checkpoint — weights, optimizer, metrics or the state itself — is seen.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointManifest {
+    state: CheckpointState,
+    files: BTreeMap<String, FileDigest>,
+    digest: String,
+}
+
+impl CheckpointManifest {
+    fn new(state: CheckpointState, files: BTreeMap<String, FileDigest>) -> Self {
+        let digest = Self::digest_of(&state, &files);
+        CheckpointManifest {
+            state,
+            files,
+            digest,
+        }
+    }
+    fn digest_of(state: &CheckpointState, files: &BTreeMap<String, FileDigest>) -> String {
+        let bytes = serde_json::to_vec(&(state, files)).expect("json");
+        blake3::hash(&bytes).to_hex().to_string()
+    }
 }
 
 /// The steps of a run over `n` examples.
 pub fn total_steps(spec: &TrainSpec, n: usize) -> u64 {
     let per_epoch = n.div_ceil(spec.batch_size) as u64;
-    let all = per_epoch * spec.epochs;
+    let all = per_epoch.saturating_mul(spec.epochs);
     // `max_steps` wins over `epochs` (and may run past the end of the data, reshuffled).
     spec.max_steps.unwrap_or(all)
 }
@@ -340,10 +379,13 @@ pub fn train<B: AutodiffBackend>(
     // reproducibility. Training is one at a time per process.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    if spec.micro_batch_size == 0
-        || spec.batch_size == 0
-        || !spec.batch_size.is_multiple_of(spec.micro_batch_size)
-    {
+    if spec.micro_batch_size == 0 || spec.batch_size == 0 {
+        return Err(TrainError::Other(format!(
+            "batch_size ({}) and micro_batch_size ({}) must be at least 1",
+            spec.batch_size, spec.micro_batch_size
+        )));
+    }
+    if !spec.batch_size.is_multiple_of(spec.micro_batch_size) {
         return Err(TrainError::Other(format!(
             "batch_size {} must be a multiple of micro_batch_size {}",
             spec.batch_size, spec.micro_batch_size
@@ -371,24 +413,25 @@ pub fn train<B: AutodiffBackend>(
     let metrics_path = work.join("metrics.jsonl");
 
     let mut model = build_model::<B>(base, spec, meta, device)?;
+    check_sequence_lengths(data, &model.config)?;
     let mut optim: Optim<B> = adamw::<B>(&spec.adamw);
     let mut state = CheckpointState {
         step: 0,
         metrics_lines: 0,
-        optimizer_blake3: String::new(),
         tokens: 0,
         first_loss: None,
     };
-    if let Some((m, o, s)) = load_checkpoint::<B>(&ckpt, base, spec, meta, device)? {
-        (model, optim, state) = (m, o, s);
+    // The metrics so far; the work directory's metrics.jsonl is only a live view of them, and
+    // what a checkpoint and the outputs hold comes from here.
+    let mut metrics_text = String::new();
+    if let Some(resumed) = resume_point::<B>(&ckpt, base, spec, meta, device, hooks)? {
+        (model, optim, state, metrics_text) = resumed;
         (hooks.log)(&format!(
             "resuming from the checkpoint at step {} of {total}",
             state.step
         ));
-        truncate_lines(&metrics_path, state.metrics_lines)?;
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).map_err(io("metrics.jsonl"))?;
     }
+    std::fs::write(&metrics_path, &metrics_text).map_err(io("metrics.jsonl"))?;
     let mut model = model.with_matmul_precision(spec.matmul_precision);
     let resumed_from_step = state.step;
     let tokens_at_start = state.tokens;
@@ -404,7 +447,8 @@ pub fn train<B: AutodiffBackend>(
         .map_err(io("metrics.jsonl"))?;
     while state.step < total {
         if (hooks.cancelled)() {
-            save_checkpoint(&mut model, &optim, &state, &ckpt, spec)?;
+            save_checkpoint(&mut model, &optim, &state, &metrics_text, &ckpt, spec)
+                .map_err(|e| e.into_error(state.step, last_checkpoint))?;
             return Err(TrainError::Interrupted { step: state.step });
         }
         let step = state.step;
@@ -442,8 +486,11 @@ pub fn train<B: AutodiffBackend>(
             grad_norm: stats.grad_norm,
             tokens,
         };
-        writeln!(metrics, "{}", serde_json::to_string(&line).expect("json"))
+        let line = format!("{}\n", serde_json::to_string(&line).expect("json"));
+        metrics
+            .write_all(line.as_bytes())
             .map_err(io("metrics.jsonl"))?;
+        metrics_text.push_str(&line);
         state.metrics_lines += 1;
         (hooks.progress)(state.step, total, stats.loss);
         if state.step.is_multiple_of(log_every) || state.step == total {
@@ -461,13 +508,14 @@ pub fn train<B: AutodiffBackend>(
             && state.step < total
         {
             metrics.flush().map_err(io("metrics.jsonl"))?;
-            save_checkpoint(&mut model, &optim, &state, &ckpt, spec)?;
+            save_checkpoint(&mut model, &optim, &state, &metrics_text, &ckpt, spec)
+                .map_err(|e| e.into_error(state.step, last_checkpoint))?;
             last_checkpoint = state.step;
         }
     }
     metrics.flush().map_err(io("metrics.jsonl"))?;
     write_outputs(&mut model, spec, out)?;
-    std::fs::copy(&metrics_path, out.join("metrics.jsonl")).map_err(io("metrics.jsonl"))?;
+    std::fs::write(out.join("metrics.jsonl"), &metrics_text).map_err(io("metrics.jsonl"))?;
     let summary = Summary {
         steps: state.step,
         examples: data.len(),
@@ -489,20 +537,18 @@ pub fn train<B: AutodiffBackend>(
     })
 }
 
-fn truncate_lines(path: &Path, keep: usize) -> Result<(), TrainError> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let kept: String = text.lines().take(keep).map(|l| format!("{l}\n")).collect();
-    std::fs::write(path, kept).map_err(io("metrics.jsonl"))
-}
-
 /// The trainable weights in files a later run (or transformers/PEFT) can read.
 fn write_trainable<B: AutodiffBackend>(
     model: &mut Llama<B>,
     spec: &TrainSpec,
     dir: &Path,
     dtype: SaveDtype,
-) -> Result<(), TrainError> {
-    std::fs::create_dir_all(dir).map_err(io("checkpoint"))?;
+) -> Result<(), pipe_model::ModelError> {
+    let write_error = |p: &Path| {
+        let p = p.display().to_string();
+        move |e| pipe_model::ModelError::Write(p, e)
+    };
+    std::fs::create_dir_all(dir).map_err(write_error(dir))?;
     match &spec.method {
         Method::Full => model.save_hf(dir, dtype)?,
         Method::Lora(l) => {
@@ -535,11 +581,9 @@ fn write_trainable<B: AutodiffBackend>(
                 "modules_to_save": (!l.modules_to_save.is_empty()).then_some(&l.modules_to_save),
                 "base_model_name_or_path": null,
             });
-            std::fs::write(
-                dir.join("adapter_config.json"),
-                serde_json::to_vec_pretty(&cfg).expect("json"),
-            )
-            .map_err(io("adapter_config.json"))?;
+            let path = dir.join("adapter_config.json");
+            std::fs::write(&path, serde_json::to_vec_pretty(&cfg).expect("json"))
+                .map_err(write_error(&path))?;
         }
     }
     Ok(())
@@ -559,83 +603,264 @@ fn write_outputs<B: AutodiffBackend>(
         Method::Full => out.join("model"),
         Method::Lora(_) => out.join("adapter"),
     };
-    write_trainable(model, spec, &dir, dtype)
+    Ok(write_trainable(model, spec, &dir, dtype)?)
 }
 
-/// Writes the checkpoint beside the old one, then swaps it in, so a kill at any moment leaves
-/// one whole checkpoint.
+/// Why a checkpoint could not be written: the message, and the kind of I/O error behind it.
+#[derive(Debug)]
+struct SaveFailure {
+    message: String,
+    io_kind: Option<std::io::ErrorKind>,
+}
+
+impl From<pipe_model::ModelError> for SaveFailure {
+    fn from(e: pipe_model::ModelError) -> Self {
+        let io_kind = match &e {
+            pipe_model::ModelError::Io(_, io) | pipe_model::ModelError::Write(_, io) => {
+                Some(io.kind())
+            }
+            _ => None,
+        };
+        SaveFailure {
+            message: e.to_string(),
+            io_kind,
+        }
+    }
+}
+
+impl SaveFailure {
+    fn io(what: &Path) -> impl Fn(std::io::Error) -> SaveFailure + '_ {
+        move |e| SaveFailure {
+            message: format!("cannot write {}: {e}", what.display()),
+            io_kind: Some(e.kind()),
+        }
+    }
+
+    /// The error of the run that failed to save its checkpoint at `step`; `kept` is the step
+    /// of the last checkpoint, which stays in place.
+    fn into_error(self, step: u64, kept: u64) -> TrainError {
+        let resume = if kept > 0 {
+            format!("the next run resumes from the checkpoint at step {kept}")
+        } else {
+            "the next run starts over".to_string()
+        };
+        let advice = if self.io_kind == Some(std::io::ErrorKind::StorageFull) {
+            format!("the disk is full: free some space and run again ({resume})")
+        } else {
+            resume
+        };
+        TrainError::Other(format!(
+            "cannot save the checkpoint at step {step}: {}; {advice}",
+            self.message
+        ))
+    }
+}
+
+/// Writes the checkpoint beside the current one, then swaps it in, so that a kill at any
+/// moment leaves a whole checkpoint; the one it replaces stays as `checkpoint.old`, to fall
+/// back to should the new one be found damaged.
 fn save_checkpoint<B: AutodiffBackend>(
     model: &mut Llama<B>,
     optim: &Optim<B>,
     state: &CheckpointState,
+    metrics: &str,
     dir: &Path,
     spec: &TrainSpec,
-) -> Result<(), TrainError> {
+) -> Result<(), SaveFailure> {
     let tmp = dir.with_extension("partial");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io("checkpoint"))?;
-    }
-    write_trainable(model, spec, &tmp.join("weights"), SaveDtype::F32)?;
-    let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .record(optim.to_record(), ())
-        .map_err(|e| TrainError::Other(format!("cannot save the optimizer state: {e}")))?;
-    std::fs::write(tmp.join("optimizer.bin"), &bytes).map_err(io("optimizer.bin"))?;
-    let mut st = state.clone();
-    st.optimizer_blake3 = blake3::hash(&bytes).to_hex().to_string();
-    std::fs::write(
-        tmp.join("state.json"),
-        serde_json::to_vec_pretty(&st).expect("json"),
-    )
-    .map_err(io("state.json"))?;
     let old = dir.with_extension("old");
+    let remove = |d: &Path| match std::fs::remove_dir_all(d) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(SaveFailure {
+            message: format!("cannot remove {}: {e}", d.display()),
+            io_kind: Some(e.kind()),
+        }),
+        _ => Ok(()),
+    };
+    remove(&tmp)?;
+    // Two checkpoints on disk at most: while the new one is written, the current one is the
+    // fallback.
     if dir.exists() {
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(dir, &old).map_err(io("checkpoint"))?;
+        remove(&old)?;
     }
-    std::fs::rename(&tmp, dir).map_err(io("checkpoint"))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    if let Err(e) = write_checkpoint(model, optim, state, metrics, &tmp, spec) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(SaveFailure::io(&old))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(SaveFailure::io(dir))
 }
 
-type Loaded<B> = (Llama<B>, Optim<B>, CheckpointState);
+fn write_checkpoint<B: AutodiffBackend>(
+    model: &mut Llama<B>,
+    optim: &Optim<B>,
+    state: &CheckpointState,
+    metrics: &str,
+    dir: &Path,
+    spec: &TrainSpec,
+) -> Result<(), SaveFailure> {
+    write_trainable(model, spec, &dir.join("weights"), SaveDtype::F32)?;
+    let bytes = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .record(optim.to_record(), ())
+        .map_err(|e| SaveFailure {
+            message: format!("cannot serialise the optimizer state: {e}"),
+            io_kind: None,
+        })?;
+    let optimizer = dir.join("optimizer.bin");
+    std::fs::write(&optimizer, &bytes).map_err(SaveFailure::io(&optimizer))?;
+    let metrics_path = dir.join("metrics.jsonl");
+    std::fs::write(&metrics_path, metrics).map_err(SaveFailure::io(&metrics_path))?;
+    let files = digest_files(dir).map_err(SaveFailure::io(dir))?;
+    let manifest = CheckpointManifest::new(state.clone(), files);
+    let state_path = dir.join("state.json");
+    std::fs::write(
+        &state_path,
+        serde_json::to_vec_pretty(&manifest).expect("json"),
+    )
+    .map_err(SaveFailure::io(&state_path))
+}
 
+/// Size and blake3 of every file under `dir` but `state.json`, by relative path.
+fn digest_files(dir: &Path) -> std::io::Result<BTreeMap<String, FileDigest>> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut BTreeMap<String, FileDigest>,
+    ) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(root, &path, out)?;
+                continue;
+            }
+            let rel = path
+                .strip_prefix(root)
+                .expect("below the root")
+                .to_string_lossy()
+                .replace('\\', "/");
+            if rel == "state.json" {
+                continue;
+            }
+            out.insert(rel, digest_file(&path)?);
+        }
+        Ok(())
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
+}
+
+fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap_rayon(path)?;
+    Ok(FileDigest {
+        bytes: std::fs::metadata(path)?.len(),
+        blake3: hasher.finalize().to_hex().to_string(),
+    })
+}
+
+/// Checks a checkpoint against its `state.json`: the state and the metrics it holds, or what
+/// is damaged.
+fn verify_checkpoint(dir: &Path) -> Result<(CheckpointState, String), String> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read(&state_path).map_err(|e| format!("state.json: {e}"))?;
+    let manifest: CheckpointManifest = serde_json::from_slice(&text)
+        .map_err(|e| format!("state.json is not a checkpoint state ({e})"))?;
+    let digest = CheckpointManifest::digest_of(&manifest.state, &manifest.files);
+    if digest != manifest.digest {
+        return Err(format!(
+            "state.json does not match its own digest (it records {}, its contents hash to {digest})",
+            manifest.digest
+        ));
+    }
+    for (rel, expected) in &manifest.files {
+        let path = dir.join(rel);
+        let actual = digest_file(&path).map_err(|e| format!("{rel}: {e}"))?;
+        if actual.bytes != expected.bytes {
+            return Err(format!(
+                "{rel} is {} bytes, state.json expects {} (truncated or overwritten)",
+                actual.bytes, expected.bytes
+            ));
+        }
+        if actual.blake3 != expected.blake3 {
+            return Err(format!(
+                "{rel} has changed: state.json expects blake3 {}, the file hashes to {}",
+                expected.blake3, actual.blake3
+            ));
+        }
+    }
+    for required in ["optimizer.bin", "metrics.jsonl"] {
+        if !manifest.files.contains_key(required) {
+            return Err(format!("state.json lists no {required}"));
+        }
+    }
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .map_err(|e| format!("metrics.jsonl: {e}"))?;
+    let lines = metrics.lines().count();
+    if lines != manifest.state.metrics_lines {
+        return Err(format!(
+            "metrics.jsonl holds {lines} lines, the state {}",
+            manifest.state.metrics_lines
+        ));
+    }
+    Ok((manifest.state, metrics))
+}
+
+type Resumed<B> = (Llama<B>, Optim<B>, CheckpointState, String);
+
+/// The checkpoint to resume from: the latest whole one. A damaged checkpoint is named in a
+/// warning and removed, and the previous one is tried; with none left the run starts over.
+fn resume_point<B: AutodiffBackend>(
+    ckpt: &Path,
+    base: &BaseModel,
+    spec: &TrainSpec,
+    meta: &DataMeta,
+    device: &B::Device,
+    hooks: &Hooks<'_>,
+) -> Result<Option<Resumed<B>>, TrainError> {
+    // A kill between the two renames of save_checkpoint leaves only `.old`.
+    let candidates: Vec<PathBuf> = [ckpt.to_path_buf(), ckpt.with_extension("old")]
+        .into_iter()
+        .filter(|d| d.exists())
+        .collect();
+    for (i, dir) in candidates.iter().enumerate() {
+        let damage = match load_checkpoint::<B>(dir, base, spec, meta, device) {
+            Ok(resumed) => return Ok(Some(resumed)),
+            Err(damage) => damage,
+        };
+        let next = match candidates.get(i + 1) {
+            Some(previous) => format!("resuming from the previous one, {}", previous.display()),
+            None => "starting over from step 0".to_string(),
+        };
+        (hooks.warn)(&format!(
+            "the checkpoint {} is damaged and is not used: {damage}; {next}",
+            dir.display()
+        ));
+        std::fs::remove_dir_all(dir).map_err(io("damaged checkpoint"))?;
+    }
+    Ok(None)
+}
+
+/// A verified checkpoint, loaded; or what is damaged in it.
 fn load_checkpoint<B: AutodiffBackend>(
     dir: &Path,
     base: &BaseModel,
     spec: &TrainSpec,
     meta: &DataMeta,
     device: &B::Device,
-) -> Result<Option<Loaded<B>>, TrainError> {
-    // A kill between the two renames of save_checkpoint leaves only `.old`.
-    let dir = if dir.exists() {
-        dir.to_path_buf()
-    } else {
-        dir.with_extension("old")
-    };
-    let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else {
-        return Ok(None);
-    };
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
-        TrainError::Other(format!(
-            "{}: bad checkpoint state: {e}; delete the stage's work directory to start over",
-            dir.join("state.json").display()
-        ))
-    })?;
-    let bytes = std::fs::read(dir.join("optimizer.bin")).map_err(io("optimizer.bin"))?;
-    let actual = blake3::hash(&bytes).to_hex();
-    if actual.as_str() != state.optimizer_blake3 {
-        return Err(TrainError::Other(format!(
-            "the checkpoint's optimizer state {} is damaged: state.json expects blake3 {}, the file hashes to {actual}; delete the stage's work directory to start over",
-            dir.join("optimizer.bin").display(),
-            state.optimizer_blake3
-        )));
-    }
+) -> Result<Resumed<B>, String> {
+    let (state, metrics) = verify_checkpoint(dir)?;
+    let bytes =
+        std::fs::read(dir.join("optimizer.bin")).map_err(|e| format!("optimizer.bin: {e}"))?;
     let weights = dir.join("weights");
     let model = match &spec.method {
-        Method::Full => load_llama_with::<B>(&weights, device, true)?,
+        Method::Full => load_llama_with::<B>(&weights, device, true),
         Method::Lora(_) => {
             let m: Llama<B> = match base {
-                BaseModel::Dir(d) => load_llama_with(d, device, false)?,
+                BaseModel::Dir(d) => {
+                    load_llama_with(d, device, false).map_err(|e| format!("the base model: {e}"))?
+                }
                 BaseModel::Init { config, seed } => init_llama(config, *seed, 0.02, device, false),
             };
             let m = if meta.vocab_size_after > m.config.vocab_size {
@@ -643,12 +868,53 @@ fn load_checkpoint<B: AutodiffBackend>(
             } else {
                 m
             };
-            m.load_peft_adapter(&weights, true)?
+            m.load_peft_adapter(&weights, true)
         }
-    };
+    }
+    .map_err(|e| format!("its weights cannot be loaded: {e}"))?;
     let record = BinBytesRecorder::<FullPrecisionSettings>::default()
         .load(bytes, device)
-        .map_err(|e| TrainError::Other(format!("cannot read the optimizer state: {e}")))?;
+        .map_err(|e| format!("optimizer.bin cannot be read: {e}"))?;
     let optim = adamw::<B>(&spec.adamw).load_record(record);
-    Ok(Some((model, optim, state)))
+    Ok((model, optim, state, metrics))
+}
+
+/// The model reads at most `max_position_embeddings` positions: a longer example would run
+/// past its rotary tables, and a longer packed row (its examples side by side) would be given
+/// an attention mask of its length squared — a tokenize `max_len` far beyond the context packs
+/// the whole dataset into one row.
+fn check_sequence_lengths(data: &Dataset, config: &LlamaConfig) -> Result<(), TrainError> {
+    let (unit, bounds) = match data.rows() {
+        Some(rows) => ("packed row", rows),
+        None => ("example", data.offsets()),
+    };
+    let longest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let longest = usize::try_from(longest).unwrap_or(usize::MAX);
+    let limit = config.max_position_embeddings;
+    if longest > limit {
+        return Err(TrainError::Other(format!(
+            "the training data's longest {unit} has {longest} tokens, but the model reads at most {limit} positions (its max_position_embeddings); lower the tokenize stage's max_len to {limit} or less, or train a model with a longer context"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk while saving says so, and that the last checkpoint is kept; it is not
+    /// reported as a damaged checkpoint.
+    #[test]
+    fn a_full_disk_while_saving_says_so() {
+        let full = std::fs::write("/dev/full", b"x").unwrap_err();
+        assert_eq!(full.kind(), std::io::ErrorKind::StorageFull);
+        let e = SaveFailure::io(Path::new("work/checkpoint.partial/optimizer.bin"))(full)
+            .into_error(12, 10)
+            .to_string();
+        assert!(e.contains("the disk is full"), "{e}");
+        assert!(e.contains("resumes from the checkpoint at step 10"), "{e}");
+        assert!(e.contains("optimizer.bin"), "{e}");
+        assert!(!e.contains("bad checkpoint"), "{e}");
+    }
 }

@@ -57,13 +57,25 @@ fn run(
     run_on::<B>(spec, dir, stop_after, 1)
 }
 
-/// A run with `replicas` data-parallel replicas on the CPU.
+/// A run with `replicas` data-parallel replicas on the CPU; it must not warn.
 fn run_on<A: AutodiffBackend>(
     spec: &TrainSpec,
     dir: &Path,
     stop_after: Option<u64>,
     replicas: usize,
 ) -> Result<pipe_train::Trained, TrainError> {
+    let (result, warnings) = run_warned::<A>(spec, dir, stop_after, replicas);
+    assert!(warnings.is_empty(), "unexpected warnings: {warnings:?}");
+    result
+}
+
+/// A run, and the warnings it gave.
+fn run_warned<A: AutodiffBackend>(
+    spec: &TrainSpec,
+    dir: &Path,
+    stop_after: Option<u64>,
+    replicas: usize,
+) -> (Result<pipe_train::Trained, TrainError>, Vec<String>) {
     let data = dataset(dir);
     let meta = DataMeta {
         pad_token_id: 0,
@@ -76,10 +88,13 @@ fn run_on<A: AutodiffBackend>(
     let cancelled = || stop_after.is_some_and(|s| steps.get() >= s);
     let progress = |step: u64, _: u64, _: f64| steps.set(step);
     let log = |_: &str| {};
+    let warnings = std::cell::RefCell::new(Vec::new());
+    let warn = |w: &str| warnings.borrow_mut().push(w.to_string());
     let hooks = Hooks {
         cancelled: &cancelled,
         progress: &progress,
         log: &log,
+        warn: &warn,
     };
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
@@ -88,7 +103,7 @@ fn run_on<A: AutodiffBackend>(
         work: &work,
         out: &out,
     };
-    train::<A>(
+    let result = train::<A>(
         &BaseModel::Init {
             config: support::tiny_config(),
             seed: 3,
@@ -99,7 +114,8 @@ fn run_on<A: AutodiffBackend>(
         &dirs,
         &hooks,
         &vec![Default::default(); replicas],
-    )
+    );
+    (result, warnings.into_inner())
 }
 
 /// Trains uninterrupted and interrupted + resumed, checks that both end the same, and returns
@@ -330,26 +346,127 @@ fn mixed_precision_resumes_bit_identically_and_tracks_f32() {
     }
 }
 
-/// A checkpoint whose optimizer state was damaged on disk is refused, not half-used: the
-/// error names the file and both digests, and says how to start over.
-#[test]
-fn a_damaged_checkpoint_is_refused_with_both_digests() {
-    let s = spec(Method::Full);
+/// Interrupts a run at step 5, leaving the checkpoints of steps 5 (`checkpoint`) and 4
+/// (`checkpoint.old`).
+fn interrupted_at_5(s: &TrainSpec) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    match run(&s, dir.path(), Some(4)) {
-        Err(TrainError::Interrupted { step }) => assert_eq!(step, 4),
+    match run(s, dir.path(), Some(5)) {
+        Err(TrainError::Interrupted { step }) => assert_eq!(step, 5),
         other => panic!("expected an interruption, got {other:?}"),
     }
-    let optimizer = dir.path().join("work/checkpoint/optimizer.bin");
-    let mut bytes = std::fs::read(&optimizer).unwrap();
-    let expected = blake3::hash(&bytes).to_hex().to_string();
+    let work = dir.path().join("work");
+    assert!(work.join("checkpoint/state.json").exists());
+    assert!(work.join("checkpoint.old/state.json").exists());
+    dir
+}
+
+fn flip_last_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
-    let actual = blake3::hash(&bytes).to_hex().to_string();
-    std::fs::write(&optimizer, &bytes).unwrap();
-    let err = run(&s, dir.path(), None).unwrap_err().to_string();
-    assert!(err.contains(&expected), "{err}");
-    assert!(err.contains(&actual), "{err}");
-    assert!(err.contains("optimizer.bin"), "{err}");
-    assert!(err.contains("delete the stage's work directory"), "{err}");
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn truncate_to_half(path: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
+}
+
+/// The outputs of the run in `b` are byte for byte those of the run in `a`.
+fn assert_same_outputs(a: &Path, b: &Path) {
+    for f in ["model/model.safetensors", "metrics.jsonl", "summary.json"] {
+        let read = |d: &Path| std::fs::read(d.join("out").join(f)).unwrap();
+        assert!(
+            read(a) == read(b),
+            "{f} differs from the uninterrupted run's"
+        );
+    }
+}
+
+/// Any damage to the latest checkpoint — its weights, optimizer state, metrics or state —
+/// is caught by its digests: the run warns, naming the damaged file, and resumes from the
+/// previous checkpoint, to the weights of an uninterrupted run.
+#[test]
+fn a_damaged_checkpoint_falls_back_to_the_previous_one() {
+    let s = spec(Method::Full);
+    let clean = tempfile::tempdir().unwrap();
+    run(&s, clean.path(), None).unwrap();
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage, &str); 6] = [
+        ("weights/model.safetensors", flip_last_byte, "has changed"),
+        ("weights/model.safetensors", truncate_to_half, "truncated"),
+        ("optimizer.bin", flip_last_byte, "has changed"),
+        ("metrics.jsonl", truncate_to_half, "truncated"),
+        (
+            "state.json",
+            |p| {
+                let text = std::fs::read_to_string(p).unwrap();
+                std::fs::write(p, text.replace("\"step\": 5", "\"step\": 6")).unwrap();
+            },
+            "does not match its own digest",
+        ),
+        (
+            "metrics.jsonl",
+            |p| std::fs::remove_file(p).unwrap(),
+            "metrics.jsonl",
+        ),
+    ];
+    for (file, damage, why) in cases {
+        let dir = interrupted_at_5(&s);
+        let checkpoint = dir.path().join("work/checkpoint");
+        damage(&checkpoint.join(file));
+        let (resumed, warnings) = run_warned::<B>(&s, dir.path(), None, 1);
+        let resumed = resumed.unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(resumed.resumed_from_step, 4, "{file}");
+        assert_eq!(warnings.len(), 1, "{file}: {warnings:?}");
+        let w = &warnings[0];
+        assert!(w.contains(&checkpoint.display().to_string()), "{w}");
+        assert!(w.contains("is damaged"), "{w}");
+        assert!(w.contains(file.rsplit('/').next().unwrap()), "{w}");
+        assert!(w.contains(why), "{w}");
+        assert!(w.contains("resuming from the previous one"), "{w}");
+        assert_same_outputs(clean.path(), dir.path());
+    }
+}
+
+/// With both checkpoints damaged (a truncated weights file made "incomplete metadata"
+/// before), the run warns about each and starts over — no directory to delete by hand.
+#[test]
+fn with_every_checkpoint_damaged_the_run_starts_over() {
+    let s = spec(Method::Full);
+    let clean = tempfile::tempdir().unwrap();
+    run(&s, clean.path(), None).unwrap();
+    let dir = interrupted_at_5(&s);
+    let work = dir.path().join("work");
+    truncate_to_half(&work.join("checkpoint/weights/model.safetensors"));
+    flip_last_byte(&work.join("checkpoint.old/optimizer.bin"));
+    let (resumed, warnings) = run_warned::<B>(&s, dir.path(), None, 1);
+    assert_eq!(resumed.unwrap().resumed_from_step, 0);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("model.safetensors"), "{warnings:?}");
+    assert!(warnings[1].contains("optimizer.bin"), "{warnings:?}");
+    assert!(
+        warnings[1].contains("starting over from step 0"),
+        "{warnings:?}"
+    );
+    assert_same_outputs(clean.path(), dir.path());
+}
+
+/// The metrics of the steps before a checkpoint live in the checkpoint: a missing or short
+/// metrics.jsonl in the work directory does not cut the published loss curve.
+#[test]
+fn the_loss_curve_survives_a_missing_or_short_work_metrics_file() {
+    let s = spec(Method::Full);
+    let clean = tempfile::tempdir().unwrap();
+    run(&s, clean.path(), None).unwrap();
+    for damage in [
+        (|p: &Path| std::fs::remove_file(p).unwrap()) as fn(&Path),
+        truncate_to_half,
+    ] {
+        let dir = interrupted_at_5(&s);
+        damage(&dir.path().join("work/metrics.jsonl"));
+        let resumed = run(&s, dir.path(), None).unwrap();
+        assert_eq!(resumed.resumed_from_step, 5);
+        assert_same_outputs(clean.path(), dir.path());
+    }
 }
