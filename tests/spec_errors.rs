@@ -220,8 +220,7 @@ fn a_valid_pipeline_checks_and_overrides_apply() {
     );
     let r = p.pipe(&["check", "p.yaml"]).ok();
     assert!(
-        r.stdout
-            .contains("ok — pipeline `t`, 1 stage: a (command)"),
+        r.stdout.contains("ok — pipeline `t`, 1 stage: a (command)"),
         "{}",
         r.stdout
     );
@@ -239,13 +238,26 @@ fn train_devices_are_checked() {
             "name: t\nstages:\n  tokens:\n    kind: command\n    cmd: echo\n  train:\n    kind: train\n    data: tokens\n    model: {{init: {{vocab_size: 10, hidden_size: 8, intermediate_size: 16, num_hidden_layers: 1, num_attention_heads: 2}}, seed: 0}}\n    lr: 1.0e-3\n    batch_size: 8\n    micro_batch_size: 2\n{lora}    {devices}\n"
         )
     };
-    let e = check(&pipeline("devices: [cpu, cuda:0]", ""), &[]);
-    assert_has(
-        &e,
-        &["field: stages.train.devices", "mixes the CPU and GPUs"],
-    );
-    let e = check(&pipeline("devices: [cuda:1, cuda:1]", ""), &[]);
-    assert_has(&e, &["GPU 1 is listed twice"]);
+    let mixed = check(&pipeline("devices: [cpu, cuda:0]", ""), &[]);
+    let twice = check(&pipeline("devices: [cuda:1, cuda:1]", ""), &[]);
+    if cfg!(feature = "cuda") {
+        assert_has(
+            &mixed,
+            &["field: stages.train.devices", "mixes the CPU and GPUs"],
+        );
+        assert_has(&twice, &["GPU 1 is listed twice"]);
+    } else {
+        // A build without the cuda feature refuses any GPU at check time.
+        for e in [mixed, twice] {
+            assert_has(
+                &e,
+                &[
+                    "field: stages.train.devices",
+                    "`cargo build --release --features cuda`",
+                ],
+            );
+        }
+    }
     let e = check(&pipeline("devices: [cpu, cpu, cpu]", ""), &[]);
     assert_has(
         &e,

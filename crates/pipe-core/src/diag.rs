@@ -226,6 +226,11 @@ impl SpecError {
             }
             help = Some("a pipeline file holds one YAML document: remove the `---` and what follows, or put it in its own file".into());
         }
+        if let Some(number) = too_large_integer(&message) {
+            message =
+                format!("the number {number} is too large: whole numbers must fit in 64 bits");
+            help = Some("write a smaller number, or quote it (\"…\") if it is text".into());
+        }
         if message.contains("mapping values are not allowed in this context") {
             help = Some("a value containing `: ` must be quoted, or written as a block: `cmd: |` and the text indented on the next lines".into());
         }
@@ -288,6 +293,28 @@ impl fmt::Display for SpecError {
 }
 
 impl std::error::Error for SpecError {}
+
+/// The integer of serde's "integer `N` as u128" (or i128) message: a number YAML reads but no
+/// pipeline value can hold.
+fn too_large_integer(message: &str) -> Option<&str> {
+    let (_, rest) = message.split_once("integer `")?;
+    let (number, rest) = rest.split_once('`')?;
+    (rest.starts_with(" as u128") || rest.starts_with(" as i128")).then_some(number)
+}
+
+/// Where the bytes stop being UTF-8: (line, column, byte offset), line and column 1-based,
+/// the column in characters.
+pub fn utf8_error_position(bytes: &[u8], err: std::str::Utf8Error) -> (usize, usize, usize) {
+    let byte = err.valid_up_to();
+    let before = &bytes[..byte];
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let column = std::str::from_utf8(&before[line_start..]).map_or(0, |l| l.chars().count()) + 1;
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    (line, column, byte)
+}
 
 /// Finds where `path` sits in the YAML text `src`, as (line, column), both 1-based.
 ///

@@ -17,28 +17,76 @@ pub struct Pair {
     pub response: String,
 }
 
-/// How big the validation split is: a fraction of the records (0 < f < 1), or a count.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// How big the validation split is: a fraction of the records (0 ≤ f ≤ 1), or a count. Every
+/// record held out (`1.0`, or the count of records) makes an evaluation-only split.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum ValSize {
     Count(u64),
     Fraction(f64),
 }
 
+impl<'de> Deserialize<'de> for ValSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ValSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a fraction of the records from 0 to 1 (0.05), or a whole count (200)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ValSize, E> {
+                Ok(ValSize::Count(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ValSize, E> {
+                u64::try_from(v)
+                    .map(ValSize::Count)
+                    .map_err(|_| E::custom(format!("val_size {v} is negative")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ValSize, E> {
+                Ok(ValSize::Fraction(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 impl ValSize {
+    /// Why this size can hold out no split at all, if so: a fraction outside [0, 1] (named as
+    /// written, `1.5`), or not a number.
+    pub fn check(&self) -> Result<(), String> {
+        match *self {
+            ValSize::Fraction(f) if (0.0..=1.0).contains(&f) => Ok(()),
+            ValSize::Fraction(f) => {
+                let mut e =
+                    format!("val_size {f:?} is neither a fraction from 0 to 1 nor a whole count");
+                if f > 1.0 && f.fract() == 0.0 && f < 1e15 {
+                    e.push_str(&format!(
+                        "; for a count of {n} records write {n}",
+                        n = f as u64
+                    ));
+                }
+                Err(e)
+            }
+            ValSize::Count(_) => Ok(()),
+        }
+    }
+
     /// The number of validation records out of `n` (a fraction rounds up, as the `datasets`
     /// library's `train_test_split` does).
     pub fn count(&self, n: usize) -> Result<usize, String> {
+        self.check()?;
         match *self {
-            ValSize::Count(c) if (c as usize) < n || c == 0 => Ok(c as usize),
+            ValSize::Count(c) if c as u128 <= n as u128 => Ok(c as usize),
             ValSize::Count(c) => Err(format!(
-                "val_size {c} leaves no training records out of {n}"
+                "val_size {c} is more than the {n} records there are"
             )),
-            ValSize::Fraction(f) if (0.0..1.0).contains(&f) => Ok(((n as f64) * f).ceil() as usize),
-            ValSize::Fraction(f) => Err(format!(
-                "val_size {f} must be a fraction in [0, 1) or a whole count"
-            )),
+            ValSize::Fraction(f) => Ok((((n as f64) * f).ceil() as usize).min(n)),
         }
+    }
+
+    /// Whether every record is held out (an evaluation-only split).
+    pub fn holds_out_everything(&self, n: usize) -> bool {
+        self.count(n) == Ok(n)
     }
 }
 
@@ -240,22 +288,29 @@ pub fn find_data_file(
 }
 
 /// The `format` stage's work: read, format, split, write `train.jsonl`, `val.jsonl` and
-/// `stats.json` into `out`.
+/// `stats.json` into `out`. Errors name the file as `shown_as` (the user's own file, when
+/// `records_file` is the store's copy of it).
 pub fn run(
     records_file: &Path,
+    shown_as: &Path,
     template: &Template,
     on_error: OnError,
     val_size: ValSize,
     seed: u64,
     out: &Path,
 ) -> Result<FormatStats, String> {
-    let records = crate::records::read_records(records_file).map_err(|e| e.to_string())?;
+    let name = shown_as.display().to_string();
+    let bytes = std::fs::read(records_file).map_err(|e| format!("cannot read {name}: {e}"))?;
+    let text = crate::records::text_of(bytes, &name).map_err(|e| e.to_string())?;
+    let records = crate::records::parse_records(&text, &name).map_err(|e| e.to_string())?;
     if records.is_empty() {
-        return Err(format!("{} holds no records", records_file.display()));
+        return Err(format!("{name} holds no records"));
     }
-    val_size.count(records.len())?;
+    val_size
+        .count(records.len())
+        .map_err(|e| format!("{name}: {e}"))?;
     let f = format_records(&records, template, on_error, val_size, seed)
-        .map_err(|e| format!("{}: {e}", records_file.display()))?;
+        .map_err(|e| format!("{name}: {e}"))?;
     write_pairs(&out.join("train.jsonl"), &f.train).map_err(|e| e.to_string())?;
     write_pairs(&out.join("val.jsonl"), &f.val).map_err(|e| e.to_string())?;
     std::fs::write(
@@ -334,8 +389,24 @@ mod tests {
         assert_eq!(a.stats.with_input_template, 50);
         let d = format_records(&records(10), &t, OnError::Fail, ValSize::Count(3), 1).unwrap();
         assert_eq!(d.val.len(), 3);
-        assert!(ValSize::Count(10).count(10).is_err());
-        assert!(ValSize::Fraction(1.5).count(10).is_err());
+        // Every record held out: an evaluation-only split.
+        assert_eq!(ValSize::Count(10).count(10), Ok(10));
+        assert_eq!(ValSize::Fraction(1.0).count(10), Ok(10));
+        let all =
+            format_records(&records(10), &t, OnError::Fail, ValSize::Fraction(1.0), 1).unwrap();
+        assert_eq!((all.train.len(), all.val.len()), (0, 10));
+        assert_eq!(
+            ValSize::Count(11).count(10).unwrap_err(),
+            "val_size 11 is more than the 10 records there are"
+        );
+        assert_eq!(
+            ValSize::Fraction(1.5).count(10).unwrap_err(),
+            "val_size 1.5 is neither a fraction from 0 to 1 nor a whole count"
+        );
+        assert_eq!(
+            ValSize::Fraction(3.0).check().unwrap_err(),
+            "val_size 3.0 is neither a fraction from 0 to 1 nor a whole count; for a count of 3 records write 3"
+        );
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub enum RecordError {
     },
     #[error("{path}: expected a JSON array of records or JSON Lines (one object per line)")]
     Shape { path: String },
+    #[error("{path}:{line}:{column}: not valid UTF-8 (byte {byte} of the file); save it as UTF-8")]
+    NotUtf8 {
+        path: String,
+        line: usize,
+        column: usize,
+        /// 0-based offset of the first byte that is not UTF-8.
+        byte: usize,
+    },
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -53,11 +61,40 @@ fn kind_of(v: &Value) -> &'static str {
 
 /// Reads all records of a JSON array or JSON Lines file.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, RecordError> {
-    let text = std::fs::read_to_string(path).map_err(|source| RecordError::Read {
-        path: path.display().to_string(),
+    let text = read_text(path)?;
+    parse_records(&text, &path.display().to_string())
+}
+
+/// Reads a text file that must be UTF-8; one that is not is named with the line, column and
+/// byte offset of its first bad byte.
+pub fn read_text(path: &Path) -> Result<String, RecordError> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| RecordError::Read {
+        path: name.clone(),
         source,
     })?;
-    parse_records(&text, &path.display().to_string())
+    text_of(bytes, &name)
+}
+
+/// `bytes` as text, or where they stop being UTF-8 (`name` is used in the error).
+pub fn text_of(bytes: Vec<u8>, name: &str) -> Result<String, RecordError> {
+    String::from_utf8(bytes).map_err(|e| {
+        let byte = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..byte];
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        // Both prefixes are valid UTF-8, so the column counts characters.
+        let column =
+            std::str::from_utf8(&before[line_start..]).map_or(0, |l| l.chars().count()) + 1;
+        RecordError::NotUtf8 {
+            path: name.to_string(),
+            line: before.iter().filter(|&&b| b == b'\n').count() + 1,
+            column,
+            byte,
+        }
+    })
 }
 
 /// Parses records from text; `name` is used in errors.
@@ -162,5 +199,20 @@ mod tests {
         assert!(e.starts_with("x.jsonl:2:11: not valid JSON"), "{e}");
         let e = parse_records("hello", "x.txt").unwrap_err().to_string();
         assert!(e.contains("expected a JSON array"), "{e}");
+    }
+
+    #[test]
+    fn invalid_utf8_is_located_by_line_column_and_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.jsonl");
+        std::fs::write(&p, b"{\"a\": 1}\n{\"a\": \"\xc3\xa9\xff\"}\n").unwrap();
+        let e = read_records(&p).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}:2:9: not valid UTF-8 (byte 18 of the file); save it as UTF-8",
+                p.display()
+            )
+        );
     }
 }

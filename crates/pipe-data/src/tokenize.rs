@@ -24,6 +24,23 @@ use crate::format::Pair;
 /// The label of a position that does not count in the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
 
+/// The longest `max_len` accepted: 16,777,216 tokens, far beyond any model's context (the
+/// longest are about a million), and small enough that every buffer it sizes can be allocated.
+pub const MAX_LEN_LIMIT: usize = 1 << 24;
+
+/// Why `max_len` cannot be used, if so.
+pub fn check_max_len(max_len: usize) -> Result<(), String> {
+    if max_len < 2 {
+        return Err("max_len must be at least 2".into());
+    }
+    if max_len > MAX_LEN_LIMIT {
+        return Err(format!(
+            "max_len {max_len} is more than pipe handles ({MAX_LEN_LIMIT} tokens); it should be the context length of the model, e.g. 512 or 4096"
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenizeOptions {
     pub max_len: usize,
@@ -357,6 +374,7 @@ pub fn run(
     packing: bool,
     out: &Path,
 ) -> Result<TokenizeReport, String> {
+    check_max_len(opts.max_len)?;
     let mut loaded = load_tokenizer(tokenizer)?;
     let specials = prepare(&mut loaded, opts)?;
     // The tokenizer as the model will use it: the original plus any added pad token.

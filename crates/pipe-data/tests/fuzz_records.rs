@@ -155,6 +155,9 @@ fn check_record_error(e: &RecordError, text: &str) -> Result<(), TestCaseError> 
                 prop_assert!(*index <= before, "record {} on line {}", index, line);
             }
         }
+        RecordError::NotUtf8 { .. } => {
+            prop_assert!(false, "parsing text cannot find bad UTF-8: {}", shown);
+        }
         RecordError::Shape { path } => {
             prop_assert_eq!(path, NAME);
             let start = text.trim_start_matches('\u{feff}').trim_start();

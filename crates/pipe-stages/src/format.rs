@@ -7,16 +7,19 @@
 //!   input: data                 # a stage (its only .json/.jsonl, or `file:`), or a path
 //!   template: alpaca            # or {prompt: "Q: {question}\nA:", response: " {answer}"}
 //!   fields: {question: q}       # placeholder → record key, when they differ
-//!   val_size: 0.02              # a fraction, or a count
+//!   val_size: 0.02              # a fraction, or a count; 1.0 holds every record out
+//!                               # (an evaluation-only split, for `evaluate`)
 //!   seed: 42
 //!   on_error: fail              # or skip: count and report records missing a field
 //! ```
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::anyhow;
 use pipe_core::diag::FieldError;
-use pipe_core::{Input, InputSource, ParseContext, Stage, StageContext, StageKind};
+use pipe_core::{Input, InputSource, ParseContext, Stage, StageContext, StageInfo, StageKind};
 use pipe_data::format::{OnError, ValSize};
 use pipe_data::prompt::{Template, TemplateSpec};
 use serde::{Deserialize, Serialize};
@@ -60,9 +63,46 @@ fn default_seed() -> u64 {
 
 struct FormatStage {
     fields: Fields,
+    /// When the input is a download of a local file or directory: that path, so that errors
+    /// name the user's file rather than the store's copy of it.
+    local_source: OnceLock<PathBuf>,
     spec: TemplateSpec,
     template: Template,
     inputs: Vec<Input>,
+}
+
+impl FormatStage {
+    /// The user's own file that `file` (read from this stage's input) is the store's copy of,
+    /// when the input downloaded a local path; else `file` itself.
+    fn user_path(&self, cx: &StageContext, file: &Path) -> PathBuf {
+        let Some(source) = self.local_source.get() else {
+            return file.to_path_buf();
+        };
+        if source.is_file() {
+            return source.clone();
+        }
+        let (Ok(input), Some(InputSource::Stage { output, .. })) =
+            (cx.input("input"), self.inputs.first().map(|i| &i.source))
+        else {
+            return file.to_path_buf();
+        };
+        match file.strip_prefix(input) {
+            Ok(rel) => {
+                let under = output.as_deref().map_or(source.clone(), |o| source.join(o));
+                let mapped = if rel.as_os_str().is_empty() {
+                    under
+                } else {
+                    under.join(rel)
+                };
+                if mapped.is_file() {
+                    mapped
+                } else {
+                    file.to_path_buf()
+                }
+            }
+            Err(_) => file.to_path_buf(),
+        }
+    }
 }
 
 impl StageKind for FormatKind {
@@ -92,14 +132,10 @@ impl StageKind for FormatKind {
         };
         let template =
             Template::new(&spec, fields.fields.clone()).map_err(|e| cx.error("template", e))?;
-        if let ValSize::Fraction(f) = fields.val_size {
-            if !(0.0..1.0).contains(&f) {
-                return Err(cx.error(
-                    "val_size",
-                    format!("{f} is neither a fraction below 1 nor a whole count"),
-                ));
-            }
-        }
+        fields
+            .val_size
+            .check()
+            .map_err(|e| cx.error("val_size", e))?;
         let source = cx
             .as_stage_ref(&fields.input)
             .unwrap_or_else(|| InputSource::Path(cx.resolve_path(&fields.input)));
@@ -113,6 +149,7 @@ impl StageKind for FormatKind {
         }];
         Ok(Box::new(FormatStage {
             fields,
+            local_source: OnceLock::new(),
             spec,
             template,
             inputs,
@@ -141,12 +178,27 @@ impl Stage for FormatStage {
             "stats.json".into(),
         ])
     }
+    fn check_upstream<'a>(
+        &self,
+        stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
+    ) -> Result<(), FieldError> {
+        if let Some(InputSource::Stage { stage: id, .. }) = self.inputs.first().map(|i| &i.source) {
+            if let Some(up) = stage(id).filter(|u| u.kind == "download") {
+                if let Some(InputSource::Path(p)) = up.inputs.first().map(|i| &i.source) {
+                    let _ = self.local_source.set(p.clone());
+                }
+            }
+        }
+        Ok(())
+    }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         let input = cx.input("input")?.to_path_buf();
         let file = pipe_data::format::find_records_file(&input, self.fields.file.as_deref())
             .map_err(|e| anyhow!(e))?;
+        let shown_as = self.user_path(cx, &file);
         let stats = pipe_data::format::run(
             &file,
+            &shown_as,
             &self.template,
             self.fields.on_error,
             self.fields.val_size,
@@ -158,6 +210,9 @@ impl Stage for FormatStage {
             "{} records: {} train, {} validation, {} with the input template, {} skipped, {} empty responses",
             stats.records, stats.train, stats.val, stats.with_input_template, stats.skipped, stats.empty_responses
         ));
+        if stats.train == 0 {
+            cx.log("every record is held out: an evaluation-only split (train.jsonl is empty)");
+        }
         for s in &stats.skipped_examples {
             cx.log(&format!("skipped {s}"));
         }

@@ -56,15 +56,47 @@ impl ModelField {
                 Ok(ModelSource::Input(field.into()))
             }
             ModelField::Init { init, seed } => {
-                let config = LlamaConfig::from_json(&init.to_string()).map_err(|e| {
-                    FieldError::new(cx.path.key(field).key("init"), Target::Value, e)
-                })?;
+                let init_error =
+                    |e: String| FieldError::new(cx.path.key(field).key("init"), Target::Value, e);
+                let config = LlamaConfig::from_json(&init.to_string()).map_err(init_error)?;
+                check_fits_in_memory(&config).map_err(init_error)?;
                 Ok(ModelSource::Init {
                     config,
                     seed: *seed,
                 })
             }
         }
+    }
+}
+
+/// A seeded model is made whole in memory: one whose f32 weights alone exceed this machine's
+/// memory could only end in a failed allocation, which aborts the process.
+fn check_fits_in_memory(config: &LlamaConfig) -> Result<(), String> {
+    let bytes = config.parameter_count() * 4;
+    let memory = physical_memory();
+    if bytes > memory as u128 {
+        return Err(format!(
+            "this model has {} parameters, {:.1} GB as f32: more than this machine's memory ({:.1} GB)",
+            config.parameter_count(),
+            bytes as f64 / 1e9,
+            memory as f64 / 1e9
+        ));
+    }
+    Ok(())
+}
+
+/// The machine's physical memory in bytes.
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    match (u64::try_from(pages), u64::try_from(page)) {
+        (Ok(pages), Ok(page)) if pages > 0 && page > 0 => pages.saturating_mul(page),
+        _ => u64::MAX,
     }
 }
 
@@ -98,16 +130,23 @@ pub(crate) enum Device {
 }
 
 impl Device {
-    /// The device a field names (`cpu`, `cuda` = `cuda:0`, `cuda:N`), without looking for it.
+    /// The device a field names (`cpu`, `cuda` = `cuda:0`, `cuda:N`), without looking for it;
+    /// a GPU only in a build that can use one.
     pub(crate) fn parse(text: &str) -> Result<Self, String> {
-        match text {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
+        let device = match text {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda(0),
             _ => match text.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(index)) => Ok(Device::Cuda(index)),
-                _ => Err(format!("unknown device `{text}` (cpu, cuda, cuda:N)")),
+                Some(Ok(index)) => Device::Cuda(index),
+                _ => return Err(format!("unknown device `{text}` (cpu, cuda, cuda:N)")),
             },
+        };
+        if device != Device::Cpu && !cfg!(feature = "cuda") {
+            return Err(format!(
+                "`{text}` needs a pipe built with the `cuda` feature, which this one is not: build it with `cargo build --release --features cuda`, or use `cpu`"
+            ));
         }
+        Ok(device)
     }
 
     /// The device to run on: a GPU needs a build with the `cuda` feature and a driver.
@@ -116,11 +155,6 @@ impl Device {
             Device::Cpu => return Ok(Device::Cpu),
             Device::Cuda(index) => index,
         };
-        if !cfg!(feature = "cuda") {
-            bail!(
-                "`device: {text}` needs a pipe built with the `cuda` feature (cargo build --release --features cuda)"
-            );
-        }
         check_gpu_index(text, index, cuda_device_count()?)?;
         Ok(Device::Cuda(index))
     }
@@ -210,6 +244,16 @@ fn ask_driver_for_device_count() -> anyhow::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn a_build_without_cuda_refuses_gpu_devices() {
+        assert_eq!(Device::parse("cpu"), Ok(Device::Cpu));
+        for gpu in ["cuda", "cuda:1"] {
+            let e = Device::parse(gpu).unwrap_err();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+    }
 
     #[test]
     fn a_gpu_index_must_be_one_the_driver_shows() {

@@ -68,9 +68,7 @@ impl StageKind for TokenizeKind {
         fields: serde_yaml::Value,
     ) -> Result<Box<dyn Stage>, FieldError> {
         let fields: Fields = cx.fields(fields)?;
-        if fields.max_len < 2 {
-            return Err(cx.error("max_len", "max_len must be at least 2"));
-        }
+        pipe_data::tokenize::check_max_len(fields.max_len).map_err(|e| cx.error("max_len", e))?;
         let input = cx.stage_ref(&cx.path.key("input"), &fields.input)?;
         let tokenizer = cx
             .as_stage_ref(&fields.tokenizer)
