@@ -79,6 +79,14 @@ fn export_never_replaces_a_directory_it_did_not_deliver() {
     assert!(r.stdout.contains(" cached "), "{}", r.stdout);
     assert_ne!(p.read("delivered/config.json"), "stale");
     assert_eq!(debris(p.dir.path()), Vec::<String>::new());
+
+    // A killed delivery's temporary copy (it holds the marker) is cleared by the next one;
+    // a look-alike without the marker is not pipe's, and stays.
+    p.write(".delivered.partial-999/.pipe-delivery.json", "{}");
+    p.write(".delivered.old-998/notes.txt", "not pipe's\n");
+    p.pipe(&["run", "p.yaml"]).ok();
+    assert!(!p.path(".delivered.partial-999").exists());
+    assert_eq!(p.read(".delivered.old-998/notes.txt"), "not pipe's\n");
 }
 
 #[test]
@@ -111,7 +119,14 @@ fn check_refuses_targets_that_hold_the_store_the_workspace_or_home() {
         ("model/..", "is the pipeline file's directory"),
     ] {
         let p = project(to);
-        let r = p.pipe(&["check", "p.yaml"]);
+        // A home of its own, so that the machine's HOME cannot be what a case meets first.
+        std::fs::create_dir_all(p.path("home")).unwrap();
+        let out = p
+            .cmd(&["check", "p.yaml"])
+            .env("HOME", p.path("home"))
+            .output()
+            .unwrap();
+        let r = common::Run::from(out);
         assert_eq!(r.code, 1, "to: {to}\n{}", r.all());
         assert_has(
             &r.stderr,
