@@ -181,6 +181,21 @@ run() {
   part numerics_reference 120 "$PY" bench/gpu_reference.py numerics "$WORK/numerics" --device "$DEVICE" \
     && part numerics 120 "$STAGE/gpu_bench" numerics "$WORK/numerics" "$DEVICE"
 
+  # (b) speed and memory; Llama-2-7B's and TinyLlama-1.1B's shapes (config.json fields)
+  local seq=512 steps=5 lora_batch=4 full_batch=8
+  echo '{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}' >"$WORK/llama-7b.json"
+  echo '{"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}' >"$WORK/llama-1b.json"
+  if [ "$GPU" = 0 ]; then
+    seq=32 steps=2 lora_batch=2 full_batch=2
+    echo '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}' >"$WORK/llama-7b.json"
+    echo '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}' >"$WORK/llama-1b.json"
+  fi
+  echo "{\"seq\": $seq, \"steps\": $steps, \"lora_batch\": $lora_batch, \"full_batch\": $full_batch}" >"$PARTS/shapes.json"
+  with_memory torch_lora part torch_lora 100 "$PY" bench/gpu_reference.py throughput --method lora --config "$WORK/llama-7b.json" --seq $seq --batch $lora_batch --steps $steps --device "$DEVICE"
+  with_memory pipe_lora part pipe_lora 150 "$STAGE/gpu_bench" throughput "$DEVICE" lora "$WORK/llama-7b.json" $seq $lora_batch $steps
+  with_memory torch_full part torch_full 60 "$PY" bench/gpu_reference.py throughput --method full --config "$WORK/llama-1b.json" --seq $seq --batch $full_batch --steps $steps --device "$DEVICE"
+  with_memory pipe_full part pipe_full 120 "$STAGE/gpu_bench" throughput "$DEVICE" full "$WORK/llama-1b.json" $seq $full_batch $steps
+
   # (c) the tiny pipeline end to end on the device
   sed -e "s#\.\./examples/#$ROOT/examples/#g" -e "s#\.\./out/#$WORK/out/#g" \
       -e "s#devices: \[cpu, cpu\].*#device: $DEVICE#" pipelines/tiny.yaml >"$WORK/tiny.yaml"
@@ -216,21 +231,6 @@ PYEOF
     && echo '{"tokenizer_class": "PreTrainedTokenizerFast"}' >"$WORK/scoring-model/tokenizer_config.json" \
     && part scoring 150 env PIPE="$STAGE/pipe" DEVICE="$DEVICE" EVAL_WORK="$WORK/eval" \
          bash bench/eval.sh "$WORK/scoring-model" "$rows" "$limit" "$PY"
-
-  # (b) speed and memory; Llama-2-7B's and TinyLlama-1.1B's shapes (config.json fields)
-  local seq=512 steps=5 lora_batch=4 full_batch=8
-  echo '{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}' >"$WORK/llama-7b.json"
-  echo '{"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}' >"$WORK/llama-1b.json"
-  if [ "$GPU" = 0 ]; then
-    seq=32 steps=2 lora_batch=2 full_batch=2
-    echo '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}' >"$WORK/llama-7b.json"
-    echo '{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}' >"$WORK/llama-1b.json"
-  fi
-  echo "{\"seq\": $seq, \"steps\": $steps, \"lora_batch\": $lora_batch, \"full_batch\": $full_batch}" >"$PARTS/shapes.json"
-  part torch_lora 100 with_memory torch_lora "$PY" bench/gpu_reference.py throughput --method lora --config "$WORK/llama-7b.json" --seq $seq --batch $lora_batch --steps $steps --device "$DEVICE"
-  part pipe_lora 150 with_memory pipe_lora "$STAGE/gpu_bench" throughput "$DEVICE" lora "$WORK/llama-7b.json" $seq $lora_batch $steps
-  part torch_full 60 with_memory torch_full "$PY" bench/gpu_reference.py throughput --method full --config "$WORK/llama-1b.json" --seq $seq --batch $full_batch --steps $steps --device "$DEVICE"
-  part pipe_full 120 with_memory pipe_full "$STAGE/gpu_bench" throughput "$DEVICE" full "$WORK/llama-1b.json" $seq $full_batch $steps
 
   summarize
   rm -rf "$WORK"
@@ -331,7 +331,10 @@ for method, label in (("lora", "Llama-2-7B shape, LoRA r16 all-linear"), ("full"
     if "tokens_per_s" in p and "tokens_per_s" in t:
         lines.append(f"| ratio pipe/torch | {p['tokens_per_s'] / t['tokens_per_s']:.2f}x | | | | | |")
 t = report["tiny_pipeline"] or {}
-lines += ["", "(c) tiny pipeline on the device: " + (t.get("error") or f"{t.get('wall_s', 0):.1f} s wall; " + json.dumps((t.get("metrics") or {}).get("model", {}).get("heldout", (t.get("metrics") or {}).get("model")))[:300])]
+tuned = (t.get("metrics") or {}).get("tuned", {})
+lines += ["", "(c) tiny pipeline on the device: " + (t.get("error") or (
+    f"{t.get('wall_s', 0):.1f} s wall; tuned held-out loss {tuned.get('heldout', {}).get('loss', float('nan')):.3f}, "
+    f"exact match {tuned.get('generation', {}).get('exact_match', float('nan')):.1%}"))]
 s = report["scoring"] or {}
 lines += ["", "(d) multiple-choice scoring: " + (s.get("error") or f"pipe {s.get('pipe_items_per_s', 0):.1f} items/s, transformers {s.get('reference_items_per_s', 0):.1f} items/s, {s.get('n')} items, same acc/acc_norm: {s.get('same_acc')}")]
 open(os.path.join(out, "gpu.md"), "w").write("\n".join(lines) + "\n")
