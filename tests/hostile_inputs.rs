@@ -52,6 +52,8 @@ struct Case {
     args: Vec<&'static str>,
     /// What the message must say (all of it).
     expect: &'static [&'static str],
+    /// What it must not say.
+    absent: &'static [&'static str],
 }
 
 fn check(name: &'static str, pipeline: &'static str, expect: &'static [&'static str]) -> Case {
@@ -61,6 +63,7 @@ fn check(name: &'static str, pipeline: &'static str, expect: &'static [&'static 
         files: vec![],
         args: vec!["check", "p.yaml"],
         expect,
+        absent: &[],
     }
 }
 
@@ -72,6 +75,7 @@ fn set(name: &'static str, set: &'static str, expect: &'static [&'static str]) -
         files: vec![],
         args: vec!["check", "p.yaml", "--set", set],
         expect,
+        absent: &[],
     }
 }
 
@@ -83,6 +87,7 @@ fn records(name: &'static str, records: &'static [u8], expect: &'static [&'stati
         files: vec![("records.json", records)],
         args: vec!["run", "p.yaml"],
         expect,
+        absent: &[],
     }
 }
 
@@ -294,6 +299,7 @@ fn cases() -> Vec<Case> {
         files: vec![],
         args: vec!["check", "nowhere.yaml"],
         expect: &["cannot read pipeline file `nowhere.yaml`"],
+        absent: &[],
     },
     Case {
         name: "a pipeline file that is not UTF-8",
@@ -301,6 +307,7 @@ fn cases() -> Vec<Case> {
         files: vec![("bad.yaml", b"name: t\nstages:\n  a: {kind: command, cmd: 'echo \xff'}\n")],
         args: vec!["check", "bad.yaml"],
         expect: &["not valid UTF-8 (byte 48 of the file)", "bad.yaml:3:33"],
+        absent: &[],
     },
     Case {
         name: "show of an unknown stage",
@@ -308,6 +315,7 @@ fn cases() -> Vec<Case> {
         files: vec![],
         args: vec!["show", "p.yaml", "trian"],
         expect: &["no stage `trian`"],
+        absent: &[],
     },
     Case {
         name: "gc --keep-last 0",
@@ -315,6 +323,7 @@ fn cases() -> Vec<Case> {
         files: vec![],
         args: vec!["gc", "--keep-last", "0"],
         expect: &["--keep-last must be at least 1"],
+        absent: &[],
     },
     // Input files, found when the stage reads them.
     records(
@@ -339,6 +348,17 @@ fn cases() -> Vec<Case> {
     ),
     records("no records at all", b"[]\n", &["records.json holds no records"]),
     Case {
+        name: "bad records read through a download stage",
+        pipeline: Some(
+            "name: hostile\nstages:\n  data:\n    kind: download\n    source: records.json\n  prompts:\n    kind: format\n    input: data\n",
+        ),
+        files: vec![("records.json", b"[{\"instruction\": \"a\", \"output\": \"b\"},\n {\"instruction\": }]\n")],
+        args: vec!["run", "p.yaml"],
+        // The user's file, not the store's copy of it.
+        expect: &["records.json:2:18: not valid JSON"],
+        absent: &["/out/records.json"],
+    },
+    Case {
         name: "more held out than there are records",
         pipeline: Some(
             "name: hostile\nstages:\n  prompts:\n    kind: format\n    input: instructions.json\n    val_size: 11\n",
@@ -346,6 +366,7 @@ fn cases() -> Vec<Case> {
         files: vec![],
         args: vec!["run", "p.yaml"],
         expect: &["instructions.json: val_size 11 is more than the 10 records there are"],
+        absent: &[],
     },
     ];
     if !cfg!(feature = "cuda") {
@@ -389,6 +410,11 @@ fn run_case(case: &Case) -> Result<(), String> {
     ] {
         if out.contains(bad) {
             problems.push(format!("the output holds {bad:?}"));
+        }
+    }
+    for unwanted in case.absent {
+        if out.contains(unwanted) {
+            problems.push(format!("the message holds {unwanted:?}"));
         }
     }
     for want in case.expect {
