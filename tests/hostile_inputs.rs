@@ -43,6 +43,20 @@ stages:
     input: records.json
 ";
 
+/// An evaluate stage scoring a seeded model on the task file `task.jsonl`.
+const EVAL_TASK: &str = "\
+name: hostile
+stages:
+  eval:
+    kind: evaluate
+    model:
+      init: {vocab_size: 2001, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1,
+             num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 64}
+    tokenizer: tokenizer
+    tasks:
+      - {name: t, format: generic, path: task.jsonl}
+";
+
 struct Case {
     name: &'static str,
     /// The text of p.yaml; `None` is [`BASE`].
@@ -347,6 +361,28 @@ fn cases() -> Vec<Case> {
         &["records.json", "record 1: field `instruction` is missing"],
     ),
     records("no records at all", b"[]\n", &["records.json holds no records"]),
+    Case {
+        name: "a task file that is not UTF-8",
+        pipeline: Some(EVAL_TASK),
+        files: vec![(
+            "task.jsonl",
+            b"{\"context\": \"a \xff b\", \"choices\": [\"c\", \"d\"], \"answer\": 0}\n",
+        )],
+        args: vec!["run", "p.yaml"],
+        expect: &["task `t`", "task.jsonl:1:16: not valid UTF-8 (byte 15 of the file)"],
+        absent: &[],
+    },
+    Case {
+        name: "more few-shot examples than a task has",
+        pipeline: Some(EVAL_TASK),
+        files: vec![(
+            "task.jsonl",
+            b"{\"context\": \"a\", \"choices\": [\"c\", \"d\"], \"answer\": 0}\n",
+        )],
+        args: vec!["run", "p.yaml", "--set", "eval.tasks=[{name: t, format: generic, path: task.jsonl, num_fewshot: 100000000000}]"],
+        expect: &["task `t`", "num_fewshot 100000000000"],
+        absent: &[],
+    },
     Case {
         name: "bad records read through a download stage",
         pipeline: Some(

@@ -220,8 +220,7 @@ pub fn read_docs(
     format: TaskFormat,
     limit: Option<usize>,
 ) -> Result<Vec<Doc>, EvalError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| EvalError::Task(format!("cannot read {}: {e}", path.display())))?;
+    let text = pipe_data::records::read_text(path).map_err(|e| EvalError::Task(e.to_string()))?;
     parse_docs(&text, &path.display().to_string(), format, limit)
 }
 
