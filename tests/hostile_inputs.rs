@@ -307,6 +307,29 @@ fn cases() -> Vec<Case> {
         "train.lr",
         &["bad `--set train.lr`", "stage.field=value"],
     ),
+    set(
+        "--set with an integer too large for 64 bits",
+        "train.batch_size=99999999999999999999999",
+        &["the number 99999999999999999999999 is too large", "--set train.batch_size"],
+    ),
+    set(
+        "a negative batch size",
+        "train.batch_size=-4",
+        &["expected a whole number, 0 or more", "field: stages.train.batch_size"],
+    ),
+    Case {
+        name: "max_len beyond the context of a local model read through a download stage",
+        pipeline: Some(
+            "name: hostile\nstages:\n  base:\n    kind: download\n    source: ./model\n  prompts:\n    kind: format\n    input: instructions.json\n  tokens:\n    kind: tokenize\n    input: prompts\n    tokenizer: tokenizer\n    max_len: 64\n  train:\n    kind: train\n    data: tokens\n    model: base\n    lr: 1.0e-3\n    batch_size: 2\n",
+        ),
+        files: vec![(
+            "model/config.json",
+            b"{\"vocab_size\": 2001, \"hidden_size\": 16, \"intermediate_size\": 32, \"num_hidden_layers\": 1, \"num_attention_heads\": 2, \"max_position_embeddings\": 32}",
+        )],
+        args: vec!["check", "p.yaml"],
+        expect: &["max_len 64 is longer than the model of stage `train` reads: 32 positions", "p.yaml:13:14", "lower max_len to 32"],
+        absent: &[],
+    },
     Case {
         name: "a pipeline file that does not exist",
         pipeline: None,

@@ -127,7 +127,7 @@ impl FieldError {
         if message.starts_with("missing field") {
             return FieldError::new(path, Target::Key, message);
         }
-        FieldError::new(path, Target::Value, message)
+        FieldError::new(path, Target::Value, plain_type_names(&message))
     }
 }
 
@@ -294,9 +294,31 @@ impl fmt::Display for SpecError {
 
 impl std::error::Error for SpecError {}
 
+/// serde's messages name Rust types (`expected usize`); a pipeline's author reads numbers.
+fn plain_type_names(message: &str) -> String {
+    let mut out = message.to_string();
+    for (rust, plain) in [
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+    ] {
+        if let Some(start) = out.find(rust) {
+            let end = start + rust.len();
+            // Only the whole word: `expected u64` but not `expected u640`.
+            if !out[end..].starts_with(|c: char| c.is_alphanumeric()) {
+                out.replace_range(start..end, plain);
+            }
+        }
+    }
+    out
+}
+
 /// The integer of serde's "integer `N` as u128" (or i128) message: a number YAML reads but no
 /// pipeline value can hold.
-fn too_large_integer(message: &str) -> Option<&str> {
+pub(crate) fn too_large_integer(message: &str) -> Option<&str> {
     let (_, rest) = message.split_once("integer `")?;
     let (number, rest) = rest.split_once('`')?;
     (rest.starts_with(" as u128") || rest.starts_with(" as i128")).then_some(number)
@@ -538,6 +560,18 @@ mod tests {
             Some((7, 9))
         );
         assert_eq!(locate(DOC, &p.key("nope"), Target::Key), None);
+    }
+
+    #[test]
+    fn type_errors_name_numbers_not_rust_types() {
+        assert_eq!(
+            plain_type_names("invalid value: integer `-1`, expected usize"),
+            "invalid value: integer `-1`, expected a whole number, 0 or more"
+        );
+        assert_eq!(
+            plain_type_names("invalid type: string \"x\", expected f64"),
+            "invalid type: string \"x\", expected a number"
+        );
     }
 
     #[test]

@@ -399,7 +399,15 @@ fn parse_override(text: &str) -> Result<Override, LoadError> {
     }
     // The value is read as YAML, so `3`, `1e-4`, `true` and `[a, b]` get their types.
     // Anything that is not plainly a list or mapping (`?`, `a: b`) stays the text it is.
-    let value = match serde_yaml::from_str::<Value>(rhs) {
+    let parsed = serde_yaml::from_str::<Value>(rhs);
+    if let Err(e) = &parsed {
+        if let Some(number) = crate::diag::too_large_integer(&e.to_string()) {
+            return Err(bad(&format!(
+                "the number {number} is too large: whole numbers must fit in 64 bits"
+            )));
+        }
+    }
+    let value = match parsed {
         Ok(v @ (Value::Sequence(_) | Value::Mapping(_)))
             if rhs.trim_start().starts_with(['[', '{']) =>
         {
