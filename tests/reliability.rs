@@ -13,13 +13,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn pipe(cache: &Path, args: &[&str]) -> Command {
+/// A run's folder holds its store (`store/`) and the export's delivered copy (`delivered/`),
+/// which pipe refuses to write inside its store.
+fn pipe(root: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pipe"));
     c.arg("--cache")
-        .arg(cache)
+        .arg(root.join("store"))
         .args(args)
         .args(["pipelines/tiny.yaml", "--set", "params.epochs=1", "--set"])
-        .arg(format!("export.to={}", cache.join("delivered").display()))
+        .arg(format!("export.to={}", root.join("delivered").display()))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_remove("PIPE_CACHE")
         .env_remove("PIPE_FAULT")
@@ -29,8 +31,8 @@ fn pipe(cache: &Path, args: &[&str]) -> Command {
     c
 }
 
-fn run_to_completion(cache: &Path) {
-    let out = pipe(cache, &["run"])
+fn run_to_completion(root: &Path) {
+    let out = pipe(root, &["run"])
         .stderr(Stdio::piped())
         .output()
         .unwrap();
@@ -43,7 +45,7 @@ fn run_to_completion(cache: &Path) {
 
 /// Every finished entry's outputs: `key/out/path` → blake3 of the content. Equal maps mean
 /// equal keys (so the same inputs and params all the way down) and byte-identical outputs.
-fn artifacts(cache: &Path) -> BTreeMap<String, String> {
+fn artifacts(root: &Path) -> BTreeMap<String, String> {
     fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, String>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
@@ -57,7 +59,7 @@ fn artifacts(cache: &Path) -> BTreeMap<String, String> {
         }
     }
     let mut out = BTreeMap::new();
-    let stages = cache.join("stages");
+    let stages = root.join("store/stages");
     for e in std::fs::read_dir(&stages).unwrap() {
         let e = e.unwrap().path();
         if e.join("manifest.json").exists() {
@@ -68,7 +70,8 @@ fn artifacts(cache: &Path) -> BTreeMap<String, String> {
 }
 
 /// Finished entries (by key) and how many attempts each has a log of.
-fn finished_attempts(cache: &Path) -> BTreeMap<String, usize> {
+fn finished_attempts(root: &Path) -> BTreeMap<String, usize> {
+    let cache = root.join("store");
     let mut out = BTreeMap::new();
     let Ok(rd) = std::fs::read_dir(cache.join("stages")) else {
         return out;
