@@ -765,8 +765,16 @@ fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
 fn verify_checkpoint(dir: &Path) -> Result<(CheckpointState, String), String> {
     let state_path = dir.join("state.json");
     let text = std::fs::read(&state_path).map_err(|e| format!("state.json: {e}"))?;
-    let manifest: CheckpointManifest = serde_json::from_slice(&text)
-        .map_err(|e| format!("state.json is not a checkpoint state ({e})"))?;
+    let manifest: CheckpointManifest = serde_json::from_slice(&text).map_err(|e| {
+        let older = serde_json::from_slice::<serde_json::Value>(&text)
+            .is_ok_and(|v| v.get("optimizer_blake3").is_some());
+        if older {
+            "state.json was written by an older pipe, without a digest over the whole checkpoint"
+                .to_string()
+        } else {
+            format!("state.json is not a checkpoint state ({e})")
+        }
+    })?;
     let digest = CheckpointManifest::digest_of(&manifest.state, &manifest.files);
     if digest != manifest.digest {
         return Err(format!(

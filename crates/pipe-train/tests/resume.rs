@@ -470,3 +470,25 @@ fn the_loss_curve_survives_a_missing_or_short_work_metrics_file() {
         assert_same_outputs(clean.path(), dir.path());
     }
 }
+
+/// A work directory left by an older pipe (state.json without the digest over the whole
+/// checkpoint) is not trusted: the run says why and starts over.
+#[test]
+fn a_checkpoint_without_a_digest_is_not_trusted() {
+    let s = spec(Method::Full);
+    let clean = tempfile::tempdir().unwrap();
+    run(&s, clean.path(), None).unwrap();
+    let dir = interrupted_at_5(&s);
+    let older = r#"{"step": 5, "metrics_lines": 5, "optimizer_blake3": "00", "tokens": 1, "first_loss": 1.0}"#;
+    for c in ["checkpoint", "checkpoint.old"] {
+        std::fs::write(dir.path().join("work").join(c).join("state.json"), older).unwrap();
+    }
+    let (resumed, warnings) = run_warned::<B>(&s, dir.path(), None, 1);
+    assert_eq!(resumed.unwrap().resumed_from_step, 0);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings[0].contains("written by an older pipe"),
+        "{warnings:?}"
+    );
+    assert_same_outputs(clean.path(), dir.path());
+}
