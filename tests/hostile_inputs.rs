@@ -331,6 +331,17 @@ fn cases() -> Vec<Case> {
         absent: &[],
     },
     Case {
+        name: "a broken tokenizer read through a download stage",
+        pipeline: Some(
+            "name: hostile\nstages:\n  tok:\n    kind: download\n    source: ./tok\n  prompts:\n    kind: format\n    input: instructions.json\n  tokens:\n    kind: tokenize\n    input: prompts\n    tokenizer: tok\n",
+        ),
+        files: vec![("tok/tokenizer.json", b"{\"version\": ")],
+        args: vec!["run", "p.yaml"],
+        // The user's file, not the store's copy of it.
+        expect: &["cannot load ", "/tok/tokenizer.json"],
+        absent: &["/out/tokenizer.json"],
+    },
+    Case {
         name: "a pipeline file that does not exist",
         pipeline: None,
         files: vec![],

@@ -45,6 +45,8 @@ use pipe_eval::tasks::{read_docs, FewShot, TaskFormat};
 use pipe_eval::{EvalError, Request, Sampling};
 use pipe_model::{init_llama, load_llama, CpuBackend, Llama};
 use serde::{Deserialize, Serialize};
+
+use crate::sources::LocalSources;
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
@@ -154,6 +156,8 @@ struct Task {
 }
 
 struct EvaluateStage {
+    /// The user's files that inputs are store copies of, for error messages.
+    sources: LocalSources,
     fields: Fields,
     model: ModelSource,
     base: Option<ModelSource>,
@@ -302,6 +306,7 @@ impl StageKind for EvaluateKind {
         }
         Device::parse(&f.device).map_err(|e| cx.error("device", e))?;
         Ok(Box::new(EvaluateStage {
+            sources: LocalSources::default(),
             model,
             base,
             compare,
@@ -343,7 +348,21 @@ impl Stage for EvaluateStage {
         }
         Some(outs)
     }
+    fn check_upstream<'a>(
+        &self,
+        stage: &dyn Fn(&str) -> Option<pipe_core::StageInfo<'a>>,
+    ) -> Result<(), FieldError> {
+        self.sources.learn(&self.inputs, stage);
+        Ok(())
+    }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
+        self.run_stage(cx)
+            .map_err(|e| self.sources.rename_in(cx, e))
+    }
+}
+
+impl EvaluateStage {
+    fn run_stage(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         match Device::open(&self.fields.device)? {
             Device::Cpu => self.evaluate::<CpuBackend>(cx, &Default::default()),
             #[cfg(feature = "cuda")]

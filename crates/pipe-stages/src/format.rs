@@ -14,8 +14,6 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use anyhow::anyhow;
 use pipe_core::diag::FieldError;
@@ -23,6 +21,8 @@ use pipe_core::{Input, InputSource, ParseContext, Stage, StageContext, StageInfo
 use pipe_data::format::{OnError, ValSize};
 use pipe_data::prompt::{Template, TemplateSpec};
 use serde::{Deserialize, Serialize};
+
+use crate::sources::LocalSources;
 
 pub struct FormatKind;
 
@@ -63,46 +63,11 @@ fn default_seed() -> u64 {
 
 struct FormatStage {
     fields: Fields,
-    /// When the input is a download of a local file or directory: that path, so that errors
-    /// name the user's file rather than the store's copy of it.
-    local_source: OnceLock<PathBuf>,
+    /// The user's file, when the input is the store's copy of it.
+    sources: LocalSources,
     spec: TemplateSpec,
     template: Template,
     inputs: Vec<Input>,
-}
-
-impl FormatStage {
-    /// The user's own file that `file` (read from this stage's input) is the store's copy of,
-    /// when the input downloaded a local path; else `file` itself.
-    fn user_path(&self, cx: &StageContext, file: &Path) -> PathBuf {
-        let Some(source) = self.local_source.get() else {
-            return file.to_path_buf();
-        };
-        if source.is_file() {
-            return source.clone();
-        }
-        let (Ok(input), Some(InputSource::Stage { output, .. })) =
-            (cx.input("input"), self.inputs.first().map(|i| &i.source))
-        else {
-            return file.to_path_buf();
-        };
-        match file.strip_prefix(input) {
-            Ok(rel) => {
-                let under = output.as_deref().map_or(source.clone(), |o| source.join(o));
-                let mapped = if rel.as_os_str().is_empty() {
-                    under
-                } else {
-                    under.join(rel)
-                };
-                if mapped.is_file() {
-                    mapped
-                } else {
-                    file.to_path_buf()
-                }
-            }
-            Err(_) => file.to_path_buf(),
-        }
-    }
 }
 
 impl StageKind for FormatKind {
@@ -149,7 +114,7 @@ impl StageKind for FormatKind {
         }];
         Ok(Box::new(FormatStage {
             fields,
-            local_source: OnceLock::new(),
+            sources: LocalSources::default(),
             spec,
             template,
             inputs,
@@ -182,20 +147,14 @@ impl Stage for FormatStage {
         &self,
         stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
     ) -> Result<(), FieldError> {
-        if let Some(InputSource::Stage { stage: id, .. }) = self.inputs.first().map(|i| &i.source) {
-            if let Some(up) = stage(id).filter(|u| u.kind == "download") {
-                if let Some(InputSource::Path(p)) = up.inputs.first().map(|i| &i.source) {
-                    let _ = self.local_source.set(p.clone());
-                }
-            }
-        }
+        self.sources.learn(&self.inputs, stage);
         Ok(())
     }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         let input = cx.input("input")?.to_path_buf();
         let file = pipe_data::format::find_records_file(&input, self.fields.file.as_deref())
             .map_err(|e| anyhow!(e))?;
-        let shown_as = self.user_path(cx, &file);
+        let shown_as = self.sources.user_path(cx, "input", &file);
         let stats = pipe_data::format::run(
             &file,
             &shown_as,

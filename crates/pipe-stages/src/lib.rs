@@ -7,6 +7,7 @@ pub mod evaluate;
 pub mod export;
 pub mod format;
 mod models;
+mod sources;
 pub mod tokenize;
 pub mod train;
 

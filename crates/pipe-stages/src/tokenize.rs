@@ -19,6 +19,8 @@ use pipe_core::{Input, InputSource, ParseContext, Stage, StageContext, StageKind
 use pipe_data::tokenize::TokenizeOptions;
 use serde::{Deserialize, Serialize};
 
+use crate::sources::LocalSources;
+
 pub struct TokenizeKind;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -48,6 +50,8 @@ fn default_pad() -> String {
 }
 
 struct TokenizeStage {
+    /// The user's files that inputs are store copies of, for error messages.
+    sources: LocalSources,
     fields: Fields,
     inputs: Vec<Input>,
 }
@@ -85,7 +89,11 @@ impl StageKind for TokenizeKind {
                 field: cx.path.key("tokenizer"),
             },
         ];
-        Ok(Box::new(TokenizeStage { fields, inputs }))
+        Ok(Box::new(TokenizeStage {
+            sources: LocalSources::default(),
+            fields,
+            inputs,
+        }))
     }
 }
 
@@ -118,7 +126,21 @@ impl Stage for TokenizeStage {
             .to_vec(),
         )
     }
+    fn check_upstream<'a>(
+        &self,
+        stage: &dyn Fn(&str) -> Option<pipe_core::StageInfo<'a>>,
+    ) -> Result<(), FieldError> {
+        self.sources.learn(&self.inputs, stage);
+        Ok(())
+    }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
+        self.run_stage(cx)
+            .map_err(|e| self.sources.rename_in(cx, e))
+    }
+}
+
+impl TokenizeStage {
+    fn run_stage(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         let f = &self.fields;
         let opts = TokenizeOptions {
             max_len: f.max_len,

@@ -37,6 +37,8 @@ use pipe_train::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::sources::LocalSources;
+
 use crate::models::{find_weights, Device, ModelField, ModelSource, Weights};
 
 pub struct TrainKind;
@@ -187,6 +189,8 @@ fn default_dtype() -> Dtype {
 }
 
 struct TrainStage {
+    /// The user's files that inputs are store copies of, for error messages.
+    sources: LocalSources,
     id: String,
     fields: Fields,
     spec: TrainSpec,
@@ -305,6 +309,7 @@ impl StageKind for TrainKind {
             },
         };
         Ok(Box::new(TrainStage {
+            sources: LocalSources::default(),
             id: cx.stage_id.to_string(),
             fields: f,
             spec,
@@ -354,6 +359,7 @@ impl Stage for TrainStage {
         &self,
         stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
     ) -> Result<(), FieldError> {
+        self.sources.learn(&self.inputs, stage);
         let Some(data) = self.inputs.iter().find(|i| i.name == "data") else {
             return Ok(());
         };
@@ -418,6 +424,13 @@ impl Stage for TrainStage {
         Ok(())
     }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
+        self.run_stage(cx)
+            .map_err(|e| self.sources.rename_in(cx, e))
+    }
+}
+
+impl TrainStage {
+    fn run_stage(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         let devices = self
             .fields
             .replicas()
