@@ -291,6 +291,37 @@ fn cases() -> Vec<Case> {
         "tokens.input=promts",
         &["unknown stage `promts`", "field: stages.tokens.input"],
     ),
+    // Paths a stage would write (the delivery and path checks).
+    check(
+        "a download file_name that leaves its directory",
+        "name: t\nstages:\n  data:\n    kind: download\n    source: instructions.json\n    file_name: ../../x.json\n",
+        &["has a `..` component", "p.yaml:6:16", "field: stages.data.file_name"],
+    ),
+    check(
+        "a download file_name that is absolute",
+        "name: t\nstages:\n  data:\n    kind: download\n    source: instructions.json\n    file_name: /tmp/x.json\n",
+        &["field: stages.data.file_name"],
+    ),
+    check(
+        "a command output that leaves its directory",
+        "name: t\nstages:\n  c:\n    kind: command\n    cmd: 'true'\n    outs: [../escape.txt]\n",
+        &["has a `..` component", "field: stages.c.outs[0]"],
+    ),
+    check(
+        "an export to /",
+        "name: t\nstages:\n  exp:\n    kind: export\n    model: ./tokenizer\n    format: hf\n    to: /\n",
+        &["`to: /` holds the store", "p.yaml:7:9", "field: stages.exp.to"],
+    ),
+    check(
+        "an export onto the store",
+        "name: t\nstages:\n  exp:\n    kind: export\n    model: ./tokenizer\n    format: hf\n    to: cache\n",
+        &["`to: cache` is the store", "field: stages.exp.to"],
+    ),
+    check(
+        "an export onto the pipeline's own directory",
+        "name: t\nstages:\n  exp:\n    kind: export\n    model: ./tokenizer\n    format: hf\n    to: .\n",
+        &["`to: .`", "field: stages.exp.to"],
+    ),
     // The command line.
     set(
         "--set on an unknown stage",
