@@ -48,8 +48,15 @@ stage() {
     CUDARC_CUDA_VERSION=$CUDA_API cargo build --release --locked --quiet --features cuda --bin pipe
     CUDARC_CUDA_VERSION=$CUDA_API cargo build --release --locked --quiet -p pipe-train --features cuda --example gpu_bench
   fi
-  strip -o "$STAGE/pipe" "target/$profile/pipe"
-  strip -o "$STAGE/gpu_bench" "target/$profile/examples/gpu_bench"
+  # Stripped, the CUDA builds are ~40 MB each; xz brings each to ~6 MB (Python's lzma unpacks
+  # them on the GPU machine, which need not have xz).
+  for bin in "target/$profile/pipe" "target/$profile/examples/gpu_bench"; do
+    strip -o "$STAGE/tmp" "$bin"
+    python3 -c 'import lzma, shutil, sys
+with open(sys.argv[1], "rb") as f, lzma.open(sys.argv[2], "wb", preset=6) as out:
+    shutil.copyfileobj(f, out)' "$STAGE/tmp" "$STAGE/$(basename "$bin").xz"
+    rm "$STAGE/tmp"
+  done
   # NVRTC needs CUDA's C++ headers; PyTorch's wheels ship all but CCCL's (cuda/barrier, …).
   pip download --no-deps -q -d "$STAGE" "$CCCL_WHEEL"
   local shared="$ROOT/../shared"
@@ -159,10 +166,17 @@ run() {
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/pipe-gpu.XXXXXX")
   mkdir -p "$PARTS"
   PY=${PYTHON:-python3}
-  [ -x "$STAGE/pipe" ] && [ -x "$STAGE/gpu_bench" ] \
+  [ -f "$STAGE/pipe.xz" ] && [ -f "$STAGE/gpu_bench.xz" ] \
     || { echo "bench/gpu-stage/ is missing: run \`bench/gpu.sh stage\` first, and carry bench/gpu-stage" >&2; exit 2; }
   "$PY" -c 'import torch, transformers, peft' \
     || { echo "$PY lacks torch, transformers or peft" >&2; exit 2; }
+  BIN="$WORK/bin"
+  mkdir -p "$BIN"
+  for name in pipe gpu_bench; do
+    "$PY" -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as f, open(sys.argv[2], "wb") as out:
+    shutil.copyfileobj(f, out)' "$STAGE/$name.xz" "$BIN/$name" && chmod +x "$BIN/$name"
+  done
   {
     echo "date: $(date -u +%FT%TZ)"
     echo "host: $(uname -srm), $(nproc) cores"
@@ -179,7 +193,7 @@ run() {
 
   # (a) numerics
   part numerics_reference 120 "$PY" bench/gpu_reference.py numerics "$WORK/numerics" --device "$DEVICE" \
-    && part numerics 120 "$STAGE/gpu_bench" numerics "$WORK/numerics" "$DEVICE"
+    && part numerics 120 "$BIN/gpu_bench" numerics "$WORK/numerics" "$DEVICE"
 
   # (b) speed and memory; Llama-2-7B's and TinyLlama-1.1B's shapes (config.json fields)
   local seq=512 steps=5 lora_batch=4 full_batch=8
@@ -192,9 +206,9 @@ run() {
   fi
   echo "{\"seq\": $seq, \"steps\": $steps, \"lora_batch\": $lora_batch, \"full_batch\": $full_batch}" >"$PARTS/shapes.json"
   with_memory torch_lora part torch_lora 100 "$PY" bench/gpu_reference.py throughput --method lora --config "$WORK/llama-7b.json" --seq $seq --batch $lora_batch --steps $steps --device "$DEVICE"
-  with_memory pipe_lora part pipe_lora 150 "$STAGE/gpu_bench" throughput "$DEVICE" lora "$WORK/llama-7b.json" $seq $lora_batch $steps
+  with_memory pipe_lora part pipe_lora 150 "$BIN/gpu_bench" throughput "$DEVICE" lora "$WORK/llama-7b.json" $seq $lora_batch $steps
   with_memory torch_full part torch_full 60 "$PY" bench/gpu_reference.py throughput --method full --config "$WORK/llama-1b.json" --seq $seq --batch $full_batch --steps $steps --device "$DEVICE"
-  with_memory pipe_full part pipe_full 120 "$STAGE/gpu_bench" throughput "$DEVICE" full "$WORK/llama-1b.json" $seq $full_batch $steps
+  with_memory pipe_full part pipe_full 120 "$BIN/gpu_bench" throughput "$DEVICE" full "$WORK/llama-1b.json" $seq $full_batch $steps
 
   # (c) the tiny pipeline end to end on the device
   sed -e "s#\.\./examples/#$ROOT/examples/#g" -e "s#\.\./out/#$WORK/out/#g" \
@@ -203,8 +217,8 @@ run() {
   local tiny_set=()
   [ "$GPU" = 0 ] && tiny_set=(--set params.epochs=1)
   part tiny 240 bash -c 'start=$(date +%s%N); "$0" -q --cache "$1/tiny-cache" run "$1/tiny.yaml" "${@:2}" || exit $?; echo "{\"wall_s\": $((($(date +%s%N) - start) / 1000000)).0e-3}"' \
-    "$STAGE/pipe" "$WORK" "${tiny_set[@]}" \
-    && "$STAGE/pipe" --cache "$WORK/tiny-cache" show "$WORK/tiny.yaml" eval --json >"$PARTS/tiny_eval_key.json" 2>>"$PARTS/tiny.err" \
+    "$BIN/pipe" "$WORK" "${tiny_set[@]}" \
+    && "$BIN/pipe" --cache "$WORK/tiny-cache" show "$WORK/tiny.yaml" eval --json >"$PARTS/tiny_eval_key.json" 2>>"$PARTS/tiny.err" \
     && cp "$WORK/tiny-cache/stages/$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["key"])' "$PARTS/tiny_eval_key.json")/out/metrics.json" "$PARTS/tiny_metrics.json"
 
   # (d) multiple-choice scoring
@@ -229,7 +243,7 @@ PYEOF
   part scoring_model 60 "$PY" bench/gpu_reference.py scoring-model "$WORK/scoring-model" --vocab "$vocab" \
     && cp "$tok" "$WORK/scoring-model/tokenizer.json" \
     && echo '{"tokenizer_class": "PreTrainedTokenizerFast"}' >"$WORK/scoring-model/tokenizer_config.json" \
-    && part scoring 150 env PIPE="$STAGE/pipe" DEVICE="$DEVICE" EVAL_WORK="$WORK/eval" \
+    && part scoring 150 env PIPE="$BIN/pipe" DEVICE="$DEVICE" EVAL_WORK="$WORK/eval" \
          bash bench/eval.sh "$WORK/scoring-model" "$rows" "$limit" "$PY"
 
   summarize

@@ -241,6 +241,25 @@ pub fn what_would_fit(cfg: &LlamaConfig, shape: &TrainShape, available: u64) -> 
     advice
 }
 
+/// Bytes this process can still allocate on the CPU: the kernel's `MemAvailable`, or less where
+/// a cgroup (a container, a Slurm job) sets a lower limit. `None` where neither can be read.
+pub fn available_cpu_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)?;
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{name}"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let cgroup =
+        read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
+    Some(cgroup.map_or(available, |c| c.min(available)))
+}
+
 /// `n` bytes for people: `512 MiB`, `3.1 GiB`.
 pub fn human_bytes(n: u64) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
@@ -402,6 +421,12 @@ mod tests {
                 )
                 .total
         );
+    }
+
+    #[test]
+    fn available_memory_is_read_on_linux() {
+        let n = available_cpu_memory().expect("/proc/meminfo");
+        assert!(n > 16 << 20, "{n}");
     }
 
     #[test]
