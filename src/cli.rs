@@ -209,6 +209,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 for row in &rows {
                     println!("  {row}");
                 }
+                print!("{}", memory_text(&pipeline));
                 return Ok(ExitCode::SUCCESS);
             }
             let cancel = interrupt_flag();
@@ -245,6 +246,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
                 count(p.stages.len(), "stage", "stages"),
                 kinds.join(", ")
             );
+            print!("{}", memory_text(&p));
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { file, explain } => {
@@ -390,6 +392,19 @@ fn engine_for_reading<'p>(p: &'p Pipeline, cache: &Path) -> Result<Engine<'p>> {
         },
     };
     Ok(Engine::new(p, store))
+}
+
+/// The memory plans of the stages that have one, a line each, for `check` and `--dry-run`.
+fn memory_text(p: &Pipeline) -> String {
+    let plans = p.memory_plans();
+    if plans.is_empty() {
+        return String::new();
+    }
+    let mut text = String::from("memory (estimated peak, checked again before the stage runs):\n");
+    for (id, plan) in plans {
+        text.push_str(&format!("  {id}: {plan}\n"));
+    }
+    text
 }
 
 fn status_text(p: &Pipeline, rows: &[PlanRow], explain: bool) -> String {

@@ -297,6 +297,11 @@ pub trait Stage: Send + Sync {
     ) -> Result<(), FieldError> {
         Ok(())
     }
+    /// The memory the stage will hold at its peak on each device, in words (`pipe check` and
+    /// `pipe run --dry-run` print it), when its settings and the stages it reads tell.
+    fn memory_plan<'a>(&self, _stage: &dyn Fn(&str) -> Option<StageInfo<'a>>) -> Option<String> {
+        None
+    }
 }
 
 /// What a stage's [`Stage::check_upstream`] sees of another stage of the pipeline.

@@ -61,6 +61,20 @@ impl Pipeline {
     pub fn stage(&self, id: &str) -> Option<&StageDef> {
         self.stages.iter().find(|s| s.id == id)
     }
+    /// Each stage's [`Stage::memory_plan`], where it has one: `(stage id, plan)`.
+    pub fn memory_plans(&self) -> Vec<(String, String)> {
+        let stage_info = |id: &str| {
+            self.stage(id).map(|u| StageInfo {
+                kind: u.kind,
+                params: &u.params,
+                inputs: &u.inputs,
+            })
+        };
+        self.stages
+            .iter()
+            .filter_map(|s| Some((s.id.clone(), s.stage.memory_plan(&stage_info)?)))
+            .collect()
+    }
     pub fn index(&self, id: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.id == id)
     }

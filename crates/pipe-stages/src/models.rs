@@ -241,6 +241,66 @@ fn ask_driver_for_device_count() -> anyhow::Result<usize> {
     }
 }
 
+/// Bytes free on GPU `index` as the driver counts them (`cuMemGetInfo` in the device's primary
+/// context, the one burn-cuda then uses), or `None` when the driver cannot say: the memory
+/// check is then skipped rather than a run refused on a guess.
+pub(crate) fn cuda_free_memory(index: usize) -> Option<u64> {
+    type CuInit = unsafe extern "C" fn(u32) -> i32;
+    type CuDeviceGet = unsafe extern "C" fn(*mut i32, i32) -> i32;
+    type CuPrimaryCtxRetain = unsafe extern "C" fn(*mut *mut libc::c_void, i32) -> i32;
+    type CuPrimaryCtxRelease = unsafe extern "C" fn(i32) -> i32;
+    type CuCtxPush = unsafe extern "C" fn(*mut libc::c_void) -> i32;
+    type CuCtxPop = unsafe extern "C" fn(*mut *mut libc::c_void) -> i32;
+    type CuMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    // SAFETY: dlopen with a valid C string; the handle is never closed (see
+    // ask_driver_for_device_count).
+    let handle =
+        unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+    if handle.is_null() {
+        return None;
+    }
+    let symbol = |name: &std::ffi::CStr| {
+        // SAFETY: the handle is live and never closed.
+        let p = unsafe { libc::dlsym(handle, name.as_ptr()) };
+        (!p.is_null()).then_some(p)
+    };
+    let init = symbol(c"cuInit")?;
+    let device_get = symbol(c"cuDeviceGet")?;
+    let retain = symbol(c"cuDevicePrimaryCtxRetain")?;
+    let release = symbol(c"cuDevicePrimaryCtxRelease_v2")?;
+    let push = symbol(c"cuCtxPushCurrent_v2")?;
+    let pop = symbol(c"cuCtxPopCurrent_v2")?;
+    let mem_get_info = symbol(c"cuMemGetInfo_v2")?;
+    // SAFETY: each pointer is the CUDA driver API function of that name, with the signature of
+    // its type above (cuda.h, API version 3020 and later: the `_v2` names).
+    unsafe {
+        let init = std::mem::transmute::<*mut libc::c_void, CuInit>(init);
+        let device_get = std::mem::transmute::<*mut libc::c_void, CuDeviceGet>(device_get);
+        let retain = std::mem::transmute::<*mut libc::c_void, CuPrimaryCtxRetain>(retain);
+        let release = std::mem::transmute::<*mut libc::c_void, CuPrimaryCtxRelease>(release);
+        let push = std::mem::transmute::<*mut libc::c_void, CuCtxPush>(push);
+        let pop = std::mem::transmute::<*mut libc::c_void, CuCtxPop>(pop);
+        let mem_get_info = std::mem::transmute::<*mut libc::c_void, CuMemGetInfo>(mem_get_info);
+        let mut device = 0i32;
+        if init(0) != 0 || device_get(&mut device, i32::try_from(index).ok()?) != 0 {
+            return None;
+        }
+        let mut context = std::ptr::null_mut();
+        if retain(&mut context, device) != 0 {
+            return None;
+        }
+        let (mut free, mut total) = (0usize, 0usize);
+        let ok = push(context) == 0 && {
+            let asked = mem_get_info(&mut free, &mut total) == 0;
+            let mut popped = std::ptr::null_mut();
+            pop(&mut popped);
+            asked
+        };
+        release(device);
+        ok.then_some(free as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

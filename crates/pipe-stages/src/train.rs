@@ -32,6 +32,10 @@ use pipe_core::{
 };
 use pipe_data::dataset::Dataset;
 use pipe_model::{LoraSpec, MatmulPrecision, Targets};
+use pipe_train::memory::{
+    available_cpu_memory, human_bytes, plan_training, what_would_fit, LoraShape, MemoryPlan,
+    TrainShape,
+};
 use pipe_train::{
     AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
 };
@@ -423,6 +427,20 @@ impl Stage for TrainStage {
         }
         Ok(())
     }
+    fn memory_plan<'a>(&self, stage: &dyn Fn(&str) -> Option<StageInfo<'a>>) -> Option<String> {
+        let Some(config) = self.model_config(stage) else {
+            return Some(
+                "known once its model is available (a download or an earlier stage)".into(),
+            );
+        };
+        let data = self.inputs.iter().find(|i| i.name == "data")?;
+        let InputSource::Stage { stage: tokens, .. } = &data.source else {
+            return None;
+        };
+        let max_len = stage(tokens)?.params["max_len"].as_u64()?;
+        let shape = self.train_shape(usize::try_from(max_len).ok()?);
+        Some(describe_plan(&plan_training(&config, &shape), &shape))
+    }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         self.run_stage(cx)
             .map_err(|e| self.sources.rename_in(cx, e))
@@ -460,6 +478,15 @@ impl TrainStage {
                 ),
             },
         };
+        let config = match &base {
+            BaseModel::Init { config, .. } => Some(config.clone()),
+            BaseModel::Dir(dir) => {
+                pipe_model::LlamaConfig::from_file(&dir.join("config.json")).ok()
+            }
+        };
+        if let Some(config) = config {
+            self.check_memory(cx, &config, longest_row(&data), &devices)?;
+        }
         let total = pipe_train::run::total_steps(&self.spec, pipe_train::run::units(&data));
         cx.progress().set_length(total);
         let cx_ref = &*cx;
@@ -556,8 +583,18 @@ impl TrainStage {
     /// seeded model, a local model directory (given directly or through a download stage), or
     /// the seeded model another train stage trained.
     fn model_positions<'a>(&self, stage: &dyn Fn(&str) -> Option<StageInfo<'a>>) -> Option<usize> {
+        self.model_config(stage).map(|c| c.max_position_embeddings)
+    }
+
+    /// The shape of the model this stage starts from, where it can be known before running: a
+    /// seeded model, a local directory (directly or through a download stage), or another
+    /// train stage's seeded model.
+    fn model_config<'a>(
+        &self,
+        stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
+    ) -> Option<pipe_model::LlamaConfig> {
         let name = match &self.model {
-            ModelSource::Init { config, .. } => return Some(config.max_position_embeddings),
+            ModelSource::Init { config, .. } => return Some(config.clone()),
             ModelSource::Input(name) => name,
         };
         let input = self.inputs.iter().find(|i| &i.name == name)?;
@@ -567,8 +604,8 @@ impl TrainStage {
                 let up = stage(id)?;
                 match up.kind {
                     "train" => {
-                        let p = up.params["init"]["config"]["max_position_embeddings"].as_u64()?;
-                        return usize::try_from(p).ok();
+                        let config = &up.params["init"]["config"];
+                        return serde_json::from_value(config.clone()).ok();
                     }
                     "download" => match &up.inputs.first()?.source {
                         InputSource::Path(dir) => dir.clone(),
@@ -579,12 +616,103 @@ impl TrainStage {
             }
         };
         match find_weights(&dir).ok()? {
-            Weights::Model(d) => pipe_model::LlamaConfig::from_file(&d.join("config.json"))
-                .ok()
-                .map(|c| c.max_position_embeddings),
+            Weights::Model(d) => pipe_model::LlamaConfig::from_file(&d.join("config.json")).ok(),
             Weights::Adapter(_) => None,
         }
     }
+
+    /// What decides this run's memory besides the model: `seq_len` tokens a row.
+    fn train_shape(&self, seq_len: usize) -> TrainShape {
+        let replicas = self.fields.replicas();
+        TrainShape {
+            lora: match &self.spec.method {
+                Method::Full => None,
+                Method::Lora(l) => Some(LoraShape {
+                    rank: l.r,
+                    targets_per_layer: match &l.targets {
+                        Targets::AllLinear => 7,
+                        Targets::Names(names) => names.len().min(7),
+                    },
+                }),
+            },
+            micro_batch_size: self.spec.micro_batch_size,
+            seq_len,
+            bf16_products: self.spec.matmul_precision == MatmulPrecision::Bf16,
+            gradient_checkpointing: self.fields.gradient_checkpointing,
+            replicas: replicas.len(),
+            on_gpu: replicas.iter().any(|d| d.starts_with("cuda")),
+        }
+    }
+
+    /// Refuses a run whose memory plan is larger than what the device has free, before
+    /// anything is loaded, saying what would fit; logs the plan otherwise.
+    fn check_memory(
+        &self,
+        cx: &StageContext,
+        config: &pipe_model::LlamaConfig,
+        seq_len: usize,
+        devices: &[Device],
+    ) -> anyhow::Result<()> {
+        let shape = self.train_shape(seq_len);
+        let plan = plan_training(config, &shape);
+        let (place, available) = match devices.first() {
+            Some(Device::Cuda(index)) => (
+                format!("cuda:{index}"),
+                crate::models::cuda_free_memory(*index),
+            ),
+            _ => ("this machine".to_string(), available_cpu_memory()),
+        };
+        cx.log(&format!("memory plan: {}", describe_plan(&plan, &shape)));
+        let Some(available) = available else {
+            cx.log(&format!(
+                "the free memory of {place} could not be read: not checked"
+            ));
+            return Ok(());
+        };
+        if plan.total <= available {
+            return Ok(());
+        }
+        let advice = what_would_fit(config, &shape, self.spec.batch_size, available);
+        bail!(
+            "this run needs about {} on {place}, which has {} free; nothing was loaded\n  plan: {}\n  {}",
+            human_bytes(plan.total),
+            human_bytes(available),
+            describe_plan(&plan, &shape),
+            if advice.is_empty() {
+                "no setting of this stage would fit: use a smaller model or a device with more memory".to_string()
+            } else {
+                format!("settings that would fit: {}", advice.join("; or "))
+            }
+        )
+    }
+}
+
+/// Tokens in the longest unit training batches (an example, or a packed row): micro-batches
+/// are padded to their longest, so a plan at this length bounds every step.
+fn longest_row(data: &Dataset) -> usize {
+    let bounds = data.rows().unwrap_or(data.offsets());
+    let longest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    usize::try_from(longest).unwrap_or(0)
+}
+
+/// A memory plan in words: the total per device and what makes it up.
+fn describe_plan(plan: &MemoryPlan, shape: &TrainShape) -> String {
+    let per = if shape.on_gpu || shape.replicas == 1 {
+        "per device".to_string()
+    } else {
+        format!("for {} replicas", shape.replicas)
+    };
+    format!(
+        "about {} {per}: weights {}, gradients {}, optimizer {}, activations {} (micro-batch {} × {} tokens{})",
+        human_bytes(plan.total),
+        human_bytes(plan.weights),
+        human_bytes(plan.gradients),
+        human_bytes(plan.optimizer),
+        human_bytes(plan.activations),
+        shape.micro_batch_size,
+        shape.seq_len,
+        if shape.gradient_checkpointing { ", gradient checkpointing" } else { "" },
+    )
 }
 
 /// The stage an input of `info` named `name` reads, if it reads one.

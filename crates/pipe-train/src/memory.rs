@@ -192,32 +192,53 @@ pub fn plan_inference(cfg: &LlamaConfig, batch: usize, seq_len: usize, on_gpu: b
     }
 }
 
-/// Changes to `shape` that bring its plan within `available` bytes, most effective last
-/// resort last, as settings a user writes: `micro_batch_size: 2`, `gradient_checkpointing:
-/// true`, `method: lora`. Empty when nothing pipe offers would fit.
-pub fn what_would_fit(cfg: &LlamaConfig, shape: &TrainShape, available: u64) -> Vec<String> {
-    let fits = |s: &TrainShape| plan_training(cfg, s).total <= available;
-    let mut advice = Vec::new();
-    if let Some(m) = (1..shape.micro_batch_size).rev().find(|&m| {
-        fits(&TrainShape {
-            micro_batch_size: m,
-            ..shape.clone()
+/// Changes to `shape` that bring its plan within `available` bytes, each a complete set of
+/// settings a user writes (`micro_batch_size: 64`, `gradient_checkpointing: true,
+/// micro_batch_size: 128`, `method: lora`), with micro-batch sizes that divide `batch_size`
+/// into a number of micro-batches the replicas share evenly. Empty when nothing would fit.
+pub fn what_would_fit(
+    cfg: &LlamaConfig,
+    shape: &TrainShape,
+    batch_size: usize,
+    available: u64,
+) -> Vec<String> {
+    let replicas = shape.replicas.max(1);
+    let valid = |m: usize| batch_size % m == 0 && (batch_size / m) % replicas == 0;
+    // The largest valid micro-batch, up to the current one, at which `s` fits.
+    let largest = |s: &TrainShape| {
+        (1..=shape.micro_batch_size).rev().find(|&m| {
+            valid(m)
+                && plan_training(
+                    cfg,
+                    &TrainShape {
+                        micro_batch_size: m,
+                        ..s.clone()
+                    },
+                )
+                .total
+                    <= available
         })
-    }) {
+    };
+    let with_micro = |change: &str, m: usize| {
+        if m == shape.micro_batch_size {
+            change.to_string()
+        } else {
+            format!("{change}, micro_batch_size: {m}")
+        }
+    };
+    let mut advice = Vec::new();
+    let plain = largest(shape);
+    if let Some(m) = plain {
         advice.push(format!("micro_batch_size: {m}"));
     }
+    let better = |m: usize| plain.is_none_or(|p| m > p);
     if !shape.gradient_checkpointing {
         let with = TrainShape {
             gradient_checkpointing: true,
             ..shape.clone()
         };
-        if fits(&with) {
-            advice.push("gradient_checkpointing: true".into());
-        } else if fits(&TrainShape {
-            micro_batch_size: 1,
-            ..with
-        }) {
-            advice.push("gradient_checkpointing: true with micro_batch_size: 1".into());
+        if let Some(m) = largest(&with).filter(|&m| better(m)) {
+            advice.push(with_micro("gradient_checkpointing: true", m));
         }
     }
     if shape.lora.is_none() {
@@ -228,14 +249,8 @@ pub fn what_would_fit(cfg: &LlamaConfig, shape: &TrainShape, available: u64) -> 
             }),
             ..shape.clone()
         };
-        if fits(&lora)
-            || fits(&TrainShape {
-                gradient_checkpointing: true,
-                micro_batch_size: 1,
-                ..lora
-            })
-        {
-            advice.push("method: lora".into());
+        if let Some(m) = largest(&lora).filter(|&m| better(m) || plain.is_none()) {
+            advice.push(with_micro("method: lora", m));
         }
     }
     advice
@@ -373,10 +388,14 @@ mod tests {
             on_gpu: true,
         };
         // An 80 GB card cannot hold full fine-tuning in f32 (108 GB of states alone) …
-        let advice = what_would_fit(&cfg, &shape, 80 << 30);
-        assert_eq!(advice, vec!["method: lora".to_string()]);
-        // … a 141 GB one can at a smaller micro-batch: the largest that fits is proposed.
-        let advice = what_would_fit(&cfg, &shape, 141 << 30);
+        let advice = what_would_fit(&cfg, &shape, 8, 80 << 30);
+        assert!(
+            advice.len() == 1 && advice[0].starts_with("method: lora"),
+            "{advice:?}"
+        );
+        // … a 141 GB one can at a smaller micro-batch: the largest that divides the batch of 8
+        // and fits is proposed.
+        let advice = what_would_fit(&cfg, &shape, 8, 141 << 30);
         let m: usize = advice[0]
             .strip_prefix("micro_batch_size: ")
             .and_then(|m| m.parse().ok())
@@ -392,11 +411,11 @@ mod tests {
             .total
         };
         assert!(
-            m < 8 && at(m) <= 141 << 30 && at(m + 1) > 141 << 30,
+            m < 8 && 8 % m == 0 && at(m) <= 141 << 30 && at(2 * m) > 141 << 30,
             "{advice:?}"
         );
         // Nothing fits in 1 GB.
-        assert!(what_would_fit(&cfg, &shape, 1 << 30).is_empty());
+        assert!(what_would_fit(&cfg, &shape, 8, 1 << 30).is_empty());
     }
 
     #[test]
