@@ -6,16 +6,19 @@ use std::process::Command;
 
 #[test]
 fn the_default_pipeline_runs_learns_and_then_is_cached() {
-    let cache = tempfile::tempdir().unwrap();
+    // The store and the export's delivered copy side by side (pipe refuses a `to:` inside its
+    // store).
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("store");
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_pipe"))
             .args(["run", "pipelines/tiny.yaml", "--cache"])
-            .arg(cache.path())
+            .arg(&cache)
             .args(["--set", "params.epochs=1"])
             .arg("--set")
             .arg(format!(
                 "export.to={}",
-                cache.path().join("delivered").display()
+                root.path().join("delivered").display()
             ))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env_remove("PIPE_CACHE")
@@ -37,12 +40,12 @@ fn the_default_pipeline_runs_learns_and_then_is_cached() {
             .count(),
         7
     );
-    assert!(cache.path().join("delivered/config.json").exists());
-    assert!(cache.path().join("delivered/tokenizer.json").exists());
+    assert!(root.path().join("delivered/config.json").exists());
+    assert!(root.path().join("delivered/tokenizer.json").exists());
 
     let show = Command::new(env!("CARGO_BIN_EXE_pipe"))
         .args(["show", "pipelines/tiny.yaml", "eval", "--json", "--cache"])
-        .arg(cache.path())
+        .arg(&cache)
         .args(["--set", "params.epochs=1"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()

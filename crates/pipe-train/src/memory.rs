@@ -203,7 +203,8 @@ pub fn what_would_fit(
     available: u64,
 ) -> Vec<String> {
     let replicas = shape.replicas.max(1);
-    let valid = |m: usize| batch_size % m == 0 && (batch_size / m) % replicas == 0;
+    let valid =
+        |m: usize| batch_size.is_multiple_of(m) && (batch_size / m).is_multiple_of(replicas);
     // The largest valid micro-batch, up to the current one, at which `s` fits.
     let largest = |s: &TrainShape| {
         (1..=shape.micro_batch_size).rev().find(|&m| {
@@ -411,7 +412,7 @@ mod tests {
             .total
         };
         assert!(
-            m < 8 && 8 % m == 0 && at(m) <= 141 << 30 && at(2 * m) > 141 << 30,
+            m < 8 && 8usize.is_multiple_of(m) && at(m) <= 141 << 30 && at(2 * m) > 141 << 30,
             "{advice:?}"
         );
         // Nothing fits in 1 GB.
