@@ -101,8 +101,11 @@ pub fn is_executable(meta: &fs::Metadata) -> bool {
     meta.mode() & 0o111 != 0
 }
 
+/// What a file looked like when its bytes were last known to be right. Any write, replacement
+/// or mode change moves mtime or ctime (ctime cannot be set back), so an equal stamp means the
+/// bytes need not be read again (the hash memo of external inputs, the store's object stamps).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Stamp {
+pub(crate) struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -111,7 +114,7 @@ struct Stamp {
 }
 
 impl Stamp {
-    fn of(meta: &fs::Metadata) -> Self {
+    pub(crate) fn of(meta: &fs::Metadata) -> Self {
         Stamp {
             dev: meta.dev(),
             ino: meta.ino(),

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{hash_file, is_executable, tree_digest, walk_files, FileEntry};
+use crate::digest::{hash_file, is_executable, tree_digest, walk_files, FileEntry, Stamp};
 
 pub const MANIFEST_FORMAT: u32 = 1;
 
@@ -173,30 +173,6 @@ impl std::fmt::Display for Damage {
             self.expected,
             self.found
         )
-    }
-}
-
-/// What a file looked like when its bytes were last known to be right. Any write, replacement
-/// or mode change moves mtime or ctime (ctime cannot be set back), so an equal stamp means the
-/// bytes need not be read again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i64,
-    ctime_ns: i64,
-}
-
-impl Stamp {
-    fn of(meta: &fs::Metadata) -> Self {
-        Stamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-        }
     }
 }
 
