@@ -320,8 +320,13 @@ def cell(r, key, fmt):
     return "—" if v is None else fmt.format(v)
 
 lines = ["# bench/gpu.sh", "", "```", (report["machine"] or "").strip(), "```", ""]
+setup = report["cuda_setup"] or {}
+if "error" in setup:
+    lines += ["CUDA setup failed, nothing ran: " + " ".join(setup.get("stderr_tail", [])), ""]
 n = report["numerics"] or {}
-if "error" in n:
+if not n:
+    lines += ["(a) numerics: not run", ""]
+elif "error" in n:
     lines += [f"(a) numerics: {n['error']}", ""]
 elif n:
     curve = n.get("train_curve", [])
@@ -346,11 +351,11 @@ for method, label in (("lora", "Llama-2-7B shape, LoRA r16 all-linear"), ("full"
         lines.append(f"| ratio pipe/torch | {p['tokens_per_s'] / t['tokens_per_s']:.2f}x | | | | | |")
 t = report["tiny_pipeline"] or {}
 tuned = (t.get("metrics") or {}).get("tuned", {})
-lines += ["", "(c) tiny pipeline on the device: " + (t.get("error") or (
+lines += ["", "(c) tiny pipeline on the device: " + ("not run" if not t else t.get("error") or (
     f"{t.get('wall_s', 0):.1f} s wall; tuned held-out loss {tuned.get('heldout', {}).get('loss', float('nan')):.3f}, "
     f"exact match {tuned.get('generation', {}).get('exact_match', float('nan')):.1%}"))]
 s = report["scoring"] or {}
-lines += ["", "(d) multiple-choice scoring: " + (s.get("error") or f"pipe {s.get('pipe_items_per_s', 0):.1f} items/s, transformers {s.get('reference_items_per_s', 0):.1f} items/s, {s.get('n')} items, same acc/acc_norm: {s.get('same_acc')}")]
+lines += ["", "(d) multiple-choice scoring: " + ("not run" if not s else s.get("error") or f"pipe {s.get('pipe_items_per_s', 0):.1f} items/s, transformers {s.get('reference_items_per_s', 0):.1f} items/s, {s.get('n')} items, same acc/acc_norm: {s.get('same_acc')}")]
 open(os.path.join(out, "gpu.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PYEOF
