@@ -61,15 +61,17 @@ impl Pipeline {
     pub fn stage(&self, id: &str) -> Option<&StageDef> {
         self.stages.iter().find(|s| s.id == id)
     }
+    /// What a stage's checks see of stage `id` (see [`Stage::check_upstream`]).
+    pub fn stage_info(&self, id: &str) -> Option<StageInfo<'_>> {
+        self.stage(id).map(|u| StageInfo {
+            kind: u.kind,
+            params: &u.params,
+            inputs: &u.inputs,
+        })
+    }
     /// Each stage's [`Stage::memory_plan`], where it has one: `(stage id, plan)`.
     pub fn memory_plans(&self) -> Vec<(String, String)> {
-        let stage_info = |id: &str| {
-            self.stage(id).map(|u| StageInfo {
-                kind: u.kind,
-                params: &u.params,
-                inputs: &u.inputs,
-            })
-        };
+        let stage_info = |id: &str| self.stage_info(id);
         self.stages
             .iter()
             .filter_map(|s| Some((s.id.clone(), s.stage.memory_plan(&stage_info)?)))
@@ -383,13 +385,7 @@ pub fn parse(
             Origin::File,
         ));
     }
-    let stage_info = |id: &str| {
-        pipeline.stage(id).map(|u| StageInfo {
-            kind: u.kind,
-            params: &u.params,
-            inputs: &u.inputs,
-        })
-    };
+    let stage_info = |id: &str| pipeline.stage_info(id);
     for s in &pipeline.stages {
         s.stage.check_upstream(&stage_info).map_err(|e| {
             let o = origin_of(&e.path);

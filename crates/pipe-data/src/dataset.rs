@@ -281,6 +281,12 @@ impl Dataset {
     pub fn packed(&self) -> bool {
         self.row_offsets.is_some()
     }
+    /// Tokens in the longest unit training draws batches from: a packed row, or an example.
+    pub fn longest_unit(&self) -> usize {
+        let bounds = self.rows().unwrap_or(&self.offsets);
+        let longest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        usize::try_from(longest).unwrap_or(usize::MAX)
+    }
 
     /// Example `i`: its ids and labels (zero-copy).
     pub fn example(&self, i: usize) -> (&[u32], &[i32]) {

@@ -186,12 +186,9 @@ fn cuda_device_count() -> anyhow::Result<usize> {
         .map_err(|e| anyhow!(e))
 }
 
-fn ask_driver_for_device_count() -> anyhow::Result<usize> {
-    const CUDA_SUCCESS: i32 = 0;
-    const CUDA_ERROR_NO_DEVICE: i32 = 100;
-    type CuInit = unsafe extern "C" fn(u32) -> i32;
-    type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
-    let Some((lib, handle)) = [c"libcuda.so.1", c"libcuda.so"]
+/// The NVIDIA driver library (its name and dlopen handle), if it can be loaded.
+fn open_driver() -> Option<(&'static std::ffi::CStr, *mut libc::c_void)> {
+    [c"libcuda.so.1", c"libcuda.so"]
         .into_iter()
         .find_map(|lib| {
             // SAFETY: dlopen with a valid C string. The handle is never closed: burn-cuda loads the
@@ -199,7 +196,14 @@ fn ask_driver_for_device_count() -> anyhow::Result<usize> {
             let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
             (!h.is_null()).then_some((lib, h))
         })
-    else {
+}
+
+fn ask_driver_for_device_count() -> anyhow::Result<usize> {
+    const CUDA_SUCCESS: i32 = 0;
+    const CUDA_ERROR_NO_DEVICE: i32 = 100;
+    type CuInit = unsafe extern "C" fn(u32) -> i32;
+    type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
+    let Some((lib, handle)) = open_driver() else {
         bail!(
             "no NVIDIA driver found (libcuda.so.1 cannot be loaded): is there a GPU with its driver installed? Use `device: cpu` otherwise"
         )
@@ -252,13 +256,7 @@ pub(crate) fn cuda_free_memory(index: usize) -> Option<u64> {
     type CuCtxPush = unsafe extern "C" fn(*mut libc::c_void) -> i32;
     type CuCtxPop = unsafe extern "C" fn(*mut *mut libc::c_void) -> i32;
     type CuMemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
-    // SAFETY: dlopen with a valid C string; the handle is never closed (see
-    // ask_driver_for_device_count).
-    let handle =
-        unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
-    if handle.is_null() {
-        return None;
-    }
+    let (_, handle) = open_driver()?;
     let symbol = |name: &std::ffi::CStr| {
         // SAFETY: the handle is live and never closed.
         let p = unsafe { libc::dlsym(handle, name.as_ptr()) };

@@ -485,7 +485,8 @@ impl TrainStage {
             }
         };
         if let Some(config) = config {
-            self.check_memory(cx, &config, longest_row(&data), &devices)?;
+            // Micro-batches are padded to their longest unit: a plan at the longest bounds every step.
+            self.check_memory(cx, &config, data.longest_unit(), &devices)?;
         }
         let total = pipe_train::run::total_steps(&self.spec, pipe_train::run::units(&data));
         cx.progress().set_length(total);
@@ -685,14 +686,6 @@ impl TrainStage {
             }
         )
     }
-}
-
-/// Tokens in the longest unit training batches (an example, or a packed row): micro-batches
-/// are padded to their longest, so a plan at this length bounds every step.
-fn longest_row(data: &Dataset) -> usize {
-    let bounds = data.rows().unwrap_or(data.offsets());
-    let longest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    usize::try_from(longest).unwrap_or(0)
 }
 
 /// A memory plan in words: the total per device and what makes it up.

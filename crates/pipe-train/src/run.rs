@@ -892,12 +892,12 @@ fn load_checkpoint<B: AutodiffBackend>(
 /// an attention mask of its length squared — a tokenize `max_len` far beyond the context packs
 /// the whole dataset into one row.
 fn check_sequence_lengths(data: &Dataset, config: &LlamaConfig) -> Result<(), TrainError> {
-    let (unit, bounds) = match data.rows() {
-        Some(rows) => ("packed row", rows),
-        None => ("example", data.offsets()),
+    let unit = if data.packed() {
+        "packed row"
+    } else {
+        "example"
     };
-    let longest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    let longest = usize::try_from(longest).unwrap_or(usize::MAX);
+    let longest = data.longest_unit();
     let limit = config.max_position_embeddings;
     if longest > limit {
         return Err(TrainError::Other(format!(
