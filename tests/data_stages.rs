@@ -2,11 +2,9 @@
 //! 127.0.0.1 (a plain URL and a Hub-style API), with the tokenizer fixtures.
 
 mod common;
-#[path = "../crates/pipe-fetch/tests/server/mod.rs"]
-mod server;
 
 use common::Project;
-use server::{sha256_hex, TestServer};
+use pipe_testkit::server::{sha256_hex, TestServer};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 

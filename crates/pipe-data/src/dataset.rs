@@ -14,15 +14,67 @@
 //! marks every example's boundary, so training can keep them from attending to each other.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::tokenize::Example;
 
 pub const FORMAT: &str = "pipe-dataset-v1";
+
+/// Why a split cannot be written or opened. A variant with a source names only what failed;
+/// the source says why (`{:#}` on an `anyhow::Error` prints both).
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A tensor the safetensors crate refuses (shown, not linked: see `Unreadable`).
+    #[error("{0}")]
+    Tensor(SafeTensorError),
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: WriteError,
+    },
+    #[error("cannot open {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map {}", path.display())]
+    Map {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not safetensors. The error is shown in the message and not linked as a
+    /// source: safetensors' messages already include their own sources, which `{:#}` would
+    /// print a second time.
+    #[error("{} is not a pipe dataset: {error}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        error: SafeTensorError,
+    },
+    /// A safetensors file that is not a split: `why` says what is wrong with it.
+    #[error("{} is not a pipe dataset: {why}", path.display())]
+    NotADataset { path: PathBuf, why: String },
+}
+
+/// What failed while writing a split (its path is in [`DatasetError::Write`]).
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Shown in the message, not linked as a source: see [`DatasetError::Unreadable`].
+    #[error("{0}")]
+    Serialize(SafeTensorError),
+    #[error(transparent)]
+    Header(serde_json::Error),
+    #[error("safetensors header grew when sorted")]
+    HeaderGrew,
+    #[error(transparent)]
+    Io(std::io::Error),
+}
 
 /// Packs lengths into bins of `capacity` with first-fit decreasing; returns the bins' members
 /// (indices into `lengths`), each bin in decreasing length order.
@@ -63,8 +115,8 @@ fn view(
     dtype: Dtype,
     data: &[u8],
     n: usize,
-) -> Result<safetensors::tensor::TensorView<'_>, String> {
-    safetensors::tensor::TensorView::new(dtype, vec![n], data).map_err(|e| e.to_string())
+) -> Result<safetensors::tensor::TensorView<'_>, DatasetError> {
+    safetensors::tensor::TensorView::new(dtype, vec![n], data).map_err(DatasetError::Tensor)
 }
 
 fn bytes<T: Copy>(v: &[T]) -> &[u8] {
@@ -78,7 +130,7 @@ pub fn write(
     examples: &[Example],
     pack_to: Option<usize>,
     meta: HashMap<String, String>,
-) -> Result<(), String> {
+) -> Result<(), DatasetError> {
     let order: Vec<usize>;
     let mut row_offsets: Vec<i64> = Vec::new();
     if let Some(cap) = pack_to {
@@ -146,8 +198,10 @@ pub fn write(
     let mut meta = meta;
     meta.insert("format".into(), FORMAT.into());
     meta.insert("packed".into(), pack_to.is_some().to_string());
-    serialize_sorted(tensors, meta, path)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    serialize_sorted(tensors, meta, path).map_err(|source| DatasetError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Writes a safetensors file whose bytes depend only on its contents. The crate writes its
@@ -157,24 +211,24 @@ fn serialize_sorted(
     tensors: Vec<(String, TensorView<'_>)>,
     meta: HashMap<String, String>,
     path: &Path,
-) -> Result<(), String> {
-    let bytes = safetensors::tensor::serialize(tensors, Some(meta))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+) -> Result<(), WriteError> {
+    let bytes =
+        safetensors::tensor::serialize(tensors, Some(meta)).map_err(WriteError::Serialize)?;
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
     let header: serde_json::Value =
-        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(WriteError::Header)?;
     // serde_json's map is ordered, so re-serialising sorts every object's keys.
-    let mut sorted = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    let mut sorted = serde_json::to_vec(&header).map_err(WriteError::Header)?;
     // Pad to the same length (safetensors aligns the data start), with spaces as it does.
     if sorted.len() > n {
-        return Err("safetensors header grew when sorted".into());
+        return Err(WriteError::HeaderGrew);
     }
     sorted.resize(n, b' ');
     let mut out = Vec::with_capacity(bytes.len());
     out.extend_from_slice(&bytes[..8]);
     out.extend_from_slice(&sorted);
     out.extend_from_slice(&bytes[8 + n..]);
-    std::fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    std::fs::write(path, out).map_err(WriteError::Io)
 }
 
 /// A split, memory-mapped.
@@ -187,19 +241,30 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    pub fn open(path: &Path) -> Result<Self, String> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    pub fn open(path: &Path) -> Result<Self, DatasetError> {
+        let file = std::fs::File::open(path).map_err(|source| DatasetError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         // SAFETY: store files are read-only once committed; the map lives as long as `Dataset`.
-        let mmap = unsafe { Mmap::map(&file) }
-            .map_err(|e| format!("cannot map {}: {e}", path.display()))?;
-        let bad = |why: String| format!("{} is not a pipe dataset: {why}", path.display());
-        let (_, header) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| DatasetError::Map {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let unreadable = |error| DatasetError::Unreadable {
+            path: path.to_path_buf(),
+            error,
+        };
+        let bad = |why: String| DatasetError::NotADataset {
+            path: path.to_path_buf(),
+            why,
+        };
+        let (_, header) = SafeTensors::read_metadata(&mmap).map_err(unreadable)?;
         let metadata = header.metadata().clone().unwrap_or_default();
         if metadata.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(bad(format!("its format is not {FORMAT}")));
         }
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(unreadable)?;
         let base = mmap.as_ptr() as usize;
         let mut ranges = HashMap::new();
         for (name, view) in st.tensors() {
@@ -415,9 +480,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.safetensors");
         std::fs::write(&p, b"garbage").unwrap();
-        assert!(Dataset::open(&p)
-            .err()
-            .unwrap()
-            .contains("not a pipe dataset"));
+        let e = Dataset::open(&p).err().unwrap().to_string();
+        assert!(e.contains("not a pipe dataset"), "{e}");
     }
 }

@@ -1,12 +1,89 @@
 //! Records → prompt/response pairs, with a seeded train/validation split.
 
 use std::io::{BufRead, BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use pipe_rand::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 use crate::prompt::{MissingField, Template};
-use crate::records::Record;
+use crate::records::{Record, RecordError};
+
+/// Why a `val_size` cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValSizeError {
+    /// A fraction outside [0, 1], or not a number; a whole one (`3.0`) is probably a count.
+    #[error("val_size {value:?} is neither a fraction from 0 to 1 nor a whole count{}", count_hint(*value))]
+    NotAFraction { value: f64 },
+    #[error("val_size {count} is more than the {records} records there are")]
+    MoreThanRecords { count: u64, records: usize },
+}
+
+/// `; for a count of 3 records write 3` for a whole fraction above 1, like `3.0`.
+fn count_hint(f: f64) -> String {
+    if f > 1.0 && f.fract() == 0.0 && f < 1e15 {
+        format!("; for a count of {n} records write {n}", n = f as u64)
+    } else {
+        String::new()
+    }
+}
+
+/// Why records cannot be formatted, or a data file found or read. A variant with a source
+/// names only what failed; the source says why (`{:#}` on an `anyhow::Error` prints both).
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A read failed part-way through the file.
+    #[error("{}", path.display())]
+    ReadLine {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: not a prompt/response pair", path.display())]
+    NotAPair {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no file `{file}` in {}", dir.display())]
+    NoSuchFile { file: String, dir: PathBuf },
+    /// `extensions` as shown: `.json or .jsonl`.
+    #[error("no {extensions} file in {}", dir.display())]
+    NoDataFile { dir: PathBuf, extensions: String },
+    /// `files` as shown, `a.jsonl, b.jsonl`; `choose` tells how to pick one.
+    #[error("{} holds several data files ({files}); {choose}", dir.display())]
+    SeveralDataFiles {
+        dir: PathBuf,
+        files: String,
+        choose: String,
+    },
+    #[error(transparent)]
+    Records(#[from] RecordError),
+    #[error("{name} holds no records")]
+    NoRecords { name: String },
+    #[error("{name}")]
+    ValSize {
+        name: String,
+        #[source]
+        source: ValSizeError,
+    },
+    #[error("{name}")]
+    Record {
+        name: String,
+        #[source]
+        source: MissingField,
+    },
+    /// Writing an output failed.
+    #[error(transparent)]
+    Write(std::io::Error),
+}
 
 /// One formatted example.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,33 +130,21 @@ impl<'de> Deserialize<'de> for ValSize {
 impl ValSize {
     /// Why this size can hold out no split at all, if so: a fraction outside [0, 1] (named as
     /// written, `1.5`), or not a number.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ValSizeError> {
         match *self {
             ValSize::Fraction(f) if (0.0..=1.0).contains(&f) => Ok(()),
-            ValSize::Fraction(f) => {
-                let mut e =
-                    format!("val_size {f:?} is neither a fraction from 0 to 1 nor a whole count");
-                if f > 1.0 && f.fract() == 0.0 && f < 1e15 {
-                    e.push_str(&format!(
-                        "; for a count of {n} records write {n}",
-                        n = f as u64
-                    ));
-                }
-                Err(e)
-            }
+            ValSize::Fraction(value) => Err(ValSizeError::NotAFraction { value }),
             ValSize::Count(_) => Ok(()),
         }
     }
 
     /// The number of validation records out of `n` (a fraction rounds up, as the `datasets`
     /// library's `train_test_split` does).
-    pub fn count(&self, n: usize) -> Result<usize, String> {
+    pub fn count(&self, n: usize) -> Result<usize, ValSizeError> {
         self.check()?;
         match *self {
             ValSize::Count(c) if c as u128 <= n as u128 => Ok(c as usize),
-            ValSize::Count(c) => Err(format!(
-                "val_size {c} is more than the {n} records there are"
-            )),
+            ValSize::Count(count) => Err(ValSizeError::MoreThanRecords { count, records: n }),
             ValSize::Fraction(f) => Ok((((n as f64) * f).ceil() as usize).min(n)),
         }
     }
@@ -175,27 +240,13 @@ pub fn format_records(
     Ok(Formatted { train, val, stats })
 }
 
-/// A Fisher–Yates shuffle driven by SplitMix64: fixed here, so a split never changes with a
-/// dependency's version.
+/// A Fisher–Yates shuffle driven by pipe-rand's SplitMix64: fixed there, so a split never
+/// changes with a dependency's version.
 pub fn shuffle<T>(items: &mut [T], seed: u64) {
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     for i in (1..items.len()).rev() {
-        let j = (rng.next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         items.swap(i, j);
-    }
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): a small, well-mixed, reproducible generator.
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    #[allow(clippy::should_implement_trait)]
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 
@@ -208,29 +259,34 @@ pub fn write_pairs(path: &Path, pairs: &[Pair]) -> std::io::Result<()> {
     w.flush()
 }
 
-pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, String> {
-    let f =
-        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, FormatError> {
+    let f = std::fs::File::open(path).map_err(|source| FormatError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        let line = line.map_err(|source| FormatError::ReadLine {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(&line).map_err(|e| {
-            format!(
-                "{}:{}: not a prompt/response pair: {e}",
-                path.display(),
-                i + 1
-            )
-        })?);
+        out.push(
+            serde_json::from_str(&line).map_err(|source| FormatError::NotAPair {
+                path: path.to_path_buf(),
+                line: i + 1,
+                source,
+            })?,
+        );
     }
     Ok(out)
 }
 
 /// The file to read from a `format` stage's input: the file itself, `file` inside a directory,
 /// or the directory's only `.json`/`.jsonl` file.
-pub fn find_records_file(input: &Path, file: Option<&str>) -> Result<std::path::PathBuf, String> {
+pub fn find_records_file(input: &Path, file: Option<&str>) -> Result<PathBuf, FormatError> {
     find_data_file(input, file, &["json", "jsonl"], "name one with `file:`")
 }
 
@@ -242,7 +298,7 @@ pub fn find_data_file(
     file: Option<&str>,
     extensions: &[&str],
     choose: &str,
-) -> Result<std::path::PathBuf, String> {
+) -> Result<PathBuf, FormatError> {
     if input.is_file() {
         return Ok(input.to_path_buf());
     }
@@ -251,11 +307,17 @@ pub fn find_data_file(
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(format!("no file `{f}` in {}", input.display()))
+            Err(FormatError::NoSuchFile {
+                file: f.to_string(),
+                dir: input.to_path_buf(),
+            })
         };
     }
-    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(input)
-        .map_err(|e| format!("cannot read {}: {e}", input.display()))?
+    let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+        .map_err(|source| FormatError::Read {
+            path: input.to_path_buf(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.extension()
@@ -265,25 +327,24 @@ pub fn find_data_file(
     found.sort();
     match found.len() {
         1 => Ok(found.remove(0)),
-        0 => Err(format!(
-            "no {} file in {}",
-            extensions
+        0 => Err(FormatError::NoDataFile {
+            dir: input.to_path_buf(),
+            extensions: extensions
                 .iter()
                 .map(|e| format!(".{e}"))
                 .collect::<Vec<_>>()
                 .join(" or "),
-            input.display()
-        )),
-        _ => Err(format!(
-            "{} holds several data files ({}); {choose}",
-            input.display(),
-            found
+        }),
+        _ => Err(FormatError::SeveralDataFiles {
+            dir: input.to_path_buf(),
+            files: found
                 .iter()
                 .filter_map(|p| p.file_name())
                 .map(|n| n.to_string_lossy())
                 .collect::<Vec<_>>()
-                .join(", ")
-        )),
+                .join(", "),
+            choose: choose.to_string(),
+        }),
     }
 }
 
@@ -298,26 +359,31 @@ pub fn run(
     val_size: ValSize,
     seed: u64,
     out: &Path,
-) -> Result<FormatStats, String> {
+) -> Result<FormatStats, FormatError> {
     let name = shown_as.display().to_string();
-    let bytes = std::fs::read(records_file).map_err(|e| format!("cannot read {name}: {e}"))?;
-    let text = crate::records::text_of(bytes, &name).map_err(|e| e.to_string())?;
-    let records = crate::records::parse_records(&text, &name).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(records_file).map_err(|source| FormatError::Read {
+        path: shown_as.to_path_buf(),
+        source,
+    })?;
+    let text = crate::records::text_of(bytes, &name)?;
+    let records = crate::records::parse_records(&text, &name)?;
     if records.is_empty() {
-        return Err(format!("{name} holds no records"));
+        return Err(FormatError::NoRecords { name });
     }
-    val_size
-        .count(records.len())
-        .map_err(|e| format!("{name}: {e}"))?;
-    let f = format_records(&records, template, on_error, val_size, seed)
-        .map_err(|e| format!("{name}: {e}"))?;
-    write_pairs(&out.join("train.jsonl"), &f.train).map_err(|e| e.to_string())?;
-    write_pairs(&out.join("val.jsonl"), &f.val).map_err(|e| e.to_string())?;
+    if let Err(source) = val_size.count(records.len()) {
+        return Err(FormatError::ValSize { name, source });
+    }
+    let f = match format_records(&records, template, on_error, val_size, seed) {
+        Ok(f) => f,
+        Err(source) => return Err(FormatError::Record { name, source }),
+    };
+    write_pairs(&out.join("train.jsonl"), &f.train).map_err(FormatError::Write)?;
+    write_pairs(&out.join("val.jsonl"), &f.val).map_err(FormatError::Write)?;
     std::fs::write(
         out.join("stats.json"),
         serde_json::to_vec_pretty(&f.stats).expect("stats serialise"),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(FormatError::Write)?;
     Ok(f.stats)
 }
 
@@ -331,7 +397,7 @@ mod tests {
         let d = dir.path();
         let find = |file: Option<&str>| find_data_file(d, file, &["jsonl"], "pick one");
         assert_eq!(
-            find(None).unwrap_err(),
+            find(None).unwrap_err().to_string(),
             format!("no .jsonl file in {}", d.display())
         );
         std::fs::write(d.join("b.jsonl"), "{}\n").unwrap();
@@ -342,7 +408,7 @@ mod tests {
             d.join("notes.txt")
         );
         std::fs::write(d.join("a.jsonl"), "{}\n").unwrap();
-        let e = find(None).unwrap_err();
+        let e = find(None).unwrap_err().to_string();
         assert!(
             e.ends_with("holds several data files (a.jsonl, b.jsonl); pick one"),
             "{e}"
@@ -350,8 +416,9 @@ mod tests {
         assert_eq!(find(Some("a.jsonl")).unwrap(), d.join("a.jsonl"));
         assert!(find(Some("c.jsonl"))
             .unwrap_err()
+            .to_string()
             .starts_with("no file `c.jsonl` in"));
-        let records = find_records_file(d, None).unwrap_err();
+        let records = find_records_file(d, None).unwrap_err().to_string();
         assert!(records.ends_with("name one with `file:`"), "{records}");
     }
     use crate::prompt::TemplateSpec;
@@ -396,15 +463,15 @@ mod tests {
             format_records(&records(10), &t, OnError::Fail, ValSize::Fraction(1.0), 1).unwrap();
         assert_eq!((all.train.len(), all.val.len()), (0, 10));
         assert_eq!(
-            ValSize::Count(11).count(10).unwrap_err(),
+            ValSize::Count(11).count(10).unwrap_err().to_string(),
             "val_size 11 is more than the 10 records there are"
         );
         assert_eq!(
-            ValSize::Fraction(1.5).count(10).unwrap_err(),
+            ValSize::Fraction(1.5).count(10).unwrap_err().to_string(),
             "val_size 1.5 is neither a fraction from 0 to 1 nor a whole count"
         );
         assert_eq!(
-            ValSize::Fraction(3.0).check().unwrap_err(),
+            ValSize::Fraction(3.0).check().unwrap_err().to_string(),
             "val_size 3.0 is neither a fraction from 0 to 1 nor a whole count; for a count of 3 records write 3"
         );
     }
@@ -420,12 +487,5 @@ mod tests {
         assert_eq!(e.to_string(), "record 2: field `instruction` is missing");
         let ok = format_records(&recs, &t, OnError::Skip, ValSize::Count(0), 1).unwrap();
         assert_eq!((ok.stats.skipped, ok.train.len()), (1, 4));
-    }
-
-    #[test]
-    fn splitmix_is_pinned() {
-        // Changing the generator changes every split (and so every downstream key).
-        let mut r = SplitMix64(0);
-        assert_eq!(r.next(), 0xe220_a839_7b1d_cdaf);
     }
 }

@@ -65,7 +65,7 @@ pub struct Pattern {
 
 impl Pattern {
     /// Parses `{field}` placeholders; `{{`/`}}` are literal braces.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, PatternError> {
         let mut pieces = Vec::new();
         let mut buf = String::new();
         let mut chars = text.chars().peekable();
@@ -85,14 +85,18 @@ impl Pattern {
                         match chars.next() {
                             Some('}') => break,
                             Some('{') | None => {
-                                return Err(format!("unclosed `{{` in template `{text}` (write `{{{{` for a literal brace)"))
+                                return Err(PatternError::Unclosed {
+                                    template: text.to_string(),
+                                })
                             }
                             Some(ch) => name.push(ch),
                         }
                     }
                     let name = name.trim().to_string();
                     if name.is_empty() {
-                        return Err(format!("empty `{{}}` in template `{text}`"));
+                        return Err(PatternError::Empty {
+                            template: text.to_string(),
+                        });
                     }
                     if !buf.is_empty() {
                         pieces.push(Piece::Text(std::mem::take(&mut buf)));
@@ -100,9 +104,9 @@ impl Pattern {
                     pieces.push(Piece::Field(name));
                 }
                 '}' => {
-                    return Err(format!(
-                        "stray `}}` in template `{text}` (write `}}}}` for a literal brace)"
-                    ))
+                    return Err(PatternError::Stray {
+                        template: text.to_string(),
+                    })
                 }
                 _ => buf.push(c),
             }
@@ -160,6 +164,17 @@ impl Pattern {
     }
 }
 
+/// Why a template string cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("unclosed `{{` in template `{template}` (write `{{{{` for a literal brace)")]
+    Unclosed { template: String },
+    #[error("empty `{{}}` in template `{template}`")]
+    Empty { template: String },
+    #[error("stray `}}` in template `{template}` (write `}}}}` for a literal brace)")]
+    Stray { template: String },
+}
+
 /// A record that lacks a field its template needs.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("record {index}{}: field `{field}` is {reason}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
@@ -181,7 +196,10 @@ pub struct Template {
 }
 
 impl Template {
-    pub fn new(spec: &TemplateSpec, rename: BTreeMap<String, String>) -> Result<Self, String> {
+    pub fn new(
+        spec: &TemplateSpec,
+        rename: BTreeMap<String, String>,
+    ) -> Result<Self, PatternError> {
         Ok(Template {
             prompt: Pattern::parse(&spec.prompt)?,
             prompt_no_input: spec
@@ -271,8 +289,17 @@ mod tests {
         let t = Template::new(&spec, BTreeMap::from([("question".into(), "q".into())])).unwrap();
         let (p, r) = t.format(&rec(r#"{"q": "why?", "answer": 42}"#)).unwrap();
         assert_eq!((p.as_str(), r.as_str()), ("Q: why? {literal}\nA:", " 42"));
-        assert!(Pattern::parse("{open").is_err());
-        assert!(Pattern::parse("close}").is_err());
-        assert!(Pattern::parse("{}").is_err());
+        assert_eq!(
+            Pattern::parse("{open").unwrap_err().to_string(),
+            "unclosed `{` in template `{open` (write `{{` for a literal brace)"
+        );
+        assert_eq!(
+            Pattern::parse("close}").unwrap_err().to_string(),
+            "stray `}` in template `close}` (write `}}` for a literal brace)"
+        );
+        assert_eq!(
+            Pattern::parse("{}").unwrap_err().to_string(),
+            "empty `{}` in template `{}`"
+        );
     }
 }

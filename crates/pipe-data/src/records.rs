@@ -17,7 +17,8 @@ pub struct Record {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("cannot read {path}: {source}")]
+    /// Names the file; its source says why (`{:#}` on an `anyhow::Error` prints both).
+    #[error("cannot read {path}")]
     Read {
         path: String,
         source: std::io::Error,

@@ -19,7 +19,8 @@ use tokenizers::{
     AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
-use crate::format::Pair;
+use crate::dataset::DatasetError;
+use crate::format::{FormatError, Pair};
 
 /// The label of a position that does not count in the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i32 = -100;
@@ -28,15 +29,69 @@ pub const IGNORE_INDEX: i32 = -100;
 /// longest are about a million), and small enough that every buffer it sizes can be allocated.
 pub const MAX_LEN_LIMIT: usize = 1 << 24;
 
+/// Why a tokenizer cannot be loaded or used, or pairs tokenized. A variant with a source names
+/// only what failed; the source says why (`{:#}` on an `anyhow::Error` prints both).
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    #[error("max_len must be at least 2")]
+    MaxLenTooSmall,
+    #[error("max_len {max_len} is more than pipe handles ({} tokens); it should be the context length of the model, e.g. 512 or 4096", MAX_LEN_LIMIT)]
+    MaxLenTooLarge { max_len: usize },
+    #[error("no tokenizer.json at {} (pipe reads Hugging Face fast-tokenizer files; a model with only tokenizer.model needs converting with transformers first)", file.display())]
+    NoTokenizerJson { file: PathBuf },
+    #[error("cannot load {}", file.display())]
+    Load {
+        file: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error("{} is not valid JSON", file.display())]
+    Config {
+        file: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot tell the tokenizer's end-of-sequence token: tokenizer_config.json names none; set `eos_token:`")]
+    NoEosToken,
+    #[error("the EOS token `{token}` is not in the tokenizer's vocabulary")]
+    EosNotInVocabulary { token: String },
+    #[error("adding the pad token failed")]
+    PadTokenNotAdded,
+    #[error("cannot truncate at {max_len}")]
+    Truncation {
+        max_len: usize,
+        #[source]
+        source: tokenizers::Error,
+    },
+    /// Record `index` (its prompt alone, with `prompt_only`) cannot be encoded.
+    #[error("record {index}: cannot tokenize{}", if *prompt_only { " its prompt" } else { "" })]
+    Encode {
+        index: usize,
+        prompt_only: bool,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error("cannot write tokenizer.json")]
+    SaveTokenizer {
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error(transparent)]
+    Pairs(#[from] FormatError),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    /// Writing an output failed.
+    #[error(transparent)]
+    Write(std::io::Error),
+}
+
 /// Why `max_len` cannot be used, if so.
-pub fn check_max_len(max_len: usize) -> Result<(), String> {
+pub fn check_max_len(max_len: usize) -> Result<(), TokenizeError> {
     if max_len < 2 {
-        return Err("max_len must be at least 2".into());
+        return Err(TokenizeError::MaxLenTooSmall);
     }
     if max_len > MAX_LEN_LIMIT {
-        return Err(format!(
-            "max_len {max_len} is more than pipe handles ({MAX_LEN_LIMIT} tokens); it should be the context length of the model, e.g. 512 or 4096"
-        ));
+        return Err(TokenizeError::MaxLenTooLarge { max_len });
     }
     Ok(())
 }
@@ -89,7 +144,7 @@ pub struct LoadedTokenizer {
 }
 
 /// Loads `path`: a tokenizer.json, or a directory holding one (a downloaded model).
-pub fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer, String> {
+pub fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer, TokenizeError> {
     let (file, dir) = if path.is_dir() {
         (path.join("tokenizer.json"), path.to_path_buf())
     } else {
@@ -99,18 +154,19 @@ pub fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer, String> {
         )
     };
     if !file.exists() {
-        return Err(format!(
-            "no tokenizer.json at {} (pipe reads Hugging Face fast-tokenizer files; a model with only tokenizer.model needs converting with transformers first)",
-            file.display()
-        ));
+        return Err(TokenizeError::NoTokenizerJson { file });
     }
-    let tokenizer =
-        Tokenizer::from_file(&file).map_err(|e| format!("cannot load {}: {e}", file.display()))?;
+    let tokenizer = match Tokenizer::from_file(&file) {
+        Ok(t) => t,
+        Err(source) => return Err(TokenizeError::Load { file, source }),
+    };
     let config_path = dir.join("tokenizer_config.json");
     let config = match std::fs::read(&config_path) {
         Ok(b) => Some(
-            serde_json::from_slice(&b)
-                .map_err(|e| format!("{} is not valid JSON: {e}", config_path.display()))?,
+            serde_json::from_slice(&b).map_err(|source| TokenizeError::Config {
+                file: config_path,
+                source,
+            })?,
         ),
         Err(_) => None,
     };
@@ -131,17 +187,19 @@ fn config_token(config: Option<&Value>, name: &str) -> Option<String> {
 }
 
 /// Settles the EOS and pad tokens, adding a pad token if there is none.
-pub fn prepare(t: &mut LoadedTokenizer, opts: &TokenizeOptions) -> Result<Specials, String> {
+pub fn prepare(t: &mut LoadedTokenizer, opts: &TokenizeOptions) -> Result<Specials, TokenizeError> {
     let tok = &mut t.tokenizer;
     let vocab_size_before = tok.get_vocab_size(true);
     let eos_token = opts
         .eos_token
         .clone()
         .or_else(|| config_token(t.config.as_ref(), "eos_token"))
-        .ok_or("cannot tell the tokenizer's end-of-sequence token: tokenizer_config.json names none; set `eos_token:`")?;
-    let eos_token_id = tok.token_to_id(&eos_token).ok_or_else(|| {
-        format!("the EOS token `{eos_token}` is not in the tokenizer's vocabulary")
-    })?;
+        .ok_or(TokenizeError::NoEosToken)?;
+    let eos_token_id =
+        tok.token_to_id(&eos_token)
+            .ok_or_else(|| TokenizeError::EosNotInVocabulary {
+                token: eos_token.clone(),
+            })?;
     let bos_token = config_token(t.config.as_ref(), "bos_token");
     let bos_token_id = bos_token.as_deref().and_then(|b| tok.token_to_id(b));
     let pad_token = opts
@@ -156,7 +214,7 @@ pub fn prepare(t: &mut LoadedTokenizer, opts: &TokenizeOptions) -> Result<Specia
             tok.add_special_tokens(&[AddedToken::from(pad_token.clone(), true)]);
             added_tokens.push(pad_token.clone());
             tok.token_to_id(&pad_token)
-                .ok_or("adding the pad token failed")?
+                .ok_or(TokenizeError::PadTokenNotAdded)?
         }
     };
     tok.with_padding(None);
@@ -166,7 +224,10 @@ pub fn prepare(t: &mut LoadedTokenizer, opts: &TokenizeOptions) -> Result<Specia
         stride: 0,
         direction: TruncationDirection::Right,
     }))
-    .map_err(|e| format!("cannot truncate at {}: {e}", opts.max_len))?;
+    .map_err(|source| TokenizeError::Truncation {
+        max_len: opts.max_len,
+        source,
+    })?;
     Ok(Specials {
         eos_token,
         eos_token_id,
@@ -182,7 +243,7 @@ pub fn prepare(t: &mut LoadedTokenizer, opts: &TokenizeOptions) -> Result<Specia
 
 /// Makes `tok` encode the way the Alpaca preprocessing calls it: truncation at `max_len` from
 /// the right, no padding (whatever the tokenizer.json itself says).
-pub fn set_encoding(tok: &mut Tokenizer, max_len: usize) -> Result<(), String> {
+pub fn set_encoding(tok: &mut Tokenizer, max_len: usize) -> Result<(), TokenizeError> {
     tok.with_padding(None);
     tok.with_truncation(Some(TruncationParams {
         max_length: max_len,
@@ -190,7 +251,7 @@ pub fn set_encoding(tok: &mut Tokenizer, max_len: usize) -> Result<(), String> {
         stride: 0,
         direction: TruncationDirection::Right,
     }))
-    .map_err(|e| format!("cannot truncate at {max_len}: {e}"))?;
+    .map_err(|source| TokenizeError::Truncation { max_len, source })?;
     Ok(())
 }
 
@@ -216,17 +277,24 @@ pub fn tokenize_pair(
     sp: &Specials,
     pair: &Pair,
     train_on_inputs: bool,
-) -> Result<Example, String> {
+) -> Result<Example, TokenizeError> {
+    let encode_error = |prompt_only| {
+        move |source| TokenizeError::Encode {
+            index: pair.index,
+            prompt_only,
+            source,
+        }
+    };
     let text = format!("{}{}{}", pair.prompt, pair.response, sp.eos_token);
     let full = tok
         .encode_fast(text.as_str(), true)
-        .map_err(|e| format!("record {}: cannot tokenize: {e}", pair.index))?;
+        .map_err(encode_error(false))?;
     let source_len = if train_on_inputs {
         0
     } else {
         let source = tok
             .encode_fast(pair.prompt.as_str(), true)
-            .map_err(|e| format!("record {}: cannot tokenize its prompt: {e}", pair.index))?;
+            .map_err(encode_error(true))?;
         source
             .get_ids()
             .iter()
@@ -261,7 +329,7 @@ pub fn tokenize_all(
     sp: &Specials,
     pairs: &[Pair],
     train_on_inputs: bool,
-) -> Result<Vec<Example>, String> {
+) -> Result<Vec<Example>, TokenizeError> {
     let max_len = tok
         .get_truncation()
         .map(|t| t.max_length)
@@ -373,7 +441,7 @@ pub fn run(
     opts: &TokenizeOptions,
     packing: bool,
     out: &Path,
-) -> Result<TokenizeReport, String> {
+) -> Result<TokenizeReport, TokenizeError> {
     check_max_len(opts.max_len)?;
     let mut loaded = load_tokenizer(tokenizer)?;
     let specials = prepare(&mut loaded, opts)?;
@@ -381,7 +449,7 @@ pub fn run(
     loaded
         .tokenizer
         .save(out.join("tokenizer.json"), false)
-        .map_err(|e| format!("cannot write tokenizer.json: {e}"))?;
+        .map_err(|source| TokenizeError::SaveTokenizer { source })?;
     let mut config = loaded
         .config
         .clone()
@@ -402,7 +470,7 @@ pub fn run(
         out.join("tokenizer_config.json"),
         serde_json::to_vec_pretty(&config).expect("json"),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(TokenizeError::Write)?;
     set_encoding(&mut loaded.tokenizer, opts.max_len)?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("max_len".to_string(), opts.max_len.to_string());
@@ -440,11 +508,11 @@ pub fn run(
         out.join("meta.json"),
         serde_json::to_vec_pretty(&report.specials).expect("json"),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(TokenizeError::Write)?;
     std::fs::write(
         out.join("stats.json"),
         serde_json::to_vec_pretty(&report).expect("json"),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(TokenizeError::Write)?;
     Ok(report)
 }

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use pipe_data::fastbpe::{FastBpe, WordCache};
-use pipe_data::format::SplitMix64;
 use pipe_data::tokenize::{load_tokenizer, prepare, set_encoding, TokenizeOptions};
+use pipe_rand::SplitMix64;
 
 const PIECES: &[&str] = &[
     "a",
@@ -71,12 +71,12 @@ fn random_texts_encode_identically() {
         set_encoding(&mut loaded.tokenizer, max_len).unwrap();
         let fast = FastBpe::new(&loaded.tokenizer, max_len)
             .expect("a Llama-style tokenizer takes the fast path");
-        let mut rng = SplitMix64(max_len as u64);
+        let mut rng = SplitMix64::new(max_len as u64);
         let mut cache = WordCache::default();
         for case in 0..3000 {
-            let n = (rng.next() % 30) as usize;
+            let n = (rng.next_u64() % 30) as usize;
             let text: String = (0..n)
-                .map(|_| PIECES[(rng.next() % PIECES.len() as u64) as usize])
+                .map(|_| PIECES[(rng.next_u64() % PIECES.len() as u64) as usize])
                 .collect();
             let lib = loaded.tokenizer.encode(text.as_str(), true).unwrap();
             let (ids, truncated) = fast.encode(&text, &mut cache);

@@ -24,9 +24,7 @@ use pipe_data::prompt::{Pattern, Template, TemplateSpec};
 use pipe_data::records::{parse_records, Record, RecordError};
 use proptest::prelude::*;
 
-#[path = "../../../tests/support/mutation.rs"]
-mod mutation;
-use mutation::{edit, junk, mutate};
+use pipe_testkit::mutation::{self, edit, junk, mutate};
 
 const NAME: &str = "data.jsonl";
 
@@ -342,7 +340,7 @@ proptest! {
                         }
                     }
                 }
-                Err(e) => prop_assert!(e.contains(&format!("`{t}`")), "{} does not quote {:?}", e, t),
+                Err(e) => prop_assert!(e.to_string().contains(&format!("`{t}`")), "{} does not quote {:?}", e, t),
             }
         }
     }

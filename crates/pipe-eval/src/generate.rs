@@ -3,8 +3,8 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use pipe_data::format::SplitMix64;
 use pipe_model::{KvCache, Llama};
+use pipe_rand::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 use crate::EvalError;
@@ -47,9 +47,9 @@ pub fn generate<B: Backend>(
     let budget = max_new_tokens.min(max_pos - prompt.len());
     let mut rng = match sampling {
         Sampling::Sample { seed, .. } => {
-            SplitMix64(seed ^ stream.wrapping_mul(0xD134_2543_DE82_EF95))
+            SplitMix64::new(seed ^ stream.wrapping_mul(0xD134_2543_DE82_EF95))
         }
-        Sampling::Greedy => SplitMix64(0),
+        Sampling::Greedy => SplitMix64::new(0),
     };
     let mut cache = KvCache::<B>::default();
     let mut next_input: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
@@ -114,7 +114,7 @@ fn choose(logits: &[f32], sampling: &Sampling, rng: &mut SplitMix64) -> u32 {
     }
     let nucleus = &probs[..kept];
     let nucleus_total: f64 = nucleus.iter().map(|p| p.1).sum();
-    let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * nucleus_total;
+    let u = rng.next_f64() * nucleus_total;
     let mut acc = 0.0;
     for p in nucleus {
         acc += p.1;
@@ -131,7 +131,7 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        let mut rng = SplitMix64(0);
+        let mut rng = SplitMix64::new(0);
         assert_eq!(
             choose(&[0.0, 3.0, 3.0, 1.0], &Sampling::Greedy, &mut rng),
             1
@@ -147,7 +147,7 @@ mod tests {
             top_p: 0.9,
             seed: 7,
         };
-        let mut rng = SplitMix64(7);
+        let mut rng = SplitMix64::new(7);
         for _ in 0..200 {
             assert_eq!(choose(&logits, &s, &mut rng), 2);
         }

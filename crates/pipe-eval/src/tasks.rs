@@ -17,10 +17,43 @@
 
 use std::path::Path;
 
+use pipe_data::records::RecordError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::EvalError;
+/// Why a task file cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Read(#[from] RecordError),
+    /// A row that is not an item of its format: where it is, what is wrong, and the fields
+    /// such a row has.
+    #[error("{name}:{line}: record {record}: {problem} (a `{}` row has: {})", format.name(), format.fields())]
+    Row {
+        name: String,
+        line: usize,
+        record: usize,
+        format: TaskFormat,
+        problem: RowError,
+    },
+    #[error("{name} holds no items")]
+    Empty { name: String },
+}
+
+/// What is wrong with a row. Shown inside [`TaskError::Row`]'s message (not linked as its
+/// source, which `{:#}` would print again after the message's end).
+#[derive(Debug, thiserror::Error)]
+pub enum RowError {
+    #[error("not a JSON object: {0}")]
+    Json(serde_json::Error),
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error("{0} choice(s); at least 2 are needed")]
+    TooFewChoices(usize),
+    /// A field missing, of the wrong type, or not agreeing with the others.
+    #[error("{0}")]
+    Field(String),
+}
 
 /// Between a context and its answer.
 pub const TARGET_DELIMITER: &str = " ";
@@ -192,14 +225,14 @@ pub fn prefix(doc: &Doc, all: &[Doc], position: usize, fewshot: &FewShot) -> Str
         FewShot::None => Vec::new(),
         FewShot::FirstOf { docs, k } => docs.iter().take(*k).collect(),
         FewShot::Sampled { k, seed } => {
-            let mut rng = pipe_data::format::SplitMix64(
+            let mut rng = pipe_rand::SplitMix64::new(
                 *seed ^ (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
             let mut pool: Vec<usize> = (0..all.len()).filter(|&i| i != position).collect();
             let take = (*k).min(pool.len());
             // A partial Fisher–Yates shuffle: the first `take` are a uniform sample.
             for i in 0..take {
-                let j = i + (rng.next() % (pool.len() - i) as u64) as usize;
+                let j = i + (rng.next_u64() % (pool.len() - i) as u64) as usize;
                 pool.swap(i, j);
             }
             pool[..take].iter().map(|&i| &all[i]).collect()
@@ -219,8 +252,8 @@ pub fn read_docs(
     path: &Path,
     format: TaskFormat,
     limit: Option<usize>,
-) -> Result<Vec<Doc>, EvalError> {
-    let text = pipe_data::records::read_text(path).map_err(|e| EvalError::Task(e.to_string()))?;
+) -> Result<Vec<Doc>, TaskError> {
+    let text = pipe_data::records::read_text(path)?;
     parse_docs(&text, &path.display().to_string(), format, limit)
 }
 
@@ -230,7 +263,7 @@ pub fn parse_docs(
     name: &str,
     format: TaskFormat,
     limit: Option<usize>,
-) -> Result<Vec<Doc>, EvalError> {
+) -> Result<Vec<Doc>, TaskError> {
     let mut docs = Vec::new();
     for (line_no, line) in text.lines().enumerate() {
         if limit.is_some_and(|l| docs.len() >= l) {
@@ -239,31 +272,28 @@ pub fn parse_docs(
         if line.trim().is_empty() {
             continue;
         }
-        let located = |msg: String| {
-            EvalError::Task(format!(
-                "{name}:{}: record {}: {msg} (a `{}` row has: {})",
-                line_no + 1,
-                docs.len(),
-                format.name(),
-                format.fields()
-            ))
+        let located = |problem: RowError| TaskError::Row {
+            name: name.to_string(),
+            line: line_no + 1,
+            record: docs.len(),
+            format,
+            problem,
         };
-        let row: Value =
-            serde_json::from_str(line).map_err(|e| located(format!("not a JSON object: {e}")))?;
+        let row: Value = serde_json::from_str(line).map_err(|e| located(RowError::Json(e)))?;
         if !row.is_object() {
-            return Err(located("not a JSON object".into()));
+            return Err(located(RowError::NotAnObject));
         }
-        let doc = doc_from_row(&row, format, docs.len()).map_err(located)?;
+        let doc =
+            doc_from_row(&row, format, docs.len()).map_err(|e| located(RowError::Field(e)))?;
         if doc.num_choices() < 2 {
-            return Err(located(format!(
-                "{} choice(s); at least 2 are needed",
-                doc.num_choices()
-            )));
+            return Err(located(RowError::TooFewChoices(doc.num_choices())));
         }
         docs.push(doc);
     }
     if docs.is_empty() {
-        return Err(EvalError::Task(format!("{name} holds no items")));
+        return Err(TaskError::Empty {
+            name: name.to_string(),
+        });
     }
     Ok(docs)
 }

@@ -17,9 +17,7 @@ use pipe_eval::tasks::{parse_docs, prefix, Doc, FewShot, TaskFormat};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-#[path = "../../../tests/support/mutation.rs"]
-mod mutation;
-use mutation::{edit, mutate};
+use pipe_testkit::mutation::{self, edit, mutate};
 
 const NAME: &str = "task.jsonl";
 

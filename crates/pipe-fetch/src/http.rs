@@ -42,6 +42,13 @@ pub enum FetchError {
     },
     #[error("{what}: {detail}")]
     Invalid { what: String, detail: String },
+    /// No files can be chosen from the source's file list (the source says why).
+    #[error("{what}")]
+    Select {
+        what: String,
+        #[source]
+        source: crate::hub::SelectError,
+    },
     #[error("interrupted")]
     Interrupted,
     #[error(transparent)]

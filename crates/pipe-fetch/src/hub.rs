@@ -5,6 +5,29 @@ use globset::{Glob, GlobSetBuilder};
 use serde::Deserialize;
 
 use crate::http::{Client, FetchError};
+use crate::source::SourceError;
+
+/// Why no files can be chosen from a repository's file list.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    #[error("bad file pattern `{pattern}`")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: globset::Error,
+    },
+    #[error(transparent)]
+    Set(globset::Error),
+    #[error("{repo} has only pickle weights (.bin/.pt), which pipe never loads because unpickling can run arbitrary code; use a revision or a copy of the model with .safetensors weights")]
+    PickleOnly { repo: String },
+    /// `patterns` and `listed` as shown: comma-separated, the first 20 files listed.
+    #[error("no file of {repo} matches {patterns} (files: {listed})")]
+    NoMatch {
+        repo: String,
+        patterns: String,
+        listed: String,
+    },
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RepoKind {
@@ -69,10 +92,10 @@ struct Lfs {
 
 impl HubRepo {
     /// Reads `hf://ORG/REPO[@REV]` or `hf://datasets/ORG/REPO[@REV]`.
-    pub fn parse(source: &str) -> Result<Self, String> {
+    pub fn parse(source: &str) -> Result<Self, SourceError> {
         let rest = source
             .strip_prefix("hf://")
-            .ok_or_else(|| format!("`{source}` is not an hf:// source"))?;
+            .ok_or_else(|| SourceError::NotHub(source.to_string()))?;
         let (kind, rest) = match rest.strip_prefix("datasets/") {
             Some(r) => (RepoKind::Dataset, r),
             None => (
@@ -82,7 +105,7 @@ impl HubRepo {
         };
         let (repo, revision) = match rest.split_once('@') {
             Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
-            Some(_) => return Err(format!("`{source}`: empty revision after `@`")),
+            Some(_) => return Err(SourceError::EmptyRevision(source.to_string())),
             None => (rest, None),
         };
         let parts: Vec<&str> = repo.split('/').collect();
@@ -92,9 +115,7 @@ impl HubRepo {
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         if parts.len() != 2 || !parts.iter().all(|p| valid(p)) {
-            return Err(format!(
-                "`{source}`: expected hf://ORG/REPO[@REVISION] (or hf://datasets/ORG/REPO)"
-            ));
+            return Err(SourceError::HubRepo(source.to_string()));
         }
         Ok(HubRepo {
             kind,
@@ -174,7 +195,7 @@ pub fn select(
     files: &[HubFile],
     globs: &[String],
     repo: &str,
-) -> Result<Vec<HubFile>, String> {
+) -> Result<Vec<HubFile>, SelectError> {
     let patterns: Vec<String> = if globs.is_empty() {
         match kind {
             RepoKind::Model => default_model_files()
@@ -188,9 +209,12 @@ pub fn select(
     };
     let mut set = GlobSetBuilder::new();
     for p in &patterns {
-        set.add(Glob::new(p).map_err(|e| format!("bad file pattern `{p}`: {e}"))?);
+        set.add(Glob::new(p).map_err(|source| SelectError::Pattern {
+            pattern: p.clone(),
+            source,
+        })?);
     }
-    let set = set.build().map_err(|e| e.to_string())?;
+    let set = set.build().map_err(SelectError::Set)?;
     let chosen: Vec<HubFile> = files
         .iter()
         .filter(|f| set.is_match(&f.name))
@@ -202,18 +226,18 @@ pub fn select(
             f.name.ends_with(".bin") || f.name.ends_with(".pt") || f.name.ends_with(".pth")
         });
         if !has_safetensors && has_pickle {
-            return Err(format!(
-                "{repo} has only pickle weights (.bin/.pt), which pipe never loads because unpickling can run arbitrary code; use a revision or a copy of the model with .safetensors weights"
-            ));
+            return Err(SelectError::PickleOnly {
+                repo: repo.to_string(),
+            });
         }
     }
     if chosen.is_empty() {
         let listed: Vec<&str> = files.iter().map(|f| f.name.as_str()).take(20).collect();
-        return Err(format!(
-            "no file of {repo} matches {} (files: {})",
-            patterns.join(", "),
-            listed.join(", ")
-        ));
+        return Err(SelectError::NoMatch {
+            repo: repo.to_string(),
+            patterns: patterns.join(", "),
+            listed: listed.join(", "),
+        });
     }
     Ok(chosen)
 }
@@ -255,7 +279,9 @@ mod tests {
             lfs_sha256: None,
         };
         let files = vec![f("config.json"), f("pytorch_model.bin"), f("README.md")];
-        let e = select(RepoKind::Model, &files, &[], "x/y").unwrap_err();
+        let e = select(RepoKind::Model, &files, &[], "x/y")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("pickle"), "{e}");
         let files = vec![
             f("config.json"),

@@ -6,13 +6,24 @@ mod hub;
 mod source;
 
 pub use http::{host_of, url_file_name, Client, Download, FetchError, Transfer};
-pub use hub::{default_model_files, HubFile, HubRepo, RepoKind};
-pub use source::{fetch, FetchOptions, FetchReport, Fetched, Source};
+pub use hub::{default_model_files, HubFile, HubRepo, RepoKind, SelectError};
+pub use source::{fetch, FetchOptions, FetchReport, Fetched, Source, SourceError};
 
 use std::io::Read;
 use std::path::Path;
 
 use sha2::Digest as _;
+
+/// Why a checksum cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChecksumError {
+    #[error("`{0}` is not a checksum: write `sha256:HEX` or `blake3:HEX`")]
+    NoAlgorithm(String),
+    #[error("`{text}`: a {algo} digest is 64 hex digits")]
+    BadDigest { text: String, algo: String },
+    #[error("unknown checksum algorithm `{0}` (use sha256 or blake3)")]
+    UnknownAlgorithm(String),
+}
 
 /// An expected digest, written `sha256:HEX` or `blake3:HEX`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,20 +33,21 @@ pub enum Checksum {
 }
 
 impl Checksum {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (algo, hex) = text.split_once(':').ok_or_else(|| {
-            format!("`{text}` is not a checksum: write `sha256:HEX` or `blake3:HEX`")
-        })?;
+    pub fn parse(text: &str) -> Result<Self, ChecksumError> {
+        let (algo, hex) = text
+            .split_once(':')
+            .ok_or_else(|| ChecksumError::NoAlgorithm(text.to_string()))?;
         let hex = hex.trim().to_ascii_lowercase();
         if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(format!("`{text}`: a {algo} digest is 64 hex digits"));
+            return Err(ChecksumError::BadDigest {
+                text: text.to_string(),
+                algo: algo.to_string(),
+            });
         }
         match algo {
             "sha256" => Ok(Checksum::Sha256(hex)),
             "blake3" => Ok(Checksum::Blake3(hex)),
-            other => Err(format!(
-                "unknown checksum algorithm `{other}` (use sha256 or blake3)"
-            )),
+            other => Err(ChecksumError::UnknownAlgorithm(other.to_string())),
         }
     }
 
@@ -43,7 +55,7 @@ impl Checksum {
     pub fn verify(&self, path: &Path, what: &str) -> Result<(), FetchError> {
         let actual = match self {
             Checksum::Sha256(_) => file_sha256(path)?,
-            Checksum::Blake3(_) => file_blake3(path)?,
+            Checksum::Blake3(_) => pipe_core::digest::hash_file(path)?,
         };
         let (algo, expected) = match self {
             Checksum::Sha256(e) => ("sha256", e),
@@ -83,12 +95,6 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
-}
-
-pub fn file_blake3(path: &Path) -> std::io::Result<String> {
-    let mut h = blake3::Hasher::new();
-    h.update_mmap_rayon(path)?;
-    Ok(h.finalize().to_hex().to_string())
 }
 
 #[cfg(test)]

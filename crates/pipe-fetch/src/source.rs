@@ -11,6 +11,21 @@ use crate::http::{url_file_name, Client, FetchError, Transfer};
 use crate::hub::{self, HubRepo};
 use crate::Checksum;
 
+/// Why a `source:` cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "unsupported source scheme `{0}://` (use hf://, https://, http://, file:// or a path)"
+    )]
+    Scheme(String),
+    #[error("`{0}` is not an hf:// source")]
+    NotHub(String),
+    #[error("`{0}`: empty revision after `@`")]
+    EmptyRevision(String),
+    #[error("`{0}`: expected hf://ORG/REPO[@REVISION] (or hf://datasets/ORG/REPO)")]
+    HubRepo(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Hub(HubRepo),
@@ -60,7 +75,7 @@ pub struct FetchOptions {
 }
 
 impl Source {
-    pub fn parse(text: &str, base_dir: &Path) -> Result<Self, String> {
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Self, SourceError> {
         if text.starts_with("hf://") {
             return HubRepo::parse(text).map(Source::Hub);
         }
@@ -69,7 +84,7 @@ impl Source {
         }
         if let Some((scheme, _)) = text.split_once("://") {
             if scheme != "file" {
-                return Err(format!("unsupported source scheme `{scheme}://` (use hf://, https://, http://, file:// or a path)"));
+                return Err(SourceError::Scheme(scheme.to_string()));
             }
         }
         let p = Path::new(text.strip_prefix("file://").unwrap_or(text));
@@ -138,10 +153,10 @@ pub fn fetch(
                 )?;
             }
             let chosen =
-                hub::select(repo.kind, &listed, &opts.files, &repo.repo).map_err(|detail| {
-                    FetchError::Invalid {
+                hub::select(repo.kind, &listed, &opts.files, &repo.repo).map_err(|source| {
+                    FetchError::Select {
                         what: text.to_string(),
-                        detail,
+                        source,
                     }
                 })?;
             let total: u64 = chosen.iter().filter_map(|f| f.size).sum();

@@ -1,14 +1,12 @@
 //! Downloads against a real HTTP server on 127.0.0.1: resume, retries, errors, checksums, Hub.
 
-mod server;
-
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use pipe_fetch::{fetch, Checksum, Client, FetchError, FetchOptions, Source, Transfer};
-use server::{sha256_hex, TestServer};
+use pipe_testkit::server::{sha256_hex, TestServer};
 
 struct Quiet;
 impl Transfer for Quiet {

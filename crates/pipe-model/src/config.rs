@@ -6,6 +6,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
+/// Why a `config.json` does not describe a model pipe can run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("model_type `{0}` is not a Llama-family decoder (llama)")]
+    ModelType(String),
+    #[error("hidden_act `{0}` is not supported (Llama uses silu)")]
+    HiddenAct(String),
+    #[error("{heads} attention heads cannot be grouped over {kv} key/value heads")]
+    Heads { heads: usize, kv: usize },
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("head_dim {0} must be even and at least 2 for rotary embeddings")]
+    HeadDim(usize),
+    #[error("max_position_embeddings {positions} × head_dim {head_dim} is more positions than pipe's rotary tables hold ({limit} values)")]
+    TooManyPositions {
+        positions: usize,
+        head_dim: usize,
+        limit: u128,
+    },
+    /// `rope_scaling` of `kind` (linear, llama3) without its `factor`.
+    #[error("rope_scaling: {kind} needs `factor`")]
+    RopeFactor { kind: &'static str },
+    #[error("rope_scaling type `{0}` is not supported (default, linear, llama3)")]
+    RopeType(String),
+}
+
 /// How rotary frequencies are rescaled for long contexts (`rope_scaling` in config.json).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RopeScaling {
@@ -113,27 +141,20 @@ impl LlamaConfig {
         Self::from_json(&text).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))
     }
 
-    pub fn from_json(text: &str) -> Result<Self, String> {
-        let raw: Raw = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let raw: Raw = serde_json::from_str(text)?;
         if let Some(t) = &raw.model_type {
             if !matches!(t.as_str(), "llama" | "mistral") {
-                return Err(format!(
-                    "model_type `{t}` is not a Llama-family decoder (llama)"
-                ));
+                return Err(ConfigError::ModelType(t.clone()));
             }
         }
         if raw.hidden_act != "silu" {
-            return Err(format!(
-                "hidden_act `{}` is not supported (Llama uses silu)",
-                raw.hidden_act
-            ));
+            return Err(ConfigError::HiddenAct(raw.hidden_act));
         }
         let heads = raw.num_attention_heads;
         let kv = raw.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
-            return Err(format!(
-                "{heads} attention heads cannot be grouped over {kv} key/value heads"
-            ));
+            return Err(ConfigError::Heads { heads, kv });
         }
         for (name, n) in [
             ("vocab_size", raw.vocab_size),
@@ -142,23 +163,22 @@ impl LlamaConfig {
             ("max_position_embeddings", raw.max_position_embeddings),
         ] {
             if n == 0 {
-                return Err(format!("{name} must be at least 1"));
+                return Err(ConfigError::Zero(name));
             }
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(format!(
-                "head_dim {head_dim} must be even and at least 2 for rotary embeddings"
-            ));
+            return Err(ConfigError::HeadDim(head_dim));
         }
         // The rotary tables hold every position: 2^28 values each is 1 GiB, and a model with
         // a million positions of head_dim 256 fits.
         const MAX_ROTARY_VALUES: u128 = 1 << 28;
         if raw.max_position_embeddings as u128 * head_dim as u128 > MAX_ROTARY_VALUES {
-            return Err(format!(
-                "max_position_embeddings {} × head_dim {head_dim} is more positions than pipe's rotary tables hold ({MAX_ROTARY_VALUES} values)",
-                raw.max_position_embeddings
-            ));
+            return Err(ConfigError::TooManyPositions {
+                positions: raw.max_position_embeddings,
+                head_dim,
+                limit: MAX_ROTARY_VALUES,
+            });
         }
         let rope_scaling = match raw.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
@@ -173,10 +193,10 @@ impl LlamaConfig {
                 match kind.as_str() {
                     "default" => None,
                     "linear" => Some(RopeScaling::Linear {
-                        factor: f("factor").ok_or("rope_scaling: linear needs `factor`")?,
+                        factor: f("factor").ok_or(ConfigError::RopeFactor { kind: "linear" })?,
                     }),
                     "llama3" => Some(RopeScaling::Llama3 {
-                        factor: f("factor").ok_or("rope_scaling: llama3 needs `factor`")?,
+                        factor: f("factor").ok_or(ConfigError::RopeFactor { kind: "llama3" })?,
                         low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
                         high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
                         original_max_position_embeddings: v
@@ -185,11 +205,7 @@ impl LlamaConfig {
                             .unwrap_or(8192)
                             as usize,
                     }),
-                    other => {
-                        return Err(format!(
-                        "rope_scaling type `{other}` is not supported (default, linear, llama3)"
-                    ))
-                    }
+                    other => return Err(ConfigError::RopeType(other.to_string())),
                 }
             }
         };

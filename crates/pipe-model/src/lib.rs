@@ -5,7 +5,6 @@ pub mod config;
 pub mod load;
 pub mod lora;
 pub mod model;
-mod rng;
 pub mod save;
 
 pub use config::LlamaConfig;

@@ -5,11 +5,11 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use pipe_rand::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 use crate::load::{named_param, Checkpoint, HostTensor};
 use crate::model::{Llama, Lora, Proj};
-use crate::rng::SplitMix64;
 use crate::save::{host, Named};
 use crate::ModelError;
 
@@ -79,7 +79,7 @@ impl<B: Backend> Llama<B> {
     /// Adds fresh adapters (trainable) to the matching layers. A is drawn from `seed`, so the
     /// same seed gives the same adapter on every backend.
     pub fn add_lora(mut self, spec: &LoraSpec, seed: u64) -> Result<Self, ModelError> {
-        let mut rng = SplitMix64(seed);
+        let mut rng = SplitMix64::new(seed);
         let mut n = 0;
         for (name, proj) in self.linear_modules_mut() {
             if !spec.targets.matches(&name) {

@@ -7,12 +7,12 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use pipe_rand::SplitMix64;
 use safetensors::Dtype;
 
 use crate::config::LlamaConfig;
 use crate::load::named_param;
 use crate::model::{Attention, DecoderLayer, Llama, MatmulPrecision, Mlp, Proj, RmsNorm, Rope};
-use crate::rng::SplitMix64;
 use crate::ModelError;
 
 /// On-disk dtype for saved weights.
@@ -321,7 +321,7 @@ pub fn init_llama<B: Backend>(
     trainable: bool,
 ) -> Llama<B> {
     let mut g = Gaussian {
-        rng: SplitMix64(seed),
+        rng: SplitMix64::new(seed),
         spare: None,
     };
     let mut matrix = |name: &str, rows: usize, cols: usize| -> Param<Tensor<B, 2>> {

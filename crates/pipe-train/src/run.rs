@@ -102,18 +102,56 @@ pub enum TrainError {
         value: f64,
         last_checkpoint: u64,
     },
-    #[error("{0}")]
-    Other(String),
+    #[error("no device to train on")]
+    NoDevice,
+    #[error("{replicas} replicas need a number of micro-batches per step that they divide; there are {micro_batches}")]
+    Replicas {
+        replicas: usize,
+        micro_batches: usize,
+    },
+    #[error(
+        "batch_size ({batch_size}) and micro_batch_size ({micro_batch_size}) must be at least 1"
+    )]
+    ZeroBatch {
+        batch_size: usize,
+        micro_batch_size: usize,
+    },
+    #[error("batch_size {batch_size} must be a multiple of micro_batch_size {micro_batch_size}")]
+    BatchNotMultiple {
+        batch_size: usize,
+        micro_batch_size: usize,
+    },
+    #[error("the training split has no examples")]
+    NoExamples,
+    /// A training unit (an example, or a packed row) longer than the model's context.
+    #[error("the training data's longest {unit} has {longest} tokens, but the model reads at most {limit} positions (its max_position_embeddings); lower the tokenize stage's max_len to {limit} or less, or train a model with a longer context")]
+    TooLong {
+        unit: &'static str,
+        longest: usize,
+        limit: usize,
+    },
+    #[error(transparent)]
+    Model(#[from] pipe_model::ModelError),
+    /// Reading or writing `what` (a file or directory of the run) failed.
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint could not be written; `detail` says why, `advice` what happens next.
+    #[error("cannot save the checkpoint at step {step}: {detail}; {advice}")]
+    Save {
+        step: u64,
+        detail: String,
+        /// The kind of I/O error behind it, if one was.
+        io_kind: Option<std::io::ErrorKind>,
+        advice: String,
+    },
 }
 
-impl From<pipe_model::ModelError> for TrainError {
-    fn from(e: pipe_model::ModelError) -> Self {
-        TrainError::Other(e.to_string())
-    }
-}
-
-fn io(what: &str) -> impl Fn(std::io::Error) -> TrainError + '_ {
-    move |e| TrainError::Other(format!("{what}: {e}"))
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> TrainError {
+    move |source| TrainError::Io { what, source }
 }
 
 /// One line of metrics.jsonl. Only what the training computed: the outputs of a run must
@@ -365,14 +403,14 @@ pub fn train<B: AutodiffBackend>(
 ) -> Result<Trained, TrainError> {
     let (work, out) = (dirs.work, dirs.out);
     let Some(device) = devices.first() else {
-        return Err(TrainError::Other("no device to train on".into()));
+        return Err(TrainError::NoDevice);
     };
     let accumulation = spec.batch_size / spec.micro_batch_size.max(1);
     if devices.len() > 1 && !accumulation.is_multiple_of(devices.len()) {
-        return Err(TrainError::Other(format!(
-            "{} replicas need a number of micro-batches per step that they divide; there are {accumulation}",
-            devices.len()
-        )));
+        return Err(TrainError::Replicas {
+            replicas: devices.len(),
+            micro_batches: accumulation,
+        });
     }
     // The CPU backends draw random numbers (dropout) from one process-wide generator, which
     // `B::seed` resets at every step; two runs at once would interleave their draws and lose
@@ -380,21 +418,19 @@ pub fn train<B: AutodiffBackend>(
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if spec.micro_batch_size == 0 || spec.batch_size == 0 {
-        return Err(TrainError::Other(format!(
-            "batch_size ({}) and micro_batch_size ({}) must be at least 1",
-            spec.batch_size, spec.micro_batch_size
-        )));
+        return Err(TrainError::ZeroBatch {
+            batch_size: spec.batch_size,
+            micro_batch_size: spec.micro_batch_size,
+        });
     }
     if !spec.batch_size.is_multiple_of(spec.micro_batch_size) {
-        return Err(TrainError::Other(format!(
-            "batch_size {} must be a multiple of micro_batch_size {}",
-            spec.batch_size, spec.micro_batch_size
-        )));
+        return Err(TrainError::BatchNotMultiple {
+            batch_size: spec.batch_size,
+            micro_batch_size: spec.micro_batch_size,
+        });
     }
     if data.is_empty() {
-        return Err(TrainError::Other(
-            "the training split has no examples".into(),
-        ));
+        return Err(TrainError::NoExamples);
     }
     // Batches are drawn from examples, or from the rows of a packed dataset.
     let n = units(data);
@@ -649,10 +685,12 @@ impl SaveFailure {
         } else {
             resume
         };
-        TrainError::Other(format!(
-            "cannot save the checkpoint at step {step}: {}; {advice}",
-            self.message
-        ))
+        TrainError::Save {
+            step,
+            detail: self.message,
+            io_kind: self.io_kind,
+            advice,
+        }
     }
 }
 
@@ -752,11 +790,9 @@ fn digest_files(dir: &Path) -> std::io::Result<BTreeMap<String, FileDigest>> {
 }
 
 fn digest_file(path: &Path) -> std::io::Result<FileDigest> {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update_mmap_rayon(path)?;
     Ok(FileDigest {
         bytes: std::fs::metadata(path)?.len(),
-        blake3: hasher.finalize().to_hex().to_string(),
+        blake3: pipe_core::digest::hash_file(path)?,
     })
 }
 
@@ -900,9 +936,11 @@ fn check_sequence_lengths(data: &Dataset, config: &LlamaConfig) -> Result<(), Tr
     let longest = data.longest_unit();
     let limit = config.max_position_embeddings;
     if longest > limit {
-        return Err(TrainError::Other(format!(
-            "the training data's longest {unit} has {longest} tokens, but the model reads at most {limit} positions (its max_position_embeddings); lower the tokenize stage's max_len to {limit} or less, or train a model with a longer context"
-        )));
+        return Err(TrainError::TooLong {
+            unit,
+            longest,
+            limit,
+        });
     }
     Ok(())
 }

@@ -67,7 +67,7 @@ fn train_error(n: usize, len: usize, pack_to: Option<usize>) -> String {
         &[Default::default()],
     );
     match result {
-        Err(TrainError::Other(e)) => e,
+        Err(e @ TrainError::TooLong { .. }) => e.to_string(),
         other => panic!("expected an error, got {other:?}"),
     }
 }

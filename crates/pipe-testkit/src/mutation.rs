@@ -1,6 +1,5 @@
 //! Random edits of a valid text, for the fuzz tests of pipe's readers (pipeline files, records,
-//! task rows). Each crate's fuzz test includes this file with `#[path]` and passes its own
-//! alphabet of troublesome pieces.
+//! task rows). Each crate's fuzz test passes its own alphabet of troublesome pieces.
 
 use proptest::prelude::*;
 use proptest::test_runner::Config;

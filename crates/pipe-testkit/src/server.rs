@@ -3,7 +3,6 @@
 //! API. One request per connection, over std's TcpListener: a server library keeps the socket
 //! open after a failed body, and the point of the drop route is a connection that really
 //! closes halfway. It never listens on anything but the loopback address.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
