@@ -3,11 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::progress::LiveView;
+use crate::report;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pipe_core::graph::{render, DagFormat, Selection};
+use pipe_core::kind::{Registry, Workspace};
 use pipe_core::lock::WorkspaceLock;
-use pipe_core::runner::{interrupt_flag, PlanRow, Verdict};
+use pipe_core::runner::{interrupt_flag, Decision, PlanState};
 use pipe_core::store::WorkDirs;
 use pipe_core::{Engine, Pipeline, RunOptions, Store};
 
@@ -22,7 +25,8 @@ Examples:
   pipe dag p.yaml --format mermaid                  draw the stage graph
   pipe show p.yaml train                            a stage's manifest, outputs and metrics
   pipe gc --keep-last 3                             drop what the last 3 runs did not use
-  pipe cache verify                                 re-hash the store, drop corrupt entries";
+  pipe cache verify                                 re-hash the store, drop corrupt entries
+  pipe kinds                                        the stage kinds, with their versions";
 
 #[derive(Parser)]
 #[command(
@@ -48,8 +52,12 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline: every stage whose key is not in the cache
+    ///
+    /// Each stage's `kind:` is one of those `pipe kinds` lists.
     Run(RunArgs),
     /// Check a pipeline file without running anything
+    ///
+    /// Each stage's fields are checked by its kind (`pipe kinds` lists the kinds).
     Check(FileArgs),
     /// Per stage: cached, stale (and with --explain, what changed) or never run
     Status {
@@ -66,7 +74,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
-    /// Show a stage's manifest: key, params, inputs, outputs, metrics, log
+    /// Show a stage's manifest: key, key fields, inputs, outputs, metrics, log
     Show {
         #[command(flatten)]
         file: FileArgs,
@@ -99,6 +107,8 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// List the stage kinds a pipeline can use, with their versions and what they do
+    Kinds,
 }
 
 const GC_ABOUT: &str = "\
@@ -172,215 +182,304 @@ pub fn init_logging(verbose: u8, quiet: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| pipe_core::progress::StderrWriter)
+        .with_writer(|| crate::progress::StderrWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .with_target(false)
         .init();
     if quiet {
-        pipe_core::progress::hide();
+        crate::progress::hide();
     }
 }
 
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
-    // Read for the store this command uses, so `to:` fields are checked against it.
-    let registry =
-        pipe_stages::registry().in_workspace(pipe_core::kind::Workspace::here(&cli.cache));
-    let load = |f: &FileArgs| -> Result<Pipeline> {
-        pipe_core::load(&f.file, &f.set, &registry).map_err(|e| anyhow::anyhow!("{e}"))
+    let cx = Context {
+        // Read for the store this command uses, so `to:` fields are checked against it.
+        registry: pipe_stages::registry().in_workspace(Workspace::here(&cli.cache)),
+        cache: cli.cache,
+        quiet: cli.quiet,
     };
     match cli.command {
-        Command::Run(args) => {
-            let pipeline = load(&args.file)?;
-            let selection = Selection {
-                only: args.only,
-                until: args.until,
-                force: args.force,
-            };
-            if args.dry_run {
-                pipe_core::progress::hide();
-                let mut engine = engine_for_reading(&pipeline, &cli.cache)?;
-                let rows = engine.plan(&selection).map_err(anyhow::Error::msg)?;
-                println!(
-                    "plan for `{}` ({}):",
-                    pipeline.name,
-                    args.file.file.display()
-                );
-                for row in &rows {
-                    println!("  {row}");
-                }
-                print!("{}", memory_text(&pipeline));
-                return Ok(ExitCode::SUCCESS);
-            }
-            let cancel = interrupt_flag();
-            let store = Store::open(&cli.cache)?;
-            let mut engine = Engine::new(&pipeline, store);
-            let jobs = args.jobs.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
-            let summary = engine.run(&RunOptions { selection, jobs }, cancel)?;
-            let table = summary.table();
-            if summary.ok() {
-                if !cli.quiet {
-                    print!("{table}");
-                }
-                Ok(ExitCode::SUCCESS)
-            } else {
-                eprint!("{table}");
-                Ok(ExitCode::from(if summary.interrupted { 130 } else { 1 }))
-            }
-        }
-        Command::Check(f) => {
-            let p = load(&f)?;
-            let kinds: Vec<String> = p
-                .stages
-                .iter()
-                .map(|s| format!("{} ({})", s.id, s.kind))
-                .collect();
-            println!(
-                "{}: ok — pipeline `{}`, {}: {}",
-                f.file.display(),
-                p.name,
-                count(p.stages.len(), "stage", "stages"),
-                kinds.join(", ")
-            );
-            print!("{}", memory_text(&p));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Status { file, explain } => {
-            let p = load(&file)?;
-            let mut engine = engine_for_reading(&p, &cli.cache)?;
-            let rows = engine
-                .plan(&Selection::default())
-                .map_err(anyhow::Error::msg)?;
-            print!("{}", status_text(&p, &rows, explain));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Dag { file, format } => {
-            let p = load(&file)?;
-            let format = match format {
-                Format::Text => DagFormat::Text,
-                Format::Mermaid => DagFormat::Mermaid,
-                Format::Dot => DagFormat::Dot,
-            };
-            print!("{}", render(&p, format));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Show { file, stage, json } => {
-            let p = load(&file)?;
-            if p.stage(&stage).is_none() {
-                let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
-                bail!(
-                    "the pipeline has no stage `{stage}` (stages: {})",
-                    ids.join(", ")
-                );
-            }
-            let mut engine = engine_for_reading(&p, &cli.cache)?;
-            let rows = engine
-                .plan(&Selection::default())
-                .map_err(anyhow::Error::msg)?;
-            let row = rows
-                .iter()
-                .find(|r| r.stage == stage)
-                .expect("every stage has a row");
-            let (manifest, current) = match (&row.verdict, &row.key) {
-                (Verdict::Cached, Some(k)) => (engine.store.read_manifest(k), true),
-                _ => (
-                    engine
-                        .store
-                        .read_ref(&p.name, &stage)
-                        .and_then(|r| engine.store.read_manifest(&r.key)),
-                    false,
-                ),
-            };
-            let Some(m) = manifest else {
-                bail!(
-                    "stage `{stage}` has never completed in this store ({})",
-                    cli.cache.display()
-                );
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&m)?);
-            } else {
-                print!("{}", show_text(&engine.store, &m, current));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run(args) => run(&cx, args),
+        Command::Check(file) => check(&cx, &file),
+        Command::Status { file, explain } => status(&cx, &file, explain),
+        Command::Dag { file, format } => dag(&cx, &file, format),
+        Command::Show { file, stage, json } => show(&cx, &file, &stage, json),
         Command::Gc {
             keep_last,
             work,
             work_all,
             dry_run,
         } => {
-            if keep_last == Some(0) {
-                bail!(
-                    "--keep-last must be at least 1 (to empty the store, delete {})",
-                    cli.cache.display()
-                );
-            }
-            let store = Store::open(&cli.cache)?;
-            let _lock = WorkspaceLock::acquire(&store.root)?;
             let work = match (work, work_all) {
                 (_, true) => WorkDirs::All,
                 (true, false) => WorkDirs::Unused,
                 (false, false) => WorkDirs::Keep,
             };
-            let r = store.gc(keep_last, work, dry_run)?;
-            let verb = if dry_run { "would remove" } else { "removed" };
-            let kept = match work {
-                _ if r.work_dirs_kept == 0 => String::new(),
-                WorkDirs::Keep => format!(
-                    "; kept {} of unfinished stages (their resume state; --work removes it)",
-                    count(r.work_dirs_kept, "work dir", "work dirs")
-                ),
-                _ => format!(
-                    "; kept {} that the latest run of a pipeline resumes from (--work-all removes {})",
-                    count(r.work_dirs_kept, "work dir", "work dirs"),
-                    if r.work_dirs_kept == 1 { "it" } else { "them" }
-                ),
-            };
-            println!(
-                "{verb} {} ({}), {}, {}{kept}",
-                count(r.objects_removed, "object", "objects"),
-                human_bytes(r.bytes_freed),
-                count(r.entries_removed, "entry", "entries"),
-                count(r.work_dirs_removed, "work dir", "work dirs"),
-            );
-            Ok(ExitCode::SUCCESS)
+            gc(&cx, keep_last, work, dry_run)
         }
         Command::Cache {
             command: CacheCommand::Verify,
-        } => {
-            let store = Store::open(&cli.cache)?;
-            let _lock = WorkspaceLock::acquire(&store.root)?;
-            let r = store.verify()?;
-            for p in &r.problems {
-                eprintln!("corrupt: {p}");
-            }
-            for p in &r.built_from_corrupt {
-                eprintln!("built from corrupt data: {p}");
-            }
-            if r.problems.is_empty() {
-                println!(
-                    "ok: {}, {} verified",
-                    count(r.entries, "entry", "entries"),
-                    count(r.objects, "object", "objects")
-                );
-                Ok(ExitCode::SUCCESS)
-            } else {
-                eprintln!(
-                    "{}; {} removed from the cache ({} built from corrupt data), the next run re-makes {}",
-                    count(r.problems.len(), "problem", "problems"),
-                    count(r.invalidated.len(), "entry", "entries"),
-                    r.built_from_corrupt.len(),
-                    if r.invalidated.len() == 1 { "it" } else { "them" }
-                );
-                Ok(ExitCode::from(1))
-            }
-        }
+        } => cache_verify(&cx),
+        Command::Kinds => kinds(&cx),
     }
+}
+
+/// What the subcommands share: the stage kinds, the store directory, and `--quiet`.
+struct Context {
+    registry: Registry,
+    cache: PathBuf,
+    quiet: bool,
+}
+
+impl Context {
+    fn load(&self, f: &FileArgs) -> Result<Pipeline> {
+        pipe_core::load(&f.file, &f.set, &self.registry).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// `pipe run`: the plan with `--dry-run`, else the run and its summary table.
+fn run(cx: &Context, args: RunArgs) -> Result<ExitCode> {
+    let pipeline = cx.load(&args.file)?;
+    let selection = Selection {
+        only: args.only,
+        until: args.until,
+        force: args.force,
+    };
+    if args.dry_run {
+        return dry_run(cx, &pipeline, &args.file, &selection);
+    }
+    let cancel = interrupt_flag();
+    let store = Store::open(&cx.cache)?;
+    let mut engine = Engine::new(&pipeline, store);
+    let jobs = args.jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let live = LiveView::new(&pipeline);
+    let summary = engine.run(&RunOptions { selection, jobs }, cancel, &live)?;
+    let table = report::summary_table(&summary);
+    if summary.ok() {
+        if !cx.quiet {
+            print!("{table}");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprint!("{table}");
+        Ok(ExitCode::from(if summary.interrupted { 130 } else { 1 }))
+    }
+}
+
+/// `pipe run --dry-run`: what would run and why, and the memory plans; runs nothing.
+fn dry_run(
+    cx: &Context,
+    pipeline: &Pipeline,
+    file: &FileArgs,
+    selection: &Selection,
+) -> Result<ExitCode> {
+    crate::progress::hide();
+    let mut engine = engine_for_reading(pipeline, &cx.cache)?;
+    let rows = engine.plan(selection).map_err(anyhow::Error::msg)?;
+    println!("plan for `{}` ({}):", pipeline.name, file.file.display());
+    for row in &rows {
+        println!("  {}", report::plan_line(row));
+    }
+    print!("{}", memory_text(pipeline));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pipe check`: loads the pipeline (every check but running) and lists its stages.
+fn check(cx: &Context, f: &FileArgs) -> Result<ExitCode> {
+    let p = cx.load(f)?;
+    let kinds: Vec<String> = p
+        .stages
+        .iter()
+        .map(|s| format!("{} ({})", s.id, s.kind))
+        .collect();
+    println!(
+        "{}: ok — pipeline `{}`, {}: {}",
+        f.file.display(),
+        p.name,
+        count(p.stages.len(), "stage", "stages"),
+        kinds.join(", ")
+    );
+    print!("{}", memory_text(&p));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(cx: &Context, file: &FileArgs, explain: bool) -> Result<ExitCode> {
+    let p = cx.load(file)?;
+    let mut engine = engine_for_reading(&p, &cx.cache)?;
+    let rows = engine
+        .plan(&Selection::default())
+        .map_err(anyhow::Error::msg)?;
+    print!("{}", report::status_text(&p, &rows, explain));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dag(cx: &Context, file: &FileArgs, format: Format) -> Result<ExitCode> {
+    let p = cx.load(file)?;
+    let format = match format {
+        Format::Text => DagFormat::Text,
+        Format::Mermaid => DagFormat::Mermaid,
+        Format::Dot => DagFormat::Dot,
+    };
+    print!("{}", render(&p, format));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pipe show`: the manifest of the stage's current entry, else of its last run.
+fn show(cx: &Context, file: &FileArgs, stage: &str, json: bool) -> Result<ExitCode> {
+    let p = cx.load(file)?;
+    if p.stage(stage).is_none() {
+        let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
+        bail!(
+            "the pipeline has no stage `{stage}` (stages: {})",
+            ids.join(", ")
+        );
+    }
+    let mut engine = engine_for_reading(&p, &cx.cache)?;
+    let rows = engine
+        .plan(&Selection::default())
+        .map_err(anyhow::Error::msg)?;
+    let row = rows
+        .iter()
+        .find(|r| r.stage == stage)
+        .expect("every stage has a row");
+    let (manifest, current) = match (&row.state, &row.key) {
+        (PlanState::Decided(Decision::Reuse(_)), Some(k)) => (engine.store.read_manifest(k), true),
+        _ => (
+            engine
+                .store
+                .read_ref(&p.name, stage)
+                .and_then(|r| engine.store.read_manifest(&r.key)),
+            false,
+        ),
+    };
+    let Some(m) = manifest else {
+        bail!(
+            "stage `{stage}` has never completed in this store ({})",
+            cx.cache.display()
+        );
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        print!("{}", show_text(&engine.store, &m, current));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pipe gc`: removes what no entry needs (and, as asked, old entries and work dirs).
+fn gc(cx: &Context, keep_last: Option<usize>, work: WorkDirs, dry_run: bool) -> Result<ExitCode> {
+    if keep_last == Some(0) {
+        bail!(
+            "--keep-last must be at least 1 (to empty the store, delete {})",
+            cx.cache.display()
+        );
+    }
+    let store = Store::open(&cx.cache)?;
+    let _lock = WorkspaceLock::acquire(&store.root)?;
+    let r = store.gc(keep_last, work, dry_run)?;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    let kept = match work {
+        _ if r.work_dirs_kept == 0 => String::new(),
+        WorkDirs::Keep => format!(
+            "; kept {} of unfinished stages (their resume state; --work removes it)",
+            count(r.work_dirs_kept, "work dir", "work dirs")
+        ),
+        _ => format!(
+            "; kept {} that the latest run of a pipeline resumes from (--work-all removes {})",
+            count(r.work_dirs_kept, "work dir", "work dirs"),
+            if r.work_dirs_kept == 1 { "it" } else { "them" }
+        ),
+    };
+    println!(
+        "{verb} {} ({}), {}, {}{kept}",
+        count(r.objects_removed, "object", "objects"),
+        human_bytes(r.bytes_freed),
+        count(r.entries_removed, "entry", "entries"),
+        count(r.work_dirs_removed, "work dir", "work dirs"),
+    );
+    if r.other_format_removed > 0 {
+        println!(
+            "({} of another cache format among them: made by another version of pipe, never reused)",
+            count(r.other_format_removed, "entry", "entries")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pipe cache verify`: re-hashes the store; exit status 1 if anything was corrupt.
+fn cache_verify(cx: &Context) -> Result<ExitCode> {
+    let store = Store::open(&cx.cache)?;
+    let _lock = WorkspaceLock::acquire(&store.root)?;
+    let r = store.verify()?;
+    for p in &r.problems {
+        eprintln!("corrupt: {p}");
+    }
+    for p in &r.built_from_corrupt {
+        eprintln!("built from corrupt data: {p}");
+    }
+    if r.problems.is_empty() {
+        println!(
+            "ok: {}, {} verified",
+            count(r.entries, "entry", "entries"),
+            count(r.objects, "object", "objects")
+        );
+        if r.other_format > 0 {
+            println!(
+                "{} of another cache format (made by another version of pipe): never reused, not checked; `pipe gc` removes them",
+                count(r.other_format, "entry", "entries")
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "{}; {} removed from the cache ({} built from corrupt data), the next run re-makes {}",
+            count(r.problems.len(), "problem", "problems"),
+            count(r.invalidated.len(), "entry", "entries"),
+            r.built_from_corrupt.len(),
+            if r.invalidated.len() == 1 {
+                "it"
+            } else {
+                "them"
+            }
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// `pipe kinds`: every stage kind this binary offers.
+fn kinds(cx: &Context) -> Result<ExitCode> {
+    print!("{}", kinds_text(&cx.registry));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A line per kind: its name, `v` and its version, and its summary, in columns.
+fn kinds_text(registry: &Registry) -> String {
+    let rows: Vec<(&str, String, &str)> = registry
+        .kinds()
+        .map(|k| (k.name(), format!("v{}", k.version()), k.summary()))
+        .collect();
+    let name_w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let version_w = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+    let indent = name_w + 2 + version_w + 2;
+    rows.iter()
+        .zip(registry.kinds())
+        .map(|((name, version, summary), kind)| {
+            let mut line = format!("{name:name_w$}  {version:version_w$}  {summary}\n");
+            if !kind.run_settings().is_empty() {
+                line.push_str(&format!(
+                    "{:indent$}run settings, never in the cache key: {}\n",
+                    "",
+                    kind.run_settings().join(", ")
+                ));
+            }
+            line
+        })
+        .collect()
 }
 
 /// An engine for commands that only read: a store that does not exist yet reads as empty.
@@ -407,50 +506,6 @@ fn memory_text(p: &Pipeline) -> String {
     text
 }
 
-fn status_text(p: &Pipeline, rows: &[PlanRow], explain: bool) -> String {
-    let mut s = format!("pipeline `{}` ({})\n", p.name, p.file.display());
-    for row in rows {
-        let key = row.key.as_deref().map(|k| &k[..12]).unwrap_or("-");
-        let (word, detail): (&str, Vec<String>) = match &row.verdict {
-            Verdict::Cached => ("cached", vec![]),
-            Verdict::NeverRun => ("never run", vec![]),
-            Verdict::Missing => (
-                "stale",
-                vec!["its last result is no longer in the store".into()],
-            ),
-            Verdict::Stale(changes) => ("stale", changes.iter().map(|c| c.to_string()).collect()),
-            Verdict::Damaged(d) => (
-                "stale",
-                vec![format!(
-                    "its stored outputs are damaged ({d}); the next run re-makes them"
-                )],
-            ),
-            Verdict::Forced | Verdict::NotSelected => ("stale", vec![]),
-            Verdict::WaitsOn(ups) => (
-                "stale",
-                vec![format!(
-                    "reads {}, which must run first; it re-runs only if their outputs change",
-                    ups.iter()
-                        .map(|u| format!("`{u}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )],
-            ),
-            Verdict::Error(e) => ("error", vec![e.clone()]),
-        };
-        s.push_str(&format!("  {word:10} {:16} {key}\n", row.stage));
-        for note in &row.notes {
-            s.push_str(&format!("             note: {note}\n"));
-        }
-        if explain || matches!(row.verdict, Verdict::Error(_) | Verdict::Damaged(_)) {
-            for d in detail {
-                s.push_str(&format!("             - {d}\n"));
-            }
-        }
-    }
-    s
-}
-
 fn show_text(store: &Store, m: &pipe_core::store::Manifest, current: bool) -> String {
     let mut s = String::new();
     s.push_str(&format!(
@@ -471,8 +526,8 @@ fn show_text(store: &Store, m: &pipe_core::store::Manifest, current: bool) -> St
         m.started, m.finished, m.wall_s
     ));
     s.push_str(&format!(
-        "params    {}\n",
-        serde_json::to_string(&m.params).unwrap_or_default()
+        "fields    {}\n",
+        serde_json::to_string(&m.fields).unwrap_or_default()
     ));
     s.push_str("inputs\n");
     for (name, r) in &m.inputs {

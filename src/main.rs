@@ -2,6 +2,8 @@
 //! `pipe-core` (engine) and `pipe-stages` (stage kinds).
 
 mod cli;
+mod progress;
+mod report;
 
 use std::process::ExitCode;
 

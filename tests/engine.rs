@@ -4,29 +4,7 @@
 mod common;
 use std::time::{Duration, Instant};
 
-use common::{sigkill, signal, Project};
-
-/// upper ← data.txt; exclaim ← upper; side is independent. Each command appends its stage id
-/// to runs.log, so the tests can count how often each really ran.
-const PIPELINE: &str = r#"name: e2e
-params:
-  suffix: "!"
-stages:
-  upper:
-    kind: command
-    cmd: echo upper >> runs.log; tr a-z A-Z < ${data.txt} > ${out}/upper.txt
-    deps: [data.txt]
-    outs: [upper.txt]
-  exclaim:
-    kind: command
-    cmd: echo exclaim >> runs.log; sed 's/$/${params.suffix}/' ${upper.upper.txt} > ${out}/final.txt
-    deps: [upper.upper.txt]
-    outs: [final.txt]
-  side:
-    kind: command
-    cmd: echo side >> runs.log; echo side > ${out}/side.txt
-    outs: [side.txt]
-"#;
+use common::{sigkill, signal, Project, THREE_COMMANDS as PIPELINE};
 
 fn project() -> Project {
     let p = Project::new();
@@ -98,7 +76,7 @@ fn a_param_change_reruns_only_what_depends_on_it() {
 #[test]
 fn keys_are_stable_across_processes_and_directories() {
     // The key of `upper` is a pure function of its kind, params and the bytes of data.txt; a
-    // change to the recipe must be deliberate (and bump `pipe-key-v1` or the kind version).
+    // change to the recipe must be deliberate (and bump `pipe-key-v2` or the kind version).
     let a = project();
     let b = project();
     let ka = a.pipe(&["status", "p.yaml"]).ok().stdout;
@@ -113,7 +91,7 @@ fn keys_are_stable_across_processes_and_directories() {
             .to_string()
     };
     assert_eq!(key(&ka), key(&kb));
-    assert_eq!(key(&ka), "588fc1147e55", "the cache key recipe changed");
+    assert_eq!(key(&ka), "a2240598e494", "the cache key recipe changed");
 }
 
 #[test]

@@ -63,6 +63,7 @@ stages:
     kind: export
     model: lora
     base: base
+    base_model_name_or_path: org/tiny-base
     format: peft
     dtype: f32
     to: exported/adapter
@@ -169,6 +170,8 @@ fn hf_and_peft_exports_load_back_with_the_same_logits() {
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(peft.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
+    // What AutoPeftModel loads the base from: the field as given, not the stage's id.
+    assert_eq!(cfg["base_model_name_or_path"], "org/tiny-base");
     let from_peft = load_llama::<B>(&out_dir(&p, "base").join("model"), &Default::default())
         .unwrap()
         .load_peft_adapter(&peft, false)

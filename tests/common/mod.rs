@@ -149,3 +149,25 @@ pub fn sigkill(child: &mut Child) {
 pub fn signal(child: &Child, sig: i32) {
     unsafe { libc::kill(child.id() as i32, sig) };
 }
+
+/// upper ← data.txt; exclaim ← upper; side is independent. Each command appends its stage id
+/// to runs.log, so the tests can count how often each really ran.
+pub const THREE_COMMANDS: &str = r#"name: e2e
+params:
+  suffix: "!"
+stages:
+  upper:
+    kind: command
+    cmd: echo upper >> runs.log; tr a-z A-Z < ${data.txt} > ${out}/upper.txt
+    deps: [data.txt]
+    outs: [upper.txt]
+  exclaim:
+    kind: command
+    cmd: echo exclaim >> runs.log; sed 's/$/${params.suffix}/' ${upper.upper.txt} > ${out}/final.txt
+    deps: [upper.upper.txt]
+    outs: [final.txt]
+  side:
+    kind: command
+    cmd: echo side >> runs.log; echo side > ${out}/side.txt
+    outs: [side.txt]
+"#;

@@ -1,41 +1,120 @@
 //! The cache key recipe — the one place that decides when a stage must run again.
 //!
-//! key = blake3("pipe-key-v1\n" ‖ canonical JSON of {
-//!     kind,            the stage kind's name
-//!     kind_version,    bumped when the kind's implementation changes its outputs
-//!     params,          the effective parameters (defaults filled in, `--set` applied)
-//!     inputs,          input name → blake3 digest of the bytes it reads
+//! ```text
+//! key = blake3("pipe-key-v2\n" ‖ canonical JSON of {
+//!     kind,          the stage kind's name                       ("train")
+//!     kind_version,  bumped when the kind's code changes what it makes
+//!     fields,        the kind's key fields: its typed key struct ([`KeyFields::of`])
+//!     inputs,        input name → blake3 digest of the bytes it reads
 //! })
+//! ```
 //!
-//! Inputs enter by content, never by location or by the upstream stage's key: an upstream
-//! stage that re-runs and makes the same bytes leaves its downstream keys unchanged (early
-//! cutoff). The stage's id does not enter either: renaming a stage keeps its cache.
-//! Canonical JSON: object keys sorted (serde_json's default map is ordered), no whitespace,
-//! numbers in their shortest round-trip form, so a key is the same on every machine.
+//! # What enters a key
+//! - **The kind and its version.** A kind bumps its version whenever a change in its code can
+//!   change its outputs, so that results made by older code are not reused.
+//! - **The key fields.** Each kind declares them as one `Serialize` struct next to its YAML
+//!   fields, built from them by one function (defaults filled in, `--set` applied, derived
+//!   values resolved: `template: alpaca` enters as the template's text). They are the settings
+//!   that decide the bytes of the result, and nothing else.
+//! - **The inputs, by content.** Every file, directory or upstream output a stage reads enters
+//!   as its blake3 digest under a name the kind gives it (`data`, `task/arc_easy`). An upstream
+//!   stage that runs again and makes the same bytes leaves downstream keys as they were (early
+//!   cutoff).
+//!
+//! # What never enters a key, and why
+//! - **Where anything is**: input paths, the store's location, the pipeline file's directory,
+//!   the working directory. Moving a data file (same bytes) or the project must keep its cache;
+//!   the bytes are already in through the input digests. (The `command` kind names its deps in
+//!   its command line, `${data/raw.csv}`: there, where a dep lies is part of the command.)
+//! - **Names**: the stage's id, the ids of the stages it reads, the pipeline's name. Renaming a
+//!   stage keeps its cache; a name that ends up in the outputs (a task's name names its
+//!   `items/<task>.jsonl`) is a key field because of that, not because it is a name.
+//! - **Run settings**, which change how a result is made but not what it is: the device, an
+//!   evaluation's batch size, checkpoint frequency (`save_steps`), gradient checkpointing,
+//!   retries, delivery targets (`to:`). Each kind lists its own
+//!   ([`crate::StageKind::run_settings`]); `status --explain` never reports them as changes.
+//!   (Settings that change float rounding of training — micro-batch size, replicas, the
+//!   compute dtype — are key fields: they make other weights.)
+//! - **Secrets**: tokens (`HF_TOKEN`) and credentials come from the environment and are never
+//!   hashed, so a key can be shared without leaking them and does not change when one rotates.
+//! - **Time, hosts, users, process ids**: a key is the same on every machine and in every
+//!   process.
+//!
+//! # Canonical form
+//! JSON with object keys sorted (serde_json's map is ordered), no whitespace, integers as
+//! integers, floats in their shortest round-trip form as serde_json writes them (`0.00002`,
+//! `2e-7`, `1e+20`, `0.1`). The tests pin that spelling and one key of every kind
+//! (tests/cache_keys.rs): a dependency bump that changed how a float is printed fails them
+//! instead of silently invalidating every user's cache.
+//! Bumping `pipe-key-v2` (with [`crate::store::MANIFEST_FORMAT`]) is the one way to change the
+//! recipe for every kind at once; entries of an older format are then misses, never misread.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+/// The prefix hashed before every key: the version of this recipe.
+pub const KEY_FORMAT: &str = "pipe-key-v2";
+
+/// A stage's key fields: its kind's key struct, serialised once into the canonical form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyFields(serde_json::Value);
+
+impl KeyFields {
+    /// The key fields of a stage, from its kind's key struct (a struct of named fields).
+    ///
+    /// # Panics
+    /// When `fields` does not serialise to a JSON object, or holds a float that is not finite
+    /// (JSON would write it as `null`, so two different values would share a key). Key structs
+    /// are written by pipe's kinds, and their parsers refuse such values from user input: this
+    /// is a bug in a kind, caught by the key tests of every kind.
+    pub fn of<T: Serialize>(fields: &T) -> Self {
+        let value = match serde_json::to_value(fields) {
+            Ok(v @ serde_json::Value::Object(_)) => v,
+            Ok(other) => panic!("a kind's key fields must be a struct, not {other}"),
+            Err(e) => panic!("a kind's key fields cannot be serialised: {e}"),
+        };
+        KeyFields(value)
+    }
+
+    /// Key fields read back from a stored manifest, to compare with today's.
+    pub fn from_json(value: serde_json::Value) -> Self {
+        KeyFields(value)
+    }
+
+    pub fn as_json(&self) -> &serde_json::Value {
+        &self.0
+    }
+}
+
+impl Serialize for KeyFields {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// Everything a key is made of.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct KeyRecipe {
     pub kind: String,
     pub kind_version: u32,
-    pub params: serde_json::Value,
+    pub fields: KeyFields,
     /// Input name → content digest.
     pub inputs: BTreeMap<String, String>,
 }
 
 impl KeyRecipe {
+    /// The recipe as the canonical JSON text that is hashed.
     pub fn canonical(&self) -> String {
         // `serde_json::Value` objects are BTreeMaps (no `preserve_order`), so this is sorted.
-        let v = serde_json::to_value(self).expect("recipe serialises");
-        serde_json::to_string(&v).expect("recipe serialises")
+        let v = serde_json::to_value(self).expect("a recipe is JSON");
+        serde_json::to_string(&v).expect("a recipe is JSON")
     }
 
     pub fn key(&self) -> String {
         let mut h = blake3::Hasher::new();
-        h.update(b"pipe-key-v1\n");
+        h.update(KEY_FORMAT.as_bytes());
+        h.update(b"\n");
         h.update(self.canonical().as_bytes());
         h.finalize().to_hex().to_string()
     }
@@ -157,7 +236,12 @@ pub fn diff(old: &KeyRecipe, new: &KeyRecipe) -> Vec<Change> {
             to: new.kind_version,
         });
     }
-    diff_values("", Some(&old.params), Some(&new.params), &mut out);
+    diff_values(
+        "",
+        Some(old.fields.as_json()),
+        Some(new.fields.as_json()),
+        &mut out,
+    );
     let names: std::collections::BTreeSet<&String> =
         old.inputs.keys().chain(new.inputs.keys()).collect();
     for name in names {
@@ -210,45 +294,82 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[derive(Serialize)]
+    struct CommandKey {
+        cmd: &'static str,
+        env: BTreeMap<&'static str, &'static str>,
+        lr: f64,
+    }
+
     fn recipe() -> KeyRecipe {
         KeyRecipe {
             kind: "command".into(),
             kind_version: 1,
-            params: json!({"cmd": "echo", "env": {"A": "1"}, "lr": 0.1}),
+            fields: KeyFields::of(&CommandKey {
+                cmd: "echo",
+                env: BTreeMap::from([("A", "1")]),
+                lr: 2e-5,
+            }),
             inputs: BTreeMap::from([("data".to_string(), "ab".repeat(32))]),
         }
+    }
+
+    fn with_fields(edit: impl FnOnce(&mut serde_json::Value)) -> KeyRecipe {
+        let mut r = recipe();
+        let mut v = r.fields.as_json().clone();
+        edit(&mut v);
+        r.fields = KeyFields::from_json(v);
+        r
     }
 
     #[test]
     fn the_key_is_pinned() {
         // A key must be the same in every process, on every platform, in every release that
-        // does not bump `pipe-key-v1`: this constant is that promise.
+        // does not bump `pipe-key-v2`: this constant is that promise.
         assert_eq!(
             recipe().canonical(),
-            r#"{"inputs":{"data":"abababababababababababababababababababababababababababababababab"},"kind":"command","kind_version":1,"params":{"cmd":"echo","env":{"A":"1"},"lr":0.1}}"#
+            r#"{"fields":{"cmd":"echo","env":{"A":"1"},"lr":0.00002},"inputs":{"data":"abababababababababababababababababababababababababababababababab"},"kind":"command","kind_version":1}"#
         );
         assert_eq!(
             recipe().key(),
-            blake3::hash(format!("pipe-key-v1\n{}", recipe().canonical()).as_bytes())
-                .to_hex()
-                .to_string()
+            "befb56cceb627c48554acba4798f0a974585f0647c8a1eca458b323a7f8bacf0"
         );
+    }
+
+    #[test]
+    fn floats_print_in_their_shortest_round_trip_form() {
+        // How a float is spelt is part of every key that holds one (learning rates, ratios):
+        // a serialiser that printed 2e-5 as 0.00002 would invalidate every cache.
+        let spelt = |x: f64| serde_json::to_string(&json!(x)).unwrap();
+        assert_eq!(spelt(2e-5), "0.00002");
+        assert_eq!(spelt(2e-7), "2e-7");
+        assert_eq!(spelt(0.1), "0.1");
+        assert_eq!(spelt(1e-8), "1e-8");
+        assert_eq!(spelt(16.0), "16.0");
+        assert_eq!(spelt(0.03), "0.03");
+        assert_eq!(spelt(1.0e20), "1e+20");
+        assert_eq!(spelt(0.999), "0.999");
+    }
+
+    #[test]
+    #[should_panic(expected = "must be a struct")]
+    fn key_fields_are_a_struct() {
+        KeyFields::of(&3u32);
     }
 
     #[test]
     fn every_component_changes_the_key() {
         let base = recipe().key();
-        let mut r = recipe();
-        r.params["lr"] = json!(0.2);
-        assert_ne!(r.key(), base);
-        let mut r = recipe();
-        r.params["env"]["A"] = json!("2");
-        assert_ne!(r.key(), base);
+        assert_ne!(with_fields(|v| v["lr"] = json!(2.1e-5)).key(), base);
+        assert_ne!(with_fields(|v| v["env"]["A"] = json!("2")).key(), base);
         let mut r = recipe();
         r.kind_version = 2;
         assert_ne!(r.key(), base);
         let mut r = recipe();
         r.inputs.insert("data".into(), "cd".repeat(32));
+        assert_ne!(r.key(), base);
+        let mut r = recipe();
+        r.inputs = BTreeMap::from([("other".to_string(), "ab".repeat(32))]);
         assert_ne!(r.key(), base);
         let mut r = recipe();
         r.kind = "other".into();
@@ -270,9 +391,8 @@ mod tests {
     }
 
     #[test]
-    fn diff_names_the_changed_param_and_input() {
-        let mut r = recipe();
-        r.params["env"]["A"] = json!("2");
+    fn diff_names_the_changed_field_and_input() {
+        let mut r = with_fields(|v| v["env"]["A"] = json!("2"));
         r.inputs.insert("data".into(), "cd".repeat(32));
         let d = diff(&recipe(), &r);
         let shown: Vec<String> = d.iter().map(|c| c.to_string()).collect();

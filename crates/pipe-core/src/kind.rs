@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde::de::DeserializeOwned;
 
 use crate::diag::{FieldError, FieldPath, Target};
+use crate::key::KeyFields;
 
 /// Where one input of a stage comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,8 +250,14 @@ pub trait StageKind: Send + Sync {
     fn name(&self) -> &'static str;
     /// Bumped whenever a change in the implementation can change its outputs; part of the key.
     fn version(&self) -> u32;
-    /// One line for `--help` and the README's reference table.
+    /// What the kind does, in one line: `pipe kinds` lists it beside the name and version.
     fn summary(&self) -> &'static str;
+    /// The fields of this kind that are run settings: they change how a result is made (where,
+    /// how fast, how often it is saved, where it is delivered) but not what it is, so they
+    /// never enter the key (see [`crate::key`]). Every other field is a key field or an input.
+    fn run_settings(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Checks and types the stage's fields.
     fn parse(
         &self,
@@ -264,9 +271,10 @@ pub trait StageKind: Send + Sync {
 pub trait Stage: Send + Sync {
     /// Everything the stage reads. Their content digests enter the cache key.
     fn inputs(&self) -> Vec<Input>;
-    /// The effective parameters (defaults filled in, overrides applied) that enter the cache
-    /// key. Must not contain secrets or machine-specific paths.
-    fn params(&self) -> serde_json::Value;
+    /// The key fields: the kind's typed key struct, made by [`KeyFields::of`] from the
+    /// stage's YAML fields (defaults filled in, overrides applied). No locations, names, run
+    /// settings or secrets: see [`crate::key`] for what may enter.
+    fn key_fields(&self) -> KeyFields;
     /// The output names it promises (`stage.name` references are checked against them), or
     /// `None` when they are only known after a run.
     fn outputs(&self) -> Option<Vec<String>> {
@@ -308,8 +316,8 @@ pub trait Stage: Send + Sync {
 #[derive(Clone, Copy)]
 pub struct StageInfo<'a> {
     pub kind: &'static str,
-    /// Its [`Stage::params`].
-    pub params: &'a serde_json::Value,
+    /// Its [`Stage::key_fields`], as JSON.
+    pub fields: &'a serde_json::Value,
     pub inputs: &'a [Input],
 }
 

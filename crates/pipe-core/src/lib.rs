@@ -14,17 +14,17 @@ pub mod graph;
 pub mod key;
 pub mod kind;
 pub mod lock;
-pub mod progress;
 pub mod relpath;
 pub mod runner;
 pub mod spec;
 pub mod store;
 
 pub use diag::{FieldError, FieldPath, SpecError};
+pub use key::{KeyFields, KeyRecipe};
 pub use kind::{
     Input, InputSource, Interrupted, ParseContext, Registry, Stage, StageContext, StageInfo,
     StageKind,
 };
-pub use runner::{Engine, RunOptions, RunSummary, Status};
+pub use runner::{Decision, Engine, Observer, RunOptions, RunSummary, Status, Why};
 pub use spec::{load, LoadError, Pipeline};
 pub use store::Store;

@@ -17,14 +17,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::digest::HashMemo;
-use crate::graph::{Dag, Selection};
-use crate::key::{diff, Change, KeyRecipe};
-use crate::kind::{InputSource, Interrupted, StageContext};
+use crate::graph::{Dag, Plan as SelectionPlan, Selection};
+use crate::key::{diff, Change, KeyFields, KeyRecipe};
+use crate::kind::{InputSource, Interrupted, NoProgress, Progress, StageContext};
 use crate::lock::WorkspaceLock;
-use crate::progress::StageLine;
 use crate::spec::Pipeline;
-use crate::store::{InputRecord, Manifest, RunRecord, StageRef, Store, MANIFEST_FORMAT};
+use crate::store::{
+    Damage, Entry, InputRecord, Manifest, RunRecord, StageRef, Store, MANIFEST_FORMAT,
+};
 
+/// Set once SIGINT or SIGTERM arrives. A second signal exits at once (status 130).
 /// Set once SIGINT or SIGTERM arrives. A second signal exits at once (status 130).
 pub fn interrupt_flag() -> Arc<AtomicBool> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
@@ -54,18 +56,33 @@ pub enum Status {
     Done,
     Failed(String),
     /// Not run: an upstream stage failed, the run was interrupted, or it was not selected.
-    Skipped(String),
+    Skipped(Skip),
     Interrupted,
 }
 
-impl Status {
-    pub fn word(&self) -> &'static str {
+/// Why a stage did not run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Skip {
+    /// Not selected (`--only`/`--until`) and not in the cache.
+    NotSelected,
+    /// It reads this stage, which was not selected and is not in the cache.
+    ReadsUnselected(String),
+    /// It reads this stage, which did not complete.
+    UpstreamFailed(String),
+    /// The run was interrupted before it started.
+    Interrupted,
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Status::Cached => "cached",
-            Status::Done => "done",
-            Status::Failed(_) => "FAILED",
-            Status::Skipped(_) => "skipped",
-            Status::Interrupted => "interrupted",
+            Skip::NotSelected => write!(f, "not selected"),
+            Skip::ReadsUnselected(up) => write!(
+                f,
+                "it reads `{up}`, which is not selected and not in the cache (run it first, or widen the selection)"
+            ),
+            Skip::UpstreamFailed(up) => write!(f, "upstream stage `{up}` did not complete"),
+            Skip::Interrupted => write!(f, "the run was interrupted before it started"),
         }
     }
 }
@@ -79,6 +96,8 @@ pub struct Outcome {
     /// Where the outputs are (complete stages), or the log (failed ones).
     pub artifacts: Option<PathBuf>,
     pub log: Option<PathBuf>,
+    /// Why it ran (stages that ran).
+    pub why: Option<Why>,
 }
 
 impl Outcome {
@@ -91,6 +110,7 @@ impl Outcome {
             key: None,
             artifacts: None,
             log: None,
+            why: None,
         }
     }
 
@@ -115,11 +135,19 @@ impl Outcome {
     fn logged(self, log: Option<PathBuf>) -> Self {
         Outcome { log, ..self }
     }
+
+    fn because(self, why: Why) -> Self {
+        Outcome {
+            why: Some(why),
+            ..self
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct RunSummary {
     pub pipeline: String,
+    /// In the pipeline's dependency order.
     pub outcomes: Vec<Outcome>,
     pub interrupted: bool,
     pub wall: Duration,
@@ -129,90 +157,93 @@ impl RunSummary {
     /// True when every selected stage is in the cache now.
     pub fn ok(&self) -> bool {
         !self.interrupted
-            && self.outcomes.iter().all(|o| match &o.status {
-                Status::Cached | Status::Done => true,
-                Status::Skipped(r) => r == NOT_SELECTED,
-                _ => false,
+            && self.outcomes.iter().all(|o| {
+                matches!(
+                    o.status,
+                    Status::Cached | Status::Done | Status::Skipped(Skip::NotSelected)
+                )
             })
     }
 
-    /// The final table: stage, status, wall time, key prefix, artifact location; then, for
-    /// each failure, why and where its log is.
-    pub fn table(&self) -> String {
-        let cwd = std::env::current_dir().unwrap_or_default();
-        let rel = |p: &PathBuf| {
-            p.strip_prefix(&cwd)
-                .map(|r| r.display().to_string())
-                .unwrap_or_else(|_| p.display().to_string())
-        };
-        let w = self
-            .outcomes
+    /// The stages that ran because their last result was made by a pipe with another cache
+    /// format, and that format.
+    pub fn other_format(&self) -> Vec<(&str, u32)> {
+        self.outcomes
             .iter()
-            .map(|o| o.stage.len())
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        let mut s = format!(
-            "{:w$}  {:11}  {:>8}  {:12}  artifacts\n",
-            "stage", "status", "time", "key"
-        );
-        for o in &self.outcomes {
-            let time = match o.status {
-                Status::Done | Status::Failed(_) | Status::Interrupted => {
-                    format!("{:.1}s", o.wall.as_secs_f64())
-                }
-                _ => "-".into(),
-            };
-            let key = o.key.as_deref().map(|k| &k[..12]).unwrap_or("-");
-            let loc = o.artifacts.as_ref().map(rel).unwrap_or_else(|| "-".into());
-            s.push_str(&format!(
-                "{:w$}  {:11}  {:>8}  {:12}  {}\n",
-                o.stage,
-                o.status.word(),
-                time,
-                key,
-                loc
-            ));
-        }
-        for o in &self.outcomes {
-            match &o.status {
-                Status::Failed(why) => {
-                    s.push_str(&format!(
-                        "\nstage `{}` failed: {}\n",
-                        o.stage,
-                        why.trim_end()
-                    ));
-                    if let Some(log) = &o.log {
-                        s.push_str(&format!("  log: {}\n", rel(log)));
-                    }
-                }
-                Status::Skipped(why) if why != NOT_SELECTED => {
-                    s.push_str(&format!("stage `{}` did not run: {why}\n", o.stage));
-                }
-                _ => {}
-            }
-        }
-        let left_out: Vec<String> = self
-            .outcomes
-            .iter()
-            .filter(|o| matches!(&o.status, Status::Skipped(r) if r == NOT_SELECTED))
-            .map(|o| format!("`{}`", o.stage))
-            .collect();
-        if !left_out.is_empty() {
-            s.push_str(&format!(
-                "\nleft out (not selected, not in the cache): {}; a run without --only/--until makes {}\n",
-                left_out.join(", "),
-                if left_out.len() == 1 { "it" } else { "them" }
-            ));
-        }
-        if self.interrupted {
-            s.push_str("\ninterrupted: finished stages are in the cache; run the same command again to resume\n");
-        }
-        s
+            .filter_map(|o| match o.why {
+                Some(Why::OtherFormat(f)) => Some((o.stage.as_str(), f)),
+                _ => None,
+            })
+            .collect()
     }
 }
 
-const NOT_SELECTED: &str = "not selected";
+/// What the run loop reports as it goes, to whoever shows it (the binary's live view).
+pub trait Observer: Sync {
+    /// Stage `stage` starts an attempt; it reports its progress to the returned sink.
+    fn started(&self, _stage: &str) -> Arc<dyn Progress> {
+        Arc::new(NoProgress)
+    }
+    /// A stage ended, as `outcome` says.
+    fn finished(&self, _outcome: &Outcome) {}
+    /// A stage that had finished in this run must be made again, and why.
+    fn again(&self, _stage: &str, _why: &str) {}
+}
+
+/// An observer that shows nothing.
+pub struct Unobserved;
+impl Observer for Unobserved {}
+
+/// Why a stage must run (or would, were it selected).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Why {
+    /// `--force`d.
+    Forced,
+    /// No result of this stage was ever recorded in this store.
+    NeverRun,
+    /// Its key changed since its last result: what changed.
+    Changed(Vec<Change>),
+    /// Its last result is gone from the store (garbage-collected or invalidated).
+    Missing,
+    /// Its last result was made by a pipe with this other cache format, which is never reused.
+    OtherFormat(u32),
+    /// Its entry is in the store, but the bytes of outputs are not the recorded ones: a run
+    /// discards and re-makes it.
+    Damaged(Vec<Damage>),
+}
+
+/// What the engine does with a stage whose key is known. [`Engine::decide`] makes it, for
+/// `run`, `run --dry-run` and `status` alike.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// Its result is in the store, intact: reuse it.
+    Reuse(Box<Manifest>),
+    /// Run it.
+    Run(Why),
+    /// Not selected and not reusable: leave it out of this run (it would run because of this).
+    LeaveOut(Why),
+}
+
+/// What `--dry-run` and `status` say of a stage.
+#[derive(Debug, Clone)]
+pub enum PlanState {
+    Decided(Decision),
+    /// Its key depends on outputs of these upstream stages, which are not in the cache yet: it
+    /// runs after them only if their outputs change.
+    WaitsOn(Vec<String>),
+    /// Its key cannot be computed (an input cannot be read).
+    Error(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct PlanRow {
+    pub stage: String,
+    pub kind: String,
+    pub state: PlanState,
+    pub key: Option<String>,
+    /// What the stage itself wants said (e.g. an unpinned source).
+    pub notes: Vec<String>,
+}
 
 /// What a stage needs before it can run: its key recipe, the records of its inputs and where
 /// they are.
@@ -228,77 +259,6 @@ pub struct Engine<'p> {
     pub store: Store,
     pub dag: Dag,
     memo: HashMemo,
-}
-
-/// Whether a stage would run, and why (for `--dry-run` and `status`).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    Cached,
-    NeverRun,
-    Stale(Vec<Change>),
-    /// Its last record is gone from the store (garbage-collected or invalidated).
-    Missing,
-    /// Its entry is in the store, but the bytes of an output are not the recorded ones: the
-    /// next run discards and re-makes it. The first damaged file, described.
-    Damaged(String),
-    Forced,
-    /// Its key depends on outputs of upstream stages that are not in the cache yet.
-    WaitsOn(Vec<String>),
-    NotSelected,
-    Error(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct PlanRow {
-    pub stage: String,
-    pub kind: String,
-    pub verdict: Verdict,
-    pub key: Option<String>,
-    /// What the stage itself wants said (e.g. an unpinned source).
-    pub notes: Vec<String>,
-}
-
-impl std::fmt::Display for PlanRow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.verdict {
-            Verdict::Cached => write!(f, "cached      {}", self.stage),
-            Verdict::NeverRun => write!(f, "run         {}  (never run)", self.stage),
-            Verdict::Missing => write!(
-                f,
-                "run         {}  (its last result is no longer in the store)",
-                self.stage
-            ),
-            Verdict::Stale(c) => {
-                let first = c
-                    .first()
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "key changed".into());
-                let more = if c.len() > 1 {
-                    format!(" (+{} more)", c.len() - 1)
-                } else {
-                    String::new()
-                };
-                write!(f, "run         {}  ({first}{more})", self.stage)
-            }
-            Verdict::Forced => write!(f, "run         {}  (forced)", self.stage),
-            Verdict::Damaged(d) => write!(
-                f,
-                "run         {}  (its stored outputs are damaged: {d})",
-                self.stage
-            ),
-            Verdict::WaitsOn(ups) => write!(
-                f,
-                "run?        {}  (after {} run: only if their outputs change)",
-                self.stage,
-                ups.iter()
-                    .map(|u| format!("`{u}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Verdict::NotSelected => write!(f, "skip        {}  (not selected)", self.stage),
-            Verdict::Error(e) => write!(f, "error       {}  ({e})", self.stage),
-        }
-    }
 }
 
 impl<'p> Engine<'p> {
@@ -363,12 +323,63 @@ impl<'p> Engine<'p> {
             recipe: KeyRecipe {
                 kind: s.kind.to_string(),
                 kind_version: s.kind_version,
-                params: s.params.clone(),
+                fields: s.fields.clone(),
                 inputs: digests,
             },
             inputs,
             paths,
         }))
+    }
+
+    /// The one decision: what to do with stage `i`, whose recipe is `recipe`, in a run with
+    /// this selection. A forced stage runs; else an intact stored result is reused; else the
+    /// stage runs if it is selected, and is left out if not — with the reason it would run.
+    pub fn decide(&self, i: usize, recipe: &KeyRecipe, selection: &SelectionPlan) -> Decision {
+        let selected = selection.selected.contains(&i);
+        if selected && selection.forced.contains(&i) {
+            return Decision::Run(Why::Forced);
+        }
+        let key = recipe.key();
+        let why = match self.store.lookup(&key) {
+            Some(m) => {
+                let damage = self.store.damage(&m);
+                if damage.is_empty() {
+                    return Decision::Reuse(Box::new(m));
+                }
+                Why::Damaged(damage)
+            }
+            None => self.why_not_stored(&self.pipeline.stages[i].id, recipe),
+        };
+        if selected {
+            Decision::Run(why)
+        } else {
+            Decision::LeaveOut(why)
+        }
+    }
+
+    /// Why a stage has no stored result for `now`: never run, its last result gone or of
+    /// another format, or what changed since its last result.
+    fn why_not_stored(&self, stage: &str, now: &KeyRecipe) -> Why {
+        let Some(r) = self.store.read_ref(&self.pipeline.name, stage) else {
+            return Why::NeverRun;
+        };
+        let m = match self.store.entry(&r.key) {
+            Entry::Current(m) => m,
+            Entry::OtherFormat(format) => return Why::OtherFormat(format),
+            Entry::Unreadable => return Why::Missing,
+        };
+        let before = KeyRecipe {
+            kind: m.kind,
+            kind_version: m.kind_version,
+            fields: KeyFields::from_json(m.fields),
+            inputs: m.inputs.into_iter().map(|(k, v)| (k, v.digest)).collect(),
+        };
+        let changes = diff(&before, now);
+        if changes.is_empty() {
+            Why::Missing
+        } else {
+            Why::Changed(changes)
+        }
     }
 
     /// The first input of stage `i` read from a stored entry whose bytes are damaged: that
@@ -377,7 +388,7 @@ impl<'p> Engine<'p> {
         &self,
         i: usize,
         done: &HashMap<usize, Manifest>,
-    ) -> Option<(usize, Vec<crate::store::Damage>)> {
+    ) -> Option<(usize, Vec<Damage>)> {
         self.pipeline.stages[i]
             .inputs
             .iter()
@@ -391,22 +402,16 @@ impl<'p> Engine<'p> {
             })
     }
 
-    /// What a run with `selection` would do, stage by stage, without running anything.
+    /// What a run with `selection` would do, stage by stage, without running anything: the
+    /// same [`Engine::decide`] as the run, for every stage whose key is known now.
     pub fn plan(&mut self, selection: &Selection) -> Result<Vec<PlanRow>, String> {
-        let plan = selection.plan(self.pipeline, &self.dag)?;
+        let selection = selection.plan(self.pipeline, &self.dag)?;
         let mut done: HashMap<usize, Manifest> = HashMap::new();
         let mut rows = Vec::new();
         for i in self.dag.order() {
             let s = &self.pipeline.stages[i];
-            let mut row = PlanRow {
-                stage: s.id.clone(),
-                kind: s.kind.to_string(),
-                verdict: Verdict::NeverRun,
-                key: None,
-                notes: s.stage.notes(),
-            };
-            match self.resolve(i, &done) {
-                Err(e) => row.verdict = Verdict::Error(e),
+            let (state, key) = match self.resolve(i, &done) {
+                Err(e) => (PlanState::Error(e), None),
                 Ok(None) => {
                     let ups = self
                         .dag
@@ -415,246 +420,75 @@ impl<'p> Engine<'p> {
                         .filter(|u| !done.contains_key(u))
                         .map(|u| self.pipeline.stages[u].id.clone())
                         .collect();
-                    row.verdict = Verdict::WaitsOn(ups);
+                    (PlanState::WaitsOn(ups), None)
                 }
                 Ok(Some(r)) => {
-                    let key = r.recipe.key();
-                    let hit = self.store.lookup(&key);
-                    let damage = hit
-                        .as_ref()
-                        .map(|m| self.store.damage(m))
-                        .unwrap_or_default();
-                    row.verdict = if plan.forced.contains(&i) && plan.selected.contains(&i) {
-                        Verdict::Forced
-                    } else if let Some(d) = damage.first() {
-                        Verdict::Damaged(d.to_string())
-                    } else if let Some(m) = &hit {
-                        done.insert(i, m.clone());
-                        Verdict::Cached
-                    } else {
-                        self.explain(&s.id, &r.recipe)
-                    };
-                    row.key = Some(key);
+                    let decision = self.decide(i, &r.recipe, &selection);
+                    if let Decision::Reuse(m) = &decision {
+                        done.insert(i, (**m).clone());
+                    }
+                    (PlanState::Decided(decision), Some(r.recipe.key()))
                 }
-            }
-            if !plan.selected.contains(&i) && row.verdict != Verdict::Cached {
-                row.verdict = Verdict::NotSelected;
-            }
-            rows.push(row);
+            };
+            rows.push(PlanRow {
+                stage: s.id.clone(),
+                kind: s.kind.to_string(),
+                state,
+                key,
+                notes: s.stage.notes(),
+            });
         }
         let _ = self.memo.save();
         Ok(rows)
     }
 
-    /// Why a stage that is not cached would run: never run, or what changed since its last run.
-    fn explain(&self, stage: &str, now: &KeyRecipe) -> Verdict {
-        let Some(r) = self.store.read_ref(&self.pipeline.name, stage) else {
-            return Verdict::NeverRun;
-        };
-        let Some(m) = self.store.read_manifest(&r.key) else {
-            return Verdict::Missing;
-        };
-        let before = KeyRecipe {
-            kind: m.kind,
-            kind_version: m.kind_version,
-            params: m.params,
-            inputs: m.inputs.into_iter().map(|(k, v)| (k, v.digest)).collect(),
-        };
-        let changes = diff(&before, now);
-        if changes.is_empty() {
-            Verdict::Missing
-        } else {
-            Verdict::Stale(changes)
-        }
-    }
-
-    /// Runs the pipeline. Takes the workspace lock for the duration.
+    /// Runs the pipeline. Takes the workspace lock for the duration; reports each stage's
+    /// progress and end to `observer`.
     pub fn run(
         &mut self,
         opts: &RunOptions,
         cancel: Arc<AtomicBool>,
+        observer: &dyn Observer,
     ) -> anyhow::Result<RunSummary> {
         let _lock = WorkspaceLock::acquire(&self.store.root)?;
-        let started_at = SystemTime::now();
         let t0 = Instant::now();
-        let plan = opts
+        let selection = opts
             .selection
             .plan(self.pipeline, &self.dag)
             .map_err(|e| anyhow::anyhow!(e))?;
-        let order = self.dag.order();
-        let n = self.pipeline.stages.len();
-        let jobs = opts.jobs.max(1);
-        let lines: Vec<StageLine> = self
-            .pipeline
-            .stages
-            .iter()
-            .map(|s| StageLine::new(&s.id))
-            .collect();
-
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
-        let mut done: HashMap<usize, Manifest> = HashMap::new();
-        let mut running: HashMap<usize, (String, Instant)> = HashMap::new();
-        // Written now and as stages start or hit, so that a killed run leaves its record too
-        // (gc keeps what it used, and the work dirs it would resume from).
-        let mut record = RunRecord {
-            pipeline: self.pipeline.name.clone(),
-            started: humantime::format_rfc3339_millis(started_at).to_string(),
-            keys: BTreeMap::new(),
-            finished: false,
-        };
-        self.store.record_run(&record)?;
-        // Stages whose entry was found damaged and discarded in this run: each is re-made once.
-        let mut remade: HashSet<usize> = HashSet::new();
+        let mut run = RunLoop::new(self, selection, opts.jobs.max(1), observer)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<(usize, Attempt)>();
-
-        let pipeline = self.pipeline;
         std::thread::scope(|scope| -> anyhow::Result<()> {
             loop {
                 if cancel.load(Ordering::SeqCst) {
                     stop.store(true, Ordering::SeqCst);
                 }
-                let stopping = stop.load(Ordering::SeqCst);
                 let mut progressed = false;
-                for &i in &order {
-                    if outcomes[i].is_some() || running.contains_key(&i) {
+                for i in run.order.clone() {
+                    if run.outcomes[i].is_some() || run.running.contains_key(&i) {
                         continue;
                     }
-                    let id = &pipeline.stages[i].id;
-                    let ups = self.dag.upstream(i);
-                    if let Some(&bad) = ups
-                        .iter()
-                        .find(|u| outcomes[**u].is_some() && !done.contains_key(u))
-                    {
-                        let up = &pipeline.stages[bad].id;
-                        if !plan.selected.contains(&i) {
-                            // Its upstream did not complete, but it was not asked for either.
-                            lines[i].finish("skipped", NOT_SELECTED);
-                            outcomes[i] =
-                                Some(Outcome::new(id, Status::Skipped(NOT_SELECTED.into())));
+                    let stopping = stop.load(Ordering::SeqCst);
+                    match run.step(i, stopping)? {
+                        Step::Wait => {}
+                        Step::Progressed => progressed = true,
+                        Step::Start(job) => {
+                            let job = Job {
+                                cancel: stop.clone(),
+                                ..*job
+                            };
+                            let tx = tx.clone();
+                            let pipeline = run.engine.pipeline;
+                            scope.spawn(move || {
+                                let attempt = job.attempt(pipeline);
+                                let _ = tx.send((job.stage_index, attempt));
+                            });
                             progressed = true;
-                            continue;
-                        }
-                        let why = match &outcomes[bad].as_ref().expect("finished").status {
-                            Status::Skipped(r) if r == NOT_SELECTED => format!(
-                                "it reads `{up}`, which is not selected and not in the cache (run it first, or widen the selection)"
-                            ),
-                            _ => format!("upstream stage `{up}` did not complete"),
-                        };
-                        lines[i].finish("skipped", &why);
-                        outcomes[i] = Some(Outcome::new(id, Status::Skipped(why)));
-                        progressed = true;
-                        continue;
-                    }
-                    if ups.iter().any(|u| !done.contains_key(u)) {
-                        continue;
-                    }
-                    let resolved = match self.resolve(i, &done) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => continue,
-                        Err(e) => {
-                            lines[i].finish("FAILED", &e);
-                            outcomes[i] = Some(Outcome::new(id, Status::Failed(e)));
-                            progressed = true;
-                            continue;
-                        }
-                    };
-                    let key = resolved.recipe.key();
-                    let selected = plan.selected.contains(&i);
-                    let forced = plan.forced.contains(&i) && selected;
-                    if !forced {
-                        if let Some(m) = self.store.lookup_intact(&key) {
-                            if let Err(e) = deliver(&pipeline.stages[i], &self.store.out_dir(&key))
-                            {
-                                lines[i].finish("FAILED", &e);
-                                outcomes[i] = Some(
-                                    Outcome::new(id, Status::Failed(e))
-                                        .keyed(&key)
-                                        .stored_in(self.store.out_dir(&key)),
-                                );
-                                progressed = true;
-                                continue;
-                            }
-                            lines[i].finish("cached", &key[..12]);
-                            self.store.write_ref(
-                                &pipeline.name,
-                                id,
-                                &StageRef {
-                                    key: key.clone(),
-                                    finished: m.finished.clone(),
-                                },
-                            )?;
-                            record.keys.insert(id.clone(), key.clone());
-                            self.store.record_run(&record)?;
-                            outcomes[i] = Some(
-                                Outcome::new(id, Status::Cached)
-                                    .keyed(&key)
-                                    .stored_in(self.store.out_dir(&key)),
-                            );
-                            done.insert(i, m);
-                            progressed = true;
-                            continue;
                         }
                     }
-                    if !selected {
-                        lines[i].finish("skipped", NOT_SELECTED);
-                        outcomes[i] = Some(Outcome::new(id, Status::Skipped(NOT_SELECTED.into())));
-                        progressed = true;
-                        continue;
-                    }
-                    if stopping {
-                        lines[i].finish("skipped", "interrupted before it started");
-                        let why = "the run was interrupted before it started";
-                        outcomes[i] = Some(Outcome::new(id, Status::Skipped(why.into())));
-                        progressed = true;
-                        continue;
-                    }
-                    // Two stages with the same recipe share one entry: the second waits.
-                    if running.len() >= jobs || running.values().any(|(k, _)| *k == key) {
-                        continue;
-                    }
-                    // Its inputs are read from the store: their bytes are checked first, and a
-                    // damaged upstream entry is discarded and re-made before this stage runs.
-                    if let Some((up, damage)) = self.damaged_input(i, &done) {
-                        let up_id = &pipeline.stages[up].id;
-                        let m = done.remove(&up).expect("a damaged input was done");
-                        self.store.discard(&m, &damage);
-                        if remade.insert(up) {
-                            lines[up].again("its stored outputs were damaged; re-making them");
-                            outcomes[up] = None;
-                        } else {
-                            let why = format!(
-                                "the stored outputs of `{up_id}` were damaged again after it was re-made in this run: {}",
-                                damage[0]
-                            );
-                            lines[i].finish("FAILED", &why);
-                            outcomes[i] = Some(Outcome::new(id, Status::Failed(why)).keyed(&key));
-                        }
-                        progressed = true;
-                        continue;
-                    }
-                    record.keys.insert(id.clone(), key.clone());
-                    self.store.record_run(&record)?;
-                    lines[i].running();
-                    running.insert(i, (key.clone(), Instant::now()));
-                    let job = Job {
-                        store: self.store.clone(),
-                        pipeline: pipeline.name.clone(),
-                        base_dir: pipeline.base_dir.clone(),
-                        stage_index: i,
-                        key,
-                        resolved,
-                        cancel: stop.clone(),
-                        progress: Arc::new(lines[i].reporter()),
-                    };
-                    let tx = tx.clone();
-                    scope.spawn(move || {
-                        let attempt = job.attempt(pipeline);
-                        let _ = tx.send((job.stage_index, attempt));
-                    });
-                    progressed = true;
                 }
-                if outcomes.iter().all(Option::is_some) {
+                if run.outcomes.iter().all(Option::is_some) {
                     break;
                 }
                 if progressed {
@@ -662,56 +496,7 @@ impl<'p> Engine<'p> {
                 }
                 // Nothing could start: wait for a running stage (or a signal).
                 match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok((i, attempt)) => {
-                        let (key, t) = running.remove(&i).expect("was running");
-                        let wall = t.elapsed();
-                        let id = &pipeline.stages[i].id;
-                        let outcome = match attempt {
-                            Attempt::Done(m) => {
-                                self.store.write_ref(
-                                    &pipeline.name,
-                                    id,
-                                    &StageRef {
-                                        key: key.clone(),
-                                        finished: m.finished.clone(),
-                                    },
-                                )?;
-                                let out = self.store.out_dir(&key);
-                                let status = match deliver(&pipeline.stages[i], &out) {
-                                    // The outputs are stored; only their delivery failed.
-                                    Err(e) => {
-                                        lines[i].finish("FAILED", &e);
-                                        Status::Failed(e)
-                                    }
-                                    Ok(()) => {
-                                        lines[i]
-                                            .finish("done", &format!("{:.1}s", wall.as_secs_f64()));
-                                        done.insert(i, *m);
-                                        Status::Done
-                                    }
-                                };
-                                Outcome::new(id, status)
-                                    .keyed(&key)
-                                    .stored_in(out)
-                                    .took(wall)
-                            }
-                            Attempt::Failed { error, log } => {
-                                lines[i].finish("FAILED", &first_line(&error));
-                                Outcome::new(id, Status::Failed(error))
-                                    .keyed(&key)
-                                    .took(wall)
-                                    .logged(log)
-                            }
-                            Attempt::Interrupted { log } => {
-                                lines[i].finish("interrupted", "state saved");
-                                Outcome::new(id, Status::Interrupted)
-                                    .keyed(&key)
-                                    .took(wall)
-                                    .logged(log)
-                            }
-                        };
-                        outcomes[i] = Some(outcome);
-                    }
+                    Ok((i, attempt)) => run.collect(i, attempt)?,
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
                         unreachable!("the coordinator holds a sender")
@@ -720,24 +505,262 @@ impl<'p> Engine<'p> {
             }
             Ok(())
         })?;
-
+        let summary = run.finish(stop.load(Ordering::SeqCst), t0.elapsed());
         tracing::debug!(
             "read {} bytes of external inputs to hash them",
             self.memo.bytes_hashed
         );
         let _ = self.memo.save();
-        record.finished = true;
-        let _ = self.store.record_run(&record);
-        let outcomes: Vec<Outcome> = order
-            .iter()
-            .map(|&i| outcomes[i].take().expect("every stage ends"))
-            .collect();
-        Ok(RunSummary {
-            pipeline: pipeline.name.clone(),
-            interrupted: stop.load(Ordering::SeqCst),
-            outcomes,
-            wall: t0.elapsed(),
+        Ok(summary)
+    }
+}
+
+/// What the coordinator did with a stage in one pass.
+enum Step {
+    /// Nothing yet: its upstream stages are still running, or no job slot is free.
+    Wait,
+    /// It ended (cached, skipped, failed) or a damaged input was sent back to be re-made.
+    Progressed,
+    /// Start this attempt on a worker thread.
+    Start(Box<Job>),
+}
+
+/// The state of one run: what has ended, what runs, and the run's record.
+struct RunLoop<'e, 'p> {
+    engine: &'e mut Engine<'p>,
+    selection: SelectionPlan,
+    observer: &'e dyn Observer,
+    jobs: usize,
+    order: Vec<usize>,
+    outcomes: Vec<Option<Outcome>>,
+    /// Stages whose result is in the store: their manifests.
+    done: HashMap<usize, Manifest>,
+    /// Stage → (key, why it runs, when it started).
+    running: HashMap<usize, (String, Why, Instant)>,
+    /// Stages whose entry was found damaged and discarded in this run: each is re-made once.
+    remade: HashSet<usize>,
+    record: RunRecord,
+}
+
+impl<'e, 'p> RunLoop<'e, 'p> {
+    fn new(
+        engine: &'e mut Engine<'p>,
+        selection: SelectionPlan,
+        jobs: usize,
+        observer: &'e dyn Observer,
+    ) -> anyhow::Result<Self> {
+        let n = engine.pipeline.stages.len();
+        // Written now and as stages start or hit, so that a killed run leaves its record too
+        // (gc keeps what it used, and the work dirs it would resume from).
+        let record = RunRecord {
+            pipeline: engine.pipeline.name.clone(),
+            started: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            keys: BTreeMap::new(),
+            finished: false,
+        };
+        engine.store.record_run(&record)?;
+        Ok(RunLoop {
+            order: engine.dag.order(),
+            engine,
+            selection,
+            observer,
+            jobs,
+            outcomes: vec![None; n],
+            done: HashMap::new(),
+            running: HashMap::new(),
+            remade: HashSet::new(),
+            record,
         })
+    }
+
+    /// Records how stage `i` ended and tells the observer.
+    fn end(&mut self, i: usize, outcome: Outcome) {
+        self.observer.finished(&outcome);
+        self.outcomes[i] = Some(outcome);
+    }
+
+    /// Moves stage `i` on, if it can: skipped after a failed upstream stage, reused, left out,
+    /// or started.
+    fn step(&mut self, i: usize, stopping: bool) -> anyhow::Result<Step> {
+        let pipeline = self.engine.pipeline;
+        let id = &pipeline.stages[i].id;
+        let ups = self.engine.dag.upstream(i);
+        if let Some(&bad) = ups
+            .iter()
+            .find(|u| self.outcomes[**u].is_some() && !self.done.contains_key(u))
+        {
+            let skip = if !self.selection.selected.contains(&i) {
+                // Its upstream did not complete, but it was not asked for either.
+                Skip::NotSelected
+            } else {
+                let up = pipeline.stages[bad].id.clone();
+                match &self.outcomes[bad].as_ref().expect("finished").status {
+                    Status::Skipped(Skip::NotSelected) => Skip::ReadsUnselected(up),
+                    _ => Skip::UpstreamFailed(up),
+                }
+            };
+            self.end(i, Outcome::new(id, Status::Skipped(skip)));
+            return Ok(Step::Progressed);
+        }
+        if ups.iter().any(|u| !self.done.contains_key(u)) {
+            return Ok(Step::Wait);
+        }
+        let resolved = match self.engine.resolve(i, &self.done) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(Step::Wait),
+            Err(e) => {
+                self.end(i, Outcome::new(id, Status::Failed(e)));
+                return Ok(Step::Progressed);
+            }
+        };
+        let key = resolved.recipe.key();
+        let why = match self.engine.decide(i, &resolved.recipe, &self.selection) {
+            Decision::Reuse(m) => {
+                self.reuse(i, &key, *m)?;
+                return Ok(Step::Progressed);
+            }
+            Decision::LeaveOut(_) => {
+                self.end(i, Outcome::new(id, Status::Skipped(Skip::NotSelected)));
+                return Ok(Step::Progressed);
+            }
+            Decision::Run(why) => why,
+        };
+        if stopping {
+            self.end(i, Outcome::new(id, Status::Skipped(Skip::Interrupted)));
+            return Ok(Step::Progressed);
+        }
+        // Two stages with the same recipe share one entry: the second waits.
+        if self.running.len() >= self.jobs || self.running.values().any(|(k, ..)| *k == key) {
+            return Ok(Step::Wait);
+        }
+        // Its inputs are read from the store: their bytes are checked first, and a damaged
+        // upstream entry is discarded and re-made before this stage runs.
+        if let Some((up, damage)) = self.engine.damaged_input(i, &self.done) {
+            self.remake(i, up, &key, &damage);
+            return Ok(Step::Progressed);
+        }
+        if let Why::Damaged(damage) = &why {
+            self.engine.store.discard(&key, damage);
+        }
+        self.record.keys.insert(id.clone(), key.clone());
+        self.engine.store.record_run(&self.record)?;
+        let progress = self.observer.started(id);
+        self.running
+            .insert(i, (key.clone(), why.clone(), Instant::now()));
+        Ok(Step::Start(Box::new(Job {
+            store: self.engine.store.clone(),
+            pipeline: pipeline.name.clone(),
+            base_dir: pipeline.base_dir.clone(),
+            stage_index: i,
+            key,
+            resolved,
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress,
+        })))
+    }
+
+    /// Stage `i`'s result is in the store: deliver it (where the stage delivers), point the
+    /// pipeline's ref at it, and record it as used by this run.
+    fn reuse(&mut self, i: usize, key: &str, m: Manifest) -> anyhow::Result<()> {
+        let pipeline = self.engine.pipeline;
+        let id = &pipeline.stages[i].id;
+        let out = self.engine.store.out_dir(key);
+        if let Err(e) = deliver(&pipeline.stages[i], &out) {
+            let outcome = Outcome::new(id, Status::Failed(e))
+                .keyed(key)
+                .stored_in(out);
+            self.end(i, outcome);
+            return Ok(());
+        }
+        self.engine.store.write_ref(
+            &pipeline.name,
+            id,
+            &StageRef {
+                key: key.to_string(),
+                finished: m.finished.clone(),
+            },
+        )?;
+        self.record.keys.insert(id.clone(), key.to_string());
+        self.engine.store.record_run(&self.record)?;
+        self.done.insert(i, m);
+        self.end(
+            i,
+            Outcome::new(id, Status::Cached).keyed(key).stored_in(out),
+        );
+        Ok(())
+    }
+
+    /// Stage `i` reads the damaged entry of stage `up`: discard it and send `up` back to be
+    /// made again (once per run; a second time, `i` fails).
+    fn remake(&mut self, i: usize, up: usize, key: &str, damage: &[Damage]) {
+        let pipeline = self.engine.pipeline;
+        let m = self.done.remove(&up).expect("a damaged input was done");
+        self.engine.store.discard(&m.key, damage);
+        if self.remade.insert(up) {
+            self.observer.again(
+                &pipeline.stages[up].id,
+                "its stored outputs were damaged; re-making them",
+            );
+            self.outcomes[up] = None;
+        } else {
+            let why = format!(
+                "the stored outputs of `{}` were damaged again after it was re-made in this run: {}",
+                pipeline.stages[up].id, damage[0]
+            );
+            let outcome = Outcome::new(&pipeline.stages[i].id, Status::Failed(why)).keyed(key);
+            self.end(i, outcome);
+        }
+    }
+
+    /// An attempt of stage `i` ended on its worker thread.
+    fn collect(&mut self, i: usize, attempt: Attempt) -> anyhow::Result<()> {
+        let pipeline = self.engine.pipeline;
+        let (key, why, t) = self.running.remove(&i).expect("was running");
+        let wall = t.elapsed();
+        let id = &pipeline.stages[i].id;
+        let outcome = match attempt {
+            Attempt::Done(m) => {
+                self.engine.store.write_ref(
+                    &pipeline.name,
+                    id,
+                    &StageRef {
+                        key: key.clone(),
+                        finished: m.finished.clone(),
+                    },
+                )?;
+                let out = self.engine.store.out_dir(&key);
+                let status = match deliver(&pipeline.stages[i], &out) {
+                    // The outputs are stored; only their delivery failed.
+                    Err(e) => Status::Failed(e),
+                    Ok(()) => {
+                        self.done.insert(i, *m);
+                        Status::Done
+                    }
+                };
+                Outcome::new(id, status).stored_in(out)
+            }
+            Attempt::Failed { error, log } => Outcome::new(id, Status::Failed(error)).logged(log),
+            Attempt::Interrupted { log } => Outcome::new(id, Status::Interrupted).logged(log),
+        };
+        self.end(i, outcome.keyed(&key).took(wall).because(why));
+        Ok(())
+    }
+
+    /// The summary, in dependency order; the run's record marked finished.
+    fn finish(mut self, interrupted: bool, wall: Duration) -> RunSummary {
+        self.record.finished = true;
+        let _ = self.engine.store.record_run(&self.record);
+        let outcomes = self
+            .order
+            .iter()
+            .map(|&i| self.outcomes[i].take().expect("every stage ends"))
+            .collect();
+        RunSummary {
+            pipeline: self.engine.pipeline.name.clone(),
+            outcomes,
+            interrupted,
+            wall,
+        }
     }
 }
 
@@ -751,10 +774,6 @@ fn deliver(def: &crate::spec::StageDef, out: &std::path::Path) -> Result<(), Str
         Ok(None) => Ok(()),
         Err(e) => Err(format!("cannot deliver the outputs: {e:#}")),
     }
-}
-
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").chars().take(100).collect()
 }
 
 enum Attempt {
@@ -772,7 +791,7 @@ struct Job {
     key: String,
     resolved: Resolved,
     cancel: Arc<AtomicBool>,
-    progress: Arc<dyn crate::kind::Progress>,
+    progress: Arc<dyn Progress>,
 }
 
 impl Job {
@@ -864,7 +883,7 @@ impl Job {
             stage: def.id.clone(),
             kind: def.kind.to_string(),
             kind_version: def.kind_version,
-            params: def.params.clone(),
+            fields: def.fields.as_json().clone(),
             inputs: self.resolved.inputs.clone(),
             outputs: Vec::new(),
             outputs_digest: String::new(),

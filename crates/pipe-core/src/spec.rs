@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
 use crate::diag::{FieldError, FieldPath, Origin, SpecError, Target};
-use crate::kind::{Input, InputSource, ParseContext, Registry, Stage, StageInfo};
+use crate::kind::{Input, InputSource, ParseContext, Registry, Stage, StageInfo, StageKind};
 
 /// A parsed, checked pipeline.
 pub struct Pipeline {
@@ -40,7 +40,8 @@ pub struct StageDef {
     pub kind: &'static str,
     pub kind_version: u32,
     pub inputs: Vec<Input>,
-    pub params: serde_json::Value,
+    /// Its kind's key fields (see [`crate::key`]).
+    pub fields: crate::key::KeyFields,
     pub stage: Box<dyn Stage>,
 }
 
@@ -65,7 +66,7 @@ impl Pipeline {
     pub fn stage_info(&self, id: &str) -> Option<StageInfo<'_>> {
         self.stage(id).map(|u| StageInfo {
             kind: u.kind,
-            params: &u.params,
+            fields: u.fields.as_json(),
             inputs: &u.inputs,
         })
     }
@@ -145,14 +146,88 @@ pub fn parse(
     overrides: &[String],
     registry: &Registry,
 ) -> Result<Pipeline, LoadError> {
-    let spec_err = |e: FieldError, origin: Origin| {
-        LoadError::Spec(Box::new(SpecError::locate(file, src, e, origin)))
+    let raw = read_document(file, src)?;
+    let mut params = raw.params;
+    let mut stage_maps = stage_mappings(file, src, raw.stages)?;
+    let overrides = apply_overrides(overrides, &mut params, &mut stage_maps)?;
+    let at = Locator {
+        file,
+        src,
+        overrides: &overrides,
+    };
+    let base_dir = base_dir(file);
+    let stage_ids: Vec<String> = stage_maps.iter().map(|(id, _)| id.clone()).collect();
+    let scope = Scope {
+        at: &at,
+        registry,
+        params: &params,
+        stage_ids: &stage_ids,
+        base_dir: &base_dir,
+    };
+    let stages = stage_maps
+        .into_iter()
+        .map(|(id, fields)| parse_stage(&scope, id, fields))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_inputs(&at, &stages, &stage_ids, &base_dir)?;
+    let pipeline = Pipeline {
+        name: raw.name,
+        file: file.to_path_buf(),
+        base_dir,
+        stages,
+    };
+    check_acyclic(&at, &pipeline)?;
+    check_upstream(&at, &pipeline)?;
+    Ok(pipeline)
+}
+
+/// Turns a [`FieldError`] into a [`LoadError`] located at its file, line and column.
+struct Locator<'a> {
+    file: &'a Path,
+    src: &'a str,
+    /// The `--set`s applied: an error in a field one of them set is blamed on it.
+    overrides: &'a [Override],
+}
+
+impl Locator<'_> {
+    fn error(&self, e: FieldError, origin: Origin) -> LoadError {
+        LoadError::Spec(Box::new(SpecError::locate(self.file, self.src, e, origin)))
+    }
+    /// The `--set` that supplied the field at `path`, else the file.
+    fn origin_of(&self, path: &FieldPath) -> Origin {
+        self.overrides
+            .iter()
+            .find(|o| path.0.starts_with(&o.path.0))
+            .map(|o| Origin::Override(o.text.clone()))
+            .unwrap_or(Origin::File)
+    }
+    /// [`Self::error`], blamed on the file or on the `--set` that supplied the field.
+    fn error_in_field(&self, e: FieldError) -> LoadError {
+        let origin = self.origin_of(&e.path);
+        self.error(e, origin)
+    }
+}
+
+/// What parsing one stage sees of the whole pipeline.
+struct Scope<'a> {
+    at: &'a Locator<'a>,
+    registry: &'a Registry,
+    params: &'a Mapping,
+    stage_ids: &'a [String],
+    base_dir: &'a Path,
+}
+
+/// Parses the YAML document and checks the pipeline's `name` and that it has stages.
+fn read_document(file: &Path, src: &str) -> Result<RawPipeline, LoadError> {
+    let at = Locator {
+        file,
+        src,
+        overrides: &[],
     };
     let raw: RawPipeline = serde_yaml::from_str(src)
         .map_err(|e| LoadError::Spec(Box::new(SpecError::from_yaml(file, src, &e))))?;
     let root = FieldPath::root();
     if raw.name.trim().is_empty() {
-        return Err(spec_err(
+        return Err(at.error(
             FieldError::new(
                 root.key("name"),
                 Target::Value,
@@ -162,9 +237,8 @@ pub fn parse(
             Origin::File,
         ));
     }
-
     if raw.stages.is_empty() {
-        return Err(spec_err(
+        return Err(at.error(
             FieldError::new(
                 root.key("stages"),
                 Target::Key,
@@ -174,11 +248,26 @@ pub fn parse(
             Origin::File,
         ));
     }
-    let mut params = raw.params;
+    Ok(raw)
+}
+
+/// The `stages:` entries in file order, `(id, fields)`, each id checked and each entry a
+/// mapping.
+fn stage_mappings(
+    file: &Path,
+    src: &str,
+    stages: Mapping,
+) -> Result<Vec<(String, Value)>, LoadError> {
+    let at = Locator {
+        file,
+        src,
+        overrides: &[],
+    };
+    let root = FieldPath::root();
     let mut stage_maps: Vec<(String, Value)> = Vec::new();
-    for (k, v) in raw.stages {
+    for (k, v) in stages {
         let Some(id) = k.as_str().map(str::to_string) else {
-            return Err(spec_err(
+            return Err(at.error(
                 FieldError::new(root.key("stages"), Target::Key, "stage ids must be strings"),
                 Origin::File,
             ));
@@ -189,14 +278,14 @@ pub fn parse(
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
-            return Err(spec_err(
+            return Err(at.error(
                 FieldError::new(path, Target::Key, format!("invalid stage id `{id}`"))
                     .with_help("stage ids use letters, digits, `_` and `-` (a `.` separates a stage from one of its outputs)"),
                 Origin::File,
             ));
         }
         if !v.is_mapping() {
-            return Err(spec_err(
+            return Err(at.error(
                 FieldError::new(
                     path,
                     Target::Value,
@@ -207,23 +296,27 @@ pub fn parse(
         }
         stage_maps.push((id, v));
     }
-    let stage_ids: Vec<String> = stage_maps.iter().map(|(id, _)| id.clone()).collect();
+    Ok(stage_maps)
+}
 
-    let overrides = overrides
+/// Parses the `--set`s and applies them, in order, to the params and the stages' fields.
+fn apply_overrides(
+    texts: &[String],
+    params: &mut Mapping,
+    stage_maps: &mut [(String, Value)],
+) -> Result<Vec<Override>, LoadError> {
+    let overrides = texts
         .iter()
         .map(|o| parse_override(o))
         .collect::<Result<Vec<_>, _>>()?;
     for o in &overrides {
-        apply_override(o, &mut params, &mut stage_maps)?;
+        apply_override(o, params, stage_maps)?;
     }
-    let origin_of = |path: &FieldPath| -> Origin {
-        overrides
-            .iter()
-            .find(|o| path.0.starts_with(&o.path.0))
-            .map(|o| Origin::Override(o.text.clone()))
-            .unwrap_or(Origin::File)
-    };
+    Ok(overrides)
+}
 
+/// The directory holding `file` (`.` for a bare file name), absolute where it exists.
+fn base_dir(file: &Path) -> PathBuf {
     let base_dir = file
         .parent()
         .map(|p| {
@@ -235,164 +328,203 @@ pub fn parse(
         })
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let base_dir = base_dir.canonicalize().unwrap_or(base_dir);
+    base_dir.canonicalize().unwrap_or(base_dir)
+}
 
-    let mut stages = Vec::new();
-    for (id, value) in stage_maps {
-        let path = root.key("stages").key(&id);
-        let Value::Mapping(mut fields) = value else {
-            unreachable!("checked above")
-        };
-        let kind_name = match fields.remove("kind") {
-            Some(Value::String(s)) => s,
-            Some(_) => {
-                return Err(spec_err(
-                    FieldError::new(path.key("kind"), Target::Value, "`kind` must be a string"),
-                    Origin::File,
-                ))
-            }
-            None => {
-                return Err(spec_err(
-                    FieldError::new(
-                        path.key("kind"),
-                        Target::Key,
-                        format!("missing field `kind` in stage `{id}`"),
-                    )
-                    .with_help(format!("known kinds: {}", registry.names().join(", "))),
-                    Origin::File,
-                ))
-            }
-        };
-        let Some(kind) = registry.get(&kind_name) else {
-            return Err(spec_err(
+/// Types one stage through its kind, after substituting `${params.…}` in its fields.
+fn parse_stage(scope: &Scope<'_>, id: String, fields: Value) -> Result<StageDef, LoadError> {
+    let path = FieldPath::root().key("stages").key(&id);
+    let Value::Mapping(mut fields) = fields else {
+        unreachable!("checked by stage_mappings")
+    };
+    let kind = stage_kind(scope, &id, &path, &mut fields)?;
+    let mut fields = Value::Mapping(fields);
+    substitute_params(&mut fields, scope.params, &path).map_err(|e| scope.at.error_in_field(e))?;
+    let cx = ParseContext {
+        stage_id: &id,
+        path: path.clone(),
+        stage_ids: scope.stage_ids,
+        base_dir: scope.base_dir,
+        workspace: scope.registry.workspace(),
+    };
+    let stage = kind
+        .parse(&cx, fields)
+        .map_err(|e| scope.at.error_in_field(e))?;
+    Ok(StageDef {
+        id,
+        kind: kind.name(),
+        kind_version: kind.version(),
+        inputs: stage.inputs(),
+        fields: stage.key_fields(),
+        stage,
+    })
+}
+
+/// Takes the `kind` field out of a stage's fields and finds that kind in the registry.
+fn stage_kind<'r>(
+    scope: &Scope<'r>,
+    id: &str,
+    path: &FieldPath,
+    fields: &mut Mapping,
+) -> Result<&'r dyn StageKind, LoadError> {
+    let at = scope.at;
+    let known_kinds = || format!("known kinds: {}", scope.registry.names().join(", "));
+    let kind_name = match fields.remove("kind") {
+        Some(Value::String(s)) => s,
+        Some(_) => {
+            return Err(at.error(
+                FieldError::new(path.key("kind"), Target::Value, "`kind` must be a string"),
+                Origin::File,
+            ))
+        }
+        None => {
+            return Err(at.error(
                 FieldError::new(
                     path.key("kind"),
-                    Target::Value,
-                    format!("unknown stage kind `{kind_name}`"),
+                    Target::Key,
+                    format!("missing field `kind` in stage `{id}`"),
                 )
-                .with_help(format!("known kinds: {}", registry.names().join(", "))),
+                .with_help(known_kinds()),
                 Origin::File,
-            ));
-        };
-        let mut fields = Value::Mapping(fields);
-        substitute_params(&mut fields, &params, &path).map_err(|e| {
-            let o = origin_of(&e.path);
-            spec_err(e, o)
-        })?;
-        let cx = ParseContext {
-            stage_id: &id,
-            path: path.clone(),
-            stage_ids: &stage_ids,
-            base_dir: &base_dir,
-            workspace: registry.workspace(),
-        };
-        let stage = kind.parse(&cx, fields).map_err(|e| {
-            let o = origin_of(&e.path);
-            spec_err(e, o)
-        })?;
-        stages.push(StageDef {
-            id,
-            kind: kind.name(),
-            kind_version: kind.version(),
-            inputs: stage.inputs(),
-            params: stage.params(),
-            stage,
-        });
-    }
+            ))
+        }
+    };
+    scope.registry.get(&kind_name).ok_or_else(|| {
+        at.error(
+            FieldError::new(
+                path.key("kind"),
+                Target::Value,
+                format!("unknown stage kind `{kind_name}`"),
+            )
+            .with_help(known_kinds()),
+            Origin::File,
+        )
+    })
+}
 
-    // External inputs must exist; references to outputs must be ones the stage promises.
-    for s in &stages {
+/// External inputs must exist; references to outputs must be ones the stage promises.
+fn check_inputs(
+    at: &Locator<'_>,
+    stages: &[StageDef],
+    stage_ids: &[String],
+    base_dir: &Path,
+) -> Result<(), LoadError> {
+    for s in stages {
         for input in &s.inputs {
-            if let InputSource::Path(p) = &input.source {
-                if !p.exists() {
-                    let help = if input.name.contains('.') {
-                        format!(
-                            "paths are read from {}; a `stage.output` reference needs one of these stages: {}",
-                            base_dir.display(),
-                            stage_ids.join(", ")
-                        )
-                    } else {
-                        format!("paths are read from {}", base_dir.display())
-                    };
-                    return Err(spec_err(
-                        FieldError::new(
-                            input.field.clone(),
-                            Target::Value,
-                            format!("input `{}` does not exist ({})", input.name, p.display()),
-                        )
-                        .with_help(help),
-                        origin_of(&input.field),
-                    ));
-                }
-            }
-            if let InputSource::Stage {
-                stage,
-                output: Some(output),
-            } = &input.source
-            {
-                let up = stages
-                    .iter()
-                    .find(|u| &u.id == stage)
-                    .expect("ids checked by the kind");
-                if let Some(outs) = up.stage.outputs() {
-                    let ok = outs.iter().any(|o| {
-                        output == o
-                            || output.starts_with(&format!("{o}/"))
-                            || o.starts_with(&format!("{output}/"))
-                    });
-                    if !ok {
-                        return Err(spec_err(
-                            FieldError::new(
-                                input.field.clone(),
-                                Target::Value,
-                                format!("stage `{stage}` has no output `{output}`"),
-                            )
-                            .with_help(format!("`{stage}` produces: {}", outs.join(", "))),
-                            origin_of(&input.field),
-                        ));
-                    }
-                }
+            match &input.source {
+                InputSource::Path(p) => check_path_exists(at, input, p, stage_ids, base_dir)?,
+                InputSource::Stage {
+                    stage,
+                    output: Some(output),
+                } => check_output_exists(at, input, stages, stage, output)?,
+                InputSource::Stage { output: None, .. } => {}
             }
         }
     }
+    Ok(())
+}
 
-    let pipeline = Pipeline {
-        name: raw.name,
-        file: file.to_path_buf(),
-        base_dir,
-        stages,
-    };
-    if let Some(cycle) = crate::graph::find_cycle(&pipeline) {
-        let first = pipeline.stage(&cycle[0]).expect("cycle stage");
-        let field = first
-            .inputs
-            .iter()
-            .find(|i| matches!(&i.source, InputSource::Stage { stage, .. } if *stage == cycle[1 % cycle.len()]))
-            .map(|i| i.field.clone())
-            .unwrap_or_else(|| root.key("stages").key(&cycle[0]));
-        let mut shown = cycle.clone();
-        shown.push(cycle[0].clone());
-        return Err(spec_err(
-            FieldError::new(
-                field,
-                Target::Value,
-                format!(
-                    "dependency cycle: {} (each stage reads from the next)",
-                    shown.join(" → ")
-                ),
-            )
-            .with_help("a stage cannot depend, directly or through others, on itself"),
-            Origin::File,
-        ));
+/// An external input's path must exist (a mistyped `stage.output` reads as a path too).
+fn check_path_exists(
+    at: &Locator<'_>,
+    input: &Input,
+    p: &Path,
+    stage_ids: &[String],
+    base_dir: &Path,
+) -> Result<(), LoadError> {
+    if p.exists() {
+        return Ok(());
     }
+    let help = if input.name.contains('.') {
+        format!(
+            "paths are read from {}; a `stage.output` reference needs one of these stages: {}",
+            base_dir.display(),
+            stage_ids.join(", ")
+        )
+    } else {
+        format!("paths are read from {}", base_dir.display())
+    };
+    Err(at.error(
+        FieldError::new(
+            input.field.clone(),
+            Target::Value,
+            format!("input `{}` does not exist ({})", input.name, p.display()),
+        )
+        .with_help(help),
+        at.origin_of(&input.field),
+    ))
+}
+
+/// A `stage.output` reference must name an output (or a path inside or above one) that the
+/// stage declares, where it declares them.
+fn check_output_exists(
+    at: &Locator<'_>,
+    input: &Input,
+    stages: &[StageDef],
+    stage: &str,
+    output: &str,
+) -> Result<(), LoadError> {
+    let up = stages
+        .iter()
+        .find(|u| u.id == stage)
+        .expect("ids checked by the kind");
+    let Some(outs) = up.stage.outputs() else {
+        return Ok(());
+    };
+    let ok = outs.iter().any(|o| {
+        output == o || output.starts_with(&format!("{o}/")) || o.starts_with(&format!("{output}/"))
+    });
+    if ok {
+        return Ok(());
+    }
+    Err(at.error(
+        FieldError::new(
+            input.field.clone(),
+            Target::Value,
+            format!("stage `{stage}` has no output `{output}`"),
+        )
+        .with_help(format!("`{stage}` produces: {}", outs.join(", "))),
+        at.origin_of(&input.field),
+    ))
+}
+
+/// Refuses a dependency cycle, located at the input of its first stage that reads the next.
+fn check_acyclic(at: &Locator<'_>, pipeline: &Pipeline) -> Result<(), LoadError> {
+    let Some(cycle) = crate::graph::find_cycle(pipeline) else {
+        return Ok(());
+    };
+    let first = pipeline.stage(&cycle[0]).expect("cycle stage");
+    let field = first
+        .inputs
+        .iter()
+        .find(|i| matches!(&i.source, InputSource::Stage { stage, .. } if *stage == cycle[1 % cycle.len()]))
+        .map(|i| i.field.clone())
+        .unwrap_or_else(|| FieldPath::root().key("stages").key(&cycle[0]));
+    let mut shown = cycle.clone();
+    shown.push(cycle[0].clone());
+    Err(at.error(
+        FieldError::new(
+            field,
+            Target::Value,
+            format!(
+                "dependency cycle: {} (each stage reads from the next)",
+                shown.join(" → ")
+            ),
+        )
+        .with_help("a stage cannot depend, directly or through others, on itself"),
+        Origin::File,
+    ))
+}
+
+/// Each stage's own checks of the stages it reads from ([`Stage::check_upstream`]).
+fn check_upstream(at: &Locator<'_>, pipeline: &Pipeline) -> Result<(), LoadError> {
     let stage_info = |id: &str| pipeline.stage_info(id);
     for s in &pipeline.stages {
-        s.stage.check_upstream(&stage_info).map_err(|e| {
-            let o = origin_of(&e.path);
-            spec_err(e, o)
-        })?;
+        s.stage
+            .check_upstream(&stage_info)
+            .map_err(|e| at.error_in_field(e))?;
     }
-    Ok(pipeline)
+    Ok(())
 }
 
 fn parse_override(text: &str) -> Result<Override, LoadError> {

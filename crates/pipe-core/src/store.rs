@@ -28,7 +28,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::{hash_file, is_executable, tree_digest, walk_files, FileEntry, Stamp};
 
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The format of manifests (and so of keys: it moves with [`crate::key::KEY_FORMAT`]). Entries
+/// of another format are never read as results: a run treats them as misses and says so once,
+/// `pipe gc` removes them. 1: keys of hand-written params; 2: typed key fields.
+pub const MANIFEST_FORMAT: u32 = 2;
+
+/// What a complete entry's manifest is (see [`Store::entry`]).
+#[derive(Debug)]
+pub enum Entry {
+    Current(Box<Manifest>),
+    /// Made by a pipe with this other cache format.
+    OtherFormat(u32),
+    Unreadable,
+}
 
 /// A completed stage: what it was made from, what it made, and how it went.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,7 +51,8 @@ pub struct Manifest {
     pub stage: String,
     pub kind: String,
     pub kind_version: u32,
-    pub params: serde_json::Value,
+    /// The kind's key fields (see [`crate::key`]).
+    pub fields: serde_json::Value,
     /// Input name → its digest and where it came from.
     pub inputs: BTreeMap<String, InputRecord>,
     pub outputs: Vec<FileEntry>,
@@ -117,6 +130,9 @@ fn ended() -> bool {
 #[derive(Debug, Default)]
 pub struct VerifyReport {
     pub entries: usize,
+    /// Entries made by a pipe with another cache format: left alone (never reused; `pipe gc`
+    /// removes them).
+    pub other_format: usize,
     pub objects: usize,
     pub problems: Vec<String>,
     /// Keys whose manifests were removed so that the next run re-makes them.
@@ -144,6 +160,8 @@ pub struct GcReport {
     pub objects_removed: usize,
     pub bytes_freed: u64,
     pub entries_removed: usize,
+    /// Of the removed entries, those made by a pipe with another cache format.
+    pub other_format_removed: usize,
     pub work_dirs_removed: usize,
     pub work_dirs_kept: usize,
     /// Of the kept work dirs, those kept because the latest run of a pipeline used them.
@@ -264,7 +282,7 @@ impl Store {
         if damage.is_empty() {
             return Some(m);
         }
-        self.discard(&m, &damage);
+        self.discard(&m.key, &damage);
         None
     }
 
@@ -326,17 +344,17 @@ impl Store {
         damage
     }
 
-    /// Removes the damaged entry `m` and every object of it whose bytes are wrong (other
+    /// Removes the damaged entry `key` and every object of it whose bytes are wrong (other
     /// entries linked to such an object find out when they are checked), and says so.
-    pub fn discard(&self, m: &Manifest, damage: &[Damage]) {
+    pub fn discard(&self, key: &str, damage: &[Damage]) {
         for d in damage {
             tracing::warn!("cache entry damaged: {d}; the stage will run again");
             self.remove_object_if_corrupt(&d.expected);
         }
-        if let Err(e) = self.invalidate(&m.key) {
+        if let Err(e) = self.invalidate(key) {
             tracing::warn!(
                 "cannot remove the damaged entry {}: {e}",
-                self.entry_dir(&m.key).display()
+                self.entry_dir(key).display()
             );
         }
     }
@@ -364,11 +382,33 @@ impl Store {
         write_atomic(&self.stamps_path(key), &serde_json::to_vec(&stamps)?, false)
     }
 
+    /// The manifest of the complete entry `key`, if it is one of this format.
     pub fn read_manifest(&self, key: &str) -> Option<Manifest> {
-        let bytes = fs::read(self.manifest_path(key)).ok()?;
-        serde_json::from_slice::<Manifest>(&bytes)
-            .ok()
-            .filter(|m| m.format == MANIFEST_FORMAT && m.key == key)
+        match self.entry(key) {
+            Entry::Current(m) => Some(*m),
+            _ => None,
+        }
+    }
+
+    /// What the manifest of `key` is: one of this format, one of an older (or newer) pipe, or
+    /// none that can be read. Only the first is ever read as a result.
+    pub fn entry(&self, key: &str) -> Entry {
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        let Ok(bytes) = fs::read(self.manifest_path(key)) else {
+            return Entry::Unreadable;
+        };
+        match serde_json::from_slice::<Format>(&bytes) {
+            Ok(f) if f.format != MANIFEST_FORMAT => return Entry::OtherFormat(f.format),
+            Ok(_) => {}
+            Err(_) => return Entry::Unreadable,
+        }
+        match serde_json::from_slice::<Manifest>(&bytes) {
+            Ok(m) if m.key == key => Entry::Current(Box::new(m)),
+            _ => Entry::Unreadable,
+        }
     }
 
     /// Moves the files staged in `staged` into the store as the outputs of `manifest.key`, then
@@ -522,9 +562,10 @@ impl Store {
         let mut report = VerifyReport::default();
         let mut manifests = Vec::new();
         for key in self.keys()? {
-            match self.read_manifest(&key) {
-                Some(m) => manifests.push(m),
-                None => {
+            match self.entry(&key) {
+                Entry::Current(m) => manifests.push(*m),
+                Entry::OtherFormat(_) => report.other_format += 1,
+                Entry::Unreadable => {
                     report
                         .problems
                         .push(format!("entry {key}: unreadable manifest"));
@@ -677,6 +718,20 @@ impl Store {
                 keys.remove(&k);
             }
             self.prune_refs(&keys, dry_run)?;
+        }
+        // Entries of another cache format are never reused: nothing keeps them.
+        let other_format: Vec<String> = keys
+            .iter()
+            .filter(|k| matches!(self.entry(k), Entry::OtherFormat(_)))
+            .cloned()
+            .collect();
+        for k in other_format {
+            if !dry_run {
+                self.invalidate(&k)?;
+            }
+            report.entries_removed += 1;
+            report.other_format_removed += 1;
+            keys.remove(&k);
         }
         let live: BTreeSet<String> = keys
             .iter()
@@ -959,7 +1014,7 @@ mod tests {
             stage: "s".into(),
             kind: "command".into(),
             kind_version: 1,
-            params: serde_json::json!({}),
+            fields: serde_json::json!({}),
             inputs: BTreeMap::new(),
             outputs: vec![],
             outputs_digest: String::new(),

@@ -28,14 +28,13 @@ use std::path::Path;
 use pipe_core::diag::{FieldError, Target};
 use pipe_core::spec::{parse, LoadError};
 use pipe_core::{
-    Input, InputSource, ParseContext, Registry, SpecError, Stage, StageContext, StageKind,
+    Input, InputSource, KeyFields, ParseContext, Registry, SpecError, Stage, StageContext,
+    StageKind,
 };
 use proptest::prelude::*;
 use serde::Deserialize;
 
-#[path = "../../../tests/support/mutation.rs"]
-mod mutation;
-use mutation::{edit, junk, mutate};
+use pipe_testkit::mutation::{self, edit, junk, mutate};
 
 const FILE: &str = "t.yaml";
 
@@ -114,8 +113,8 @@ impl Stage for WorkStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
-    fn params(&self) -> serde_json::Value {
-        serde_json::json!({ "outs": self.outs })
+    fn key_fields(&self) -> KeyFields {
+        KeyFields::of(&serde_json::json!({ "outs": self.outs }))
     }
     fn outputs(&self) -> Option<Vec<String>> {
         (!self.outs.is_empty()).then(|| self.outs.clone())
@@ -182,8 +181,8 @@ impl Stage for SourceStage {
     fn inputs(&self) -> Vec<Input> {
         Vec::new()
     }
-    fn params(&self) -> serde_json::Value {
-        self.0.clone()
+    fn key_fields(&self) -> KeyFields {
+        KeyFields::of(&self.0)
     }
     fn run(&self, _: &mut StageContext) -> anyhow::Result<()> {
         Ok(())

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use pipe_core::diag::{FieldError, Target};
-use pipe_core::{Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageKind};
+use pipe_core::{
+    Input, InputSource, Interrupted, KeyFields, ParseContext, Stage, StageContext, StageKind,
+};
 use serde::{Deserialize, Serialize};
 
 pub struct CommandKind;
@@ -50,6 +52,29 @@ struct Fields {
     metrics: Option<String>,
 }
 
+/// What decides a command's result (see `pipe_core::key`): the command line, what it must
+/// produce, its environment, and which output is its metrics. Its deps are inputs, by content,
+/// named as `deps` writes them: the command line refers to them by those names, so where a dep
+/// is, is part of the command.
+#[derive(Serialize)]
+struct CommandKey<'a> {
+    cmd: &'a str,
+    outs: &'a [String],
+    env: &'a BTreeMap<String, String>,
+    metrics: Option<&'a str>,
+}
+
+impl Fields {
+    fn key(&self) -> CommandKey<'_> {
+        CommandKey {
+            cmd: &self.cmd,
+            outs: &self.outs,
+            env: &self.env,
+            metrics: self.metrics.as_deref(),
+        }
+    }
+}
+
 struct CommandStage {
     fields: Fields,
     inputs: Vec<Input>,
@@ -67,6 +92,9 @@ impl StageKind for CommandKind {
     }
     fn summary(&self) -> &'static str {
         "run a shell command with declared deps and outs"
+    }
+    fn run_settings(&self) -> &'static [&'static str] {
+        &["resumable"]
     }
     fn parse(
         &self,
@@ -151,13 +179,8 @@ impl Stage for CommandStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
-    fn params(&self) -> serde_json::Value {
-        serde_json::json!({
-            "cmd": self.fields.cmd,
-            "outs": self.fields.outs,
-            "env": self.fields.env,
-            "metrics": self.fields.metrics,
-        })
+    fn key_fields(&self) -> KeyFields {
+        KeyFields::of(&self.fields.key())
     }
     fn outputs(&self) -> Option<Vec<String>> {
         (!self.fields.outs.is_empty()).then(|| self.fields.outs.clone())

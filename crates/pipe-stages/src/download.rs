@@ -20,9 +20,11 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::anyhow;
+use anyhow::Context;
 use pipe_core::diag::{FieldError, Target};
-use pipe_core::{Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageKind};
+use pipe_core::{
+    Input, InputSource, Interrupted, KeyFields, ParseContext, Stage, StageContext, StageKind,
+};
 use pipe_fetch::{fetch, Checksum, Client, FetchError, FetchOptions, Source, Transfer};
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +63,39 @@ struct DownloadStage {
     fields: Fields,
     source: Source,
     options: FetchOptions,
+    /// The name a single-file source is stored under.
+    single: Option<String>,
     inputs: Vec<Input>,
+}
+
+/// What decides a download's result (see `pipe_core::key`): a remote source as written (a
+/// local one is an input, by content), the files chosen, the checksums they must match, and
+/// the name a single file is stored under.
+#[derive(Serialize)]
+struct DownloadKey<'a> {
+    source: Option<&'a str>,
+    files: &'a [String],
+    checksums: BTreeMap<&'a str, String>,
+    file_name: Option<&'a str>,
+}
+
+impl DownloadStage {
+    fn key(&self) -> DownloadKey<'_> {
+        DownloadKey {
+            source: match self.source {
+                Source::Local(_) => None,
+                _ => Some(&self.fields.source),
+            },
+            files: &self.fields.files,
+            checksums: self
+                .options
+                .checksums
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.to_string()))
+                .collect(),
+            file_name: self.single.as_deref(),
+        }
+    }
 }
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -76,6 +110,9 @@ impl StageKind for DownloadKind {
     fn summary(&self) -> &'static str {
         "fetch files from the Hugging Face Hub, a URL or a local path (resumable, verified)"
     }
+    fn run_settings(&self) -> &'static [&'static str] {
+        &["retries"]
+    }
     fn parse(
         &self,
         cx: &ParseContext<'_>,
@@ -88,12 +125,16 @@ impl StageKind for DownloadKind {
                     .with_help("name a file inside the stage's outputs, such as `data.json` or `raw/data.json`")
             })?;
         }
-        let source =
-            Source::parse(&fields.source, cx.base_dir).map_err(|e| cx.error("source", e))?;
+        let source = Source::parse(&fields.source, cx.base_dir)
+            .map_err(|e| cx.error("source", e.to_string()))?;
         let mut checksums = BTreeMap::new();
         for (name, text) in &fields.checksums {
             let c = Checksum::parse(text).map_err(|e| {
-                FieldError::new(cx.path.key("checksums").key(name), Target::Value, e)
+                FieldError::new(
+                    cx.path.key("checksums").key(name),
+                    Target::Value,
+                    e.to_string(),
+                )
             })?;
             checksums.insert(name.clone(), c);
         }
@@ -118,8 +159,8 @@ impl StageKind for DownloadKind {
                         )
                         .with_help("use `checksums: {FILE: \"sha256:…\"}`"));
                 };
-                let c =
-                    Checksum::parse(&format!("{field}:{hex}")).map_err(|e| cx.error(field, e))?;
+                let c = Checksum::parse(&format!("{field}:{hex}"))
+                    .map_err(|e| cx.error(field, e.to_string()))?;
                 checksums.insert(name.clone(), c);
             }
         }
@@ -166,6 +207,7 @@ impl StageKind for DownloadKind {
             fields,
             source,
             options,
+            single,
             inputs,
         }))
     }
@@ -175,24 +217,8 @@ impl Stage for DownloadStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
-    fn params(&self) -> serde_json::Value {
-        let checksums: BTreeMap<&String, String> = self
-            .options
-            .checksums
-            .iter()
-            .map(|(k, v)| (k, v.to_string()))
-            .collect();
-        // A local source enters the key by its content (an input), not by where it lies.
-        let source = match &self.source {
-            Source::Local(_) => serde_json::Value::Null,
-            _ => serde_json::Value::String(self.fields.source.clone()),
-        };
-        serde_json::json!({
-            "source": source,
-            "files": self.fields.files,
-            "checksums": checksums,
-            "file_name": self.fields.file_name,
-        })
+    fn key_fields(&self) -> KeyFields {
+        KeyFields::of(&self.key())
     }
     fn resumable(&self) -> bool {
         true
@@ -216,7 +242,7 @@ impl Stage for DownloadStage {
         if let Source::Hub(_) = &self.source {
             client = client
                 .with_token(&self.options.endpoint, std::env::var("HF_TOKEN").ok())
-                .map_err(|e| anyhow!("HF_ENDPOINT: {e}"))?;
+                .context("HF_ENDPOINT")?;
         }
         let work = cx.work_dir.join("partial");
         let out = cx.out_dir.clone();
@@ -236,7 +262,7 @@ impl Stage for DownloadStage {
         let report = match report {
             Ok(r) => r,
             Err(FetchError::Interrupted) => return Err(Interrupted.into()),
-            Err(e) => return Err(anyhow!("{e}")),
+            Err(e) => return Err(e.into()),
         };
         for f in &report.files {
             let resumed = if f.resumed_from > 0 {

@@ -35,7 +35,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use burn::tensor::backend::Backend;
 use pipe_core::diag::FieldError;
-use pipe_core::{Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageKind};
+use pipe_core::{
+    Input, InputSource, Interrupted, KeyFields, ParseContext, Stage, StageContext, StageKind,
+};
 use pipe_data::dataset::Dataset;
 use pipe_data::format::find_data_file;
 use pipe_data::prompt::{Template, TemplateSpec};
@@ -50,7 +52,7 @@ use crate::sources::LocalSources;
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-use crate::models::{find_weights, Device, ModelField, ModelSource, Weights};
+use crate::models::{find_weights, Device, InitKey, ModelField, ModelSource, Weights};
 
 pub struct EvaluateKind;
 
@@ -175,6 +177,9 @@ impl StageKind for EvaluateKind {
     }
     fn summary(&self) -> &'static str {
         "score a model (and its base, side by side): held-out perplexity, lm-eval-harness multiple choice, generated samples"
+    }
+    fn run_settings(&self) -> &'static [&'static str] {
+        &["batch_size", "device"]
     }
     fn parse(
         &self,
@@ -317,10 +322,67 @@ impl StageKind for EvaluateKind {
     }
 }
 
-fn source_params(s: &ModelSource) -> Value {
-    match s {
-        ModelSource::Input(name) => json!({ "input": name }),
-        ModelSource::Init { config, seed } => json!({"init": config, "seed": seed}),
+/// What decides an evaluation's numbers (see `pipe_core::key`): seeded models (checkpoints,
+/// the data, task files and prompts are inputs, by content), whether the base is scored too,
+/// each task's settings and name (it names its `items/<task>.jsonl`), and the generation
+/// settings. Not the device or the batch size: they change float rounding only, not what is
+/// measured.
+#[derive(Serialize)]
+struct EvaluateKey<'a> {
+    model: Option<InitKey<'a>>,
+    base: Option<InitKey<'a>>,
+    compare: bool,
+    tasks: Vec<TaskKey<'a>>,
+    generate: Option<GenerateKey<'a>>,
+}
+
+#[derive(Serialize)]
+struct TaskKey<'a> {
+    name: &'a str,
+    format: TaskFormat,
+    limit: Option<usize>,
+    num_fewshot: usize,
+    fewshot_seed: u64,
+    add_bos_token: bool,
+}
+
+#[derive(Serialize)]
+struct GenerateKey<'a> {
+    instructions: &'a [InstructionField],
+    limit: usize,
+    max_new_tokens: usize,
+    temperature: f64,
+    top_p: f64,
+    seed: u64,
+}
+
+impl EvaluateStage {
+    fn key(&self) -> EvaluateKey<'_> {
+        EvaluateKey {
+            model: InitKey::of(&self.model),
+            base: self.base.as_ref().and_then(InitKey::of),
+            compare: self.compare,
+            tasks: self
+                .tasks
+                .iter()
+                .map(|t| TaskKey {
+                    name: &t.name,
+                    format: t.fields.format,
+                    limit: t.fields.limit,
+                    num_fewshot: t.fields.num_fewshot,
+                    fewshot_seed: t.fields.fewshot_seed,
+                    add_bos_token: t.fields.add_bos_token,
+                })
+                .collect(),
+            generate: self.fields.generate.as_ref().map(|g| GenerateKey {
+                instructions: &g.instructions,
+                limit: g.limit,
+                max_new_tokens: g.max_new_tokens,
+                temperature: g.temperature,
+                top_p: g.top_p,
+                seed: g.seed,
+            }),
+        }
     }
 }
 
@@ -328,15 +390,8 @@ impl Stage for EvaluateStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
-    fn params(&self) -> Value {
-        // The device and batch size change only float rounding, not what is measured.
-        json!({
-            "model": source_params(&self.model),
-            "base": self.base.as_ref().map(source_params),
-            "compare": self.compare,
-            "tasks": self.tasks.iter().map(|t| &t.fields).collect::<Vec<_>>(),
-            "generate": self.fields.generate,
-        })
+    fn key_fields(&self) -> KeyFields {
+        KeyFields::of(&self.key())
     }
     fn outputs(&self) -> Option<Vec<String>> {
         let mut outs = vec!["metrics.json".to_string(), "report.md".to_string()];
@@ -428,7 +483,7 @@ impl EvaluateStage {
             if c.join("tokenizer.json").exists()
                 || (c.is_file() && c.extension().is_some_and(|e| e == "json"))
             {
-                let mut loaded = pipe_data::tokenize::load_tokenizer(c).map_err(|e| anyhow!(e))?;
+                let mut loaded = pipe_data::tokenize::load_tokenizer(c)?;
                 let tok = &mut loaded.tokenizer;
                 tok.with_truncation(None).map_err(|e| anyhow!("{e}"))?;
                 tok.with_padding(None);
@@ -449,7 +504,7 @@ impl EvaluateStage {
                         dir.display()
                     );
                 }
-                let d = Dataset::open(&file).map_err(|e| anyhow!(e))?;
+                let d = Dataset::open(&file)?;
                 if d.is_empty() {
                     bail!("the tokenize stage has no validation split: set `val_size` on its format stage")
                 }
@@ -476,7 +531,7 @@ impl EvaluateStage {
         for t in &self.tasks {
             let path = task_file(cx.input(&format!("task/{}", t.name))?)?;
             let docs = read_docs(&path, t.fields.format, t.fields.limit)
-                .map_err(|e| anyhow!("task `{}`: {e}", t.name))?;
+                .with_context(|| format!("task `{}`", t.name))?;
             let fewshot = match (
                 t.fields.num_fewshot,
                 cx.input(&format!("fewshot/{}", t.name)),
@@ -485,7 +540,7 @@ impl EvaluateStage {
                 (k, Ok(dev)) => {
                     let dev = task_file(dev)?;
                     let docs = read_docs(&dev, t.fields.format, Some(k))
-                        .map_err(|e| anyhow!("task `{}` few-shot file: {e}", t.name))?;
+                        .with_context(|| format!("task `{}` few-shot file", t.name))?;
                     if docs.len() < k {
                         bail!(
                             "task `{}`: num_fewshot {k} but {} has {} items",
@@ -530,7 +585,7 @@ impl EvaluateStage {
         if let Some(g) = &self.fields.generate {
             if let Ok(dir) = cx.input("prompts") {
                 let file = dir.join("val.jsonl");
-                let pairs = pipe_data::format::read_pairs(&file).map_err(|e| anyhow!(e))?;
+                let pairs = pipe_data::format::read_pairs(&file)?;
                 if pairs.is_empty() {
                     bail!("`generate.prompts`: the format stage has no validation split (set its `val_size`)");
                 }
@@ -543,8 +598,7 @@ impl EvaluateStage {
                     });
                 }
             }
-            let template =
-                Template::new(&TemplateSpec::alpaca(), BTreeMap::new()).map_err(|e| anyhow!(e))?;
+            let template = Template::new(&TemplateSpec::alpaca(), BTreeMap::new())?;
             for (i, ins) in g.instructions.iter().enumerate() {
                 let mut fields: serde_json::Map<String, Value> = match ins {
                     InstructionField::Text(t) => {
@@ -566,7 +620,7 @@ impl EvaluateStage {
                 };
                 let (text, _) = template
                     .format(&rec)
-                    .map_err(|e| anyhow!("generate.instructions[{i}]: {e}"))?;
+                    .with_context(|| format!("generate.instructions[{i}]"))?;
                 prompts.push(Prompt {
                     id: format!("instruction:{i}"),
                     text,
@@ -652,22 +706,11 @@ impl EvaluateStage {
     ) -> anyhow::Result<()> {
         let work = self.prepare(cx)?;
         let vocab = work.tokenizer.get_vocab_size(true);
-        let mut models: Vec<(&str, &ModelSource)> = Vec::new();
-        if self.compare {
-            models.push(("base", self.base.as_ref().expect("compare needs base")));
-            models.push(("tuned", &self.model));
-        } else {
-            models.push(("model", &self.model));
-        }
-        let heldout_n = work.heldout.as_ref().map_or(0, |d| d.len());
-        let requests_n: usize = work.tasks.iter().map(|t| t.requests.len()).sum();
-        let per_model = heldout_n + requests_n + work.prompts.len();
-        cx.progress().set_length((per_model * models.len()) as u64);
+        let models = self.models();
+        cx.progress()
+            .set_length((work.steps_per_model() * models.len()) as u64);
         std::fs::create_dir_all(cx.out_dir.join("items"))?;
-        let mut metrics = serde_json::Map::new();
-        let mut samples = Vec::new();
-        let mut items: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        let bs = self.fields.batch_size;
+        let mut outcome = Outcome::default();
         let done = std::cell::Cell::new(0u64);
         let advance = |n: u64| {
             done.set(done.get() + n);
@@ -675,149 +718,71 @@ impl EvaluateStage {
         };
         for (label, source) in &models {
             let model: Llama<B> = self.load(cx, source, vocab, device)?;
-            let mut m = serde_json::Map::new();
-            let cx_ref = &*cx;
-            let mut on_batch = |n: usize| {
-                advance(n as u64);
-                !cx_ref.is_cancelled()
+            let scoring = Scoring {
+                cx: &*cx,
+                label,
+                model: &model,
+                device,
+                batch_size: self.fields.batch_size,
+                advance: &advance,
             };
-            if let Some(data) = &work.heldout {
-                cx_ref
-                    .progress()
-                    .set_message(format!("{label}: held-out loss"));
-                let h = pipe_eval::heldout_loss(&model, data, bs, device, &mut on_batch)
-                    .map_err(interrupted)?;
-                cx_ref.log(&format!(
-                    "{label}: held-out loss {:.4}, perplexity {:.3} over {} tokens of {} examples",
-                    h.loss, h.perplexity, h.tokens, h.examples
-                ));
-                m.insert("heldout".into(), serde_json::to_value(h)?);
-            }
-            let mut task_metrics = serde_json::Map::new();
-            for PreparedTask {
-                name,
-                docs,
-                requests,
-                counts,
-            } in &work.tasks
-            {
-                cx_ref.progress().set_message(format!("{label}: {name}"));
-                let started = std::time::Instant::now();
-                let scored = pipe_eval::loglikelihoods(&model, requests, bs, device, &mut on_batch)
-                    .map_err(interrupted)?;
-                let secs = started.elapsed().as_secs_f64();
-                let r = task_result(docs, &scored, counts);
-                // Speed goes to the log only: the outputs must not depend on it.
-                cx_ref.log(&format!(
-                    "{label}: {name}: {} items ({} requests) scored in {secs:.1} s, {:.2} items/s",
-                    r.items,
-                    requests.len(),
-                    r.items as f64 / secs.max(1e-9)
-                ));
-                cx_ref.log(&format!(
-                    "{label}: {name}: acc {:.4} ± {:.4}{} over {} items",
-                    r.acc.value,
-                    r.acc.stderr.unwrap_or(f64::NAN),
-                    r.acc_norm
-                        .map(|a| format!(
-                            ", acc_norm {:.4} ± {:.4}",
-                            a.value,
-                            a.stderr.unwrap_or(f64::NAN)
-                        ))
-                        .unwrap_or_default(),
-                    r.items
-                ));
-                let rows = items.entry(name.clone()).or_default();
-                for it in &r.per_item {
-                    let mut v = serde_json::to_value(it)?;
-                    v["model"] = Value::from(*label);
-                    rows.push(v);
-                }
-                task_metrics.insert(
-                    name.clone(),
-                    json!({
-                        "items": r.items,
-                        "acc": r.acc.value,
-                        "acc_stderr": r.acc.stderr,
-                        "acc_norm": r.acc_norm.map(|a| a.value),
-                        "acc_norm_stderr": r.acc_norm.and_then(|a| a.stderr),
-                    }),
-                );
-            }
-            if !task_metrics.is_empty() {
-                m.insert("tasks".into(), Value::Object(task_metrics));
-            }
-            if let Some(g) = &self.fields.generate {
-                cx_ref
-                    .progress()
-                    .set_message(format!("{label}: generating"));
-                let sampling = if g.temperature > 0.0 {
-                    Sampling::Sample {
-                        temperature: g.temperature,
-                        top_p: g.top_p,
-                        seed: g.seed,
-                    }
-                } else {
-                    Sampling::Greedy
-                };
-                let mut exact = Vec::new();
-                for (i, p) in work.prompts.iter().enumerate() {
-                    let cancelled = || cx_ref.is_cancelled();
-                    let out = pipe_eval::generate(
-                        &model,
-                        &p.ids,
-                        g.max_new_tokens,
-                        &work.stop,
-                        &sampling,
-                        i as u64,
-                        device,
-                        &cancelled,
-                    )
-                    .map_err(interrupted)?;
-                    let text = work
-                        .tokenizer
-                        .decode(&out, true)
-                        .map_err(|e| anyhow!("cannot decode a generated sample: {e}"))?;
-                    let matched = p.reference.as_ref().map(|r| r.trim() == text.trim());
-                    if let Some(ok) = matched {
-                        exact.push(ok as u8 as f64);
-                    }
-                    samples.push(json!({
-                        "model": label,
-                        "id": p.id,
-                        "prompt": p.text,
-                        "output": text,
-                        "reference": p.reference,
-                        "exact_match": matched,
-                        "tokens": out.len(),
-                    }));
-                    advance(1);
-                }
-                let mut gm = json!({ "samples": work.prompts.len() });
-                if !exact.is_empty() {
-                    let e = pipe_eval::stats::mean_and_stderr(&exact);
-                    cx_ref.log(&format!(
-                        "{label}: exact match {:.4} ± {:.4} over {} held-out prompts",
-                        e.value,
-                        e.stderr.unwrap_or(f64::NAN),
-                        exact.len()
-                    ));
-                    gm["exact_match"] = json!(e.value);
-                    gm["exact_match_stderr"] = json!(e.stderr);
-                    gm["exact_match_items"] = json!(exact.len());
-                }
-                m.insert("generation".into(), gm);
-            }
-            metrics.insert(label.to_string(), Value::Object(m));
+            let metrics = self.score(&scoring, &work, &mut outcome)?;
+            outcome
+                .metrics
+                .insert(label.to_string(), Value::Object(metrics));
         }
+        self.write_outputs(cx, outcome)
+    }
+
+    /// The models to score, labelled as the metrics name them: the base, then the tuned
+    /// model, when comparing; else the one model.
+    fn models(&self) -> Vec<(&'static str, &ModelSource)> {
+        if self.compare {
+            vec![
+                ("base", self.base.as_ref().expect("compare needs base")),
+                ("tuned", &self.model),
+            ]
+        } else {
+            vec![("model", &self.model)]
+        }
+    }
+
+    /// One model's metrics: held-out loss, then the tasks, then generation; its items and
+    /// samples go to `outcome`.
+    fn score<B: Backend>(
+        &self,
+        s: &Scoring<'_, B>,
+        work: &Work,
+        outcome: &mut Outcome,
+    ) -> anyhow::Result<serde_json::Map<String, Value>> {
+        let mut m = serde_json::Map::new();
+        if let Some(data) = &work.heldout {
+            m.insert("heldout".into(), heldout_metrics(s, data)?);
+        }
+        let task_metrics = task_metrics(s, &work.tasks, &mut outcome.items)?;
+        if !task_metrics.is_empty() {
+            m.insert("tasks".into(), Value::Object(task_metrics));
+        }
+        if let Some(g) = &self.fields.generate {
+            m.insert(
+                "generation".into(),
+                generation_metrics(s, g, work, &mut outcome.samples)?,
+            );
+        }
+        Ok(m)
+    }
+
+    /// Writes `items/<task>.jsonl`, `samples.jsonl`, `metrics.json` and `report.md`, and
+    /// records the headline numbers as the stage's metrics.
+    fn write_outputs(&self, cx: &mut StageContext, outcome: Outcome) -> anyhow::Result<()> {
         let out = &cx.out_dir;
-        for (name, rows) in &items {
+        for (name, rows) in &outcome.items {
             write_jsonl(&out.join("items").join(format!("{name}.jsonl")), rows)?;
         }
         if self.fields.generate.is_some() {
-            write_jsonl(&out.join("samples.jsonl"), &samples)?;
+            write_jsonl(&out.join("samples.jsonl"), &outcome.samples)?;
         }
-        let metrics = Value::Object(metrics);
+        let metrics = Value::Object(outcome.metrics);
         std::fs::write(
             out.join("metrics.json"),
             serde_json::to_vec_pretty(&metrics)?,
@@ -836,6 +801,192 @@ impl EvaluateStage {
     }
 }
 
+/// What scoring the models gathers, written out once all are scored.
+#[derive(Default)]
+struct Outcome {
+    /// Model label → its metrics.
+    metrics: serde_json::Map<String, Value>,
+    /// Task name → each item's scores, for every model.
+    items: BTreeMap<String, Vec<Value>>,
+    /// The generated samples, for every model.
+    samples: Vec<Value>,
+}
+
+impl Work {
+    /// The progress bar's steps for one model: held-out examples, task requests, prompts.
+    fn steps_per_model(&self) -> usize {
+        let heldout_n = self.heldout.as_ref().map_or(0, |d| d.len());
+        let requests_n: usize = self.tasks.iter().map(|t| t.requests.len()).sum();
+        heldout_n + requests_n + self.prompts.len()
+    }
+}
+
+/// One model being scored, and where its progress goes.
+struct Scoring<'a, B: Backend> {
+    cx: &'a StageContext,
+    /// `model`, or `base` / `tuned` when comparing.
+    label: &'a str,
+    model: &'a Llama<B>,
+    device: &'a B::Device,
+    batch_size: usize,
+    /// Moves the progress bar on by that many steps.
+    advance: &'a dyn Fn(u64),
+}
+
+impl<B: Backend> Scoring<'_, B> {
+    /// For the batched scorers: counts `n` steps done and says whether to go on.
+    fn on_batch(&self) -> impl FnMut(usize) -> bool + '_ {
+        move |n| {
+            (self.advance)(n as u64);
+            !self.cx.is_cancelled()
+        }
+    }
+}
+
+/// Held-out loss and perplexity on the tokenize stage's validation split.
+fn heldout_metrics<B: Backend>(s: &Scoring<'_, B>, data: &Dataset) -> anyhow::Result<Value> {
+    let label = s.label;
+    s.cx.progress()
+        .set_message(format!("{label}: held-out loss"));
+    let h = pipe_eval::heldout_loss(s.model, data, s.batch_size, s.device, &mut s.on_batch())
+        .map_err(interrupted)?;
+    s.cx.log(&format!(
+        "{label}: held-out loss {:.4}, perplexity {:.3} over {} tokens of {} examples",
+        h.loss, h.perplexity, h.tokens, h.examples
+    ));
+    Ok(serde_json::to_value(h)?)
+}
+
+/// Each multiple-choice task's accuracy, by task name; every item's scores go to `items`.
+fn task_metrics<B: Backend>(
+    s: &Scoring<'_, B>,
+    tasks: &[PreparedTask],
+    items: &mut BTreeMap<String, Vec<Value>>,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let label = s.label;
+    let mut task_metrics = serde_json::Map::new();
+    for PreparedTask {
+        name,
+        docs,
+        requests,
+        counts,
+    } in tasks
+    {
+        s.cx.progress().set_message(format!("{label}: {name}"));
+        let started = std::time::Instant::now();
+        let scored =
+            pipe_eval::loglikelihoods(s.model, requests, s.batch_size, s.device, &mut s.on_batch())
+                .map_err(interrupted)?;
+        let secs = started.elapsed().as_secs_f64();
+        let r = task_result(docs, &scored, counts);
+        // Speed goes to the log only: the outputs must not depend on it.
+        s.cx.log(&format!(
+            "{label}: {name}: {} items ({} requests) scored in {secs:.1} s, {:.2} items/s",
+            r.items,
+            requests.len(),
+            r.items as f64 / secs.max(1e-9)
+        ));
+        s.cx.log(&format!(
+            "{label}: {name}: acc {:.4} ± {:.4}{} over {} items",
+            r.acc.value,
+            r.acc.stderr.unwrap_or(f64::NAN),
+            r.acc_norm
+                .map(|a| format!(
+                    ", acc_norm {:.4} ± {:.4}",
+                    a.value,
+                    a.stderr.unwrap_or(f64::NAN)
+                ))
+                .unwrap_or_default(),
+            r.items
+        ));
+        let rows = items.entry(name.clone()).or_default();
+        for it in &r.per_item {
+            let mut v = serde_json::to_value(it)?;
+            v["model"] = Value::from(label);
+            rows.push(v);
+        }
+        task_metrics.insert(
+            name.clone(),
+            json!({
+                "items": r.items,
+                "acc": r.acc.value,
+                "acc_stderr": r.acc.stderr,
+                "acc_norm": r.acc_norm.map(|a| a.value),
+                "acc_norm_stderr": r.acc_norm.and_then(|a| a.stderr),
+            }),
+        );
+    }
+    Ok(task_metrics)
+}
+
+/// Generates from every prompt, with exact match where a prompt has a reference response;
+/// the samples go to `samples`.
+fn generation_metrics<B: Backend>(
+    s: &Scoring<'_, B>,
+    g: &GenerateFields,
+    work: &Work,
+    samples: &mut Vec<Value>,
+) -> anyhow::Result<Value> {
+    let label = s.label;
+    s.cx.progress().set_message(format!("{label}: generating"));
+    let sampling = if g.temperature > 0.0 {
+        Sampling::Sample {
+            temperature: g.temperature,
+            top_p: g.top_p,
+            seed: g.seed,
+        }
+    } else {
+        Sampling::Greedy
+    };
+    let mut exact = Vec::new();
+    for (i, p) in work.prompts.iter().enumerate() {
+        let cancelled = || s.cx.is_cancelled();
+        let out = pipe_eval::generate(
+            s.model,
+            &p.ids,
+            g.max_new_tokens,
+            &work.stop,
+            &sampling,
+            i as u64,
+            s.device,
+            &cancelled,
+        )
+        .map_err(interrupted)?;
+        let text = work
+            .tokenizer
+            .decode(&out, true)
+            .map_err(|e| anyhow!("cannot decode a generated sample: {e}"))?;
+        let matched = p.reference.as_ref().map(|r| r.trim() == text.trim());
+        if let Some(ok) = matched {
+            exact.push(ok as u8 as f64);
+        }
+        samples.push(json!({
+            "model": label,
+            "id": p.id,
+            "prompt": p.text,
+            "output": text,
+            "reference": p.reference,
+            "exact_match": matched,
+            "tokens": out.len(),
+        }));
+        (s.advance)(1);
+    }
+    let mut gm = json!({ "samples": work.prompts.len() });
+    if !exact.is_empty() {
+        let e = pipe_eval::stats::mean_and_stderr(&exact);
+        s.cx.log(&format!(
+            "{label}: exact match {:.4} ± {:.4} over {} held-out prompts",
+            e.value,
+            e.stderr.unwrap_or(f64::NAN),
+            exact.len()
+        ));
+        gm["exact_match"] = json!(e.value);
+        gm["exact_match_stderr"] = json!(e.stderr);
+        gm["exact_match_items"] = json!(exact.len());
+    }
+    Ok(gm)
+}
+
 /// A task's JSONL file: the path itself, or the one `.jsonl` file of a directory (a download
 /// stage's output).
 fn task_file(path: &Path) -> anyhow::Result<PathBuf> {
@@ -845,7 +996,7 @@ fn task_file(path: &Path) -> anyhow::Result<PathBuf> {
         &["jsonl"],
         "point the task's `path` at one of them",
     )
-    .map_err(|e| anyhow!(e))
+    .map_err(anyhow::Error::from)
 }
 
 fn write_jsonl(path: &Path, rows: &[Value]) -> anyhow::Result<()> {

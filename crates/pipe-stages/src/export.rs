@@ -8,6 +8,8 @@
 //!   kind: export
 //!   model: train          # a train stage, or a model / adapter directory
 //!   base: model           # the base model, for an adapter
+//!   base_model_name_or_path: meta-llama/Llama-2-7b-hf   # `peft`: written into
+//!                         # adapter_config.json, for AutoPeftModel (default: null)
 //!   format: hf            # or peft
 //!   dtype: bf16           # or f32
 //!   max_shard_size: 5GB
@@ -24,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use pipe_core::diag::FieldError;
-use pipe_core::{Input, InputSource, ParseContext, Stage, StageContext, StageKind};
+use pipe_core::{Input, InputSource, KeyFields, ParseContext, Stage, StageContext, StageKind};
 use pipe_model::save::SaveDtype;
 use pipe_model::{load_llama, Llama};
 use serde::{Deserialize, Serialize};
@@ -59,8 +61,23 @@ struct Fields {
     dtype: Dtype,
     #[serde(default = "default_shard")]
     max_shard_size: String,
+    /// What a PEFT export's adapter_config.json names as its base (a Hub id or a path), so
+    /// that `AutoPeftModel.from_pretrained` can find it.
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
     #[serde(default)]
     to: Option<String>,
+}
+
+/// What decides an export's result (see `pipe_core::key`): the layout, the dtype, the shard
+/// size, and the base named in adapter_config.json. The model and base are inputs, by content;
+/// `to:` is a delivery, not part of the result.
+#[derive(Serialize)]
+struct ExportKey<'a> {
+    format: Format,
+    dtype: Dtype,
+    max_shard_bytes: u64,
+    base_model_name_or_path: Option<&'a str>,
 }
 
 fn default_format() -> Format {
@@ -110,6 +127,9 @@ impl StageKind for ExportKind {
     }
     fn summary(&self) -> &'static str {
         "write a model in Hugging Face (transformers) or PEFT layout, optionally to a path"
+    }
+    fn run_settings(&self) -> &'static [&'static str] {
+        &["to"]
     }
     fn parse(
         &self,
@@ -211,12 +231,12 @@ impl Stage for ExportStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
-    fn params(&self) -> serde_json::Value {
-        // `to` is a delivery, not part of the result.
-        serde_json::json!({
-            "format": self.fields.format,
-            "dtype": self.fields.dtype,
-            "max_shard_bytes": self.shard_bytes,
+    fn key_fields(&self) -> KeyFields {
+        KeyFields::of(&ExportKey {
+            format: self.fields.format,
+            dtype: self.fields.dtype,
+            max_shard_bytes: self.shard_bytes,
+            base_model_name_or_path: self.fields.base_model_name_or_path.as_deref(),
         })
     }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
@@ -280,7 +300,7 @@ impl Stage for ExportStage {
                 )?;
                 let mut cfg: serde_json::Value =
                     serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json"))?)?;
-                if let Some(b) = &self.fields.base {
+                if let Some(b) = &self.fields.base_model_name_or_path {
                     cfg["base_model_name_or_path"] = serde_json::Value::String(b.clone());
                 }
                 std::fs::write(

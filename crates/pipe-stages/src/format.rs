@@ -15,9 +15,10 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::anyhow;
 use pipe_core::diag::FieldError;
-use pipe_core::{Input, InputSource, ParseContext, Stage, StageContext, StageInfo, StageKind};
+use pipe_core::{
+    Input, InputSource, KeyFields, ParseContext, Stage, StageContext, StageInfo, StageKind,
+};
 use pipe_data::format::{OnError, ValSize};
 use pipe_data::prompt::{Template, TemplateSpec};
 use serde::{Deserialize, Serialize};
@@ -61,6 +62,45 @@ fn default_seed() -> u64 {
     42
 }
 
+/// What decides a format stage's result (see `pipe_core::key`): which file of its input it
+/// reads, the template's text (`alpaca` enters as the Alpaca prompts themselves), the field
+/// mapping, the split and what to do with bad records. The input is in by content.
+#[derive(Serialize)]
+struct FormatKey<'a> {
+    file: Option<&'a str>,
+    template: TemplateKey<'a>,
+    fields: &'a BTreeMap<String, String>,
+    val_size: ValSize,
+    seed: u64,
+    on_error: OnError,
+}
+
+#[derive(Serialize)]
+struct TemplateKey<'a> {
+    prompt: &'a str,
+    response: &'a str,
+    prompt_no_input: Option<&'a str>,
+    input_field: &'a str,
+}
+
+impl FormatStage {
+    fn key(&self) -> FormatKey<'_> {
+        FormatKey {
+            file: self.fields.file.as_deref(),
+            template: TemplateKey {
+                prompt: &self.spec.prompt,
+                response: &self.spec.response,
+                prompt_no_input: self.spec.prompt_no_input.as_deref(),
+                input_field: &self.spec.input_field,
+            },
+            fields: &self.fields.fields,
+            val_size: self.fields.val_size,
+            seed: self.fields.seed,
+            on_error: self.fields.on_error,
+        }
+    }
+}
+
 struct FormatStage {
     fields: Fields,
     /// The user's file, when the input is the store's copy of it.
@@ -95,12 +135,12 @@ impl StageKind for FormatKind {
             }
             TemplateField::Custom(s) => s.clone(),
         };
-        let template =
-            Template::new(&spec, fields.fields.clone()).map_err(|e| cx.error("template", e))?;
+        let template = Template::new(&spec, fields.fields.clone())
+            .map_err(|e| cx.error("template", e.to_string()))?;
         fields
             .val_size
             .check()
-            .map_err(|e| cx.error("val_size", e))?;
+            .map_err(|e| cx.error("val_size", e.to_string()))?;
         let source = cx
             .as_stage_ref(&fields.input)
             .unwrap_or_else(|| InputSource::Path(cx.resolve_path(&fields.input)));
@@ -126,15 +166,8 @@ impl Stage for FormatStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
-    fn params(&self) -> serde_json::Value {
-        serde_json::json!({
-            "file": self.fields.file,
-            "template": self.spec,
-            "fields": self.fields.fields,
-            "val_size": self.fields.val_size,
-            "seed": self.fields.seed,
-            "on_error": self.fields.on_error,
-        })
+    fn key_fields(&self) -> KeyFields {
+        KeyFields::of(&self.key())
     }
     fn outputs(&self) -> Option<Vec<String>> {
         Some(vec![
@@ -152,8 +185,7 @@ impl Stage for FormatStage {
     }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         let input = cx.input("input")?.to_path_buf();
-        let file = pipe_data::format::find_records_file(&input, self.fields.file.as_deref())
-            .map_err(|e| anyhow!(e))?;
+        let file = pipe_data::format::find_records_file(&input, self.fields.file.as_deref())?;
         let shown_as = self.sources.user_path(cx, "input", &file);
         let stats = pipe_data::format::run(
             &file,
@@ -163,8 +195,7 @@ impl Stage for FormatStage {
             self.fields.val_size,
             self.fields.seed,
             &cx.out_dir,
-        )
-        .map_err(|e| anyhow!(e))?;
+        )?;
         cx.log(&format!(
             "{} records: {} train, {} validation, {} with the input template, {} skipped, {} empty responses",
             stats.records, stats.train, stats.val, stats.with_input_template, stats.skipped, stats.empty_responses

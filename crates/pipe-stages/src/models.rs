@@ -35,6 +35,26 @@ pub(crate) enum ModelSource {
     },
 }
 
+/// A model initialised from a config (as config.json spells it) and a seed.
+#[derive(Serialize)]
+pub(crate) struct InitKey<'a> {
+    pub(crate) config: &'a pipe_model::LlamaConfig,
+    pub(crate) seed: u64,
+}
+
+impl<'a> InitKey<'a> {
+    /// The key of a seeded initialisation; `None` for a checkpoint (an input).
+    pub(crate) fn of(model: &'a ModelSource) -> Option<Self> {
+        match model {
+            ModelSource::Init { config, seed } => Some(InitKey {
+                config,
+                seed: *seed,
+            }),
+            ModelSource::Input(_) => None,
+        }
+    }
+}
+
 impl ModelField {
     /// Reads the field `field` of the stage; a checkpoint becomes the input `field`.
     pub(crate) fn parse(
@@ -58,7 +78,8 @@ impl ModelField {
             ModelField::Init { init, seed } => {
                 let init_error =
                     |e: String| FieldError::new(cx.path.key(field).key("init"), Target::Value, e);
-                let config = LlamaConfig::from_json(&init.to_string()).map_err(init_error)?;
+                let config = LlamaConfig::from_json(&init.to_string())
+                    .map_err(|e| init_error(e.to_string()))?;
                 check_fits_in_memory(&config).map_err(init_error)?;
                 Ok(ModelSource::Init {
                     config,

@@ -13,9 +13,8 @@
 //!   # as `add_pad_token` ([PAD]) and the tokenizer in the output grows by it.
 //! ```
 
-use anyhow::anyhow;
 use pipe_core::diag::FieldError;
-use pipe_core::{Input, InputSource, ParseContext, Stage, StageContext, StageKind};
+use pipe_core::{Input, InputSource, KeyFields, ParseContext, Stage, StageContext, StageKind};
 use pipe_data::tokenize::TokenizeOptions;
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +48,31 @@ fn default_pad() -> String {
     "[PAD]".into()
 }
 
+/// What decides a tokenize stage's result (see `pipe_core::key`): every field but its two
+/// inputs (the pairs and the tokenizer, which are in by content).
+#[derive(Serialize)]
+struct TokenizeKey<'a> {
+    max_len: usize,
+    train_on_inputs: bool,
+    packing: bool,
+    eos_token: Option<&'a str>,
+    pad_token: Option<&'a str>,
+    add_pad_token: &'a str,
+}
+
+impl Fields {
+    fn key(&self) -> TokenizeKey<'_> {
+        TokenizeKey {
+            max_len: self.max_len,
+            train_on_inputs: self.train_on_inputs,
+            packing: self.packing,
+            eos_token: self.eos_token.as_deref(),
+            pad_token: self.pad_token.as_deref(),
+            add_pad_token: &self.add_pad_token,
+        }
+    }
+}
+
 struct TokenizeStage {
     /// The user's files that inputs are store copies of, for error messages.
     sources: LocalSources,
@@ -72,7 +96,8 @@ impl StageKind for TokenizeKind {
         fields: serde_yaml::Value,
     ) -> Result<Box<dyn Stage>, FieldError> {
         let fields: Fields = cx.fields(fields)?;
-        pipe_data::tokenize::check_max_len(fields.max_len).map_err(|e| cx.error("max_len", e))?;
+        pipe_data::tokenize::check_max_len(fields.max_len)
+            .map_err(|e| cx.error("max_len", e.to_string()))?;
         let input = cx.stage_ref(&cx.path.key("input"), &fields.input)?;
         let tokenizer = cx
             .as_stage_ref(&fields.tokenizer)
@@ -101,16 +126,8 @@ impl Stage for TokenizeStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
-    fn params(&self) -> serde_json::Value {
-        let f = &self.fields;
-        serde_json::json!({
-            "max_len": f.max_len,
-            "train_on_inputs": f.train_on_inputs,
-            "packing": f.packing,
-            "eos_token": f.eos_token,
-            "pad_token": f.pad_token,
-            "add_pad_token": f.add_pad_token,
-        })
+    fn key_fields(&self) -> KeyFields {
+        KeyFields::of(&self.fields.key())
     }
     fn outputs(&self) -> Option<Vec<String>> {
         Some(
@@ -151,8 +168,7 @@ impl TokenizeStage {
         };
         let input = cx.input("input")?.to_path_buf();
         let tokenizer = cx.input("tokenizer")?.to_path_buf();
-        let r = pipe_data::tokenize::run(&input, &tokenizer, &opts, f.packing, &cx.out_dir)
-            .map_err(|e| anyhow!(e))?;
+        let r = pipe_data::tokenize::run(&input, &tokenizer, &opts, f.packing, &cx.out_dir)?;
         if !r.specials.added_tokens.is_empty() {
             cx.log(&format!(
                 "added {:?} to the vocabulary ({} → {} tokens): the model's embeddings grow to match",

@@ -28,7 +28,8 @@ use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use pipe_core::diag::{FieldError, FieldPath, Target};
 use pipe_core::{
-    Input, InputSource, Interrupted, ParseContext, Stage, StageContext, StageInfo, StageKind,
+    Input, InputSource, Interrupted, KeyFields, ParseContext, Stage, StageContext, StageInfo,
+    StageKind,
 };
 use pipe_data::dataset::Dataset;
 use pipe_model::{LoraSpec, MatmulPrecision, Targets};
@@ -43,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::sources::LocalSources;
 
-use crate::models::{find_weights, Device, ModelField, ModelSource, Weights};
+use crate::models::{find_weights, Device, InitKey, ModelField, ModelSource, Weights};
 
 pub struct TrainKind;
 
@@ -192,6 +193,87 @@ fn default_dtype() -> Dtype {
     Dtype::F32
 }
 
+/// What decides a train stage's weights (see `pipe_core::key`): how the model is initialised
+/// when it is not a checkpoint (a checkpoint and the data are inputs, by content), the method,
+/// the optimisation, the seed, and what changes float rounding — the micro-batch size, the
+/// number of replicas, the compute dtype — and the saved dtype. Not where it runs (`device`),
+/// how often it saves (`save_steps`) or whether it recomputes activations
+/// (`gradient_checkpointing`): those make the same weights.
+#[derive(Serialize)]
+struct TrainKey<'a> {
+    init: Option<InitKey<'a>>,
+    method: MethodField,
+    lora: Option<LoraKey<'a>>,
+    lr: f64,
+    schedule: Decay,
+    warmup_ratio: f64,
+    warmup_steps: Option<u64>,
+    epochs: u64,
+    max_steps: Option<u64>,
+    batch_size: usize,
+    micro_batch_size: usize,
+    max_grad_norm: Option<f64>,
+    weight_decay: f64,
+    adam_beta1: f64,
+    adam_beta2: f64,
+    adam_epsilon: f64,
+    seed: u64,
+    dtype: Dtype,
+    save_dtype: Dtype,
+    replicas: usize,
+}
+
+/// The LoRA settings in effect (defaults filled in).
+#[derive(Serialize)]
+struct LoraKey<'a> {
+    r: usize,
+    alpha: f64,
+    dropout: f64,
+    target_modules: TargetsField,
+    modules_to_save: &'a [String],
+}
+
+impl TrainStage {
+    fn key(&self) -> TrainKey<'_> {
+        let (f, spec) = (&self.fields, &self.spec);
+        let lora = match &spec.method {
+            Method::Full => None,
+            Method::Lora(l) => Some(LoraKey {
+                r: l.r,
+                alpha: l.alpha,
+                dropout: l.dropout,
+                target_modules: match &l.targets {
+                    Targets::AllLinear => TargetsField::All("all-linear".into()),
+                    Targets::Names(names) => TargetsField::Names(names.clone()),
+                },
+                modules_to_save: &l.modules_to_save,
+            }),
+        };
+        TrainKey {
+            init: InitKey::of(&self.model),
+            method: f.method,
+            lora,
+            lr: f.lr,
+            schedule: f.schedule,
+            warmup_ratio: f.warmup_ratio,
+            warmup_steps: f.warmup_steps,
+            epochs: f.epochs,
+            max_steps: f.max_steps,
+            batch_size: f.batch_size,
+            micro_batch_size: spec.micro_batch_size,
+            max_grad_norm: f.max_grad_norm,
+            weight_decay: f.weight_decay,
+            adam_beta1: f.adam_beta1,
+            adam_beta2: f.adam_beta2,
+            adam_epsilon: f.adam_epsilon,
+            seed: f.seed,
+            dtype: f.dtype,
+            save_dtype: f.save_dtype,
+            replicas: f.replicas().len(),
+        }
+    }
+}
+
 struct TrainStage {
     /// The user's files that inputs are store copies of, for error messages.
     sources: LocalSources,
@@ -211,6 +293,10 @@ impl StageKind for TrainKind {
     }
     fn summary(&self) -> &'static str {
         "fine-tune a Llama-family model (full or LoRA), resumable from checkpoints"
+    }
+    fn run_settings(&self) -> &'static [&'static str] {
+        // `devices` enters the key by its count alone (replicas round differently).
+        &["device", "devices", "save_steps", "gradient_checkpointing"]
     }
     fn parse(
         &self,
@@ -327,23 +413,8 @@ impl Stage for TrainStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
-    fn params(&self) -> serde_json::Value {
-        let mut p = serde_json::to_value(&self.spec).expect("spec serialises");
-        // How often checkpoints are written does not change the result.
-        p.as_object_mut().expect("object").remove("save_steps");
-        p["init"] = match &self.model {
-            ModelSource::Init { config, seed } => {
-                serde_json::json!({"config": config, "seed": seed})
-            }
-            ModelSource::Input(_) => serde_json::Value::Null,
-        };
-        p["dtype"] = serde_json::to_value(self.fields.dtype).expect("dtype");
-        // Replicas sum their gradients in another order than one device does.
-        let replicas = self.fields.replicas().len();
-        if replicas > 1 {
-            p["replicas"] = replicas.into();
-        }
-        p
+    fn key_fields(&self) -> KeyFields {
+        KeyFields::of(&self.key())
     }
     fn outputs(&self) -> Option<Vec<String>> {
         let weights = match self.spec.method {
@@ -392,7 +463,7 @@ impl Stage for TrainStage {
         }
         if let Some(format_id) = stage_input(&tokens, "input") {
             if let Some(format) = stage(format_id).filter(|f| f.kind == "format") {
-                if holds_every_record_out(format.params) {
+                if holds_every_record_out(format.fields) {
                     return Err(FieldError::new(
                         data.field.clone(),
                         Target::Value,
@@ -406,7 +477,7 @@ impl Stage for TrainStage {
                 }
             }
         }
-        let max_len = tokens.params["max_len"].as_u64().unwrap_or(0);
+        let max_len = tokens.fields["max_len"].as_u64().unwrap_or(0);
         if let Some(positions) = self.model_positions(stage) {
             if max_len > positions as u64 {
                 return Err(FieldError::new(
@@ -437,7 +508,7 @@ impl Stage for TrainStage {
         let InputSource::Stage { stage: tokens, .. } = &data.source else {
             return None;
         };
-        let max_len = stage(tokens)?.params["max_len"].as_u64()?;
+        let max_len = stage(tokens)?.fields["max_len"].as_u64()?;
         let shape = self.train_shape(usize::try_from(max_len).ok()?);
         Some(describe_plan(&plan_training(&config, &shape), &shape))
     }
@@ -456,7 +527,7 @@ impl TrainStage {
             .map(|d| Device::open(d))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let data_dir = cx.input("data")?.to_path_buf();
-        let data = Dataset::open(&data_dir.join("train.safetensors")).map_err(|e| anyhow!(e))?;
+        let data = Dataset::open(&data_dir.join("train.safetensors"))?;
         if data.is_empty() {
             bail!(
                 "`data` holds no training examples: its train split is empty (every record was held out for validation, an evaluation-only split); train on a split that keeps records for training, or score this one with `kind: evaluate`"
@@ -554,7 +625,7 @@ impl TrainStage {
                 cx.log(&format!("interrupted at step {step}; checkpoint saved"));
                 return Err(Interrupted.into());
             }
-            Err(e) => return Err(anyhow!("{e}")),
+            Err(e) => return Err(e.into()),
         };
         // The model directory carries the tokenizer it was trained with.
         let weights = match self.spec.method {
@@ -605,7 +676,7 @@ impl TrainStage {
                 let up = stage(id)?;
                 match up.kind {
                     "train" => {
-                        let config = &up.params["init"]["config"];
+                        let config = &up.fields["init"]["config"];
                         return serde_json::from_value(config.clone()).ok();
                     }
                     "download" => match &up.inputs.first()?.source {
@@ -716,9 +787,9 @@ fn stage_input<'a>(info: &StageInfo<'a>, name: &str) -> Option<&'a str> {
     }
 }
 
-/// Whether a format stage's params hold every record out (`val_size: 1.0`).
-fn holds_every_record_out(params: &serde_json::Value) -> bool {
-    let v = &params["val_size"];
+/// Whether a format stage's key fields hold every record out (`val_size: 1.0`).
+fn holds_every_record_out(fields: &serde_json::Value) -> bool {
+    let v = &fields["val_size"];
     v.is_f64() && v.as_f64() == Some(1.0)
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::kind::Progress;
+use pipe_core::kind::Progress;
 
 fn multi() -> &'static MultiProgress {
     static MULTI: OnceLock<MultiProgress> = OnceLock::new();
@@ -133,5 +133,45 @@ impl Progress for BarProgress {
     }
     fn set_message(&self, msg: String) {
         self.0.set_message(msg);
+    }
+}
+
+/// The live view of one run: a line per stage, moved on by the engine's events.
+pub struct LiveView {
+    lines: std::collections::HashMap<String, StageLine>,
+}
+
+impl LiveView {
+    pub fn new(pipeline: &pipe_core::Pipeline) -> Self {
+        LiveView {
+            lines: pipeline
+                .stages
+                .iter()
+                .map(|s| (s.id.clone(), StageLine::new(&s.id)))
+                .collect(),
+        }
+    }
+}
+
+impl pipe_core::Observer for LiveView {
+    fn started(&self, stage: &str) -> std::sync::Arc<dyn Progress> {
+        match self.lines.get(stage) {
+            Some(line) => {
+                line.running();
+                std::sync::Arc::new(line.reporter())
+            }
+            None => std::sync::Arc::new(pipe_core::kind::NoProgress),
+        }
+    }
+    fn finished(&self, outcome: &pipe_core::runner::Outcome) {
+        if let Some(line) = self.lines.get(&outcome.stage) {
+            let (word, detail) = crate::report::outcome_words(outcome);
+            line.finish(word, &detail);
+        }
+    }
+    fn again(&self, stage: &str, why: &str) {
+        if let Some(line) = self.lines.get(stage) {
+            line.again(why);
+        }
     }
 }
