@@ -331,6 +331,26 @@ impl<B: Backend> Llama<B> {
         self
     }
 
+    /// Stores every frozen projection matrix (a LoRA base's) in bf16, as PEFT keeps a bf16
+    /// base: half the memory of those weights, and the same numbers, because products at
+    /// `MatmulPrecision::Bf16` round both operands to bf16 anyway — the rounding moves from
+    /// every product to once. At f32 precision it leaves the model as it is: a bf16 operand
+    /// would be widened again at every product and that copy kept for the backward pass.
+    /// Trainable matrices (full fine-tuning, `modules_to_save`) stay f32.
+    pub fn keep_frozen_projections_in_bf16(mut self) -> Self {
+        if self.matmul_precision != MatmulPrecision::Bf16 {
+            return self;
+        }
+        for (_, proj) in self.linear_modules_mut() {
+            let weight = proj.weight.val();
+            if weight.is_require_grad() {
+                continue;
+            }
+            proj.weight = Param::initialized(proj.weight.id, weight.cast(FloatDType::BF16));
+        }
+        self
+    }
+
     /// `input_ids`: `[batch, seq]`; `attention_mask`: `[batch, seq]`, 1 for tokens and 0 for
     /// padding (keys at 0 are not attended to) → logits `[batch, seq, vocab]`.
     pub fn forward(

@@ -276,7 +276,10 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
     } else {
         MatmulPrecision::F32
     };
-    let mut model = model.with_matmul_precision(precision);
+    // As the train stage does: a LoRA base at bf16 is held in bf16.
+    let mut model = model
+        .with_matmul_precision(precision)
+        .keep_frozen_projections_in_bf16();
     let init_s = t_init.elapsed().as_secs_f64();
     let params = model.num_params();
     let trainable = trainable_params(&model);

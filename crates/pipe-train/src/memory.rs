@@ -6,7 +6,9 @@
 //! forward result a backward operation needs until the backward pass frees it), calibrated
 //! against measured peaks (`bench/memory.sh` prints estimate and measurement side by side):
 //! - weights: every parameter in f32, plus a bf16 copy of each matrix while products run in bf16
-//!   (`dtype: bf16`: the rounded operand lives until the backward pass has used it);
+//!   (`dtype: bf16`: the rounded operand lives until the backward pass has used it) — except a
+//!   LoRA base's projections at `dtype: bf16`, which are kept in bf16 alone, as PEFT keeps a
+//!   bf16 base (`Llama::keep_frozen_projections_in_bf16`);
 //! - gradients: one f32 value per trainable parameter, and AdamW's two f32 moments;
 //! - activations: per decoder layer, the saved results of the norms, projections, rotary
 //!   embedding, grouped-query expansion, attention scores and probabilities (seq × seq per
@@ -88,6 +90,20 @@ pub fn parameter_count(cfg: &LlamaConfig) -> (u64, u64) {
 
 /// LoRA's parameters for `shape` on `cfg`: A `[in, r]` and B `[r, out]` on each targeted
 /// projection, counted as if all seven were targeted and scaled to the targeted share.
+/// The parameters of the linear projections: every layer's seven, and an untied `lm_head`.
+fn projection_count(cfg: &LlamaConfig) -> u64 {
+    let (d, i, v, l) = (
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+        cfg.vocab_size as u64,
+        cfg.num_hidden_layers as u64,
+    );
+    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+    let lm_head = if cfg.tie_word_embeddings { 0 } else { v * d };
+    l * (d * q + 2 * d * kv + q * d + 3 * d * i) + lm_head
+}
+
 fn lora_parameters(cfg: &LlamaConfig, shape: LoraShape) -> u64 {
     let (d, i, l, r) = (
         cfg.hidden_size as u64,
@@ -129,9 +145,15 @@ pub fn plan_training(cfg: &LlamaConfig, shape: &TrainShape) -> MemoryPlan {
     let (all, matrices) = parameter_count(cfg);
     let adapters = shape.lora.map_or(0, |l| lora_parameters(cfg, l));
     let trainable = if shape.lora.is_some() { adapters } else { all };
-    let mut weights = (all + adapters) * F32;
+    // A LoRA base's projections at bf16 are stored in bf16 only (no f32 weight, no copy).
+    let bf16_base = if shape.lora.is_some() && shape.bf16_products {
+        projection_count(cfg)
+    } else {
+        0
+    };
+    let mut weights = (all - bf16_base + adapters) * F32 + bf16_base * BF16;
     if shape.bf16_products {
-        weights += matrices * BF16;
+        weights += (matrices - bf16_base) * BF16;
     }
     let tokens = (shape.micro_batch_size * shape.seq_len) as u64;
     let scores = (shape.micro_batch_size * shape.seq_len * shape.seq_len) as u64;
@@ -313,6 +335,38 @@ mod tests {
             targets_per_layer: 7,
         };
         assert_eq!(lora_parameters(&llama2_7b(), lora), 39_976_960);
+    }
+
+    #[test]
+    fn a_lora_base_at_bf16_is_held_in_bf16() {
+        let shape = |bf16_products| TrainShape {
+            lora: Some(LoraShape {
+                rank: 16,
+                targets_per_layer: 7,
+            }),
+            micro_batch_size: 4,
+            seq_len: 512,
+            bf16_products,
+            gradient_checkpointing: true,
+            replicas: 1,
+            on_gpu: true,
+        };
+        let cfg = llama2_7b();
+        let bf16 = plan_training(&cfg, &shape(true));
+        let f32 = plan_training(&cfg, &shape(false));
+        // The 6.6 billion projection weights (lm_head included) at 2 bytes instead of 4 (the
+        // embeddings, norms and adapters stay f32; the embeddings' bf16 copy for the output
+        // product remains).
+        let projections = projection_count(&cfg);
+        assert_eq!(projections, 6_607_077_376);
+        let (all, _) = parameter_count(&cfg);
+        let adapters = 39_976_960;
+        assert_eq!(
+            bf16.weights,
+            (all - projections + adapters) * F32 + projections * BF16 + 32_000 * 4096 * BF16
+        );
+        // 14.2 GB of weights where an f32 base held 28.4 GB (PEFT's bf16 base: 13.5 GB).
+        assert!(bf16.weights < f32.weights * 6 / 10, "{bf16:?} vs {f32:?}");
     }
 
     #[test]

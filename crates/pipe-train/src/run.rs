@@ -468,7 +468,9 @@ pub fn train<B: AutodiffBackend>(
         ));
     }
     std::fs::write(&metrics_path, &metrics_text).map_err(io("metrics.jsonl"))?;
-    let mut model = model.with_matmul_precision(spec.matmul_precision);
+    let mut model = model
+        .with_matmul_precision(spec.matmul_precision)
+        .keep_frozen_projections_in_bf16();
     let resumed_from_step = state.step;
     let tokens_at_start = state.tokens;
     let t0 = Instant::now();

@@ -492,3 +492,23 @@ fn a_checkpoint_without_a_digest_is_not_trusted() {
     );
     assert_same_outputs(clean.path(), dir.path());
 }
+
+/// LoRA at `dtype: bf16` keeps its frozen base in bf16 (as PEFT keeps a bf16 base): the run
+/// resumes bit for bit, on one replica and on two.
+#[test]
+fn lora_on_a_bf16_base_resumes_bit_identically() {
+    let l = LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: Targets::AllLinear,
+        modules_to_save: Vec::new(),
+    };
+    let s = TrainSpec {
+        matmul_precision: MatmulPrecision::Bf16,
+        ..spec(Method::Lora(l))
+    };
+    for replicas in [1, 2] {
+        check_on(s.clone(), "adapter/adapter_model.safetensors", replicas);
+    }
+}
