@@ -66,19 +66,42 @@ const GPU_OVERHEAD: u64 = 600 << 20;
 /// one-layer model, and some room.
 const CPU_OVERHEAD: u64 = 8 << 20;
 
+/// A model's sizes as counts: hidden `d`, intermediate `i`, vocabulary `v`, layers `l`, and
+/// the widths of all query heads `q` and of all key/value heads `kv`.
+struct Dims {
+    d: u64,
+    i: u64,
+    v: u64,
+    l: u64,
+    q: u64,
+    kv: u64,
+}
+
+impl Dims {
+    fn of(cfg: &LlamaConfig) -> Self {
+        Dims {
+            d: cfg.hidden_size as u64,
+            i: cfg.intermediate_size as u64,
+            v: cfg.vocab_size as u64,
+            l: cfg.num_hidden_layers as u64,
+            q: (cfg.num_attention_heads * cfg.head_dim) as u64,
+            kv: (cfg.num_key_value_heads * cfg.head_dim) as u64,
+        }
+    }
+
+    /// The weights of one layer's seven projections.
+    fn per_layer(&self) -> u64 {
+        let Dims { d, i, q, kv, .. } = *self;
+        d * q + 2 * d * kv + q * d + 3 * d * i
+    }
+}
+
 /// Parameters of the model as pipe builds it: (all, in matrices).
 pub fn parameter_count(cfg: &LlamaConfig) -> (u64, u64) {
-    let (d, i, v, l) = (
-        cfg.hidden_size as u64,
-        cfg.intermediate_size as u64,
-        cfg.vocab_size as u64,
-        cfg.num_hidden_layers as u64,
-    );
-    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
-    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
-    let per_layer = d * q + 2 * d * kv + q * d + 3 * d * i;
+    let n = Dims::of(cfg);
+    let Dims { d, i, v, l, q, kv } = n;
     let embeddings = v * d * if cfg.tie_word_embeddings { 1 } else { 2 };
-    let matrices = l * per_layer + embeddings;
+    let matrices = l * n.per_layer() + embeddings;
     let norms = (2 * l + 1) * d;
     let biases = if cfg.attention_bias {
         l * (q + 2 * kv + d)
@@ -88,31 +111,22 @@ pub fn parameter_count(cfg: &LlamaConfig) -> (u64, u64) {
     (matrices + norms + biases, matrices)
 }
 
-/// LoRA's parameters for `shape` on `cfg`: A `[in, r]` and B `[r, out]` on each targeted
-/// projection, counted as if all seven were targeted and scaled to the targeted share.
 /// The parameters of the linear projections: every layer's seven, and an untied `lm_head`.
 fn projection_count(cfg: &LlamaConfig) -> u64 {
-    let (d, i, v, l) = (
-        cfg.hidden_size as u64,
-        cfg.intermediate_size as u64,
-        cfg.vocab_size as u64,
-        cfg.num_hidden_layers as u64,
-    );
-    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
-    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
-    let lm_head = if cfg.tie_word_embeddings { 0 } else { v * d };
-    l * (d * q + 2 * d * kv + q * d + 3 * d * i) + lm_head
+    let n = Dims::of(cfg);
+    let lm_head = if cfg.tie_word_embeddings {
+        0
+    } else {
+        n.v * n.d
+    };
+    n.l * n.per_layer() + lm_head
 }
 
+/// LoRA's parameters for `shape` on `cfg`: A `[in, r]` and B `[r, out]` on each targeted
+/// projection, counted as if all seven were targeted and scaled to the targeted share.
 fn lora_parameters(cfg: &LlamaConfig, shape: LoraShape) -> u64 {
-    let (d, i, l, r) = (
-        cfg.hidden_size as u64,
-        cfg.intermediate_size as u64,
-        cfg.num_hidden_layers as u64,
-        shape.rank as u64,
-    );
-    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
-    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+    let Dims { d, i, l, q, kv, .. } = Dims::of(cfg);
+    let r = shape.rank as u64;
     let all_seven = r * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + i) + (i + d));
     l * all_seven * shape.targets_per_layer as u64 / 7
 }
@@ -120,10 +134,7 @@ fn lora_parameters(cfg: &LlamaConfig, shape: LoraShape) -> u64 {
 /// f32 values one decoder layer keeps for the backward pass, per token of a micro-batch, and
 /// per (query, key) pair: `(per_token, per_score)`.
 fn saved_per_layer(cfg: &LlamaConfig, shape: &TrainShape) -> (u64, u64) {
-    let d = cfg.hidden_size as u64;
-    let i = cfg.intermediate_size as u64;
-    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
-    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+    let Dims { d, i, q, kv, .. } = Dims::of(cfg);
     let h = cfg.num_attention_heads as u64;
     if shape.gradient_checkpointing {
         // The products' results (q, k, v, attention output, o_proj, gate, up, down), the

@@ -120,6 +120,17 @@ fn run_warned<A: AutodiffBackend>(
 
 /// Trains uninterrupted and interrupted + resumed, checks that both end the same, and returns
 /// the uninterrupted run's directory.
+/// LoRA r4 (alpha 8) on every linear layer.
+fn lora(dropout: f64) -> LoraSpec {
+    LoraSpec {
+        r: 4,
+        alpha: 8.0,
+        dropout,
+        targets: Targets::AllLinear,
+        modules_to_save: Vec::new(),
+    }
+}
+
 fn check(method: Method, weights: &str) -> tempfile::TempDir {
     check_on(spec(method), weights, 1)
 }
@@ -212,13 +223,7 @@ fn data_parallel_replicas_resume_bit_identically_and_match_one_replica() {
 
 #[test]
 fn lora_with_dropout_resumes_bit_identically() {
-    let l = LoraSpec {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.1,
-        targets: Targets::AllLinear,
-        modules_to_save: Vec::new(),
-    };
+    let l = lora(0.1);
     check(Method::Lora(l), "adapter/adapter_model.safetensors");
 }
 
@@ -291,13 +296,7 @@ fn lora_with_modules_to_save_trains_them_and_resumes_bit_identically() {
 /// numbers, so the same weights, bit for bit (and the stage leaves it out of the cache key).
 #[test]
 fn gradient_checkpointing_trains_the_same_weights() {
-    let l = LoraSpec {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: Targets::AllLinear,
-        modules_to_save: Vec::new(),
-    };
+    let l = lora(0.0);
     for (method, weights) in [
         (Method::Full, "model/model.safetensors"),
         (Method::Lora(l), "adapter/adapter_model.safetensors"),
@@ -497,13 +496,7 @@ fn a_checkpoint_without_a_digest_is_not_trusted() {
 /// resumes bit for bit, on one replica and on two.
 #[test]
 fn lora_on_a_bf16_base_resumes_bit_identically() {
-    let l = LoraSpec {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: Targets::AllLinear,
-        modules_to_save: Vec::new(),
-    };
+    let l = lora(0.0);
     let s = TrainSpec {
         matmul_precision: MatmulPrecision::Bf16,
         ..spec(Method::Lora(l))
