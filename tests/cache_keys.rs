@@ -226,7 +226,7 @@ fn examples() -> Vec<Example> {
                     "generate",
                 ),
             ],
-            pinned: "b933d11222a587486414f980d1f1963df934ef74a7b371fbf26849b49e241826",
+            pinned: "4c2e9918d14d14594b156f40f1e5ecbe1d119d24fb98397e85e01d40fe0454f3",
         },
         Example {
             name: "export",

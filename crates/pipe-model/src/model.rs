@@ -5,6 +5,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData};
 
 use crate::config::LlamaConfig;
@@ -247,12 +249,18 @@ impl<B: Backend> Attention<B> {
                 .reshape([b, h, t, d]);
             (k, v)
         };
-        let scores = matmul_at(self.precision, q, k.swap_dims(2, 3)) / (d as f64).sqrt() + mask;
-        let probs = softmax(scores, 3);
-        let out = matmul_at(self.precision, probs, v)
-            .swap_dims(1, 2)
-            .reshape([b, s, h * d]);
-        self.o_proj.forward(out)
+        let out = if self.precision == MatmulPrecision::F32 && !B::ad_enabled(&q.device()) {
+            // Scoring and generation: the backend's own attention (burn-flex tiles the keys
+            // with an online softmax once the score matrix outgrows its cache, so no seq ×
+            // seq matrix per head is held). Training keeps the explicit form below: burn's
+            // autodiff decomposes `attention` into the same operations anyway.
+            attention(q, k, v, None, Some(mask), AttentionModuleOptions::default())
+        } else {
+            let scores = matmul_at(self.precision, q, k.swap_dims(2, 3)) / (d as f64).sqrt() + mask;
+            matmul_at(self.precision, softmax(scores, 3), v)
+        };
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 }
 

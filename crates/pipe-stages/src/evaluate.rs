@@ -173,7 +173,8 @@ impl StageKind for EvaluateKind {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: attention through the backend's own op (other float rounding).
+        2
     }
     fn summary(&self) -> &'static str {
         "score a model (and its base, side by side): held-out perplexity, lm-eval-harness multiple choice, generated samples"

@@ -12,7 +12,8 @@
 //! - gradients: one f32 value per trainable parameter, and AdamW's two f32 moments;
 //! - activations: per decoder layer, the saved results of the norms, projections, rotary
 //!   embedding, grouped-query expansion, attention scores and probabilities (seq × seq per
-//!   head — no fused attention in burn 0.21), and SwiGLU; then the final norm, the logits and
+//!   head: burn 0.21's `attention` op is fused on CUDA and tiled on the CPU, but its autodiff
+//!   decomposes it into these same products and softmax, so training holds them), and SwiGLU; then the final norm, the logits and
 //!   the cross-entropy over the vocabulary. Gradient checkpointing keeps only what is costly to
 //!   recompute (the products' results) and recomputes the elementwise ones.
 //! - on a CPU, replicas share one memory: the weights count once, each replica adds its own
@@ -378,6 +379,34 @@ mod tests {
         );
         // 14.2 GB of weights where an f32 base held 28.4 GB (PEFT's bf16 base: 13.5 GB).
         assert!(bf16.weights < f32.weights * 6 / 10, "{bf16:?} vs {f32:?}");
+    }
+
+    #[test]
+    fn attention_scores_put_4096_tokens_of_7b_beyond_any_one_gpu() {
+        // Scores and probabilities of 32 heads in 32 layers, f32, kept for the backward pass
+        // even with gradient checkpointing: 4096² × 32 × 32 × 2 × 4 bytes = 128 GiB a row.
+        let shape = |seq_len| TrainShape {
+            lora: Some(LoraShape {
+                rank: 16,
+                targets_per_layer: 7,
+            }),
+            micro_batch_size: 1,
+            seq_len,
+            bf16_products: true,
+            gradient_checkpointing: true,
+            replicas: 1,
+            on_gpu: true,
+        };
+        let long = plan_training(&llama2_7b(), &shape(4096));
+        let scores = 4096 * 4096 * 32 * 32 * 2 * F32;
+        assert_eq!(scores, 128 << 30);
+        // The bulk of the activations: the rest (per token) is 47 GB.
+        assert!(
+            long.activations > scores && long.activations < 2 * scores,
+            "{long:?}"
+        );
+        let short = plan_training(&llama2_7b(), &shape(512));
+        assert!(short.activations * 20 < long.activations, "{short:?}");
     }
 
     #[test]
