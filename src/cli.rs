@@ -82,6 +82,10 @@ enum Command {
         /// Print the manifest as JSON
         #[arg(long)]
         json: bool,
+        /// Print the directory of the stage's TensorBoard events (train stages), for
+        /// `tensorboard --logdir`; a running stage's too
+        #[arg(long, conflicts_with = "json")]
+        logdir: bool,
     },
     /// Remove what no cache entry needs (unused objects, leftovers of killed commits)
     #[command(long_about = GC_ABOUT)]
@@ -204,7 +208,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Check(file) => check(&cx, &file),
         Command::Status { file, explain } => status(&cx, &file, explain),
         Command::Dag { file, format } => dag(&cx, &file, format),
-        Command::Show { file, stage, json } => show(&cx, &file, &stage, json),
+        Command::Show {
+            file,
+            stage,
+            json,
+            logdir,
+        } => show(&cx, &file, &stage, json, logdir),
         Command::Gc {
             keep_last,
             work,
@@ -330,7 +339,7 @@ fn dag(cx: &Context, file: &FileArgs, format: Format) -> Result<ExitCode> {
 }
 
 /// `pipe show`: the manifest of the stage's current entry, else of its last run.
-fn show(cx: &Context, file: &FileArgs, stage: &str, json: bool) -> Result<ExitCode> {
+fn show(cx: &Context, file: &FileArgs, stage: &str, json: bool, logdir: bool) -> Result<ExitCode> {
     let p = cx.load(file)?;
     if p.stage(stage).is_none() {
         let ids: Vec<&str> = p.stages.iter().map(|s| s.id.as_str()).collect();
@@ -347,15 +356,26 @@ fn show(cx: &Context, file: &FileArgs, stage: &str, json: bool) -> Result<ExitCo
         .iter()
         .find(|r| r.stage == stage)
         .expect("every stage has a row");
+    let last = engine.store.read_ref(&p.name, stage).map(|r| r.key);
+    if logdir {
+        // The current key's (also while it runs), else the last completed one's.
+        let events = [row.key.as_ref(), last.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|k| engine.store.log_dir(k).join("tensorboard"))
+            .find(|d| d.is_dir());
+        let Some(events) = events else {
+            bail!(
+                "stage `{stage}` has no TensorBoard events in this store ({}): train stages write them from their first step",
+                cx.cache.display()
+            );
+        };
+        println!("{}", events.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let (manifest, current) = match (&row.state, &row.key) {
         (PlanState::Decided(Decision::Reuse(_)), Some(k)) => (engine.store.read_manifest(k), true),
-        _ => (
-            engine
-                .store
-                .read_ref(&p.name, stage)
-                .and_then(|r| engine.store.read_manifest(&r.key)),
-            false,
-        ),
+        _ => (last.and_then(|k| engine.store.read_manifest(&k)), false),
     };
     let Some(m) = manifest else {
         bail!(

@@ -12,23 +12,9 @@ use pipe_model::{load_llama, Llama};
 
 type B = pipe_model::CpuBackend;
 
-const PIPELINE: &str = r#"name: export
-stages:
-  data:
-    kind: download
-    source: instructions.json
-  tokenizer:
-    kind: download
-    source: tokenizer
-  prompts:
-    kind: format
-    input: data
-  tokens:
-    kind: tokenize
-    input: prompts
-    tokenizer: tokenizer
-    max_len: 64
-  base:
+/// The example data through a `tokens` stage ([`common::example_pipeline`]), then these
+/// stages.
+const STAGES: &str = r#"  base:
     kind: train
     data: tokens
     model:
@@ -69,8 +55,12 @@ stages:
     to: exported/adapter
 "#;
 
+fn pipeline() -> String {
+    common::example_pipeline("export", 64, STAGES)
+}
+
 fn project() -> Project {
-    Project::with_examples(PIPELINE)
+    Project::with_examples(&pipeline())
 }
 
 fn out_dir(p: &Project, stage: &str) -> PathBuf {

@@ -7,23 +7,9 @@ use std::time::{Duration, Instant};
 
 use common::{sigkill, signal, Project};
 
-const PIPELINE: &str = r#"name: tiny-train
-stages:
-  data:
-    kind: download
-    source: instructions.json
-  tokenizer:
-    kind: download
-    source: tokenizer
-  prompts:
-    kind: format
-    input: data
-  tokens:
-    kind: tokenize
-    input: prompts
-    tokenizer: tokenizer
-    max_len: 96
-  train:
+/// The example data through a `tokens` stage ([`common::example_pipeline`]), then these
+/// stages.
+const STAGES: &str = r#"  train:
     kind: train
     data: tokens
     model:
@@ -37,8 +23,12 @@ stages:
     save_steps: 3
 "#;
 
+fn pipeline() -> String {
+    common::example_pipeline("tiny-train", 96, STAGES)
+}
+
 fn project() -> Project {
-    Project::with_examples(PIPELINE)
+    Project::with_examples(&pipeline())
 }
 
 fn weights(p: &Project) -> Vec<u8> {

@@ -171,3 +171,28 @@ stages:
     cmd: echo side >> runs.log; echo side > ${out}/side.txt
     outs: [side.txt]
 "#;
+
+/// A pipeline `name` that reads the example instructions and tokenizer a
+/// [`Project::with_examples`] holds, formats them with the Alpaca templates and tokenizes them
+/// at `max_len` into a stage `tokens`; then `stages` (YAML of more stages, indented by two).
+pub fn example_pipeline(name: &str, max_len: usize, stages: &str) -> String {
+    format!(
+        "name: {name}
+stages:
+  data:
+    kind: download
+    source: instructions.json
+  tokenizer:
+    kind: download
+    source: tokenizer
+  prompts:
+    kind: format
+    input: data
+  tokens:
+    kind: tokenize
+    input: prompts
+    tokenizer: tokenizer
+    max_len: {max_len}
+{stages}"
+    )
+}

@@ -799,8 +799,15 @@ impl Job {
         let def = &pipeline.stages[self.stage_index];
         let started = SystemTime::now();
         let stamp = humantime::format_rfc3339_millis(started).to_string();
-        let log_rel = format!("logs/{}/{}.log", self.key, stamp.replace(':', "-"));
-        let log_path = self.store.root.join(&log_rel);
+        let log_path = self
+            .store
+            .log_dir(&self.key)
+            .join(format!("{}.log", stamp.replace(':', "-")));
+        let log_rel = log_path
+            .strip_prefix(&self.store.root)
+            .unwrap_or(&log_path)
+            .display()
+            .to_string();
         let prepared = (|| -> std::io::Result<(PathBuf, PathBuf, fs::File)> {
             let work = self.store.work_dir(&self.key);
             let state = work.join("state");

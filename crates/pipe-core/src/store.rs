@@ -9,6 +9,7 @@
 //!   stages/<key>/manifest.json   written last: an entry is complete iff its manifest exists
 //!   work/<key>/              in-progress state of an unfinished key (staged outputs, resume state)
 //!   logs/<key>/<time>.log    one log per attempt
+//!   logs/<key>/tensorboard/  a train stage's TensorBoard events (its attempts', side by side)
 //!   refs/<pipeline>/<stage>.json  the key each stage last completed with (for status/explain)
 //!   runs/<time>-<pid>.json   the keys each run used (for gc): written when the run starts and
 //!                            whenever a stage starts or is a cache hit, so a killed run has one
@@ -240,6 +241,10 @@ impl Store {
     /// Where a completed stage's outputs can be read.
     pub fn out_dir(&self, key: &str) -> PathBuf {
         self.entry_dir(key).join("out")
+    }
+    /// The logs of `key`'s attempts (and what else a stage writes beside them).
+    pub fn log_dir(&self, key: &str) -> PathBuf {
+        self.root.join("logs").join(key)
     }
     pub fn work_dir(&self, key: &str) -> PathBuf {
         self.root.join("work").join(key)

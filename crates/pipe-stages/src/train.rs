@@ -578,9 +578,12 @@ impl TrainStage {
             log: &log,
             warn: &warn,
         };
+        // Beside the stage's logs, not among its outputs: they hold wall times and speed.
+        let events = cx_ref.log_path.with_file_name("tensorboard");
         let dirs = Dirs {
             work: &cx_ref.work_dir,
             out: &cx_ref.out_dir,
+            events: Some(&events),
         };
         let spec = &self.spec;
         macro_rules! train_on {

@@ -5,6 +5,7 @@ pub mod memory;
 pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 
 pub use run::{
     train, BaseModel, DataMeta, Dirs, Hooks, Method, Summary, TrainError, TrainSpec, Trained,

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::schedule::{Decay, Schedule};
 use crate::step::{adamw, train_step_parallel, AdamWSettings, MicroBatch, Optim, Packing};
+use crate::tensorboard::EventWriter;
 
 /// Where the weights to start from come from.
 #[derive(Debug, Clone)]
@@ -81,6 +82,8 @@ pub struct DataMeta {
 pub struct Dirs<'a> {
     pub work: &'a Path,
     pub out: &'a Path,
+    /// Where TensorBoard event files go (the stage's log directory), if anywhere.
+    pub events: Option<&'a Path>,
 }
 
 /// How the run talks to whoever runs it.
@@ -361,6 +364,46 @@ fn plain_micro_batch(ds: &Dataset, idx: &[usize], pad: u32) -> MicroBatch {
     }
 }
 
+/// The run's TensorBoard events (see [`crate::tensorboard`]). They are a view of the run,
+/// not its result: a file that cannot be written is reported once and the run goes on.
+struct TrainEvents(Option<EventWriter>);
+
+impl TrainEvents {
+    fn open(dir: Option<&Path>, step: u64, hooks: &Hooks<'_>) -> Self {
+        let Some(dir) = dir else {
+            return TrainEvents(None);
+        };
+        let opened = EventWriter::create(dir).and_then(|mut w| {
+            if step > 0 {
+                // Resumed after `step`: what an earlier attempt logged from step + 1 on is void.
+                w.start_at(step + 1)?;
+            }
+            Ok(w)
+        });
+        match opened {
+            Ok(w) => TrainEvents(Some(w)),
+            Err(e) => {
+                (hooks.warn)(&format!(
+                    "TensorBoard events cannot be written in {}: {e}; training goes on without them",
+                    dir.display()
+                ));
+                TrainEvents(None)
+            }
+        }
+    }
+
+    fn step(&mut self, step: u64, values: &[(&str, f64)], hooks: &Hooks<'_>) {
+        let Some(w) = &mut self.0 else { return };
+        if let Err(e) = w.scalars(step, values) {
+            (hooks.warn)(&format!(
+                "TensorBoard events cannot be written to {}: {e}; training goes on without them",
+                w.path().display()
+            ));
+            self.0 = None;
+        }
+    }
+}
+
 fn build_model<B: AutodiffBackend>(
     base: &BaseModel,
     spec: &TrainSpec,
@@ -483,7 +526,9 @@ pub fn train<B: AutodiffBackend>(
         .append(true)
         .open(&metrics_path)
         .map_err(io("metrics.jsonl"))?;
+    let mut events = TrainEvents::open(dirs.events, state.step, hooks);
     while state.step < total {
+        let step_started = Instant::now();
         if (hooks.cancelled)() {
             save_checkpoint(&mut model, &optim, &state, &metrics_text, &ckpt, spec)
                 .map_err(|e| e.into_error(state.step, last_checkpoint))?;
@@ -530,6 +575,21 @@ pub fn train<B: AutodiffBackend>(
             .map_err(io("metrics.jsonl"))?;
         metrics_text.push_str(&line);
         state.metrics_lines += 1;
+        let step_s = step_started.elapsed().as_secs_f64().max(1e-9);
+        events.step(
+            state.step,
+            &[
+                ("train/loss", stats.loss),
+                ("train/learning_rate", lr),
+                ("train/grad_norm", stats.grad_norm),
+                (
+                    "train/epoch",
+                    state.step as f64 / n.div_ceil(spec.batch_size) as f64,
+                ),
+                ("train/tokens_per_second", tokens as f64 / step_s),
+            ],
+            hooks,
+        );
         (hooks.progress)(state.step, total, stats.loss);
         if state.step.is_multiple_of(log_every) || state.step == total {
             let secs = t0.elapsed().as_secs_f64().max(1e-9);

@@ -62,6 +62,7 @@ fn train_error(n: usize, len: usize, pack_to: Option<usize>) -> String {
         &Dirs {
             work: &work,
             out: &out,
+            events: None,
         },
         &hooks,
         &[Default::default()],

@@ -75,6 +75,7 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
         &Dirs {
             work: &work,
             out: &out,
+            events: None,
         },
         &hooks,
         &[Default::default()],

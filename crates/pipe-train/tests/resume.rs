@@ -99,9 +99,11 @@ fn run_warned<A: AutodiffBackend>(
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let work = dir.join("work");
+    let events = dir.join("events");
     let dirs = Dirs {
         work: &work,
         out: &out,
+        events: Some(&events),
     };
     let result = train::<A>(
         &BaseModel::Init {
@@ -504,4 +506,33 @@ fn lora_on_a_bf16_base_resumes_bit_identically() {
     for replicas in [1, 2] {
         check_on(s.clone(), "adapter/adapter_model.safetensors", replicas);
     }
+}
+
+/// Each attempt writes its own TensorBoard event file beside the run; a resumed one starts with
+/// a `SessionLog START` at its first step, so that TensorBoard drops what the interrupted
+/// attempt logged after its last checkpoint (tests/tensorboard.rs reads that with TensorBoard).
+#[test]
+fn a_resumed_run_marks_its_restart_in_a_new_event_file() {
+    let s = spec(Method::Full);
+    let dir = interrupted_at_5(&s);
+    run(&s, dir.path(), None).unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(dir.path().join("events"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    // Step 6 (field 2) and SessionLog (field 7) { status: START }: the resumed attempt's first
+    // step is 6 (interrupted at 5, after its checkpoint), in its file only.
+    let start = [0x10u8, 0x06, 0x3a, 0x02, 0x08, 0x01];
+    let has_start = |p: &Path| std::fs::read(p).unwrap().windows(6).any(|w| w == start);
+    let resumed = files.iter().filter(|p| has_start(p)).count();
+    assert_eq!(resumed, 1);
+    let tags = |p: &Path| {
+        let bytes = std::fs::read(p).unwrap();
+        bytes.windows(10).filter(|w| w == b"train/loss").count()
+    };
+    // Steps 1–5 in the first file (it stopped at 5), the rest of the nine in the second.
+    let counts: Vec<usize> = files.iter().map(|p| tags(p)).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 5 + 4, "{counts:?}");
 }

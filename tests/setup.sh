@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The real tools some tests check pipe's files with, installed from the package registries into
+# target/test-tools (a Python virtual environment). Run once before `cargo test`; running it
+# again changes nothing when they are there.
+#   - tensorboard: its event reader reads back the event files a train stage writes.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV="$ROOT/target/test-tools"
+REQUIREMENTS="$ROOT/tests/requirements-tools.txt"
+STAMP="$VENV/.installed"
+if [ -f "$STAMP" ] && cmp -s "$STAMP" "$REQUIREMENTS"; then
+  exit 0
+fi
+command -v python3 >/dev/null || { echo "tests/setup.sh: python3 is required (apt install python3 python3-venv)" >&2; exit 1; }
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+cp "$REQUIREMENTS" "$STAMP"
+echo "tests/setup.sh: test tools ready in $VENV"

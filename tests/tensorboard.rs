@@ -1,0 +1,167 @@
+//! A train stage's TensorBoard events, read back by TensorBoard's own event reader (the
+//! `tensorboard` package that tests/setup.sh installs): the loss, learning rate and gradient
+//! norm of every step, as metrics.jsonl has them; `pipe show STAGE --logdir` finds them; and a
+//! resumed attempt's restart mark makes TensorBoard drop what the interrupted one logged past
+//! its checkpoint.
+
+mod common;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::Project;
+use pipe_train::tensorboard::EventWriter;
+
+/// The example data through a `tokens` stage ([`common::example_pipeline`]), then these
+/// stages.
+const STAGES: &str = r#"  train:
+    kind: train
+    data: tokens
+    model:
+      init: {vocab_size: 2001, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 64}
+      seed: 1
+    lr: 3.0e-3
+    max_steps: 6
+    batch_size: 4
+"#;
+
+fn pipeline() -> String {
+    common::example_pipeline("tb", 64, STAGES)
+}
+
+/// The Python of tests/setup.sh's environment, which has `tensorboard`.
+fn python() -> PathBuf {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `bash tests/setup.sh` first (it installs the tools tests read pipe's files with)",
+        python.display()
+    );
+    python
+}
+
+/// TensorBoard's reading of `dir`: tag → [(step, value)].
+fn read(dir: &str) -> serde_json::Value {
+    let out = Command::new(python())
+        .args(["-c", READ, dir])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The reader, as JSON on stdout.
+const READ: &str = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1])
+acc.Reload()
+print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+"#;
+
+#[test]
+fn tensorboard_reads_every_step_of_the_train_stage() {
+    let p = Project::with_examples(&pipeline());
+    p.pipe(&["run", "p.yaml"]).ok();
+    let dir = p
+        .pipe(&["show", "p.yaml", "train", "--logdir"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    assert!(dir.ends_with("tensorboard"), "{dir}");
+    let read = read(&dir);
+    let metrics_file = std::fs::read_dir(p.path("cache/stages"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("out/metrics.jsonl"))
+        .find(|m| m.exists())
+        .unwrap();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(metrics_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 6);
+    for (tag, field) in [
+        ("train/loss", "loss"),
+        ("train/learning_rate", "lr"),
+        ("train/grad_norm", "grad_norm"),
+        ("train/epoch", "epoch"),
+    ] {
+        let points = read[tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag}: {read}"));
+        assert_eq!(points.len(), metrics.len(), "{tag}");
+        for (point, m) in points.iter().zip(&metrics) {
+            assert_eq!(point[0], m["step"], "{tag}");
+            // Event files hold f32 values (compared as f32: JSON parsing may round the last
+            // bit of a double).
+            let expected = m[field].as_f64().unwrap() as f32;
+            assert_eq!(
+                point[1].as_f64().unwrap() as f32,
+                expected,
+                "{tag} at {}",
+                m["step"]
+            );
+        }
+    }
+    let speeds = read["train/tokens_per_second"].as_array().unwrap();
+    assert!(speeds.iter().all(|p| p[1].as_f64().unwrap() > 0.0));
+    // A second run is a cache hit: the events stay those of the run that trained.
+    p.pipe(&["run", "p.yaml"]).ok();
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(files, 1);
+}
+
+#[test]
+fn a_stage_without_events_says_so() {
+    let p = Project::with_examples(&pipeline());
+    p.pipe(&["run", "p.yaml", "--until", "prompts"]).ok();
+    let r = p.pipe(&["show", "p.yaml", "prompts", "--logdir"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("stage `prompts` has no TensorBoard events"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_restart_mark_voids_what_an_interrupted_attempt_logged_past_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first attempt logged steps 1–5 and was killed; its last checkpoint was step 3.
+    let mut first = EventWriter::create(dir.path()).unwrap();
+    for step in 1..=5 {
+        first.scalars(step, &[("train/loss", step as f64)]).unwrap();
+    }
+    // The second resumes after step 3 and logs 4–6.
+    let mut second = EventWriter::create(dir.path()).unwrap();
+    second.start_at(4).unwrap();
+    for step in 4..=6 {
+        second
+            .scalars(step, &[("train/loss", 10.0 * step as f64)])
+            .unwrap();
+    }
+    let read = read(dir.path().to_str().unwrap());
+    let loss: Vec<(u64, f64)> = read["train/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect();
+    assert_eq!(
+        loss,
+        [
+            (1, 1.0),
+            (2, 2.0),
+            (3, 3.0),
+            (4, 40.0),
+            (5, 50.0),
+            (6, 60.0)
+        ]
+    );
+}
