@@ -149,6 +149,7 @@ fn examples() -> Vec<Example> {
   {u}:
     kind: format
     input: {d}/records/records.json
+    val_size: 0.5
   {v}:
     kind: tokenize
     input: {u}
@@ -161,7 +162,8 @@ fn examples() -> Vec<Example> {
     method: lora
     lr: 2.0e-5
     batch_size: 4
-    micro_batch_size: 2",
+    micro_batch_size: 2
+    eval_steps: 2",
             run_settings: &[
                 "device=cpu",
                 "devices=[cpu]",
@@ -189,8 +191,11 @@ fn examples() -> Vec<Example> {
                 ("dtype=bf16", "dtype"),
                 ("save_dtype=bf16", "save_dtype"),
                 ("devices=[cpu, cpu]", "replicas"),
+                ("eval_steps=3", "eval_steps"),
+                ("keep=best", "keep"),
+                ("early_stopping_patience=2", "early_stopping_patience"),
             ],
-            pinned: "03ac419cc32a2e9236ba99baf8bac282dcc318218b397057851d30db3212eeae",
+            pinned: "6e557e930b6d01fc442171dd36300a4e41876f247a5877a5f77ef2f90c41c240",
         },
         Example {
             name: "evaluate",

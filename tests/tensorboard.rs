@@ -39,6 +39,20 @@ fn python() -> PathBuf {
     python
 }
 
+/// The lines of the stored train stage's metrics.jsonl.
+fn train_metrics(p: &Project) -> Vec<serde_json::Value> {
+    let file = std::fs::read_dir(p.path("cache/stages"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("out/metrics.jsonl"))
+        .find(|m| m.exists())
+        .unwrap();
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// TensorBoard's reading of `dir`: tag → [(step, value)].
 fn read(dir: &str) -> serde_json::Value {
     let out = Command::new(python())
@@ -74,16 +88,7 @@ fn tensorboard_reads_every_step_of_the_train_stage() {
         .to_string();
     assert!(dir.ends_with("tensorboard"), "{dir}");
     let read = read(&dir);
-    let metrics_file = std::fs::read_dir(p.path("cache/stages"))
-        .unwrap()
-        .map(|e| e.unwrap().path().join("out/metrics.jsonl"))
-        .find(|m| m.exists())
-        .unwrap();
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(metrics_file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = train_metrics(&p);
     assert_eq!(metrics.len(), 6);
     for (tag, field) in [
         ("train/loss", "loss"),
@@ -164,4 +169,49 @@ fn a_restart_mark_voids_what_an_interrupted_attempt_logged_past_its_checkpoint()
             (6, 60.0)
         ]
     );
+}
+
+#[test]
+fn held_out_loss_during_training_reaches_metrics_and_tensorboard() {
+    let p = Project::with_examples(&pipeline());
+    // Without held-out examples there is nothing to evaluate: said at check time.
+    let r = p.pipe(&["check", "p.yaml", "--set", "train.eval_steps=2"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("`eval_steps` needs held-out examples, and `prompts` holds none out"),
+        "{}",
+        r.stderr
+    );
+    let sets = [
+        "--set",
+        "prompts.val_size=8",
+        "--set",
+        "train.eval_steps=2",
+        "--set",
+        "train.keep=best",
+    ];
+    let mut args = vec!["run", "p.yaml"];
+    args.extend(sets);
+    p.pipe(&args).ok();
+    let mut show = vec!["show", "p.yaml", "train", "--logdir"];
+    show.extend(sets);
+    let dir = p.pipe(&show).ok().stdout.trim().to_string();
+    let read = read(&dir);
+    let evaluated: Vec<(u64, f32)> = train_metrics(&p)
+        .into_iter()
+        .filter(|m| m.get("eval_loss").is_some())
+        .map(|m| {
+            let loss = m["eval_loss"].as_f64().unwrap() as f32;
+            (m["step"].as_u64().unwrap(), loss)
+        })
+        .collect();
+    assert_eq!(evaluated.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6]);
+    let points: Vec<(u64, f32)> = read["eval/loss"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no eval/loss: {read}"))
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
+        .collect();
+    assert_eq!(points, evaluated);
 }

@@ -38,7 +38,8 @@ use pipe_train::memory::{
     TrainShape,
 };
 use pipe_train::{
-    AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
+    AdamWSettings, BaseModel, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method, Splits,
+    TrainError, TrainSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -152,6 +153,24 @@ struct Fields {
     /// work on two CPU cores at once. Instead of `device`.
     #[serde(default)]
     devices: Option<Vec<String>>,
+    /// Held-out loss on the tokenize stage's validation split every this many steps (and at
+    /// the last step), into metrics.jsonl and TensorBoard.
+    #[serde(default)]
+    eval_steps: Option<u64>,
+    /// Which weights are the outputs: the last step's, or the best held-out loss's.
+    #[serde(default)]
+    keep: Keep,
+    /// Stop after this many evaluations without a lower held-out loss.
+    #[serde(default)]
+    early_stopping_patience: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Keep {
+    #[default]
+    Last,
+    Best,
 }
 
 impl Fields {
@@ -221,6 +240,9 @@ struct TrainKey<'a> {
     dtype: Dtype,
     save_dtype: Dtype,
     replicas: usize,
+    eval_steps: Option<u64>,
+    keep: Keep,
+    early_stopping_patience: Option<u64>,
 }
 
 /// The LoRA settings in effect (defaults filled in).
@@ -270,6 +292,9 @@ impl TrainStage {
             dtype: f.dtype,
             save_dtype: f.save_dtype,
             replicas: f.replicas().len(),
+            eval_steps: f.eval_steps,
+            keep: f.keep,
+            early_stopping_patience: f.early_stopping_patience,
         }
     }
 }
@@ -292,7 +317,7 @@ impl StageKind for TrainKind {
         1
     }
     fn summary(&self) -> &'static str {
-        "fine-tune a Llama-family model (full or LoRA), resumable from checkpoints"
+        "fine-tune a Llama-family model (full or LoRA), resumable from checkpoints, evaluated as it goes"
     }
     fn run_settings(&self) -> &'static [&'static str] {
         // `devices` enters the key by its count alone (replicas round differently).
@@ -373,6 +398,7 @@ impl StageKind for TrainKind {
             return Err(cx.error("lr", "the learning rate must be a positive number"));
         }
         check_devices(cx, &f, micro)?;
+        check_evaluation(cx, &f)?;
         let spec = TrainSpec {
             method,
             lr: f.lr,
@@ -396,6 +422,11 @@ impl StageKind for TrainKind {
             matmul_precision: match f.dtype {
                 Dtype::F32 => MatmulPrecision::F32,
                 Dtype::Bf16 => MatmulPrecision::Bf16,
+            },
+            eval: EvalSettings {
+                every: f.eval_steps,
+                keep_best: f.keep == Keep::Best,
+                early_stopping_patience: f.early_stopping_patience,
             },
         };
         Ok(Box::new(TrainStage {
@@ -463,6 +494,21 @@ impl Stage for TrainStage {
         }
         if let Some(format_id) = stage_input(&tokens, "input") {
             if let Some(format) = stage(format_id).filter(|f| f.kind == "format") {
+                if self.spec.eval.every.is_some() && holds_no_record_out(format.fields) {
+                    return Err(FieldError::new(
+                        FieldPath::root()
+                            .key("stages")
+                            .key(self.id.as_str())
+                            .key("eval_steps"),
+                        Target::Value,
+                        format!(
+                            "`eval_steps` needs held-out examples, and `{format_id}` holds none out (val_size: 0)"
+                        ),
+                    )
+                    .with_help(format!(
+                        "give `{format_id}` a val_size (a fraction such as 0.05, or a count)"
+                    )));
+                }
                 if holds_every_record_out(format.fields) {
                     return Err(FieldError::new(
                         data.field.clone(),
@@ -528,6 +574,10 @@ impl TrainStage {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let data_dir = cx.input("data")?.to_path_buf();
         let data = Dataset::open(&data_dir.join("train.safetensors"))?;
+        let heldout = match self.spec.eval.every {
+            Some(_) => Some(Dataset::open(&data_dir.join("val.safetensors"))?),
+            None => None,
+        };
         if data.is_empty() {
             bail!(
                 "`data` holds no training examples: its train split is empty (every record was held out for validation, an evaluation-only split); train on a split that keeps records for training, or score this one with `kind: evaluate`"
@@ -588,7 +638,18 @@ impl TrainStage {
         let spec = &self.spec;
         macro_rules! train_on {
             ($backend:ty, $devices:expr) => {
-                pipe_train::train::<$backend>(&base, &data, &meta, spec, &dirs, &hooks, $devices)
+                pipe_train::train::<$backend>(
+                    &base,
+                    &Splits {
+                        train: &data,
+                        heldout: heldout.as_ref(),
+                    },
+                    &meta,
+                    spec,
+                    &dirs,
+                    &hooks,
+                    $devices,
+                )
             };
         }
         let checkpointing = self.fields.gradient_checkpointing;
@@ -790,10 +851,46 @@ fn stage_input<'a>(info: &StageInfo<'a>, name: &str) -> Option<&'a str> {
     }
 }
 
+/// Whether a format stage's key fields hold no record out (`val_size: 0`).
+fn holds_no_record_out(fields: &serde_json::Value) -> bool {
+    fields["val_size"].as_f64() == Some(0.0)
+}
+
 /// Whether a format stage's key fields hold every record out (`val_size: 1.0`).
 fn holds_every_record_out(fields: &serde_json::Value) -> bool {
     let v = &fields["val_size"];
     v.is_f64() && v.as_f64() == Some(1.0)
+}
+
+/// `eval_steps` at least 1, and `keep: best` and `early_stopping_patience` only with it (they
+/// act on its evaluations).
+fn check_evaluation(cx: &ParseContext<'_>, f: &Fields) -> Result<(), FieldError> {
+    if f.eval_steps == Some(0) {
+        return Err(cx.error("eval_steps", "eval_steps must be at least 1"));
+    }
+    if f.early_stopping_patience == Some(0) {
+        return Err(cx.error(
+            "early_stopping_patience",
+            "early_stopping_patience must be at least 1 (an evaluation without improvement)",
+        ));
+    }
+    let needs = |field: &str| {
+        Err(cx
+            .error(
+                field,
+                format!("`{field}` acts on evaluations during training, and there are none"),
+            )
+            .with_help("set `eval_steps: N` to compute the held-out loss every N steps"))
+    };
+    if f.eval_steps.is_none() {
+        if f.keep == Keep::Best {
+            return needs("keep");
+        }
+        if f.early_stopping_patience.is_some() {
+            return needs("early_stopping_patience");
+        }
+    }
+    Ok(())
 }
 
 /// The devices of `device:` or `devices:`, checked: one kind, no GPU twice, and a number of

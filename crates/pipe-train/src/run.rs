@@ -21,6 +21,9 @@ use pipe_model::save::{write_safetensors, SaveDtype};
 use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec, MatmulPrecision};
 use serde::{Deserialize, Serialize};
 
+use crate::heldout::{
+    best_dir, best_dirs, heldout_loss, prune_best_dirs, Best, EvalSettings, EvalState, Evaluated,
+};
 use crate::schedule::{Decay, Schedule};
 use crate::step::{adamw, train_step_parallel, AdamWSettings, MicroBatch, Optim, Packing};
 use crate::tensorboard::EventWriter;
@@ -63,6 +66,8 @@ pub struct TrainSpec {
     /// its `dtype` field.
     #[serde(skip)]
     pub matmul_precision: MatmulPrecision,
+    /// Held-out evaluation during training (none by default).
+    pub eval: EvalSettings,
 }
 
 /// The special tokens of the dataset (from the tokenize stage's meta.json).
@@ -84,6 +89,12 @@ pub struct Dirs<'a> {
     pub out: &'a Path,
     /// Where TensorBoard event files go (the stage's log directory), if anywhere.
     pub events: Option<&'a Path>,
+}
+
+/// What a run trains on, and what it evaluates on (`TrainSpec::eval`).
+pub struct Splits<'a> {
+    pub train: &'a Dataset,
+    pub heldout: Option<&'a Dataset>,
 }
 
 /// How the run talks to whoever runs it.
@@ -126,6 +137,14 @@ pub enum TrainError {
     },
     #[error("the training split has no examples")]
     NoExamples,
+    #[error("evaluation during training needs held-out examples, and the validation split is empty; give the format stage a val_size")]
+    NoHeldOut,
+    #[error("the held-out evaluation at step {step} failed")]
+    Eval {
+        step: u64,
+        #[source]
+        source: pipe_eval::EvalError,
+    },
     /// A training unit (an example, or a packed row) longer than the model's context.
     #[error("the training data's longest {unit} has {longest} tokens, but the model reads at most {limit} positions (its max_position_embeddings); lower the tokenize stage's max_len to {limit} or less, or train a model with a longer context")]
     TooLong {
@@ -133,6 +152,8 @@ pub enum TrainError {
         longest: usize,
         limit: usize,
     },
+    #[error("the best step's weights ({step}) cannot be loaded: {detail}")]
+    BestWeights { step: u64, detail: String },
     #[error(transparent)]
     Model(#[from] pipe_model::ModelError),
     /// Reading or writing `what` (a file or directory of the run) failed.
@@ -168,6 +189,9 @@ pub struct MetricLine {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: usize,
+    /// The held-out loss after this step, at the steps that are evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
 }
 
 /// summary.json: the result of a run (the same for a resumed run as for an uninterrupted one).
@@ -178,6 +202,16 @@ pub struct Summary {
     pub first_loss: Option<f64>,
     pub last_loss: Option<f64>,
     pub tokens: u64,
+    /// The last held-out loss, when the run evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    /// The step with the lowest held-out loss (whose weights are the outputs with `keep_best`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<Best>,
+    /// Stopped before the last step: `early_stopping_patience` evaluations without a lower
+    /// held-out loss.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped_early: bool,
 }
 
 /// What a call to [`train`] did: its result and how this attempt went.
@@ -199,6 +233,8 @@ struct CheckpointState {
     metrics_lines: usize,
     tokens: u64,
     first_loss: Option<f64>,
+    #[serde(default)]
+    eval: EvalState,
 }
 
 /// One file of a checkpoint as it was written.
@@ -364,6 +400,39 @@ fn plain_micro_batch(ds: &Dataset, idx: &[usize], pad: u32) -> MicroBatch {
     }
 }
 
+/// Evaluates the model after `state.step` on the held-out split and records it: the best
+/// step's weights are kept in `best-<step>/` (with `keep_best`) until no checkpoint needs them.
+fn evaluate<B: AutodiffBackend>(
+    model: &mut Llama<B>,
+    heldout: &Dataset,
+    spec: &TrainSpec,
+    device: &B::Device,
+    work: &Path,
+    state: &mut CheckpointState,
+) -> Result<Evaluated, TrainError> {
+    let step = state.step;
+    let loss = heldout_loss(model, heldout, spec.micro_batch_size, device)
+        .map_err(|source| TrainError::Eval { step, source })?;
+    let evaluated = state.eval.record(&spec.eval, step, loss);
+    if evaluated.improved && spec.eval.keep_best {
+        let dir = best_dir(work, step);
+        let tmp = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&tmp);
+        write_trainable(model, spec, &tmp.join("weights"), SaveDtype::F32)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&tmp, &dir).map_err(io("best weights"))?;
+    }
+    Ok(evaluated)
+}
+
+/// The held-out loss of the last evaluated step in metrics.jsonl's text.
+fn last_eval_loss(metrics: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<MetricLine>(l).ok()?.eval_loss)
+        .next_back()
+}
+
 /// The run's TensorBoard events (see [`crate::tensorboard`]). They are a view of the run,
 /// not its result: a file that cannot be written is reported once and the run goes on.
 struct TrainEvents(Option<EventWriter>);
@@ -437,7 +506,7 @@ fn build_model<B: AutodiffBackend>(
 /// model, optimizer and checkpoints live on the first.
 pub fn train<B: AutodiffBackend>(
     base: &BaseModel,
-    data: &Dataset,
+    splits: &Splits<'_>,
     meta: &DataMeta,
     spec: &TrainSpec,
     dirs: &Dirs<'_>,
@@ -445,6 +514,7 @@ pub fn train<B: AutodiffBackend>(
     devices: &[B::Device],
 ) -> Result<Trained, TrainError> {
     let (work, out) = (dirs.work, dirs.out);
+    let (data, heldout) = (splits.train, splits.heldout);
     let Some(device) = devices.first() else {
         return Err(TrainError::NoDevice);
     };
@@ -475,6 +545,11 @@ pub fn train<B: AutodiffBackend>(
     if data.is_empty() {
         return Err(TrainError::NoExamples);
     }
+    let heldout = match heldout {
+        Some(h) if !h.is_empty() => Some(h),
+        _ if spec.eval.every.is_some() => return Err(TrainError::NoHeldOut),
+        _ => None,
+    };
     // Batches are drawn from examples, or from the rows of a packed dataset.
     let n = units(data);
     let total = total_steps(spec, n);
@@ -499,6 +574,7 @@ pub fn train<B: AutodiffBackend>(
         metrics_lines: 0,
         tokens: 0,
         first_loss: None,
+        eval: EvalState::default(),
     };
     // The metrics so far; the work directory's metrics.jsonl is only a live view of them, and
     // what a checkpoint and the outputs hold comes from here.
@@ -511,6 +587,12 @@ pub fn train<B: AutodiffBackend>(
         ));
     }
     std::fs::write(&metrics_path, &metrics_text).map_err(io("metrics.jsonl"))?;
+    // Best weights that an interrupted attempt kept after the step it resumes from are void.
+    let before: Vec<u64> = best_dirs(work)
+        .into_iter()
+        .filter(|&s| s <= state.step)
+        .collect();
+    prune_best_dirs(work, &before).map_err(io("best weights"))?;
     let mut model = model
         .with_matmul_precision(spec.matmul_precision)
         .keep_frozen_projections_in_bf16();
@@ -527,6 +609,9 @@ pub fn train<B: AutodiffBackend>(
         .open(&metrics_path)
         .map_err(io("metrics.jsonl"))?;
     let mut events = TrainEvents::open(dirs.events, state.step, hooks);
+    // The checkpoint resumed from becomes the fallback at the next save: its best stays too.
+    let mut best_of_previous_checkpoint = state.eval.best;
+    let mut stopped_early = false;
     while state.step < total {
         let step_started = Instant::now();
         if (hooks.cancelled)() {
@@ -561,6 +646,10 @@ pub fn train<B: AutodiffBackend>(
         state.tokens += tokens as u64;
         state.first_loss.get_or_insert(stats.loss);
         last_loss = Some(stats.loss);
+        let evaluated = match heldout.filter(|_| spec.eval.due(state.step, total)) {
+            Some(h) => Some(evaluate(&mut model, h, spec, device, work, &mut state)?),
+            None => None,
+        };
         let line = MetricLine {
             step: state.step,
             epoch: state.step as f64 / n.div_ceil(spec.batch_size) as f64,
@@ -568,6 +657,7 @@ pub fn train<B: AutodiffBackend>(
             lr,
             grad_norm: stats.grad_norm,
             tokens,
+            eval_loss: evaluated.as_ref().map(|e| e.loss),
         };
         let line = format!("{}\n", serde_json::to_string(&line).expect("json"));
         metrics
@@ -576,20 +666,26 @@ pub fn train<B: AutodiffBackend>(
         metrics_text.push_str(&line);
         state.metrics_lines += 1;
         let step_s = step_started.elapsed().as_secs_f64().max(1e-9);
-        events.step(
-            state.step,
-            &[
-                ("train/loss", stats.loss),
-                ("train/learning_rate", lr),
-                ("train/grad_norm", stats.grad_norm),
-                (
-                    "train/epoch",
-                    state.step as f64 / n.div_ceil(spec.batch_size) as f64,
-                ),
-                ("train/tokens_per_second", tokens as f64 / step_s),
-            ],
-            hooks,
-        );
+        let mut scalars = vec![
+            ("train/loss", stats.loss),
+            ("train/learning_rate", lr),
+            ("train/grad_norm", stats.grad_norm),
+            (
+                "train/epoch",
+                state.step as f64 / n.div_ceil(spec.batch_size) as f64,
+            ),
+            ("train/tokens_per_second", tokens as f64 / step_s),
+        ];
+        if let Some(e) = &evaluated {
+            scalars.push(("eval/loss", e.loss));
+            (hooks.log)(&format!(
+                "step {}: held-out loss {:.4}{}",
+                state.step,
+                e.loss,
+                if e.improved { " (best so far)" } else { "" }
+            ));
+        }
+        events.step(state.step, &scalars, hooks);
         (hooks.progress)(state.step, total, stats.loss);
         if state.step.is_multiple_of(log_every) || state.step == total {
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
@@ -609,10 +705,47 @@ pub fn train<B: AutodiffBackend>(
             save_checkpoint(&mut model, &optim, &state, &metrics_text, &ckpt, spec)
                 .map_err(|e| e.into_error(state.step, last_checkpoint))?;
             last_checkpoint = state.step;
+            // What this checkpoint and the previous one (the fallback) refer to stays.
+            let keep: Vec<u64> = [state.eval.best, best_of_previous_checkpoint]
+                .into_iter()
+                .flatten()
+                .map(|b| b.step)
+                .collect();
+            prune_best_dirs(work, &keep).map_err(io("best weights"))?;
+            best_of_previous_checkpoint = state.eval.best;
+        }
+        if evaluated.is_some_and(|e| e.stop) {
+            stopped_early = true;
+            (hooks.log)(&format!(
+                "stopping early at step {}: {} held-out evaluations without a lower loss",
+                state.step, state.eval.since_best
+            ));
+            break;
         }
     }
     metrics.flush().map_err(io("metrics.jsonl"))?;
-    write_outputs(&mut model, spec, out)?;
+    let best = state.eval.best.filter(|_| spec.eval.every.is_some());
+    match best.filter(|b| spec.eval.keep_best && b.step != state.step) {
+        Some(b) => {
+            // The outputs are the best step's weights: let the last ones go first.
+            drop(optim);
+            drop(model);
+            let weights = best_dir(work, b.step).join("weights");
+            let mut best_model =
+                load_weights::<B>(&weights, base, spec, meta, device).map_err(|e| {
+                    TrainError::BestWeights {
+                        step: b.step,
+                        detail: e,
+                    }
+                })?;
+            (hooks.log)(&format!(
+                "publishing the weights of step {} (held-out loss {:.4}), the lowest",
+                b.step, b.loss
+            ));
+            write_outputs(&mut best_model, spec, out)?;
+        }
+        None => write_outputs(&mut model, spec, out)?,
+    }
     std::fs::write(out.join("metrics.jsonl"), &metrics_text).map_err(io("metrics.jsonl"))?;
     let summary = Summary {
         steps: state.step,
@@ -620,6 +753,9 @@ pub fn train<B: AutodiffBackend>(
         first_loss: state.first_loss,
         last_loss: last_loss.or(state.first_loss),
         tokens: state.tokens,
+        eval_loss: last_eval_loss(&metrics_text),
+        best,
+        stopped_early,
     };
     std::fs::write(
         out.join("summary.json"),
@@ -959,9 +1095,25 @@ fn load_checkpoint<B: AutodiffBackend>(
     let (state, metrics) = verify_checkpoint(dir)?;
     let bytes =
         std::fs::read(dir.join("optimizer.bin")).map_err(|e| format!("optimizer.bin: {e}"))?;
-    let weights = dir.join("weights");
-    let model = match &spec.method {
-        Method::Full => load_llama_with::<B>(&weights, device, true),
+    let model = load_weights::<B>(&dir.join("weights"), base, spec, meta, device)?;
+    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .load(bytes, device)
+        .map_err(|e| format!("optimizer.bin cannot be read: {e}"))?;
+    let optim = adamw::<B>(&spec.adamw).load_record(record);
+    Ok((model, optim, state, metrics))
+}
+
+/// The model with the trainable weights that [`write_trainable`] wrote in `weights` (a full
+/// model, or the base with its adapter).
+fn load_weights<B: AutodiffBackend>(
+    weights: &Path,
+    base: &BaseModel,
+    spec: &TrainSpec,
+    meta: &DataMeta,
+    device: &B::Device,
+) -> Result<Llama<B>, String> {
+    match &spec.method {
+        Method::Full => load_llama_with::<B>(weights, device, true),
         Method::Lora(_) => {
             let m: Llama<B> = match base {
                 BaseModel::Dir(d) => {
@@ -974,15 +1126,10 @@ fn load_checkpoint<B: AutodiffBackend>(
             } else {
                 m
             };
-            m.load_peft_adapter(&weights, true)
+            m.load_peft_adapter(weights, true)
         }
     }
-    .map_err(|e| format!("its weights cannot be loaded: {e}"))?;
-    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .load(bytes, device)
-        .map_err(|e| format!("optimizer.bin cannot be read: {e}"))?;
-    let optim = adamw::<B>(&spec.adamw).load_record(record);
-    Ok((model, optim, state, metrics))
+    .map_err(|e| format!("its weights cannot be loaded: {e}"))
 }
 
 /// The model reads at most `max_position_embeddings` positions: a longer example would run

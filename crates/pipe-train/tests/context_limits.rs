@@ -5,7 +5,8 @@
 use burn::backend::Autodiff;
 use pipe_data::dataset::{write, Dataset};
 use pipe_train::{
-    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
+    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, Splits, TrainError,
+    TrainSpec,
 };
 
 mod support;
@@ -36,6 +37,7 @@ fn train_error(n: usize, len: usize, pack_to: Option<usize>) -> String {
         save_steps: None,
         save_dtype_bf16: false,
         matmul_precision: Default::default(),
+        eval: Default::default(),
     };
     let meta = DataMeta {
         pad_token_id: 0,
@@ -56,7 +58,10 @@ fn train_error(n: usize, len: usize, pack_to: Option<usize>) -> String {
     assert_eq!(config.max_position_embeddings, 64);
     let result = train::<B>(
         &BaseModel::Init { config, seed: 4 },
-        &data,
+        &Splits {
+            train: &data,
+            heldout: None,
+        },
         &meta,
         &spec,
         &Dirs {

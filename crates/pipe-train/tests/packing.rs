@@ -9,7 +9,7 @@ use burn::backend::Autodiff;
 use pipe_data::dataset::{write, Dataset};
 use pipe_data::tokenize::Example;
 use pipe_train::{
-    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainSpec,
+    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, Splits, TrainSpec,
 };
 
 mod support;
@@ -49,6 +49,7 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
         save_steps: None,
         save_dtype_bf16: false,
         matmul_precision: Default::default(),
+        eval: Default::default(),
     };
     let config = support::tiny_config();
     let meta = DataMeta {
@@ -69,7 +70,10 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
     std::fs::create_dir_all(&out).unwrap();
     train::<B>(
         &BaseModel::Init { config, seed: 4 },
-        &data,
+        &Splits {
+            train: &data,
+            heldout: None,
+        },
         &meta,
         &spec,
         &Dirs {

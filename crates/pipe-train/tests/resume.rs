@@ -10,7 +10,8 @@ use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::{write, Dataset};
 use pipe_model::{Llama, LoraSpec, MatmulPrecision, Targets};
 use pipe_train::{
-    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, TrainError, TrainSpec,
+    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method, Splits,
+    TrainError, TrainSpec,
 };
 
 mod support;
@@ -25,6 +26,20 @@ fn dataset(dir: &Path) -> Dataset {
         |_, t| t < 3,
     );
     let p = dir.join("train.safetensors");
+    write(&p, &examples, None, Default::default()).unwrap();
+    Dataset::open(&p).unwrap()
+}
+
+/// Held-out examples unlike the training ones, so that their loss can rise while the training
+/// loss falls.
+fn heldout(dir: &Path) -> Dataset {
+    let examples = support::examples(
+        6,
+        |i| 7 + i % 3,
+        |i, t| (i * 5 + t * 11) % 38 + 1,
+        |_, t| t < 2,
+    );
+    let p = dir.join("val.safetensors");
     write(&p, &examples, None, Default::default()).unwrap();
     Dataset::open(&p).unwrap()
 }
@@ -46,6 +61,7 @@ fn spec(method: Method) -> TrainSpec {
         save_steps: Some(2),
         save_dtype_bf16: false,
         matmul_precision: MatmulPrecision::F32,
+        eval: Default::default(),
     }
 }
 
@@ -77,6 +93,7 @@ fn run_warned<A: AutodiffBackend>(
     replicas: usize,
 ) -> (Result<pipe_train::Trained, TrainError>, Vec<String>) {
     let data = dataset(dir);
+    let val = spec.eval.every.map(|_| heldout(dir));
     let meta = DataMeta {
         pad_token_id: 0,
         vocab_size_after: 41,
@@ -110,7 +127,10 @@ fn run_warned<A: AutodiffBackend>(
             config: support::tiny_config(),
             seed: 3,
         },
-        &data,
+        &Splits {
+            train: &data,
+            heldout: val.as_ref(),
+        },
         &meta,
         spec,
         &dirs,
@@ -120,8 +140,6 @@ fn run_warned<A: AutodiffBackend>(
     (result, warnings.into_inner())
 }
 
-/// Trains uninterrupted and interrupted + resumed, checks that both end the same, and returns
-/// the uninterrupted run's directory.
 /// LoRA r4 (alpha 8) on every linear layer.
 fn lora(dropout: f64) -> LoraSpec {
     LoraSpec {
@@ -137,6 +155,8 @@ fn check(method: Method, weights: &str) -> tempfile::TempDir {
     check_on(spec(method), weights, 1)
 }
 
+/// Trains uninterrupted and interrupted + resumed, checks that both end the same, and returns
+/// the uninterrupted run's directory.
 fn check_on(s: TrainSpec, weights: &str, replicas: usize) -> tempfile::TempDir {
     let run = |s: &TrainSpec, dir: &Path, stop: Option<u64>| run_on::<B>(s, dir, stop, replicas);
     let a = tempfile::tempdir().unwrap();
@@ -535,4 +555,105 @@ fn a_resumed_run_marks_its_restart_in_a_new_event_file() {
     // Steps 1–5 in the first file (it stopped at 5), the rest of the nine in the second.
     let counts: Vec<usize> = files.iter().map(|p| tags(p)).collect();
     assert_eq!(counts.iter().sum::<usize>(), 5 + 4, "{counts:?}");
+}
+
+/// The held-out losses of `dir`'s run, by step.
+fn eval_losses(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m.get("eval_loss").is_some())
+        .map(|m| {
+            (
+                m["step"].as_u64().unwrap(),
+                m["eval_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn with_eval(eval: EvalSettings) -> TrainSpec {
+    TrainSpec {
+        lr: 3e-2,
+        eval,
+        ..spec(Method::Full)
+    }
+}
+
+/// Held-out loss every 2 steps and at the last; the weights of the step with the lowest one
+/// are published (transformers' `load_best_model_at_end`), and an interrupted run publishes
+/// the same bytes and metrics as an uninterrupted one.
+#[test]
+fn keep_best_publishes_the_lowest_heldout_loss_and_resumes_bit_identically() {
+    let s = with_eval(EvalSettings {
+        every: Some(2),
+        keep_best: true,
+        early_stopping_patience: None,
+    });
+    let weights = "model/model.safetensors";
+    let dir = check_on(s, weights, 1);
+    let losses = eval_losses(dir.path());
+    assert_eq!(
+        losses.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [2, 4, 6, 8, 9]
+    );
+    let (best_step, best_loss) = losses
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert_ne!(
+        best_step, 9,
+        "the held-out loss should rise by the end: {losses:?}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["best"]["step"], best_step);
+    assert_eq!(summary["best"]["loss"].as_f64().unwrap(), best_loss);
+    let published = std::fs::read(dir.path().join("out").join(weights)).unwrap();
+    let kept = std::fs::read(
+        dir.path()
+            .join(format!("work/best-{best_step}/weights/model.safetensors")),
+    )
+    .unwrap();
+    assert!(
+        published == kept,
+        "the published weights are not the best step's"
+    );
+}
+
+/// `early_stopping_patience` stops after that many evaluations without a lower held-out loss;
+/// a run interrupted before the stop ends the same.
+#[test]
+fn early_stopping_stops_after_its_patience_and_resumes_bit_identically() {
+    let s = with_eval(EvalSettings {
+        every: Some(1),
+        keep_best: false,
+        early_stopping_patience: Some(2),
+    });
+    let a = tempfile::tempdir().unwrap();
+    let full = run(&s, a.path(), None).unwrap();
+    assert!(full.summary.stopped_early, "{full:?}");
+    let losses = eval_losses(a.path());
+    let stop = full.summary.steps as usize;
+    assert!(stop < 9 && losses.len() == stop, "{losses:?}");
+    // The last two evaluations found no lower loss than the best before them.
+    let best_before = losses[..stop - 2]
+        .iter()
+        .map(|(_, l)| *l)
+        .fold(f64::INFINITY, f64::min);
+    assert!(losses[stop - 2..].iter().all(|(_, l)| *l >= best_before));
+    let b = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        run(&s, b.path(), Some(2)),
+        Err(TrainError::Interrupted { step: 2 })
+    ));
+    let resumed = run(&s, b.path(), None).unwrap();
+    assert_eq!(resumed.summary.steps, full.summary.steps);
+    for f in ["model/model.safetensors", "metrics.jsonl", "summary.json"] {
+        let read = |d: &Path| std::fs::read(d.join("out").join(f)).unwrap();
+        assert!(read(a.path()) == read(b.path()), "{f} differs");
+    }
 }
