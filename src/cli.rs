@@ -113,6 +113,8 @@ enum Command {
     },
     /// List the stage kinds a pipeline can use, with their versions and what they do
     Kinds,
+    /// Print the JSON Schema of pipeline files (for editors: completion, hover docs, checks)
+    Schema,
 }
 
 const GC_ABOUT: &str = "\
@@ -231,6 +233,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             command: CacheCommand::Verify,
         } => cache_verify(&cx),
         Command::Kinds => kinds(&cx),
+        Command::Schema => {
+            let schema = pipe_core::schema::pipeline_schema(&cx.registry);
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -258,6 +258,11 @@ pub trait StageKind: Send + Sync {
     fn run_settings(&self) -> &'static [&'static str] {
         &[]
     }
+    /// The JSON Schema of the stage's fields (without `kind`), for `pipe schema`: the same
+    /// names, types and defaults that [`StageKind::parse`] accepts.
+    fn fields_schema(&self) -> serde_json::Value {
+        serde_json::json!({ "type": "object" })
+    }
     /// Checks and types the stage's fields.
     fn parse(
         &self,

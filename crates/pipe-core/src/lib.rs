@@ -16,6 +16,7 @@ pub mod kind;
 pub mod lock;
 pub mod relpath;
 pub mod runner;
+pub mod schema;
 pub mod spec;
 pub mod store;
 

@@ -103,6 +103,19 @@ pub enum ValSize {
     Fraction(f64),
 }
 
+impl schemars::JsonSchema for ValSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ValSize".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A fraction of the records from 0 to 1 (1.0: all of them), or a whole count",
+            "type": "number",
+            "minimum": 0
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for ValSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -156,7 +169,9 @@ impl ValSize {
 }
 
 /// What to do with a record that lacks a field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
     #[default]

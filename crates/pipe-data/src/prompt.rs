@@ -16,7 +16,7 @@ pub const ALPACA_PROMPT_NO_INPUT: &str =
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:";
 
 /// A template as written in a pipeline.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     /// The prompt, e.g. `"Question: {question}\nAnswer:"`.

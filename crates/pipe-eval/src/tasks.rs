@@ -60,7 +60,7 @@ pub const TARGET_DELIMITER: &str = " ";
 /// Between few-shot examples, and between the last one and the question.
 pub const FEWSHOT_DELIMITER: &str = "\n\n";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskFormat {
     Arc,

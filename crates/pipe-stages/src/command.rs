@@ -26,11 +26,12 @@ use pipe_core::diag::{FieldError, Target};
 use pipe_core::{
     Input, InputSource, Interrupted, KeyFields, ParseContext, Stage, StageContext, StageKind,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub struct CommandKind;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Fields {
     /// The shell command.
@@ -92,6 +93,9 @@ impl StageKind for CommandKind {
     }
     fn summary(&self) -> &'static str {
         "run a shell command with declared deps and outs"
+    }
+    fn fields_schema(&self) -> serde_json::Value {
+        crate::schema_of::<Fields>()
     }
     fn run_settings(&self) -> &'static [&'static str] {
         &["resumable"]

@@ -26,11 +26,12 @@ use pipe_core::{
     Input, InputSource, Interrupted, KeyFields, ParseContext, Stage, StageContext, StageKind,
 };
 use pipe_fetch::{fetch, Checksum, Client, FetchError, FetchOptions, Source, Transfer};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub struct DownloadKind;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Fields {
     /// `hf://ORG/REPO[@REVISION]`, `hf://datasets/ORG/REPO`, `https://…`, `http://…`, a path.
@@ -109,6 +110,9 @@ impl StageKind for DownloadKind {
     }
     fn summary(&self) -> &'static str {
         "fetch files from the Hugging Face Hub, a URL or a local path (resumable, verified)"
+    }
+    fn fields_schema(&self) -> serde_json::Value {
+        crate::schema_of::<Fields>()
     }
     fn run_settings(&self) -> &'static [&'static str] {
         &["retries"]

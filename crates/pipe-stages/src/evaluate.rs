@@ -46,6 +46,7 @@ use pipe_eval::score::{task_requests, task_result};
 use pipe_eval::tasks::{read_docs, FewShot, TaskFormat};
 use pipe_eval::{EvalError, Request, Sampling};
 use pipe_model::{init_llama, load_llama, CpuBackend, Llama};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::sources::LocalSources;
@@ -56,7 +57,7 @@ use crate::models::{find_weights, Device, InitKey, ModelField, ModelSource, Weig
 
 pub struct EvaluateKind;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct TaskFields {
     #[serde(default)]
@@ -86,14 +87,14 @@ fn default_fewshot_seed() -> u64 {
     1234
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
 enum InstructionField {
     Text(String),
     Record(BTreeMap<String, String>),
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct GenerateFields {
     #[serde(default)]
@@ -122,7 +123,7 @@ fn default_top_p() -> f64 {
     1.0
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Fields {
     model: ModelField,
@@ -178,6 +179,9 @@ impl StageKind for EvaluateKind {
     }
     fn summary(&self) -> &'static str {
         "score a model (and its base, side by side): held-out perplexity, lm-eval-harness multiple choice, generated samples"
+    }
+    fn fields_schema(&self) -> serde_json::Value {
+        crate::schema_of::<Fields>()
     }
     fn run_settings(&self) -> &'static [&'static str] {
         &["batch_size", "device"]

@@ -29,27 +29,28 @@ use pipe_core::diag::FieldError;
 use pipe_core::{Input, InputSource, KeyFields, ParseContext, Stage, StageContext, StageKind};
 use pipe_model::save::SaveDtype;
 use pipe_model::{load_llama, Llama};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::models::{find_weights, Weights};
 
 pub struct ExportKind;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum Format {
     Hf,
     Peft,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum Dtype {
     Bf16,
     F32,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Fields {
     model: String,
@@ -127,6 +128,9 @@ impl StageKind for ExportKind {
     }
     fn summary(&self) -> &'static str {
         "write a model in Hugging Face (transformers) or PEFT layout, optionally to a path"
+    }
+    fn fields_schema(&self) -> serde_json::Value {
+        crate::schema_of::<Fields>()
     }
     fn run_settings(&self) -> &'static [&'static str] {
         &["to"]

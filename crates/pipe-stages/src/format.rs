@@ -21,20 +21,21 @@ use pipe_core::{
 };
 use pipe_data::format::{OnError, ValSize};
 use pipe_data::prompt::{Template, TemplateSpec};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::sources::LocalSources;
 
 pub struct FormatKind;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
 enum TemplateField {
     Named(String),
     Custom(TemplateSpec),
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Fields {
     input: String,
@@ -119,6 +120,9 @@ impl StageKind for FormatKind {
     }
     fn summary(&self) -> &'static str {
         "turn instruction records into prompt/response pairs (Alpaca templates or your own) and split them"
+    }
+    fn fields_schema(&self) -> serde_json::Value {
+        crate::schema_of::<Fields>()
     }
     fn parse(
         &self,

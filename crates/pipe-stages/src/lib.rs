@@ -13,6 +13,11 @@ pub mod train;
 
 use pipe_core::Registry;
 
+/// The JSON Schema of a kind's YAML fields, as serde reads them.
+fn schema_of<T: schemars::JsonSchema>() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(T)).expect("a schema is JSON")
+}
+
 /// All stage kinds, as the `pipe` binary offers them.
 pub fn registry() -> Registry {
     Registry::new()

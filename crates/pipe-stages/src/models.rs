@@ -9,11 +9,12 @@ use anyhow::{anyhow, bail};
 use pipe_core::diag::{FieldError, Target};
 use pipe_core::{Input, InputSource, ParseContext};
 use pipe_model::LlamaConfig;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A `model:` field: a stage or directory holding a checkpoint, or `{init: {…config.json
 /// fields…}, seed: N}` for a model initialised from a seed.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub(crate) enum ModelField {
     Source(String),

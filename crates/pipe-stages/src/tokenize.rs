@@ -16,13 +16,14 @@
 use pipe_core::diag::FieldError;
 use pipe_core::{Input, InputSource, KeyFields, ParseContext, Stage, StageContext, StageKind};
 use pipe_data::tokenize::TokenizeOptions;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::sources::LocalSources;
 
 pub struct TokenizeKind;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Fields {
     input: String,
@@ -89,6 +90,9 @@ impl StageKind for TokenizeKind {
     }
     fn summary(&self) -> &'static str {
         "tokenize prompt/response pairs and mask the prompt, exactly as the Alpaca recipe does"
+    }
+    fn fields_schema(&self) -> serde_json::Value {
+        crate::schema_of::<Fields>()
     }
     fn parse(
         &self,

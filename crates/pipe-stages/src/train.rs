@@ -41,6 +41,7 @@ use pipe_train::{
     AdamWSettings, BaseModel, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method, Splits,
     TrainError, TrainSpec,
 };
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::sources::LocalSources;
@@ -49,14 +50,14 @@ use crate::models::{find_weights, Device, InitKey, ModelField, ModelSource, Weig
 
 pub struct TrainKind;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
 enum TargetsField {
     All(String),
     Names(Vec<String>),
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LoraFields {
     #[serde(default = "default_r")]
@@ -83,21 +84,21 @@ fn default_targets() -> TargetsField {
     TargetsField::All("all-linear".into())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum MethodField {
     Full,
     Lora,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum Dtype {
     F32,
     Bf16,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Fields {
     data: String,
@@ -165,7 +166,7 @@ struct Fields {
     early_stopping_patience: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 enum Keep {
     #[default]
@@ -318,6 +319,9 @@ impl StageKind for TrainKind {
     }
     fn summary(&self) -> &'static str {
         "fine-tune a Llama-family model (full or LoRA), resumable from checkpoints, evaluated as it goes"
+    }
+    fn fields_schema(&self) -> serde_json::Value {
+        crate::schema_of::<Fields>()
     }
     fn run_settings(&self) -> &'static [&'static str] {
         // `devices` enters the key by its count alone (replicas round differently).
