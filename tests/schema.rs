@@ -5,7 +5,6 @@
 
 mod common;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::Project;
 
@@ -24,26 +23,9 @@ for f in sys.argv[2:]:
 "#;
 
 fn validate(schema: &Path, files: &[PathBuf]) -> Vec<String> {
-    let python = root().join("target/test-tools/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `bash tests/setup.sh` first",
-        python.display()
-    );
-    let out = Command::new(python)
-        .arg("-c")
-        .arg(VALIDATE)
-        .arg(schema)
-        .args(files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
+    let mut args = vec![schema.as_os_str()];
+    args.extend(files.iter().map(|f| f.as_os_str()));
+    common::tool_python(VALIDATE, &args)
         .lines()
         .map(String::from)
         .collect()

@@ -5,8 +5,6 @@
 //! its checkpoint.
 
 mod common;
-use std::path::PathBuf;
-use std::process::Command;
 
 use common::Project;
 use pipe_train::tensorboard::EventWriter;
@@ -28,17 +26,6 @@ fn pipeline() -> String {
     common::example_pipeline("tb", 64, STAGES)
 }
 
-/// The Python of tests/setup.sh's environment, which has `tensorboard`.
-fn python() -> PathBuf {
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `bash tests/setup.sh` first (it installs the tools tests read pipe's files with)",
-        python.display()
-    );
-    python
-}
-
 /// The lines of the stored train stage's metrics.jsonl.
 fn train_metrics(p: &Project) -> Vec<serde_json::Value> {
     let file = std::fs::read_dir(p.path("cache/stages"))
@@ -55,16 +42,7 @@ fn train_metrics(p: &Project) -> Vec<serde_json::Value> {
 
 /// TensorBoard's reading of `dir`: tag → [(step, value)].
 fn read(dir: &str) -> serde_json::Value {
-    let out = Command::new(python())
-        .args(["-c", READ, dir])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&common::tool_python(READ, &[dir.as_ref()])).unwrap()
 }
 
 /// The reader, as JSON on stdout.

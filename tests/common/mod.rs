@@ -196,3 +196,26 @@ stages:
 {stages}"
     )
 }
+
+/// Runs a Python `script` with `args` in the environment of tests/setup.sh (the real tools some
+/// tests read pipe's files with) and returns what it printed; fails the test if it fails.
+pub fn tool_python(script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `bash tests/setup.sh` first (it installs the tools tests read pipe's files with)",
+        python.display()
+    );
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run the test tools' python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
