@@ -169,6 +169,7 @@ fn examples() -> Vec<Example> {
                 "devices=[cpu]",
                 "save_steps=1",
                 "gradient_checkpointing=true",
+                "tracking={mlflow: 'http://127.0.0.1:9', experiment: x}",
             ],
             key_changes: &[
                 ("model.seed=2", "init"),

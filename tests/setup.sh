@@ -2,7 +2,9 @@
 # The real tools some tests check pipe's files with, installed from the package registries into
 # target/test-tools (a Python virtual environment). Run once before `cargo test`; running it
 # again changes nothing when they are there.
-#   - tensorboard: its event reader reads back the event files a train stage writes.
+#   - tensorboard: its event reader reads back the event files a train stage writes;
+#   - jsonschema, PyYAML: validate pipelines against `pipe schema`;
+#   - mlflow: a real tracking server (sqlite backend, on 127.0.0.1) that train stages log to.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV="$ROOT/target/test-tools"

@@ -26,20 +26,6 @@ fn pipeline() -> String {
     common::example_pipeline("tb", 64, STAGES)
 }
 
-/// The lines of the stored train stage's metrics.jsonl.
-fn train_metrics(p: &Project) -> Vec<serde_json::Value> {
-    let file = std::fs::read_dir(p.path("cache/stages"))
-        .unwrap()
-        .map(|e| e.unwrap().path().join("out/metrics.jsonl"))
-        .find(|m| m.exists())
-        .unwrap();
-    std::fs::read_to_string(file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// TensorBoard's reading of `dir`: tag → [(step, value)].
 fn read(dir: &str) -> serde_json::Value {
     serde_json::from_str(&common::tool_python(READ, &[dir.as_ref()])).unwrap()
@@ -66,7 +52,7 @@ fn tensorboard_reads_every_step_of_the_train_stage() {
         .to_string();
     assert!(dir.ends_with("tensorboard"), "{dir}");
     let read = read(&dir);
-    let metrics = train_metrics(&p);
+    let metrics = common::train_metrics(&p);
     assert_eq!(metrics.len(), 6);
     for (tag, field) in [
         ("train/loss", "loss"),
@@ -176,7 +162,7 @@ fn held_out_loss_during_training_reaches_metrics_and_tensorboard() {
     show.extend(sets);
     let dir = p.pipe(&show).ok().stdout.trim().to_string();
     let read = read(&dir);
-    let evaluated: Vec<(u64, f32)> = train_metrics(&p)
+    let evaluated: Vec<(u64, f32)> = common::train_metrics(&p)
         .into_iter()
         .filter(|m| m.get("eval_loss").is_some())
         .map(|m| {

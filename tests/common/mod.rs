@@ -219,3 +219,17 @@ pub fn tool_python(script: &str, args: &[&std::ffi::OsStr]) -> String {
     );
     String::from_utf8(out.stdout).expect("utf-8")
 }
+
+/// The lines of the stored train stage's metrics.jsonl.
+pub fn train_metrics(p: &Project) -> Vec<serde_json::Value> {
+    let file = std::fs::read_dir(p.path("cache/stages"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("out/metrics.jsonl"))
+        .find(|m| m.exists())
+        .unwrap();
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

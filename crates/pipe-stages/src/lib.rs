@@ -6,6 +6,7 @@ pub mod download;
 pub mod evaluate;
 pub mod export;
 pub mod format;
+mod mlflow;
 mod models;
 mod sources;
 pub mod tokenize;

@@ -44,6 +44,7 @@ use pipe_train::{
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::mlflow::{params_of, MlflowRun, TrackingFields};
 use crate::sources::LocalSources;
 
 use crate::models::{find_weights, Device, InitKey, ModelField, ModelSource, Weights};
@@ -164,6 +165,10 @@ struct Fields {
     /// Stop after this many evaluations without a lower held-out loss.
     #[serde(default)]
     early_stopping_patience: Option<u64>,
+    /// Log params and every step's values to an MLflow server (a view of the run, not part
+    /// of its result).
+    #[serde(default)]
+    tracking: Option<TrackingFields>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -325,7 +330,13 @@ impl StageKind for TrainKind {
     }
     fn run_settings(&self) -> &'static [&'static str] {
         // `devices` enters the key by its count alone (replicas round differently).
-        &["device", "devices", "save_steps", "gradient_checkpointing"]
+        &[
+            "device",
+            "devices",
+            "save_steps",
+            "gradient_checkpointing",
+            "tracking",
+        ]
     }
     fn parse(
         &self,
@@ -569,6 +580,26 @@ impl Stage for TrainStage {
 }
 
 impl TrainStage {
+    /// The MLflow run of this attempt, when the stage is tracked and the server answers.
+    fn start_tracking(&self, cx: &StageContext, warn: &dyn Fn(&str)) -> Option<MlflowRun> {
+        let fields = self.fields.tracking.as_ref()?;
+        let params = params_of(self.key_fields().as_json());
+        match MlflowRun::start(fields, &cx.stage_id, &cx.key, &params, &cx.work_dir) {
+            Ok(run) => {
+                cx.log(&format!(
+                    "MLflow: logging to run {} at {}",
+                    run.run_id(),
+                    fields.mlflow
+                ));
+                Some(run)
+            }
+            Err(e) => {
+                warn(&format!("MLflow: {e}; training goes on untracked"));
+                None
+            }
+        }
+    }
+
     fn run_stage(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         let devices = self
             .fields
@@ -626,11 +657,20 @@ impl TrainStage {
             cx_ref.log(&format!("warning: {line}"));
             tracing::warn!("{}: {line}", cx_ref.stage_id);
         };
+        let mlflow = std::cell::RefCell::new(self.start_tracking(cx_ref, &warn));
+        let scalars = |step: u64, values: &[(&str, f64)]| {
+            let mut run = mlflow.borrow_mut();
+            if let Some(Err(e)) = run.as_mut().map(|r| r.log(step, values)) {
+                warn(&format!("MLflow: {e}; training goes on untracked"));
+                *run = None;
+            }
+        };
         let hooks = Hooks {
             cancelled: &cancelled,
             progress: &progress,
             log: &log,
             warn: &warn,
+            scalars: &scalars,
         };
         // Beside the stage's logs, not among its outputs: they hold wall times and speed.
         let events = cx_ref.log_path.with_file_name("tensorboard");
@@ -687,6 +727,29 @@ impl TrainStage {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => unreachable!("Device::open refuses cuda without the feature"),
         };
+        let status = match &result {
+            Ok(_) => "FINISHED",
+            Err(TrainError::Interrupted { .. }) => "KILLED",
+            Err(_) => "FAILED",
+        };
+        if let Some(run) = mlflow.borrow_mut().as_mut() {
+            if let Ok(t) = &result {
+                let summary = [
+                    ("summary/last_loss", t.summary.last_loss),
+                    ("summary/eval_loss", t.summary.eval_loss),
+                    ("summary/best_eval_loss", t.summary.best.map(|b| b.loss)),
+                    ("summary/tokens_per_second", Some(t.tokens_per_s)),
+                ];
+                let values: Vec<(&str, f64)> = summary
+                    .iter()
+                    .filter_map(|(k, v)| v.map(|v| (*k, v)))
+                    .collect();
+                let _ = run.log(t.summary.steps, &values);
+            }
+            if let Err(e) = run.end(status) {
+                warn(&format!("MLflow: {e}"));
+            }
+        }
         let trained = match result {
             Ok(s) => s,
             Err(TrainError::Interrupted { step }) => {

@@ -104,7 +104,13 @@ pub struct Hooks<'a> {
     pub log: &'a dyn Fn(&str),
     /// Something the user must hear about although the run goes on (a damaged checkpoint).
     pub warn: &'a dyn Fn(&str),
+    /// The values of each step (and its held-out loss when evaluated), named as TensorBoard
+    /// shows them, for trackers (MLflow) that the caller feeds.
+    pub scalars: &'a dyn Fn(u64, &[Scalar<'_>]),
 }
+
+/// A named value of a step, e.g. `("train/loss", 2.31)`.
+pub type Scalar<'a> = (&'a str, f64);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -686,6 +692,7 @@ pub fn train<B: AutodiffBackend>(
             ));
         }
         events.step(state.step, &scalars, hooks);
+        (hooks.scalars)(state.step, &scalars);
         (hooks.progress)(state.step, total, stats.loss);
         if state.step.is_multiple_of(log_every) || state.step == total {
             let secs = t0.elapsed().as_secs_f64().max(1e-9);

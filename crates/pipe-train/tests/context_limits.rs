@@ -51,6 +51,7 @@ fn train_error(n: usize, len: usize, pack_to: Option<usize>) -> String {
         progress: &|_: u64, _: u64, _: f64| panic!("no step may run"),
         log: &|_: &str| {},
         warn: &|w: &str| panic!("unexpected warning: {w}"),
+        scalars: &|_, _| {},
     };
     let (work, out) = (dir.path().join("work"), dir.path().join("out"));
     std::fs::create_dir_all(&out).unwrap();

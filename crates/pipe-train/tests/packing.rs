@@ -65,6 +65,7 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
         progress: &|s: u64, _: u64, _: f64| steps.set(s),
         log: &|_: &str| {},
         warn: &|w: &str| panic!("unexpected warning: {w}"),
+        scalars: &|_, _| {},
     };
     let (work, out) = (dir.join("work"), dir.join("out"));
     std::fs::create_dir_all(&out).unwrap();

@@ -112,6 +112,7 @@ fn run_warned<A: AutodiffBackend>(
         progress: &progress,
         log: &log,
         warn: &warn,
+        scalars: &|_, _| {},
     };
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();

@@ -1,0 +1,186 @@
+//! A train stage with `tracking: {mlflow: …}` logs to a real MLflow server (started here on
+//! 127.0.0.1 with a sqlite store, installed by tests/setup.sh): a run named after the stage,
+//! its key fields as params, every step's values as metrics, the status at the end; read
+//! back with MLflow's own client. An unreachable server is a warning, not a failed stage, and
+//! the tracking token is never written anywhere.
+
+mod common;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Project;
+
+const STAGES: &str = r#"  train:
+    kind: train
+    data: tokens
+    model:
+      init: {vocab_size: 2001, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 64}
+      seed: 1
+    lr: 3.0e-3
+    max_steps: 5
+    batch_size: 4
+    tracking: {mlflow: "${params.server}", experiment: pipe-tests}
+"#;
+
+fn pipeline(server: &str) -> String {
+    common::example_pipeline("tracked", 64, STAGES).replacen(
+        "stages:",
+        &format!("params:\n  server: {server}\nstages:"),
+        1,
+    )
+}
+
+/// `mlflow server` on a free port of 127.0.0.1, stopped when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mlflow = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/bin/mlflow");
+        assert!(
+            mlflow.exists(),
+            "{} is missing: run `bash tests/setup.sh` first",
+            mlflow.display()
+        );
+        let child = Command::new(mlflow)
+            .args(["server", "--host", "127.0.0.1", "--workers", "1", "--port"])
+            .arg(port.to_string())
+            .arg("--backend-store-uri")
+            .arg(format!("sqlite:///{}", dir.join("mlflow.db").display()))
+            .arg("--default-artifact-root")
+            .arg(dir.join("artifacts"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Server {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "mlflow server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        server
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What MLflow's client reads of the experiment's runs: status, tags, params, and the history
+/// of train/loss.
+const READ: &str = r#"
+import json, sys
+from mlflow.tracking import MlflowClient
+client = MlflowClient(tracking_uri=sys.argv[1])
+exp = client.get_experiment_by_name("pipe-tests")
+runs = client.search_runs([exp.experiment_id])
+print(json.dumps([{
+    "status": r.info.status,
+    "name": r.info.run_name,
+    "tags": {k: v for k, v in r.data.tags.items() if k.startswith("pipe.")},
+    "params": r.data.params,
+    "loss": [[m.step, m.value] for m in client.get_metric_history(r.info.run_id, "train/loss")],
+    "last": r.data.metrics,
+} for r in runs]))
+"#;
+
+#[test]
+fn a_tracked_train_stage_logs_its_run_to_mlflow() {
+    let p = Project::with_examples("");
+    let server = Server::start(p.dir.path());
+    p.write("p.yaml", &pipeline(&server.url));
+    let r = p
+        .cmd(&["run", "p.yaml"])
+        .env("MLFLOW_TRACKING_TOKEN", "secret-token-4711")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let runs: serde_json::Value =
+        serde_json::from_str(&common::tool_python(READ, &[server.url.as_ref()])).unwrap();
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let run = &runs[0];
+    assert_eq!(run["status"], "FINISHED");
+    assert_eq!(run["tags"]["pipe.stage"], "train");
+    assert!(run["name"].as_str().unwrap().starts_with("train-"));
+    assert_eq!(run["params"]["lr"], "0.003");
+    assert_eq!(run["params"]["max_steps"], "5");
+    // Every step's loss, as metrics.jsonl has it.
+    let metrics = common::train_metrics(&p);
+    let logged: Vec<(u64, f32)> = run["loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
+        .collect();
+    let expected: Vec<(u64, f32)> = metrics
+        .iter()
+        .map(|m| {
+            (
+                m["step"].as_u64().unwrap(),
+                m["loss"].as_f64().unwrap() as f32,
+            )
+        })
+        .collect();
+    assert_eq!(logged, expected);
+    assert!(run["last"]["summary/tokens_per_second"].as_f64().unwrap() > 0.0);
+    // The token went to the server only: not into the store, its logs or the output.
+    let mut stack = vec![p.path("cache")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes.windows(17).any(|w| w == b"secret-token-4711"),
+                    "the token is in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(!String::from_utf8_lossy(&r.stderr).contains("secret-token-4711"));
+    // A second run is a cache hit: nothing more is logged.
+    p.pipe(&["run", "p.yaml"]).ok();
+    let again: serde_json::Value =
+        serde_json::from_str(&common::tool_python(READ, &[server.url.as_ref()])).unwrap();
+    assert_eq!(again.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn an_unreachable_server_is_a_warning_not_a_failure() {
+    // A port that nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = Project::with_examples(&pipeline(&format!("http://127.0.0.1:{port}")));
+    let r = p.pipe(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("MLflow:") && r.stderr.contains("training goes on untracked"),
+        "{}",
+        r.stderr
+    );
+}
