@@ -113,20 +113,19 @@ pub fn status_text(p: &Pipeline, rows: &[PlanRow], explain: bool) -> String {
 
 /// The word and the detail the live view shows for a stage that ended.
 pub fn outcome_words(o: &Outcome) -> (&'static str, String) {
-    match &o.status {
-        Status::Cached => (
-            "cached",
-            o.key
-                .as_deref()
-                .map(|k| k[..12].to_string())
-                .unwrap_or_default(),
-        ),
-        Status::Done => ("done", format!("{:.1}s", o.wall.as_secs_f64())),
-        Status::Failed(e) => ("FAILED", first_line(e)),
-        Status::Skipped(Skip::Interrupted) => ("skipped", "interrupted before it started".into()),
-        Status::Skipped(skip) => ("skipped", skip.to_string()),
-        Status::Interrupted => ("interrupted", "state saved".into()),
-    }
+    let detail = match &o.status {
+        Status::Cached => o
+            .key
+            .as_deref()
+            .map(|k| k[..12].to_string())
+            .unwrap_or_default(),
+        Status::Done => format!("{:.1}s", o.wall.as_secs_f64()),
+        Status::Failed(e) => first_line(e),
+        Status::Skipped(Skip::Interrupted) => "interrupted before it started".into(),
+        Status::Skipped(skip) => skip.to_string(),
+        Status::Interrupted => "state saved".into(),
+    };
+    (status_word(&o.status), detail)
 }
 
 fn status_word(status: &Status) -> &'static str {

@@ -457,7 +457,7 @@ impl<'p> Engine<'p> {
             .plan(self.pipeline, &self.dag)
             .map_err(|e| anyhow::anyhow!(e))?;
         let mut run = RunLoop::new(self, selection, opts.jobs.max(1), observer)?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = run.stop.clone();
         let (tx, rx) = mpsc::channel::<(usize, Attempt)>();
         std::thread::scope(|scope| -> anyhow::Result<()> {
             loop {
@@ -469,15 +469,10 @@ impl<'p> Engine<'p> {
                     if run.outcomes[i].is_some() || run.running.contains_key(&i) {
                         continue;
                     }
-                    let stopping = stop.load(Ordering::SeqCst);
-                    match run.step(i, stopping)? {
+                    match run.step(i)? {
                         Step::Wait => {}
                         Step::Progressed => progressed = true,
                         Step::Start(job) => {
-                            let job = Job {
-                                cancel: stop.clone(),
-                                ..*job
-                            };
                             let tx = tx.clone();
                             let pipeline = run.engine.pipeline;
                             scope.spawn(move || {
@@ -540,6 +535,8 @@ struct RunLoop<'e, 'p> {
     /// Stages whose entry was found damaged and discarded in this run: each is re-made once.
     remade: HashSet<usize>,
     record: RunRecord,
+    /// Set once the run is asked to stop: running stages save their state, none starts.
+    stop: Arc<AtomicBool>,
 }
 
 impl<'e, 'p> RunLoop<'e, 'p> {
@@ -570,6 +567,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             running: HashMap::new(),
             remade: HashSet::new(),
             record,
+            stop: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -581,7 +579,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
 
     /// Moves stage `i` on, if it can: skipped after a failed upstream stage, reused, left out,
     /// or started.
-    fn step(&mut self, i: usize, stopping: bool) -> anyhow::Result<Step> {
+    fn step(&mut self, i: usize) -> anyhow::Result<Step> {
         let pipeline = self.engine.pipeline;
         let id = &pipeline.stages[i].id;
         let ups = self.engine.dag.upstream(i);
@@ -625,7 +623,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             }
             Decision::Run(why) => why,
         };
-        if stopping {
+        if self.stop.load(Ordering::SeqCst) {
             self.end(i, Outcome::new(id, Status::Skipped(Skip::Interrupted)));
             return Ok(Step::Progressed);
         }
@@ -654,7 +652,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             stage_index: i,
             key,
             resolved,
-            cancel: Arc::new(AtomicBool::new(false)),
+            cancel: self.stop.clone(),
             progress,
         })))
     }

@@ -278,19 +278,6 @@ impl Store {
         }
     }
 
-    /// [`Store::lookup`], and then the bytes of the entry's outputs are checked
-    /// ([`Store::damage`]) before anything reads them: a damaged entry is discarded
-    /// ([`Store::discard`]), with a warning that names the files, so that it is re-made.
-    pub fn lookup_intact(&self, key: &str) -> Option<Manifest> {
-        let m = self.lookup(key)?;
-        let damage = self.damage(&m);
-        if damage.is_empty() {
-            return Some(m);
-        }
-        self.discard(&m.key, &damage);
-        None
-    }
-
     /// The outputs of `m` whose bytes are not the recorded ones. A file whose stamp equals the
     /// one recorded when it was last known intact is not read; any other is re-hashed (and, if
     /// intact, stamped again, so the next check is cheap).
@@ -1200,7 +1187,7 @@ mod tests {
             "{}",
             damage[0]
         );
-        assert!(store.lookup_intact(&key).is_none());
+        store.discard(&key, &damage);
         assert!(store.lookup(&key).is_none(), "the damaged entry is gone");
         assert!(!store.object_path(&m.outputs[0].digest).exists());
     }

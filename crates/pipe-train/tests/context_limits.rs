@@ -2,16 +2,10 @@
 //! what to change — not a panic inside the model, nor (packed rows) an attention mask of the
 //! whole dataset's length squared that aborts the process.
 
-use burn::backend::Autodiff;
 use pipe_data::dataset::{write, Dataset};
-use pipe_train::{
-    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, Splits, TrainError,
-    TrainSpec,
-};
+use pipe_train::{AdamWSettings, Decay, Method, TrainError, TrainSpec};
 
 mod support;
-
-type B = Autodiff<pipe_model::CpuBackend>;
 
 /// Trains the small Llama (64 positions) on `n` examples of `len` tokens, packed into rows of
 /// `pack_to` when given; returns the error.
@@ -39,40 +33,10 @@ fn train_error(n: usize, len: usize, pack_to: Option<usize>) -> String {
         matmul_precision: Default::default(),
         eval: Default::default(),
     };
-    let meta = DataMeta {
-        pad_token_id: 0,
-        vocab_size_after: 40,
-        added_tokens: vec![],
-        eos_token_id: None,
-        bos_token_id: None,
-    };
-    let hooks = Hooks {
-        cancelled: &|| false,
-        progress: &|_: u64, _: u64, _: f64| panic!("no step may run"),
-        log: &|_: &str| {},
-        warn: &|w: &str| panic!("unexpected warning: {w}"),
-        scalars: &|_, _| {},
-    };
-    let (work, out) = (dir.path().join("work"), dir.path().join("out"));
-    std::fs::create_dir_all(&out).unwrap();
-    let config = support::tiny_config();
-    assert_eq!(config.max_position_embeddings, 64);
-    let result = train::<B>(
-        &BaseModel::Init { config, seed: 4 },
-        &Splits {
-            train: &data,
-            heldout: None,
-        },
-        &meta,
-        &spec,
-        &Dirs {
-            work: &work,
-            out: &out,
-            events: None,
-        },
-        &hooks,
-        &[Default::default()],
-    );
+    assert_eq!(support::tiny_config().max_position_embeddings, 64);
+    let result = support::train_small(dir.path(), &data, &spec, &|_, _, _| {
+        panic!("no step may run")
+    });
     match result {
         Err(e @ TrainError::TooLong { .. }) => e.to_string(),
         other => panic!("expected an error, got {other:?}"),

@@ -2,19 +2,13 @@
 //! positions, attends only to itself, and no loss crosses from one example into the next. One
 //! optimizer step over the whole set, packed or not, gives the same loss and gradient norm.
 
-use std::cell::Cell;
 use std::path::Path;
 
-use burn::backend::Autodiff;
 use pipe_data::dataset::{write, Dataset};
 use pipe_data::tokenize::Example;
-use pipe_train::{
-    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, Hooks, Method, Splits, TrainSpec,
-};
+use pipe_train::{AdamWSettings, Decay, Method, TrainSpec};
 
 mod support;
-
-type B = Autodiff<pipe_model::CpuBackend>;
 
 fn examples() -> Vec<Example> {
     // `train_on_inputs`-style labels on some examples (every token counts), so that a loss
@@ -51,42 +45,8 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
         matmul_precision: Default::default(),
         eval: Default::default(),
     };
-    let config = support::tiny_config();
-    let meta = DataMeta {
-        pad_token_id: 0,
-        vocab_size_after: 40,
-        added_tokens: vec![],
-        eos_token_id: None,
-        bos_token_id: None,
-    };
-    let steps = Cell::new(0u64);
-    let hooks = Hooks {
-        cancelled: &|| false,
-        progress: &|s: u64, _: u64, _: f64| steps.set(s),
-        log: &|_: &str| {},
-        warn: &|w: &str| panic!("unexpected warning: {w}"),
-        scalars: &|_, _| {},
-    };
-    let (work, out) = (dir.join("work"), dir.join("out"));
-    std::fs::create_dir_all(&out).unwrap();
-    train::<B>(
-        &BaseModel::Init { config, seed: 4 },
-        &Splits {
-            train: &data,
-            heldout: None,
-        },
-        &meta,
-        &spec,
-        &Dirs {
-            work: &work,
-            out: &out,
-            events: None,
-        },
-        &hooks,
-        &[Default::default()],
-    )
-    .unwrap();
-    let line = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    support::train_small(dir, &data, &spec, &|_, _, _| {}).unwrap();
+    let line = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
     (
         serde_json::from_str(line.lines().next().unwrap()).unwrap(),
         units,

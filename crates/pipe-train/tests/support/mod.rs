@@ -1,7 +1,12 @@
 //! What the training tests share: the small Llama they train and synthetic examples.
 
+use std::path::Path;
+
+use burn::backend::Autodiff;
+use pipe_data::dataset::Dataset;
 use pipe_data::tokenize::Example;
 use pipe_model::LlamaConfig;
+use pipe_train::{train, BaseModel, DataMeta, Dirs, Hooks, Splits, TrainError, TrainSpec, Trained};
 
 /// A small Llama (vocab 40, hidden 16, 2 layers, 4 heads over 2 key/value heads).
 pub fn tiny_config() -> LlamaConfig {
@@ -36,4 +41,50 @@ pub fn examples(
             }
         })
         .collect()
+}
+
+/// Trains the small Llama (seed 4) on `data` in `dir` (`work/`, `out/`): no held-out split, no
+/// event files, no special tokens; `progress` hears of each step, and a warning fails the test.
+#[allow(dead_code)]
+pub fn train_small(
+    dir: &Path,
+    data: &Dataset,
+    spec: &TrainSpec,
+    progress: &dyn Fn(u64, u64, f64),
+) -> Result<Trained, TrainError> {
+    let meta = DataMeta {
+        pad_token_id: 0,
+        vocab_size_after: 40,
+        added_tokens: vec![],
+        eos_token_id: None,
+        bos_token_id: None,
+    };
+    let hooks = Hooks {
+        cancelled: &|| false,
+        progress,
+        log: &|_: &str| {},
+        warn: &|w: &str| panic!("unexpected warning: {w}"),
+        scalars: &|_, _| {},
+    };
+    let (work, out) = (dir.join("work"), dir.join("out"));
+    std::fs::create_dir_all(&out).unwrap();
+    train::<Autodiff<pipe_model::CpuBackend>>(
+        &BaseModel::Init {
+            config: tiny_config(),
+            seed: 4,
+        },
+        &Splits {
+            train: data,
+            heldout: None,
+        },
+        &meta,
+        spec,
+        &Dirs {
+            work: &work,
+            out: &out,
+            events: None,
+        },
+        &hooks,
+        &[Default::default()],
+    )
 }
