@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::Project;
 use pipe_data::dataset::Dataset;
-use pipe_model::{load_llama, shifted_cross_entropy, Llama};
+use pipe_model::{load_model, shifted_cross_entropy, CausalLm};
 use serde_json::Value;
 
 type B = pipe_model::CpuBackend;
@@ -103,7 +103,7 @@ fn jsonl(path: PathBuf) -> Vec<Value> {
 /// The held-out loss computed directly with the training loss function, one example at a
 /// time.
 fn direct_heldout_loss(model_dir: &std::path::Path, val: &std::path::Path) -> f64 {
-    let model: Llama<B> = load_llama(model_dir, &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(model_dir, &Default::default()).unwrap();
     let data = Dataset::open(val).unwrap();
     let (mut sum, mut count) = (0.0, 0);
     for i in 0..data.len() {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use common::Project;
-use pipe_model::{load_llama, Llama};
+use pipe_model::{load_model, CausalLm};
 
 type B = pipe_model::CpuBackend;
 
@@ -71,7 +71,7 @@ fn out_dir(p: &Project, stage: &str) -> PathBuf {
         .join("out")
 }
 
-fn logits(model: &Llama<B>) -> Vec<f32> {
+fn logits(model: &CausalLm<B>) -> Vec<f32> {
     let ids = Tensor::<B, 2, Int>::from_data(
         TensorData::new(
             (1..17).map(|i| i * 37 % 2000).collect::<Vec<i64>>(),
@@ -120,9 +120,9 @@ fn hf_and_peft_exports_load_back_with_the_same_logits() {
         names.iter().filter(|n| n.starts_with("model-0000")).count() >= 2,
         "{names:?}"
     );
-    let trained: Llama<B> =
-        load_llama(&out_dir(&p, "base").join("model"), &Default::default()).unwrap();
-    let exported: Llama<B> = load_llama(&full, &Default::default()).unwrap();
+    let trained: CausalLm<B> =
+        load_model(&out_dir(&p, "base").join("model"), &Default::default()).unwrap();
+    let exported: CausalLm<B> = load_model(&full, &Default::default()).unwrap();
     assert_eq!(
         logits(&trained),
         logits(&exported),
@@ -131,11 +131,11 @@ fn hf_and_peft_exports_load_back_with_the_same_logits() {
 
     // LoRA merged into its base.
     let adapter_dir = out_dir(&p, "lora").join("adapter");
-    let with_adapter = load_llama::<B>(&out_dir(&p, "base").join("model"), &Default::default())
+    let with_adapter = load_model::<B>(&out_dir(&p, "base").join("model"), &Default::default())
         .unwrap()
         .load_peft_adapter(&adapter_dir, false)
         .unwrap();
-    let merged: Llama<B> = load_llama(&out_dir(&p, "merged_hf"), &Default::default()).unwrap();
+    let merged: CausalLm<B> = load_model(&out_dir(&p, "merged_hf"), &Default::default()).unwrap();
     let d = max_diff(&logits(&with_adapter), &logits(&merged));
     assert!(d < 1e-4, "merged export: max |Δlogit| = {d}");
     assert_ne!(
@@ -162,7 +162,7 @@ fn hf_and_peft_exports_load_back_with_the_same_logits() {
     assert_eq!(cfg["peft_type"], "LORA");
     // What AutoPeftModel loads the base from: the field as given, not the stage's id.
     assert_eq!(cfg["base_model_name_or_path"], "org/tiny-base");
-    let from_peft = load_llama::<B>(&out_dir(&p, "base").join("model"), &Default::default())
+    let from_peft = load_model::<B>(&out_dir(&p, "base").join("model"), &Default::default())
         .unwrap()
         .load_peft_adapter(&peft, false)
         .unwrap();

@@ -3,7 +3,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use pipe_model::{KvCache, Llama};
+use pipe_model::{KvCache, CausalLm};
 use pipe_rand::SplitMix64;
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +29,7 @@ pub enum Sampling {
 /// `cancelled()` is polled between tokens.
 #[allow(clippy::too_many_arguments)]
 pub fn generate<B: Backend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     prompt: &[u32],
     max_new_tokens: usize,
     stop: &[u32],

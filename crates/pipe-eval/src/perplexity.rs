@@ -4,7 +4,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use pipe_data::dataset::Dataset;
-use pipe_model::Llama;
+use pipe_model::CausalLm;
 use serde::Serialize;
 
 use crate::EvalError;
@@ -24,7 +24,7 @@ pub struct HeldOut {
 /// at position t are scored against the label at t + 1, as in training. `on_batch(n)` reports
 /// progress; returning `false` stops with [`EvalError::Interrupted`].
 pub fn heldout_loss<B: Backend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     data: &Dataset,
     batch_size: usize,
     device: &B::Device,

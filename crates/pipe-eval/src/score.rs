@@ -4,7 +4,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use pipe_model::Llama;
+use pipe_model::CausalLm;
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
@@ -88,7 +88,7 @@ pub struct Scored {
 /// padding).
 /// `on_batch(n)` reports progress; returning `false` stops with [`EvalError::Interrupted`].
 pub fn loglikelihoods<B: Backend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     requests: &[Request],
     batch_size: usize,
     device: &B::Device,
@@ -145,10 +145,10 @@ pub fn loglikelihoods<B: Backend>(
 
 /// Items whose choices share a context, packed one item per row: the context once, then each
 /// continuation but its last token, each seeing the context and its own earlier tokens at the
-/// positions it would have alone (see [`Llama::hidden_packed`]). Rows go `batch_size` at a
+/// positions it would have alone (see [`CausalLm::hidden_packed`]). Rows go `batch_size` at a
 /// time, longest first.
 fn score_packed<B: Backend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     requests: &[Request],
     groups: &[Vec<usize>],
     batch_size: usize,
@@ -248,7 +248,7 @@ fn score_packed<B: Backend>(
 
 /// Requests scored independently, `batch_size` at a time, longest first.
 fn score_batched<B: Backend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     requests: &[Request],
     which: &[usize],
     batch_size: usize,
@@ -318,7 +318,7 @@ fn score_batched<B: Backend>(
 /// Projects the chosen rows of `states` `[rows, hidden]` onto the vocabulary: the
 /// log-probability of each target, and the most likely token.
 pub(crate) fn score_rows<B: Backend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     states: Tensor<B, 2>,
     rows: Vec<i64>,
     targets: &[i64],

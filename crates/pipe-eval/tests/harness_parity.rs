@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use pipe_eval::score::{task_requests, task_result};
 use pipe_eval::tasks::{read_docs, FewShot, TaskFormat};
-use pipe_model::{load_llama, Llama};
+use pipe_model::{load_model, CausalLm};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -27,7 +27,7 @@ fn check(case: &str, format: TaskFormat, data: &str, shots: Option<(&str, usize)
         &std::fs::read(fixtures().join("expected").join(format!("{case}.json"))).unwrap(),
     )
     .unwrap();
-    let model: Llama<B> = load_llama(&fixtures().join("model"), &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(&fixtures().join("model"), &Default::default()).unwrap();
     let tok = Tokenizer::from_file(fixtures().join("model/tokenizer.json")).unwrap();
     let docs = read_docs(&fixtures().join(data), format, None).unwrap();
     let fewshot = match shots {

@@ -50,7 +50,7 @@ pub enum RopeScaling {
 
 /// A Llama-family decoder's shape, as `LlamaForCausalLM` reads it from config.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -134,7 +134,7 @@ fn token_id(v: Option<serde_json::Value>) -> Option<u32> {
     }
 }
 
-impl LlamaConfig {
+impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ModelError::Io(path.display().to_string(), e))?;
@@ -209,7 +209,7 @@ impl LlamaConfig {
                 }
             }
         };
-        Ok(LlamaConfig {
+        Ok(ModelConfig {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,

@@ -7,11 +7,11 @@ pub mod lora;
 pub mod model;
 pub mod save;
 
-pub use config::LlamaConfig;
-pub use load::{load_llama, load_llama_with, Checkpoint};
+pub use config::ModelConfig;
+pub use load::{load_model, load_model_with, Checkpoint};
 pub use lora::{LoraSpec, Targets};
-pub use model::{shifted_cross_entropy, KvCache, Llama, MatmulPrecision};
-pub use save::{init_llama, SaveDtype};
+pub use model::{shifted_cross_entropy, KvCache, CausalLm, MatmulPrecision};
+pub use save::{init_model, SaveDtype};
 
 /// The backend pipe computes with on the CPU: burn-flex (threads and SIMD), the fastest of
 /// burn 0.21's CPU backends on the training benchmark (`bench/train.sh`: ndarray, candle and

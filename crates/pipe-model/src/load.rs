@@ -1,4 +1,4 @@
-//! Hugging Face checkpoints → [`Llama`]: `model.safetensors` or shards listed in
+//! Hugging Face checkpoints → [`CausalLm`]: `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`, f32/f16/bf16 on disk, memory-mapped. Pickle files are never
 //! read.
 
@@ -11,8 +11,8 @@ use burn::tensor::{Tensor, TensorData};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::config::LlamaConfig;
-use crate::model::{Attention, DecoderLayer, Llama, MatmulPrecision, Mlp, Proj, RmsNorm, Rope};
+use crate::config::ModelConfig;
+use crate::model::{Attention, DecoderLayer, CausalLm, MatmulPrecision, Mlp, Proj, RmsNorm, Rope};
 use crate::ModelError;
 
 /// A tensor read from a checkpoint, as f32 with its shape.
@@ -257,18 +257,18 @@ impl<B: Backend> Loader<'_, B> {
 }
 
 /// Loads a model directory (config.json + safetensors weights) for inference.
-pub fn load_llama<B: Backend>(dir: &Path, device: &B::Device) -> Result<Llama<B>, ModelError> {
-    load_llama_with(dir, device, false)
+pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<CausalLm<B>, ModelError> {
+    load_model_with(dir, device, false)
 }
 
 /// Loads a model directory; with `trainable`, every weight takes gradients (full
 /// fine-tuning), else none does (inference, or a frozen base under LoRA).
-pub fn load_llama_with<B: Backend>(
+pub fn load_model_with<B: Backend>(
     dir: &Path,
     device: &B::Device,
     trainable: bool,
-) -> Result<Llama<B>, ModelError> {
-    let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+) -> Result<CausalLm<B>, ModelError> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let ck = Checkpoint::open(dir)?;
     let ld = Loader::<B> {
         ck: &ck,
@@ -316,7 +316,7 @@ pub fn load_llama_with<B: Backend>(
     } else {
         Some(ld.proj("lm_head", cfg.vocab_size, hid, false)?)
     };
-    Ok(Llama {
+    Ok(CausalLm {
         embed_tokens: param2("model.embed_tokens.weight", embed, device, trainable),
         layers,
         norm: ld.norm("model.norm.weight", hid, cfg.rms_norm_eps)?,
@@ -327,7 +327,7 @@ pub fn load_llama_with<B: Backend>(
     })
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: Backend> CausalLm<B> {
     /// Grows the vocabulary to `new_vocab` rows, the new input and output embedding rows set
     /// to the mean of the old ones (Stanford Alpaca's `smart_tokenizer_and_embedding_resize`).
     pub fn resize_embeddings(mut self, new_vocab: usize) -> Self {

@@ -9,7 +9,7 @@ use pipe_rand::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 use crate::load::{named_param, Checkpoint, HostTensor};
-use crate::model::{Llama, Lora, Proj};
+use crate::model::{CausalLm, Lora, Proj};
 use crate::save::{host, Named};
 use crate::ModelError;
 
@@ -54,7 +54,7 @@ impl LoraSpec {
     }
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: Backend> CausalLm<B> {
     /// Every linear layer with its Hugging Face module name.
     pub fn linear_modules_mut(&mut self) -> Vec<(String, &mut Proj<B>)> {
         let mut out = Vec::new();

@@ -9,7 +9,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData};
 
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 
 /// How matrix products are computed: in f32, or as mixed-precision training does (PyTorch's
 /// `autocast` to bf16): both operands rounded to bf16, the result (accumulated in f32 by the
@@ -128,7 +128,7 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(cfg: &LlamaConfig) -> Self {
+    pub fn new(cfg: &ModelConfig) -> Self {
         let inv_freq: Vec<f32> = cfg.inv_freq().iter().map(|&f| f as f32).collect();
         let (d, n) = (cfg.head_dim, cfg.max_position_embeddings);
         let mut cos = Vec::with_capacity(n * d);
@@ -309,7 +309,7 @@ impl<B: Backend> DecoderLayer<B> {
 
 /// The causal language model.
 #[derive(Module, Debug)]
-pub struct Llama<B: Backend> {
+pub struct CausalLm<B: Backend> {
     /// `[vocab, hidden]`
     pub embed_tokens: Param<Tensor<B, 2>>,
     pub layers: Vec<DecoderLayer<B>>,
@@ -322,10 +322,10 @@ pub struct Llama<B: Backend> {
     #[module(skip)]
     pub rope: Rope,
     #[module(skip)]
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: Backend> CausalLm<B> {
     /// Every matrix product of the model at `precision` (mixed-precision training with
     /// `MatmulPrecision::Bf16`).
     pub fn with_matmul_precision(mut self, precision: MatmulPrecision) -> Self {

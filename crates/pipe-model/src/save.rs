@@ -1,4 +1,4 @@
-//! [`Llama`] → Hugging Face files: tensors under transformers' names (`[out, in]` weights),
+//! [`CausalLm`] → Hugging Face files: tensors under transformers' names (`[out, in]` weights),
 //! f32 or bf16, PEFT adapter files; and a seeded random model from a config (`init:`).
 
 use std::collections::HashMap;
@@ -10,9 +10,9 @@ use burn::tensor::{Tensor, TensorData};
 use pipe_rand::SplitMix64;
 use safetensors::Dtype;
 
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::load::named_param;
-use crate::model::{Attention, DecoderLayer, Llama, MatmulPrecision, Mlp, Proj, RmsNorm, Rope};
+use crate::model::{Attention, DecoderLayer, CausalLm, MatmulPrecision, Mlp, Proj, RmsNorm, Rope};
 use crate::ModelError;
 
 /// On-disk dtype for saved weights.
@@ -57,7 +57,7 @@ fn linear<B: Backend>(name: &str, p: &Proj<B>, out: &mut Vec<Named>) {
     }
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: Backend> CausalLm<B> {
     /// Every base weight under its transformers name (adapters not included).
     pub fn hf_tensors(&self) -> Vec<Named> {
         let mut out = Vec::new();
@@ -206,7 +206,7 @@ impl<B: Backend> Llama<B> {
 }
 
 /// The config.json transformers writes for this configuration.
-pub fn hf_config_json(c: &LlamaConfig) -> serde_json::Value {
+pub fn hf_config_json(c: &ModelConfig) -> serde_json::Value {
     let rope_scaling = match &c.rope_scaling {
         None => serde_json::Value::Null,
         Some(crate::config::RopeScaling::Linear { factor }) => {
@@ -313,13 +313,13 @@ impl Gaussian {
 
 /// A model with transformers' initialisation (weights ~ N(0, `std`), norms 1) from `seed`: the
 /// same on every backend.
-pub fn init_llama<B: Backend>(
-    cfg: &LlamaConfig,
+pub fn init_model<B: Backend>(
+    cfg: &ModelConfig,
     seed: u64,
     std: f64,
     device: &B::Device,
     trainable: bool,
-) -> Llama<B> {
+) -> CausalLm<B> {
     let mut g = Gaussian {
         rng: SplitMix64::new(seed),
         spare: None,
@@ -393,7 +393,7 @@ pub fn init_llama<B: Backend>(
             precision: MatmulPrecision::F32,
         })
     };
-    Llama {
+    CausalLm {
         embed_tokens: embed,
         layers,
         norm: ones("model.norm.weight", hid),

@@ -4,12 +4,12 @@
 
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use pipe_model::{init_llama, CpuBackend, Llama, LlamaConfig, LoraSpec, MatmulPrecision, Targets};
+use pipe_model::{init_model, CpuBackend, CausalLm, ModelConfig, LoraSpec, MatmulPrecision, Targets};
 
 type B = Autodiff<CpuBackend>;
 
-fn model(precision: MatmulPrecision, untied: bool) -> Llama<B> {
-    let cfg = LlamaConfig::from_json(&format!(
+fn model(precision: MatmulPrecision, untied: bool) -> CausalLm<B> {
+    let cfg = ModelConfig::from_json(&format!(
         r#"{{"vocab_size": 50, "hidden_size": 32, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 64, "tie_word_embeddings": {}}}"#,
@@ -23,7 +23,7 @@ fn model(precision: MatmulPrecision, untied: bool) -> Llama<B> {
         targets: Targets::AllLinear,
         modules_to_save: Vec::new(),
     };
-    init_llama::<B>(&cfg, 3, 0.02, &Default::default(), false)
+    init_model::<B>(&cfg, 3, 0.02, &Default::default(), false)
         .add_lora(&spec, 5)
         .unwrap()
         .with_matmul_precision(precision)
@@ -35,7 +35,7 @@ fn ids() -> Tensor<B, 2, Int> {
 }
 
 /// The logits and every adapter gradient, as plain numbers.
-fn logits_and_adapter_grads(mut m: Llama<B>) -> (Vec<f32>, Vec<Vec<f32>>) {
+fn logits_and_adapter_grads(mut m: CausalLm<B>) -> (Vec<f32>, Vec<Vec<f32>>) {
     let logits = m.forward(ids(), None);
     let values = logits.clone().into_data().to_vec::<f32>().unwrap();
     let grads = (logits.clone() * logits).mean().backward();
@@ -85,7 +85,7 @@ fn at_f32_products_and_for_trainable_weights_nothing_changes() {
         assert_eq!(p.weight.val().dtype(), DType::F32, "{name}");
     }
     let cfg = model(MatmulPrecision::F32, true).config;
-    let mut full = init_llama::<B>(&cfg, 3, 0.02, &Default::default(), true)
+    let mut full = init_model::<B>(&cfg, 3, 0.02, &Default::default(), true)
         .with_matmul_precision(MatmulPrecision::Bf16)
         .keep_frozen_projections_in_bf16();
     for (name, p) in full.linear_modules_mut() {

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use pipe_model::{load_llama, shifted_cross_entropy, Llama};
+use pipe_model::{load_model, shifted_cross_entropy, CausalLm};
 use serde_json::Value;
 
 type B = pipe_model::CpuBackend;
@@ -54,7 +54,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn check_case(model: &Llama<B>, e: &Value, prefix: &str, mask: Option<Vec<Vec<u8>>>, what: &str) {
+fn check_case(model: &CausalLm<B>, e: &Value, prefix: &str, mask: Option<Vec<Vec<u8>>>, what: &str) {
     let ids = rows_i64(&e[format!("{prefix}input_ids")]);
     let labels = rows_i64(&e[format!("{prefix}labels")]);
     let logits = model.forward(ids_tensor(&ids), mask.as_deref());
@@ -89,7 +89,7 @@ fn check_case(model: &Llama<B>, e: &Value, prefix: &str, mask: Option<Vec<Vec<u8
 }
 
 fn check_model(dir: &str) {
-    let model: Llama<B> = load_llama(&fixtures().join(dir), &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(&fixtures().join(dir), &Default::default()).unwrap();
     let e = expected(dir);
     check_case(&model, &e, "", None, dir);
     if e.get("padded_input_ids").is_some() {
@@ -129,7 +129,7 @@ fn sharded_checkpoint() {
 #[test]
 fn added_pad_token_gets_the_mean_embedding() {
     let e = expected("resize-pad");
-    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let model = model.resize_embeddings(e["new_vocab_size"].as_u64().unwrap() as usize);
     check_case(&model, &e, "", None, "resize-pad");
 }
@@ -143,7 +143,7 @@ fn pickle_only_checkpoints_are_refused() {
     )
     .unwrap();
     std::fs::write(dir.path().join("pytorch_model.bin"), b"not read").unwrap();
-    let err = load_llama::<B>(dir.path(), &Default::default())
+    let err = load_model::<B>(dir.path(), &Default::default())
         .err()
         .unwrap()
         .to_string();
@@ -155,7 +155,7 @@ fn pickle_only_checkpoints_are_refused() {
 }
 
 /// The logits of a model with its adapters merged match the fixture's `merged_logits`.
-fn check_merged(merged: Llama<B>, e: &Value) {
+fn check_merged(merged: CausalLm<B>, e: &Value) {
     let ids = rows_i64(&e["input_ids"]);
     let ours: Vec<f32> = merged
         .forward(ids_tensor(&ids), None)
@@ -169,7 +169,7 @@ fn check_merged(merged: Llama<B>, e: &Value) {
 #[test]
 fn peft_lora_adapter_and_its_merge() {
     let e = expected("lora");
-    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let model = model
         .load_peft_adapter(&fixtures().join("lora"), false)
         .unwrap();
@@ -182,7 +182,7 @@ fn peft_lora_adapter_and_its_merge() {
 #[test]
 fn peft_adapter_with_modules_to_save() {
     let e = expected("lora-modules-to-save");
-    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let mut model = model
         .load_peft_adapter(&fixtures().join("lora-modules-to-save"), false)
         .unwrap();
@@ -209,7 +209,7 @@ fn peft_adapter_with_modules_to_save() {
 #[test]
 fn fresh_adapters_follow_peft_init() {
     use pipe_model::{LoraSpec, Targets};
-    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let spec = LoraSpec {
         r: 4,
         alpha: 8.0,
@@ -242,12 +242,12 @@ fn fresh_adapters_follow_peft_init() {
 #[test]
 fn save_then_load_gives_the_same_logits() {
     let e = expected("gqa-untied");
-    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     model
         .save_hf(dir.path(), pipe_model::SaveDtype::F32)
         .unwrap();
-    let back: Llama<B> = load_llama(dir.path(), &Default::default()).unwrap();
+    let back: CausalLm<B> = load_model(dir.path(), &Default::default()).unwrap();
     let ids = ids_tensor(&rows_i64(&e["input_ids"]));
     let a: Vec<f32> = model
         .forward(ids.clone(), None)
@@ -260,7 +260,7 @@ fn save_then_load_gives_the_same_logits() {
     model
         .save_hf(dir.path(), pipe_model::SaveDtype::Bf16)
         .unwrap();
-    let back: Llama<B> = load_llama(dir.path(), &Default::default()).unwrap();
+    let back: CausalLm<B> = load_model(dir.path(), &Default::default()).unwrap();
     let c: Vec<f32> = back
         .forward(ids_tensor(&rows_i64(&e["input_ids"])), None)
         .into_data()
@@ -272,11 +272,11 @@ fn save_then_load_gives_the_same_logits() {
 #[test]
 fn seeded_init_is_reproducible() {
     let cfg =
-        pipe_model::LlamaConfig::from_file(&fixtures().join("gqa-untied/config.json")).unwrap();
-    let a: Llama<B> = pipe_model::init_llama(&cfg, 7, 0.02, &Default::default(), false);
-    let b: Llama<B> = pipe_model::init_llama(&cfg, 7, 0.02, &Default::default(), false);
-    let c: Llama<B> = pipe_model::init_llama(&cfg, 8, 0.02, &Default::default(), false);
-    let w = |m: &Llama<B>| -> Vec<f32> { m.embed_tokens.val().into_data().to_vec().unwrap() };
+        pipe_model::ModelConfig::from_file(&fixtures().join("gqa-untied/config.json")).unwrap();
+    let a: CausalLm<B> = pipe_model::init_model(&cfg, 7, 0.02, &Default::default(), false);
+    let b: CausalLm<B> = pipe_model::init_model(&cfg, 7, 0.02, &Default::default(), false);
+    let c: CausalLm<B> = pipe_model::init_model(&cfg, 8, 0.02, &Default::default(), false);
+    let w = |m: &CausalLm<B>| -> Vec<f32> { m.embed_tokens.val().into_data().to_vec().unwrap() };
     assert_eq!(w(&a), w(&b));
     assert_ne!(w(&a), w(&c));
     let std = (w(&a).iter().map(|x| x * x).sum::<f32>() / w(&a).len() as f32).sqrt();
@@ -291,7 +291,7 @@ fn smollm2_matches_transformers() {
     let dir = PathBuf::from(std::env::var("PIPE_SMOLLM2_DIR").expect("set PIPE_SMOLLM2_DIR"));
     let e: Value =
         serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
-    let model: Llama<B> = load_llama(&dir, &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(&dir, &Default::default()).unwrap();
     let ids: Vec<i64> = e["input_ids"]
         .as_array()
         .unwrap()
@@ -323,7 +323,7 @@ fn smollm2_matches_transformers() {
 #[test]
 fn cached_decoding_matches_the_full_forward() {
     for dir in ["gqa-untied", "tied-llama3-rope"] {
-        let model: Llama<B> = load_llama(&fixtures().join(dir), &Default::default()).unwrap();
+        let model: CausalLm<B> = load_model(&fixtures().join(dir), &Default::default()).unwrap();
         let e = expected(dir);
         let row = rows_i64(&e["input_ids"])[0].clone();
         let v = model.config.vocab_size;
@@ -356,11 +356,11 @@ fn cached_decoding_matches_the_full_forward() {
 #[test]
 fn bf16_matmuls_follow_torch_autocast() {
     let e = expected("autocast-bf16");
-    let model: Llama<B> = load_llama(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let ids = rows_i64(&e["input_ids"]);
     let labels = rows_i64(&e["labels"]);
     let reference = floats(&e["logits"]);
-    let run = |m: &Llama<B>| {
+    let run = |m: &CausalLm<B>| {
         let logits = m.forward(ids_tensor(&ids), None);
         let values: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
         let (sum, n) = pipe_model::shifted_cross_entropy(logits, &labels);

@@ -45,7 +45,7 @@ use pipe_data::records::Record;
 use pipe_eval::score::{task_requests, task_result};
 use pipe_eval::tasks::{read_docs, FewShot, TaskFormat};
 use pipe_eval::{EvalError, Request, Sampling};
-use pipe_model::{init_llama, load_llama, CpuBackend, Llama};
+use pipe_model::{init_model, load_model, CpuBackend, CausalLm};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -669,14 +669,14 @@ impl EvaluateStage {
         source: &ModelSource,
         vocab: usize,
         device: &B::Device,
-    ) -> anyhow::Result<Llama<B>> {
-        let full = |s: &ModelSource| -> anyhow::Result<Llama<B>> {
+    ) -> anyhow::Result<CausalLm<B>> {
+        let full = |s: &ModelSource| -> anyhow::Result<CausalLm<B>> {
             let m = match s {
                 ModelSource::Init { config, seed } => {
-                    init_llama(config, *seed, 0.02, device, false)
+                    init_model(config, *seed, 0.02, device, false)
                 }
                 ModelSource::Input(name) => match find_weights(cx.input(name)?)? {
-                    Weights::Model(dir) => load_llama(&dir, device)
+                    Weights::Model(dir) => load_model(&dir, device)
                         .with_context(|| format!("loading {}", dir.display()))?,
                     Weights::Adapter(dir) => {
                         bail!("{} is a LoRA adapter, not a full model", dir.display())
@@ -722,7 +722,7 @@ impl EvaluateStage {
             cx.progress().set_position(done.get());
         };
         for (label, source) in &models {
-            let model: Llama<B> = self.load(cx, source, vocab, device)?;
+            let model: CausalLm<B> = self.load(cx, source, vocab, device)?;
             let scoring = Scoring {
                 cx: &*cx,
                 label,
@@ -831,7 +831,7 @@ struct Scoring<'a, B: Backend> {
     cx: &'a StageContext,
     /// `model`, or `base` / `tuned` when comparing.
     label: &'a str,
-    model: &'a Llama<B>,
+    model: &'a CausalLm<B>,
     device: &'a B::Device,
     batch_size: usize,
     /// Moves the progress bar on by that many steps.

@@ -28,7 +28,7 @@ use anyhow::{anyhow, bail, Context};
 use pipe_core::diag::FieldError;
 use pipe_core::{Input, InputSource, KeyFields, ParseContext, Stage, StageContext, StageKind};
 use pipe_model::save::SaveDtype;
-use pipe_model::{load_llama, Llama};
+use pipe_model::{load_model, CausalLm};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -184,7 +184,7 @@ type Cpu = pipe_model::CpuBackend;
 
 /// Copies the tokenizer files found in `from` and writes the files transformers expects
 /// beside them (special_tokens_map.json, generation_config.json).
-fn tokenizer_files(from: &[&Path], out: &Path, model: Option<&Llama<Cpu>>) -> anyhow::Result<()> {
+fn tokenizer_files(from: &[&Path], out: &Path, model: Option<&CausalLm<Cpu>>) -> anyhow::Result<()> {
     let mut config = serde_json::json!({});
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         if let Some(src) = from.iter().map(|d| d.join(f)).find(|p| p.exists()) {
@@ -253,7 +253,7 @@ impl Stage for ExportStage {
         let device = Default::default();
         match (self.fields.format, weights) {
             (Format::Hf, Weights::Model(dir)) => {
-                let model: Llama<Cpu> = load_llama(&dir, &device)?;
+                let model: CausalLm<Cpu> = load_model(&dir, &device)?;
                 model.save_hf_sharded(&out, dtype, self.shard_bytes)?;
                 tokenizer_files(&[&dir], &out, Some(&model))?;
                 cx.log(&format!(
@@ -270,7 +270,7 @@ impl Stage for ExportStage {
                     Weights::Model(b) => b,
                     Weights::Adapter(_) => bail!("`base` must be a full model, not an adapter"),
                 };
-                let mut model: Llama<Cpu> = load_llama(&base, &device)?;
+                let mut model: CausalLm<Cpu> = load_model(&base, &device)?;
                 if let Some(v) = tokenizer_vocab(&dir).filter(|&v| v > model.config.vocab_size) {
                     model = model.resize_embeddings(v);
                 }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, bail};
 use pipe_core::diag::{FieldError, Target};
 use pipe_core::{Input, InputSource, ParseContext};
-use pipe_model::LlamaConfig;
+use pipe_model::ModelConfig;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +31,7 @@ pub(crate) enum ModelSource {
     /// Read from the stage input of this name.
     Input(String),
     Init {
-        config: LlamaConfig,
+        config: ModelConfig,
         seed: u64,
     },
 }
@@ -39,7 +39,7 @@ pub(crate) enum ModelSource {
 /// A model initialised from a config (as config.json spells it) and a seed.
 #[derive(Serialize)]
 pub(crate) struct InitKey<'a> {
-    pub(crate) config: &'a pipe_model::LlamaConfig,
+    pub(crate) config: &'a pipe_model::ModelConfig,
     pub(crate) seed: u64,
 }
 
@@ -79,7 +79,7 @@ impl ModelField {
             ModelField::Init { init, seed } => {
                 let init_error =
                     |e: String| FieldError::new(cx.path.key(field).key("init"), Target::Value, e);
-                let config = LlamaConfig::from_json(&init.to_string())
+                let config = ModelConfig::from_json(&init.to_string())
                     .map_err(|e| init_error(e.to_string()))?;
                 check_fits_in_memory(&config).map_err(init_error)?;
                 Ok(ModelSource::Init {
@@ -93,7 +93,7 @@ impl ModelField {
 
 /// A seeded model is made whole in memory: one whose f32 weights alone exceed this machine's
 /// memory could only end in a failed allocation, which aborts the process.
-fn check_fits_in_memory(config: &LlamaConfig) -> Result<(), String> {
+fn check_fits_in_memory(config: &ModelConfig) -> Result<(), String> {
     let bytes = config.parameter_count() * 4;
     let memory = physical_memory();
     if bytes > memory as u128 {

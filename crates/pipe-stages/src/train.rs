@@ -637,7 +637,7 @@ impl TrainStage {
         let config = match &base {
             BaseModel::Init { config, .. } => Some(config.clone()),
             BaseModel::Dir(dir) => {
-                pipe_model::LlamaConfig::from_file(&dir.join("config.json")).ok()
+                pipe_model::ModelConfig::from_file(&dir.join("config.json")).ok()
             }
         };
         if let Some(config) = config {
@@ -795,7 +795,7 @@ impl TrainStage {
     fn model_config<'a>(
         &self,
         stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
-    ) -> Option<pipe_model::LlamaConfig> {
+    ) -> Option<pipe_model::ModelConfig> {
         let name = match &self.model {
             ModelSource::Init { config, .. } => return Some(config.clone()),
             ModelSource::Input(name) => name,
@@ -819,7 +819,7 @@ impl TrainStage {
             }
         };
         match find_weights(&dir).ok()? {
-            Weights::Model(d) => pipe_model::LlamaConfig::from_file(&d.join("config.json")).ok(),
+            Weights::Model(d) => pipe_model::ModelConfig::from_file(&d.join("config.json")).ok(),
             Weights::Adapter(_) => None,
         }
     }
@@ -852,7 +852,7 @@ impl TrainStage {
     fn check_memory(
         &self,
         cx: &StageContext,
-        config: &pipe_model::LlamaConfig,
+        config: &pipe_model::ModelConfig,
         seq_len: usize,
         devices: &[Device],
     ) -> anyhow::Result<()> {

@@ -25,7 +25,7 @@ use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec, MatmulPrecision};
+use pipe_model::{init_model, load_model_with, CausalLm, ModelConfig, LoraSpec, MatmulPrecision};
 use pipe_model::{shifted_cross_entropy, Targets};
 use pipe_train::memory::{plan_training, LoraShape, TrainShape};
 use pipe_train::step::for_inference;
@@ -139,7 +139,7 @@ fn distance(ours: &[f32], theirs: &[f32]) -> Value {
 
 /// Logits and mean loss of `model` at `precision` for the rows of `e`.
 fn forward<B: AutodiffBackend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     precision: MatmulPrecision,
     e: &Value,
     device: &B::Device,
@@ -159,7 +159,7 @@ fn forward<B: AutodiffBackend>(
 
 fn numerics<B: AutodiffBackend>(dir: &Path, device: &B::Device) -> Value {
     let e = read_json(&dir.join("expected.json"));
-    let model: Llama<B> = load_llama_with(&dir.join("model"), device, true)
+    let model: CausalLm<B> = load_model_with(&dir.join("model"), device, true)
         .unwrap_or_else(|err| fail(format!("{}: {err}", dir.join("model").display())));
 
     let (f32_logits, f32_loss) = forward(&model, MatmulPrecision::F32, &e, device);
@@ -238,7 +238,7 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
         seq, batch, steps, ..
     } = *run;
     let method = run.method.as_str();
-    let cfg = LlamaConfig::from_file(config).unwrap_or_else(|e| fail(e.to_string()));
+    let cfg = ModelConfig::from_file(config).unwrap_or_else(|e| fail(e.to_string()));
     let plan = plan_training(
         &cfg,
         &TrainShape {
@@ -255,8 +255,8 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
         },
     );
     let t_init = Instant::now();
-    let model: Llama<B> = match method {
-        "full" => init_llama(&cfg, 0, 0.02, device, true),
+    let model: CausalLm<B> = match method {
+        "full" => init_model(&cfg, 0, 0.02, device, true),
         "lora" => {
             let spec = LoraSpec {
                 r: 16,
@@ -265,7 +265,7 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
                 targets: Targets::AllLinear,
                 modules_to_save: Vec::new(),
             };
-            init_llama::<B>(&cfg, 0, 0.02, device, false)
+            init_model::<B>(&cfg, 0, 0.02, device, false)
                 .add_lora(&spec, 0)
                 .unwrap_or_else(|e| fail(e.to_string()))
         }
@@ -345,7 +345,7 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
 }
 
 /// Parameters that take gradients (LoRA: the adapters only).
-fn trainable_params<B: AutodiffBackend>(model: &Llama<B>) -> usize {
+fn trainable_params<B: AutodiffBackend>(model: &CausalLm<B>) -> usize {
     struct Count(usize);
     impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Count {
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {

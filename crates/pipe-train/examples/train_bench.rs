@@ -18,7 +18,7 @@ use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
-use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec, Targets};
+use pipe_model::{init_model, load_model_with, CausalLm, ModelConfig, LoraSpec, Targets};
 use pipe_train::step::{adamw, train_step_parallel, AdamWSettings, MicroBatch};
 
 enum Model {
@@ -97,7 +97,7 @@ fn main() {
     }
 }
 
-fn build<B: AutodiffBackend>(model: &Model) -> (Llama<B>, usize) {
+fn build<B: AutodiffBackend>(model: &Model) -> (CausalLm<B>, usize) {
     let device = Default::default();
     match model {
         Model::Random {
@@ -106,16 +106,16 @@ fn build<B: AutodiffBackend>(model: &Model) -> (Llama<B>, usize) {
             heads,
             vocab,
         } => {
-            let cfg = LlamaConfig::from_json(&format!(
+            let cfg = ModelConfig::from_json(&format!(
                 r#"{{"vocab_size": {vocab}, "hidden_size": {dim}, "intermediate_size": {}, "num_hidden_layers": {layers},
                     "num_attention_heads": {heads}, "num_key_value_heads": {heads}, "max_position_embeddings": 4096}}"#,
                 dim * 8 / 3 / 64 * 64 + 64
             ))
             .expect("config");
-            (init_llama::<B>(&cfg, 0, 0.02, &device, true), *vocab)
+            (init_model::<B>(&cfg, 0, 0.02, &device, true), *vocab)
         }
         Model::Lora { dir, r } => {
-            let base = load_llama_with::<B>(dir, &device, false).expect("a model directory");
+            let base = load_model_with::<B>(dir, &device, false).expect("a model directory");
             let vocab = base.config.vocab_size;
             let spec = LoraSpec {
                 r: *r,

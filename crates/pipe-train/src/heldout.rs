@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::Dataset;
-use pipe_model::Llama;
+use pipe_model::CausalLm;
 use serde::{Deserialize, Serialize};
 
 use crate::step::for_inference;
@@ -62,7 +62,7 @@ impl EvalSettings {
 
 /// The held-out loss of `model` on `data`, `batch_size` examples at a time (no gradients).
 pub fn heldout_loss<B: AutodiffBackend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     data: &Dataset,
     batch_size: usize,
     device: &B::Device,

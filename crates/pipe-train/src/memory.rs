@@ -8,7 +8,7 @@
 //! - weights: every parameter in f32, plus a bf16 copy of each matrix while products run in bf16
 //!   (`dtype: bf16`: the rounded operand lives until the backward pass has used it) — except a
 //!   LoRA base's projections at `dtype: bf16`, which are kept in bf16 alone, as PEFT keeps a
-//!   bf16 base (`Llama::keep_frozen_projections_in_bf16`);
+//!   bf16 base (`CausalLm::keep_frozen_projections_in_bf16`);
 //! - gradients: one f32 value per trainable parameter, and AdamW's two f32 moments;
 //! - activations: per decoder layer, the saved results of the norms, projections, rotary
 //!   embedding, grouped-query expansion, attention scores and probabilities (seq × seq per
@@ -19,7 +19,7 @@
 //! - on a CPU, replicas share one memory: the weights count once, each replica adds its own
 //!   activations and gradients; on GPUs each device holds a whole replica.
 
-use pipe_model::LlamaConfig;
+use pipe_model::ModelConfig;
 use serde::Serialize;
 
 /// What a training run's memory depends on besides the model's shape.
@@ -79,7 +79,7 @@ struct Dims {
 }
 
 impl Dims {
-    fn of(cfg: &LlamaConfig) -> Self {
+    fn of(cfg: &ModelConfig) -> Self {
         Dims {
             d: cfg.hidden_size as u64,
             i: cfg.intermediate_size as u64,
@@ -98,7 +98,7 @@ impl Dims {
 }
 
 /// Parameters of the model as pipe builds it: (all, in matrices).
-pub fn parameter_count(cfg: &LlamaConfig) -> (u64, u64) {
+pub fn parameter_count(cfg: &ModelConfig) -> (u64, u64) {
     let n = Dims::of(cfg);
     let Dims { d, i, v, l, q, kv } = n;
     let embeddings = v * d * if cfg.tie_word_embeddings { 1 } else { 2 };
@@ -113,7 +113,7 @@ pub fn parameter_count(cfg: &LlamaConfig) -> (u64, u64) {
 }
 
 /// The parameters of the linear projections: every layer's seven, and an untied `lm_head`.
-fn projection_count(cfg: &LlamaConfig) -> u64 {
+fn projection_count(cfg: &ModelConfig) -> u64 {
     let n = Dims::of(cfg);
     let lm_head = if cfg.tie_word_embeddings {
         0
@@ -125,7 +125,7 @@ fn projection_count(cfg: &LlamaConfig) -> u64 {
 
 /// LoRA's parameters for `shape` on `cfg`: A `[in, r]` and B `[r, out]` on each targeted
 /// projection, counted as if all seven were targeted and scaled to the targeted share.
-fn lora_parameters(cfg: &LlamaConfig, shape: LoraShape) -> u64 {
+fn lora_parameters(cfg: &ModelConfig, shape: LoraShape) -> u64 {
     let Dims { d, i, l, q, kv, .. } = Dims::of(cfg);
     let r = shape.rank as u64;
     let all_seven = r * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + i) + (i + d));
@@ -134,7 +134,7 @@ fn lora_parameters(cfg: &LlamaConfig, shape: LoraShape) -> u64 {
 
 /// f32 values one decoder layer keeps for the backward pass, per token of a micro-batch, and
 /// per (query, key) pair: `(per_token, per_score)`.
-fn saved_per_layer(cfg: &LlamaConfig, shape: &TrainShape) -> (u64, u64) {
+fn saved_per_layer(cfg: &ModelConfig, shape: &TrainShape) -> (u64, u64) {
     let Dims { d, i, q, kv, .. } = Dims::of(cfg);
     let h = cfg.num_attention_heads as u64;
     if shape.gradient_checkpointing {
@@ -153,7 +153,7 @@ fn saved_per_layer(cfg: &LlamaConfig, shape: &TrainShape) -> (u64, u64) {
 }
 
 /// The estimated peak of a training run.
-pub fn plan_training(cfg: &LlamaConfig, shape: &TrainShape) -> MemoryPlan {
+pub fn plan_training(cfg: &ModelConfig, shape: &TrainShape) -> MemoryPlan {
     let (all, matrices) = parameter_count(cfg);
     let adapters = shape.lora.map_or(0, |l| lora_parameters(cfg, l));
     let trainable = if shape.lora.is_some() { adapters } else { all };
@@ -207,7 +207,7 @@ pub fn plan_training(cfg: &LlamaConfig, shape: &TrainShape) -> MemoryPlan {
 
 /// The estimated peak of scoring or generating with `cfg` (no gradients): the weights, one
 /// layer's working set at a time, and the logits of a batch.
-pub fn plan_inference(cfg: &LlamaConfig, batch: usize, seq_len: usize, on_gpu: bool) -> MemoryPlan {
+pub fn plan_inference(cfg: &ModelConfig, batch: usize, seq_len: usize, on_gpu: bool) -> MemoryPlan {
     let (all, _) = parameter_count(cfg);
     let weights = all * F32;
     let tokens = (batch * seq_len) as u64;
@@ -231,7 +231,7 @@ pub fn plan_inference(cfg: &LlamaConfig, batch: usize, seq_len: usize, on_gpu: b
 /// micro_batch_size: 128`, `method: lora`), with micro-batch sizes that divide `batch_size`
 /// into a number of micro-batches the replicas share evenly. Empty when nothing would fit.
 pub fn what_would_fit(
-    cfg: &LlamaConfig,
+    cfg: &ModelConfig,
     shape: &TrainShape,
     batch_size: usize,
     available: u64,
@@ -324,8 +324,8 @@ pub fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
 
-    fn llama2_7b() -> LlamaConfig {
-        LlamaConfig::from_json(
+    fn llama2_7b() -> ModelConfig {
+        ModelConfig::from_json(
             r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
                 "max_position_embeddings": 4096}"#,

@@ -18,7 +18,7 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::Dataset;
 use pipe_model::save::{write_safetensors, SaveDtype};
-use pipe_model::{init_llama, load_llama_with, Llama, LlamaConfig, LoraSpec, MatmulPrecision};
+use pipe_model::{init_model, load_model_with, CausalLm, ModelConfig, LoraSpec, MatmulPrecision};
 use serde::{Deserialize, Serialize};
 
 use crate::heldout::{
@@ -34,7 +34,7 @@ pub enum BaseModel {
     /// A Hugging Face model directory.
     Dir(PathBuf),
     /// A fresh model of this shape, initialised from `seed`.
-    Init { config: LlamaConfig, seed: u64 },
+    Init { config: ModelConfig, seed: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -409,7 +409,7 @@ fn plain_micro_batch(ds: &Dataset, idx: &[usize], pad: u32) -> MicroBatch {
 /// Evaluates the model after `state.step` on the held-out split and records it: the best
 /// step's weights are kept in `best-<step>/` (with `keep_best`) until no checkpoint needs them.
 fn evaluate<B: AutodiffBackend>(
-    model: &mut Llama<B>,
+    model: &mut CausalLm<B>,
     heldout: &Dataset,
     spec: &TrainSpec,
     device: &B::Device,
@@ -484,11 +484,11 @@ fn build_model<B: AutodiffBackend>(
     spec: &TrainSpec,
     meta: &DataMeta,
     device: &B::Device,
-) -> Result<Llama<B>, TrainError> {
+) -> Result<CausalLm<B>, TrainError> {
     let full = matches!(spec.method, Method::Full);
-    let model: Llama<B> = match base {
-        BaseModel::Dir(d) => load_llama_with(d, device, full)?,
-        BaseModel::Init { config, seed } => init_llama(config, *seed, 0.02, device, full),
+    let model: CausalLm<B> = match base {
+        BaseModel::Dir(d) => load_model_with(d, device, full)?,
+        BaseModel::Init { config, seed } => init_model(config, *seed, 0.02, device, full),
     };
     let model = if meta.vocab_size_after > model.config.vocab_size {
         model.resize_embeddings(meta.vocab_size_after)
@@ -780,7 +780,7 @@ pub fn train<B: AutodiffBackend>(
 
 /// The trainable weights in files a later run (or transformers/PEFT) can read.
 fn write_trainable<B: AutodiffBackend>(
-    model: &mut Llama<B>,
+    model: &mut CausalLm<B>,
     spec: &TrainSpec,
     dir: &Path,
     dtype: SaveDtype,
@@ -831,7 +831,7 @@ fn write_trainable<B: AutodiffBackend>(
 }
 
 fn write_outputs<B: AutodiffBackend>(
-    model: &mut Llama<B>,
+    model: &mut CausalLm<B>,
     spec: &TrainSpec,
     out: &Path,
 ) -> Result<(), TrainError> {
@@ -903,7 +903,7 @@ impl SaveFailure {
 /// moment leaves a whole checkpoint; the one it replaces stays as `checkpoint.old`, to fall
 /// back to should the new one be found damaged.
 fn save_checkpoint<B: AutodiffBackend>(
-    model: &mut Llama<B>,
+    model: &mut CausalLm<B>,
     optim: &Optim<B>,
     state: &CheckpointState,
     metrics: &str,
@@ -936,7 +936,7 @@ fn save_checkpoint<B: AutodiffBackend>(
 }
 
 fn write_checkpoint<B: AutodiffBackend>(
-    model: &mut Llama<B>,
+    model: &mut CausalLm<B>,
     optim: &Optim<B>,
     state: &CheckpointState,
     metrics: &str,
@@ -1056,7 +1056,7 @@ fn verify_checkpoint(dir: &Path) -> Result<(CheckpointState, String), String> {
     Ok((manifest.state, metrics))
 }
 
-type Resumed<B> = (Llama<B>, Optim<B>, CheckpointState, String);
+type Resumed<B> = (CausalLm<B>, Optim<B>, CheckpointState, String);
 
 /// The checkpoint to resume from: the latest whole one. A damaged checkpoint is named in a
 /// warning and removed, and the previous one is tried; with none left the run starts over.
@@ -1118,15 +1118,15 @@ fn load_weights<B: AutodiffBackend>(
     spec: &TrainSpec,
     meta: &DataMeta,
     device: &B::Device,
-) -> Result<Llama<B>, String> {
+) -> Result<CausalLm<B>, String> {
     match &spec.method {
-        Method::Full => load_llama_with::<B>(weights, device, true),
+        Method::Full => load_model_with::<B>(weights, device, true),
         Method::Lora(_) => {
-            let m: Llama<B> = match base {
+            let m: CausalLm<B> = match base {
                 BaseModel::Dir(d) => {
-                    load_llama_with(d, device, false).map_err(|e| format!("the base model: {e}"))?
+                    load_model_with(d, device, false).map_err(|e| format!("the base model: {e}"))?
                 }
-                BaseModel::Init { config, seed } => init_llama(config, *seed, 0.02, device, false),
+                BaseModel::Init { config, seed } => init_model(config, *seed, 0.02, device, false),
             };
             let m = if meta.vocab_size_after > m.config.vocab_size {
                 m.resize_embeddings(meta.vocab_size_after)
@@ -1143,7 +1143,7 @@ fn load_weights<B: AutodiffBackend>(
 /// past its rotary tables, and a longer packed row (its examples side by side) would be given
 /// an attention mask of its length squared — a tokenize `max_len` far beyond the context packs
 /// the whole dataset into one row.
-fn check_sequence_lengths(data: &Dataset, config: &LlamaConfig) -> Result<(), TrainError> {
+fn check_sequence_lengths(data: &Dataset, config: &ModelConfig) -> Result<(), TrainError> {
     let unit = if data.packed() {
         "packed row"
     } else {

@@ -6,7 +6,7 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use pipe_model::{shifted_cross_entropy, Llama};
+use pipe_model::{shifted_cross_entropy, CausalLm};
 use serde::{Deserialize, Serialize};
 
 /// Token ids and labels (-100: not learned) of one micro-batch, `[batch][seq]`.
@@ -17,7 +17,7 @@ pub struct MicroBatch {
     /// 1 for tokens, 0 for padding; `None`: no padding.
     pub attention_mask: Option<Vec<Vec<u8>>>,
     /// Packed rows: every token's position and which example it belongs to (from 1; -1 for
-    /// padding), so that examples do not attend to each other (see `Llama::hidden_packed`).
+    /// padding), so that examples do not attend to each other (see `CausalLm::hidden_packed`).
     pub packing: Option<Packing>,
 }
 
@@ -67,7 +67,7 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
-pub type Optim<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
+pub type Optim<B> = OptimizerAdaptor<AdamW, CausalLm<B>, B>;
 
 pub fn adamw<B: AutodiffBackend>(s: &AdamWSettings) -> Optim<B> {
     AdamWConfig::new()
@@ -89,12 +89,12 @@ fn ids<B: AutodiffBackend>(rows: &[Vec<i64>], device: &B::Device) -> Tensor<B, 2
 
 /// Runs forward and backward over `batches` and one AdamW update at `lr`.
 pub fn train_step<B: AutodiffBackend>(
-    model: Llama<B>,
+    model: CausalLm<B>,
     optim: &mut Optim<B>,
     batches: &[MicroBatch],
     lr: f64,
     max_grad_norm: Option<f64>,
-) -> (Llama<B>, StepStats) {
+) -> (CausalLm<B>, StepStats) {
     let device = model.embed_tokens.val().device();
     train_step_parallel(model, optim, batches, &[device], lr, max_grad_norm)
 }
@@ -105,16 +105,16 @@ pub fn train_step<B: AutodiffBackend>(
 /// device in replica order before the one update. With one replica this is `train_step` itself,
 /// bit for bit; with more, the sum runs in another order (equal to float rounding).
 pub fn train_step_parallel<B: AutodiffBackend>(
-    model: Llama<B>,
+    model: CausalLm<B>,
     optim: &mut Optim<B>,
     batches: &[MicroBatch],
     replicas: &[B::Device],
     lr: f64,
     max_grad_norm: Option<f64>,
-) -> (Llama<B>, StepStats) {
+) -> (CausalLm<B>, StepStats) {
     let device = model.embed_tokens.val().device();
     let total: usize = batches.iter().map(MicroBatch::target_tokens).sum();
-    let mut acc = GradientsAccumulator::<Llama<B>>::new();
+    let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let mut loss = 0f64;
     if replicas.len() <= 1 || batches.len() <= 1 {
         let (grads, part) = forward_backward(&model, batches.iter(), total);
@@ -171,12 +171,12 @@ pub fn train_step_parallel<B: AutodiffBackend>(
 /// The summed gradients of `batches` on `model`'s device, each micro-batch's loss divided by
 /// the effective batch's `total` target tokens, and the sum of those losses.
 fn forward_backward<'a, B: AutodiffBackend>(
-    model: &Llama<B>,
+    model: &CausalLm<B>,
     batches: impl Iterator<Item = &'a MicroBatch>,
     total: usize,
 ) -> (GradientsParams, f64) {
     let device = model.embed_tokens.val().device();
-    let mut acc = GradientsAccumulator::<Llama<B>>::new();
+    let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let mut loss = 0f64;
     for mb in batches {
         let input_ids = ids::<B>(&mb.input_ids, &device);
@@ -196,7 +196,7 @@ fn forward_backward<'a, B: AutodiffBackend>(
 }
 
 /// The L2 norm of all gradients together (`torch.nn.utils.clip_grad_norm_`'s).
-pub fn global_norm<B: AutodiffBackend>(model: &Llama<B>, grads: &GradientsParams) -> f64 {
+pub fn global_norm<B: AutodiffBackend>(model: &CausalLm<B>, grads: &GradientsParams) -> f64 {
     let mut v = SquaredNorm::<B> {
         grads,
         sum: 0.0,
@@ -236,6 +236,6 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
 }
 
 /// The model without its autodiff graph, for evaluation.
-pub fn for_inference<B: AutodiffBackend>(model: &Llama<B>) -> Llama<B::InnerBackend> {
+pub fn for_inference<B: AutodiffBackend>(model: &CausalLm<B>) -> CausalLm<B::InnerBackend> {
     model.valid()
 }

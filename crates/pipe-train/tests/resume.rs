@@ -8,7 +8,7 @@ use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::{write, Dataset};
-use pipe_model::{Llama, LoraSpec, MatmulPrecision, Targets};
+use pipe_model::{CausalLm, LoraSpec, MatmulPrecision, Targets};
 use pipe_train::{
     train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method, Splits,
     TrainError, TrainSpec,
@@ -306,8 +306,8 @@ fn lora_with_modules_to_save_trains_them_and_resumes_bit_identically() {
         serde_json::json!(["embed_tokens", "lm_head"])
     );
     // The embeddings moved away from their initial values.
-    let init: Llama<B> =
-        pipe_model::init_llama(&support::tiny_config(), 3, 0.02, &Default::default(), false)
+    let init: CausalLm<B> =
+        pipe_model::init_model(&support::tiny_config(), 3, 0.02, &Default::default(), false)
             .resize_embeddings(41);
     let before: Vec<f32> = init.embed_tokens.val().into_data().to_vec().unwrap();
     assert_eq!(before.len(), trained.data.len());

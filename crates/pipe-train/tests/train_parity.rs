@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use burn::backend::Autodiff;
 use burn::tensor::{Int, Tensor, TensorData};
-use pipe_model::{load_llama_with, Llama};
+use pipe_model::{load_model_with, CausalLm};
 use pipe_train::step::for_inference;
 use pipe_train::{adamw, train_step, AdamWSettings, Decay, MicroBatch, Schedule};
 use serde_json::Value;
@@ -38,7 +38,7 @@ fn close(a: f64, b: f64, rel: f64, what: &str) {
     );
 }
 
-fn run(model: Llama<B>, e: &Value) -> Llama<B> {
+fn run(model: CausalLm<B>, e: &Value) -> CausalLm<B> {
     let steps = e["steps"].as_array().unwrap();
     let schedule = Schedule {
         peak: e["lr_peak"].as_f64().unwrap(),
@@ -84,7 +84,7 @@ fn run(model: Llama<B>, e: &Value) -> Llama<B> {
     model
 }
 
-fn final_logits(model: &Llama<B>, e: &Value) -> f32 {
+fn final_logits(model: &CausalLm<B>, e: &Value) -> f32 {
     let inf = for_inference(model);
     let ids = rows(&e["final_input_ids"]);
     let (b, s) = (ids.len(), ids[0].len());
@@ -110,8 +110,8 @@ fn full_fine_tuning_steps_match_pytorch() {
     let e: Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("train/expected.json")).unwrap())
             .unwrap();
-    let model: Llama<B> =
-        load_llama_with(&fixtures().join("gqa-untied"), &Default::default(), true).unwrap();
+    let model: CausalLm<B> =
+        load_model_with(&fixtures().join("gqa-untied"), &Default::default(), true).unwrap();
     let model = run(model, &e);
     let d = final_logits(&model, &e);
     assert!(d <= 2e-4, "final logits: max |Δ| = {d}");
@@ -123,8 +123,8 @@ fn lora_steps_match_peft() {
         &std::fs::read(fixtures().join("train-lora/expected.json")).unwrap(),
     )
     .unwrap();
-    let model: Llama<B> =
-        load_llama_with(&fixtures().join("gqa-untied"), &Default::default(), false).unwrap();
+    let model: CausalLm<B> =
+        load_model_with(&fixtures().join("gqa-untied"), &Default::default(), false).unwrap();
     let model = model
         .load_peft_adapter(&fixtures().join("train-lora/initial_adapter"), true)
         .unwrap();

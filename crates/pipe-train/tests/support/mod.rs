@@ -5,12 +5,12 @@ use std::path::Path;
 use burn::backend::Autodiff;
 use pipe_data::dataset::Dataset;
 use pipe_data::tokenize::Example;
-use pipe_model::LlamaConfig;
+use pipe_model::ModelConfig;
 use pipe_train::{train, BaseModel, DataMeta, Dirs, Hooks, Splits, TrainError, TrainSpec, Trained};
 
 /// A small Llama (vocab 40, hidden 16, 2 layers, 4 heads over 2 key/value heads).
-pub fn tiny_config() -> LlamaConfig {
-    LlamaConfig::from_json(
+pub fn tiny_config() -> ModelConfig {
+    ModelConfig::from_json(
         r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}"#,
     )
