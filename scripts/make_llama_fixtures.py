@@ -352,13 +352,13 @@ def peft_model_on_a(seed: int):
     return pm
 
 
-def save_adapter(pm, d: Path) -> None:
+def save_adapter(pm, d: Path, base_rel: Path = OUT_REL / "gqa-untied") -> None:
     pm.save_pretrained(d, safe_serialization=True)
     (d / "README.md").unlink()  # PEFT's model-card template; nothing a loader reads
     cfg_path = d / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     assert cfg["target_modules"] == sorted(cfg["target_modules"])
-    assert cfg["base_model_name_or_path"] == str(OUT_REL / "gqa-untied"), cfg["base_model_name_or_path"]
+    assert cfg["base_model_name_or_path"] == str(base_rel), cfg["base_model_name_or_path"]
 
 
 def lora_init_check() -> dict:
@@ -467,8 +467,10 @@ def make_micro_batches(vocab: int, steps: int = 4, micro: int = 2, seed: int = 6
     return batches
 
 
-def train(model, params: list[tuple[str, torch.nn.Parameter]], lr: float) -> dict:
-    vocab = BASE_A["vocab_size"]
+def train(model, params: list[tuple[str, torch.nn.Parameter]], lr: float, vocab: int | None = None) -> dict:
+    """4 AdamW steps on make_micro_batches(vocab) (vocab defaults to gqa-untied's; see TRAIN_DOC).
+    Also used by scripts/make_family_fixtures.py."""
+    vocab = BASE_A["vocab_size"] if vocab is None else vocab
     plist = [p for _, p in params]
     opt = torch.optim.AdamW(plist, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=4)

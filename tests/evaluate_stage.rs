@@ -84,14 +84,6 @@ fn project() -> Project {
     p
 }
 
-fn out_dir(p: &Project, stage: &str) -> PathBuf {
-    let m: Value =
-        serde_json::from_str(&p.pipe(&["show", "p.yaml", stage, "--json"]).ok().stdout).unwrap();
-    p.path("cache/stages")
-        .join(m["key"].as_str().unwrap())
-        .join("out")
-}
-
 fn jsonl(path: PathBuf) -> Vec<Value> {
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -123,15 +115,15 @@ fn direct_heldout_loss(model_dir: &std::path::Path, val: &std::path::Path) -> f6
 fn base_and_tuned_side_by_side() {
     let p = project();
     let run = p.pipe(&["run", "p.yaml"]).ok();
-    let eval = out_dir(&p, "eval");
+    let eval = p.stage_out("eval");
     let m: Value =
         serde_json::from_str(&std::fs::read_to_string(eval.join("metrics.json")).unwrap()).unwrap();
 
     // Held-out loss: the base's equals the training loss formula on the val split.
     let base_loss = m["base"]["heldout"]["loss"].as_f64().unwrap();
     let direct = direct_heldout_loss(
-        &out_dir(&p, "base").join("model"),
-        &out_dir(&p, "tokens").join("val.safetensors"),
+        &p.stage_out("base").join("model"),
+        &p.stage_out("tokens").join("val.safetensors"),
     );
     assert!(
         (base_loss - direct).abs() < 1e-4 * direct.abs().max(1.0),
@@ -213,14 +205,14 @@ fn base_and_tuned_side_by_side() {
 fn sampled_generation_is_reproducible_and_changes_with_the_seed() {
     let p = project();
     p.pipe(&["run", "p.yaml"]).ok();
-    let first = std::fs::read(out_dir(&p, "sampled").join("samples.jsonl")).unwrap();
+    let first = std::fs::read(p.stage_out("sampled").join("samples.jsonl")).unwrap();
     p.pipe(&["run", "p.yaml", "--force", "sampled"]).ok();
-    let again = std::fs::read(out_dir(&p, "sampled").join("samples.jsonl")).unwrap();
+    let again = std::fs::read(p.stage_out("sampled").join("samples.jsonl")).unwrap();
     assert_eq!(first, again);
     let yaml = PIPELINE.replace("seed: 3", "seed: 4");
     p.write("p.yaml", &yaml);
     p.pipe(&["run", "p.yaml", "--only", "sampled"]).ok();
-    let other = std::fs::read(out_dir(&p, "sampled").join("samples.jsonl")).unwrap();
+    let other = std::fs::read(p.stage_out("sampled").join("samples.jsonl")).unwrap();
     assert_ne!(first, other);
 }
 

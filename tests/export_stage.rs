@@ -4,9 +4,8 @@
 //! has what it refuses).
 
 mod common;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use common::Project;
 use pipe_model::{load_model, CausalLm};
 
@@ -63,25 +62,6 @@ fn project() -> Project {
     Project::with_examples(&pipeline())
 }
 
-fn out_dir(p: &Project, stage: &str) -> PathBuf {
-    let m: serde_json::Value =
-        serde_json::from_str(&p.pipe(&["show", "p.yaml", stage, "--json"]).ok().stdout).unwrap();
-    p.path("cache/stages")
-        .join(m["key"].as_str().unwrap())
-        .join("out")
-}
-
-fn logits(model: &CausalLm<B>) -> Vec<f32> {
-    let ids = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(
-            (1..17).map(|i| i * 37 % 2000).collect::<Vec<i64>>(),
-            [1, 16],
-        ),
-        &Default::default(),
-    );
-    model.forward(ids, None).into_data().to_vec().unwrap()
-}
-
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
@@ -104,7 +84,7 @@ fn hf_and_peft_exports_load_back_with_the_same_logits() {
     p.pipe(&["run", "p.yaml"]).ok();
 
     // Full model, sharded at 100 KB.
-    let full = out_dir(&p, "full_hf");
+    let full = p.stage_out("full_hf");
     let names = files(&full);
     for f in [
         "config.json",
@@ -121,26 +101,29 @@ fn hf_and_peft_exports_load_back_with_the_same_logits() {
         "{names:?}"
     );
     let trained: CausalLm<B> =
-        load_model(&out_dir(&p, "base").join("model"), &Default::default()).unwrap();
+        load_model(&p.stage_out("base").join("model"), &Default::default()).unwrap();
     let exported: CausalLm<B> = load_model(&full, &Default::default()).unwrap();
     assert_eq!(
-        logits(&trained),
-        logits(&exported),
+        common::sample_logits(&trained),
+        common::sample_logits(&exported),
         "an f32 export is exact"
     );
 
     // LoRA merged into its base.
-    let adapter_dir = out_dir(&p, "lora").join("adapter");
-    let with_adapter = load_model::<B>(&out_dir(&p, "base").join("model"), &Default::default())
+    let adapter_dir = p.stage_out("lora").join("adapter");
+    let with_adapter = load_model::<B>(&p.stage_out("base").join("model"), &Default::default())
         .unwrap()
         .load_peft_adapter(&adapter_dir, false)
         .unwrap();
-    let merged: CausalLm<B> = load_model(&out_dir(&p, "merged_hf"), &Default::default()).unwrap();
-    let d = max_diff(&logits(&with_adapter), &logits(&merged));
+    let merged: CausalLm<B> = load_model(&p.stage_out("merged_hf"), &Default::default()).unwrap();
+    let d = max_diff(
+        &common::sample_logits(&with_adapter),
+        &common::sample_logits(&merged),
+    );
     assert!(d < 1e-4, "merged export: max |Δlogit| = {d}");
     assert_ne!(
-        logits(&with_adapter),
-        logits(&trained),
+        common::sample_logits(&with_adapter),
+        common::sample_logits(&trained),
         "the adapter changed the model"
     );
 
@@ -162,11 +145,14 @@ fn hf_and_peft_exports_load_back_with_the_same_logits() {
     assert_eq!(cfg["peft_type"], "LORA");
     // What AutoPeftModel loads the base from: the field as given, not the stage's id.
     assert_eq!(cfg["base_model_name_or_path"], "org/tiny-base");
-    let from_peft = load_model::<B>(&out_dir(&p, "base").join("model"), &Default::default())
+    let from_peft = load_model::<B>(&p.stage_out("base").join("model"), &Default::default())
         .unwrap()
         .load_peft_adapter(&peft, false)
         .unwrap();
-    assert_eq!(logits(&from_peft), logits(&with_adapter));
+    assert_eq!(
+        common::sample_logits(&from_peft),
+        common::sample_logits(&with_adapter)
+    );
     assert!(!std::fs::metadata(peft.join("adapter_config.json"))
         .unwrap()
         .permissions()

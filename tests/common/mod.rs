@@ -11,6 +11,16 @@ pub struct Project {
 }
 
 impl Project {
+    /// The `out/` directory of stage `stage` of p.yaml in the store (as `pipe show` names it).
+    pub fn stage_out(&self, stage: &str) -> PathBuf {
+        let m: serde_json::Value =
+            serde_json::from_str(&self.pipe(&["show", "p.yaml", stage, "--json"]).ok().stdout)
+                .unwrap();
+        self.path("cache/stages")
+            .join(m["key"].as_str().unwrap())
+            .join("out")
+    }
+
     pub fn new() -> Self {
         Project {
             dir: tempfile::tempdir().expect("tempdir"),
@@ -232,4 +242,17 @@ pub fn train_metrics(p: &Project) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The logits of a fixed 16-token input (ids below 2000): what the export tests compare models by.
+pub fn sample_logits(model: &pipe_model::CausalLm<pipe_model::CpuBackend>) -> Vec<f32> {
+    use burn::tensor::{Int, Tensor, TensorData};
+    let ids = Tensor::<pipe_model::CpuBackend, 2, Int>::from_data(
+        TensorData::new(
+            (1..17).map(|i| i * 37 % 2000).collect::<Vec<i64>>(),
+            [1, 16],
+        ),
+        &Default::default(),
+    );
+    model.forward(ids, None).into_data().to_vec().unwrap()
 }

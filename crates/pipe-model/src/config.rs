@@ -1,9 +1,13 @@
-//! The model configuration, read from a Hugging Face `config.json`.
+//! The model configuration: one description of a decoder's blocks that every family's
+//! `config.json` is read into (by its file under [`crate::family`]), and that the model is
+//! built from.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::family::Family;
+use crate::rope::{RopeConfig, RopeScaling};
 use crate::ModelError;
 
 /// Why a `config.json` does not describe a model pipe can run.
@@ -11,46 +15,91 @@ use crate::ModelError;
 pub enum ConfigError {
     #[error(transparent)]
     Json(#[from] serde_json::Error),
-    #[error("model_type `{0}` is not a Llama-family decoder (llama)")]
-    ModelType(String),
-    #[error("hidden_act `{0}` is not supported (Llama uses silu)")]
-    HiddenAct(String),
+    #[error("config.json is not a JSON object")]
+    NotAnObject,
+    #[error("model_type `{found}` is not supported (supported: {})", Family::SUPPORTED.join(", "))]
+    ModelType { found: String },
+    #[error("`{field}` is missing")]
+    Missing { field: &'static str },
+    #[error("`{field}` must be {expected}, not {found}")]
+    FieldType {
+        field: String,
+        expected: &'static str,
+        found: String,
+    },
+    /// A value that would change the model's math in a way pipe does not implement.
+    #[error("`{field}` = {value} is not supported (supported: {supported})")]
+    Unsupported {
+        field: String,
+        value: String,
+        supported: String,
+    },
     #[error("{heads} attention heads cannot be grouped over {kv} key/value heads")]
     Heads { heads: usize, kv: usize },
-    #[error("{0} must be at least 1")]
+    #[error("`{0}` must be at least 1")]
     Zero(&'static str),
-    #[error("head_dim {0} must be even and at least 2 for rotary embeddings")]
-    HeadDim(usize),
+    #[error(
+        "the rotary dimension {0} (head_dim × partial_rotary_factor) must be even and at least 2"
+    )]
+    RotaryDim(usize),
     #[error("max_position_embeddings {positions} × head_dim {head_dim} is more positions than pipe's rotary tables hold ({limit} values)")]
     TooManyPositions {
         positions: usize,
         head_dim: usize,
         limit: u128,
     },
-    /// `rope_scaling` of `kind` (linear, llama3) without its `factor`.
-    #[error("rope_scaling: {kind} needs `factor`")]
-    RopeFactor { kind: &'static str },
-    #[error("rope_scaling type `{0}` is not supported (default, linear, llama3)")]
-    RopeType(String),
-}
-
-/// How rotary frequencies are rescaled for long contexts (`rope_scaling` in config.json).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum RopeScaling {
-    /// Positions divided by `factor`.
-    Linear { factor: f64 },
-    /// Llama 3.1's piecewise scaling of the frequencies.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: usize,
+    #[error("`{field}` has {found} entries, but the model has {expected} {what}")]
+    Length {
+        field: &'static str,
+        found: usize,
+        expected: usize,
+        what: &'static str,
     },
 }
 
-/// A Llama-family decoder's shape, as `LlamaForCausalLM` reads it from config.json.
+/// How RMSNorm applies its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormStyle {
+    /// `x̂ · w` (Llama, Qwen, Mistral, Phi-3); weights initialised to 1.
+    Weight,
+    /// `x̂ · (1 + w)` (Gemma); weights initialised to 0.
+    OnePlusWeight,
+}
+
+/// The feed-forward block's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// `silu` (SwiGLU).
+    Silu,
+    /// `gelu_pytorch_tanh` (GeGLU with the tanh approximation, Gemma).
+    GeluTanh,
+}
+
+/// Which keys a layer's queries see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerType {
+    /// Every earlier position (`full_attention`).
+    Full,
+    /// The last `sliding_window` positions, the query's own included (`sliding_attention`).
+    Sliding,
+}
+
+impl LayerType {
+    /// The name transformers gives it in `layer_types`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            LayerType::Full => "full_attention",
+            LayerType::Sliding => "sliding_attention",
+        }
+    }
+}
+
+/// A decoder's shape and every quirk that changes its math, as its family's `config.json`
+/// describes it. Built by [`ModelConfig::from_json`] (the family's reader) and written back by
+/// [`ModelConfig::hf_config_json`] (the family's writer).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -60,11 +109,36 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<RopeScaling>,
+    /// The rotary embedding of full-attention layers (of every layer, unless `local_rope`).
+    pub rope: RopeConfig,
+    /// Gemma 3's own rotary embedding for sliding-window layers (`rope_local_base_freq`).
+    pub local_rope: Option<RopeConfig>,
     pub tie_word_embeddings: bool,
-    pub attention_bias: bool,
+    /// Biases on the q, k and v projections.
+    pub qkv_bias: bool,
+    /// A bias on the output projection.
+    pub o_bias: bool,
     pub mlp_bias: bool,
+    /// RMSNorm over each head of q and k before the rotation (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    pub norm_style: NormStyle,
+    /// Norms after attention and around the feed-forward block (Gemma 2/3: four per layer).
+    pub sandwich_norms: bool,
+    pub activation: Activation,
+    /// Embeddings multiplied by √hidden_size (Gemma).
+    pub scale_embeddings: bool,
+    /// Scores scaled by `query_pre_attn_scalar^-½` instead of `head_dim^-½` (Gemma).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Scores soft-capped as `c · tanh(s / c)` before the mask (Gemma 2).
+    pub attn_logit_softcapping: Option<f64>,
+    /// Logits soft-capped the same way (Gemma 2).
+    pub final_logit_softcapping: Option<f64>,
+    /// The window of `LayerType::Sliding` layers.
+    pub sliding_window: Option<usize>,
+    /// One entry per layer.
+    pub layer_types: Vec<LayerType>,
+    /// q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj` (Phi-3).
+    pub fused_projections: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
@@ -72,181 +146,346 @@ pub struct ModelConfig {
     pub torch_dtype: Option<String>,
 }
 
-/// config.json as written by transformers (only the fields that matter here).
-#[derive(Deserialize)]
-struct Raw {
-    #[serde(default)]
-    model_type: Option<String>,
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    #[serde(default)]
-    num_key_value_heads: Option<usize>,
-    #[serde(default)]
-    head_dim: Option<usize>,
-    #[serde(default = "default_max_pos")]
-    max_position_embeddings: usize,
-    #[serde(default = "default_eps")]
-    rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    rope_theta: f64,
-    #[serde(default)]
-    rope_scaling: Option<serde_json::Value>,
-    #[serde(default)]
-    tie_word_embeddings: bool,
-    #[serde(default)]
-    attention_bias: bool,
-    #[serde(default)]
-    mlp_bias: bool,
-    #[serde(default = "default_act")]
-    hidden_act: String,
-    #[serde(default)]
-    bos_token_id: Option<serde_json::Value>,
-    #[serde(default)]
-    eos_token_id: Option<serde_json::Value>,
-    #[serde(default)]
-    pad_token_id: Option<serde_json::Value>,
-    #[serde(default)]
-    torch_dtype: Option<String>,
+/// Typed access to config.json's fields, with errors that name the field.
+pub(crate) struct Fields<'a> {
+    map: &'a serde_json::Map<String, serde_json::Value>,
 }
 
-fn default_max_pos() -> usize {
-    2048
-}
-fn default_eps() -> f64 {
-    1e-6
-}
-fn default_theta() -> f64 {
-    10000.0
-}
-fn default_act() -> String {
-    "silu".into()
+fn kind_of(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "null".into(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::String(s) => format!("\"{s}\""),
+        serde_json::Value::Array(_) => "a list".into(),
+        serde_json::Value::Object(_) => "an object".into(),
+    }
 }
 
-/// A token id field that may be a number, a list (the first counts) or null.
-fn token_id(v: Option<serde_json::Value>) -> Option<u32> {
-    match v? {
-        serde_json::Value::Number(n) => n.as_u64().map(|x| x as u32),
-        serde_json::Value::Array(a) => a.first().and_then(|x| x.as_u64()).map(|x| x as u32),
-        _ => None,
+impl<'a> Fields<'a> {
+    pub(crate) fn new(map: &'a serde_json::Map<String, serde_json::Value>) -> Self {
+        Fields { map }
+    }
+
+    /// Whether `key` is present (even as null).
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// The value of `key`, `None` when absent or null.
+    pub(crate) fn get(&self, key: &str) -> Option<&'a serde_json::Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn type_error(&self, key: &str, expected: &'static str) -> ConfigError {
+        ConfigError::FieldType {
+            field: key.to_string(),
+            expected,
+            found: self.get(key).map(kind_of).unwrap_or_else(|| "null".into()),
+        }
+    }
+
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| self.type_error(key, "a whole number")),
+        }
+    }
+
+    pub(crate) fn usize(&self, key: &'static str) -> Result<usize, ConfigError> {
+        self.opt_usize(key)?
+            .ok_or(ConfigError::Missing { field: key })
+    }
+
+    pub(crate) fn usize_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
+        Ok(self.opt_usize(key)?.unwrap_or(default))
+    }
+
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.type_error(key, "a number")),
+        }
+    }
+
+    pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64, ConfigError> {
+        Ok(self.opt_f64(key)?.unwrap_or(default))
+    }
+
+    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.type_error(key, "true or false")),
+        }
+    }
+
+    pub(crate) fn str_or(&self, key: &str, default: &'a str) -> Result<&'a str, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v.as_str().ok_or_else(|| self.type_error(key, "a string")),
+        }
+    }
+
+    /// A token id that may be a number, a list (the first counts) or null.
+    pub(crate) fn token_id(&self, key: &str) -> Option<u32> {
+        match self.get(key)? {
+            serde_json::Value::Number(n) => n.as_u64().and_then(|x| u32::try_from(x).ok()),
+            serde_json::Value::Array(a) => a
+                .first()
+                .and_then(|x| x.as_u64())
+                .and_then(|x| u32::try_from(x).ok()),
+            _ => None,
+        }
+    }
+
+    /// Refuses a value of `key` other than `allowed` (absent counts as allowed): for fields
+    /// whose other values change the math in ways pipe does not implement.
+    pub(crate) fn require_str(
+        &self,
+        key: &str,
+        default: &str,
+        allowed: &[&str],
+    ) -> Result<(), ConfigError> {
+        let v = self.str_or(key, default)?;
+        if allowed.contains(&v) {
+            Ok(())
+        } else {
+            Err(ConfigError::Unsupported {
+                field: key.into(),
+                value: format!("\"{v}\""),
+                supported: allowed.join(", "),
+            })
+        }
+    }
+
+    /// Refuses a nonzero dropout probability: training would drop activations that pipe keeps.
+    pub(crate) fn require_no_dropout(&self, key: &str) -> Result<(), ConfigError> {
+        match self.opt_f64(key)? {
+            Some(p) if p != 0.0 => Err(ConfigError::Unsupported {
+                field: key.into(),
+                value: p.to_string(),
+                supported: "0.0 (pipe trains without dropout inside the model)".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// `layer_types` as written by transformers ≥ 4.53, or `None` when absent.
+    pub(crate) fn layer_types(&self, layers: usize) -> Result<Option<Vec<LayerType>>, ConfigError> {
+        let Some(v) = self.get("layer_types") else {
+            return Ok(None);
+        };
+        let list = v
+            .as_array()
+            .ok_or_else(|| self.type_error("layer_types", "a list"))?;
+        if list.len() != layers {
+            return Err(ConfigError::Length {
+                field: "layer_types",
+                found: list.len(),
+                expected: layers,
+                what: "layers",
+            });
+        }
+        list.iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(LayerType::Full),
+                Some("sliding_attention") => Ok(LayerType::Sliding),
+                _ => Err(ConfigError::Unsupported {
+                    field: "layer_types".into(),
+                    value: kind_of(t),
+                    supported: "full_attention, sliding_attention".into(),
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+}
+
+/// The shape every family shares, read with the family's defaults.
+pub(crate) struct CommonShape {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+}
+
+impl CommonShape {
+    /// The size fields (required: pipe never guesses a model's size), `num_key_value_heads`
+    /// (default: as many as attention heads) and `head_dim` (default: hidden / heads, or
+    /// `default_head_dim` where the family fixes one).
+    pub(crate) fn read(
+        f: &Fields<'_>,
+        default_max_positions: usize,
+        default_head_dim: Option<usize>,
+    ) -> Result<Self, ConfigError> {
+        let hidden_size = f.usize("hidden_size")?;
+        let num_attention_heads = f.usize("num_attention_heads")?;
+        if num_attention_heads == 0 {
+            return Err(ConfigError::Zero("num_attention_heads"));
+        }
+        let kv = f.usize_or("num_key_value_heads", num_attention_heads)?;
+        let head_dim = match f.opt_usize("head_dim")? {
+            Some(d) => d,
+            None => default_head_dim.unwrap_or(hidden_size / num_attention_heads),
+        };
+        Ok(CommonShape {
+            vocab_size: f.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: f.usize("intermediate_size")?,
+            num_hidden_layers: f.usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads: kv,
+            head_dim,
+            max_position_embeddings: f
+                .usize_or("max_position_embeddings", default_max_positions)?,
+        })
     }
 }
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ModelError::Io(path.display().to_string(), e))?;
-        Self::from_json(&text).map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        Self::from_json(&text).map_err(|e| ModelError::Config {
+            path: path.to_path_buf(),
+            source: e,
+        })
     }
 
+    /// Reads a `config.json` by its `model_type` (`llama` when absent, as pipe's `init:`
+    /// allows), with that family's defaults, and checks that the result is a model pipe runs.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let raw: Raw = serde_json::from_str(text)?;
-        if let Some(t) = &raw.model_type {
-            if !matches!(t.as_str(), "llama" | "mistral") {
-                return Err(ConfigError::ModelType(t.clone()));
-            }
-        }
-        if raw.hidden_act != "silu" {
-            return Err(ConfigError::HiddenAct(raw.hidden_act));
-        }
-        let heads = raw.num_attention_heads;
-        let kv = raw.num_key_value_heads.unwrap_or(heads);
+        let value: serde_json::Value = serde_json::from_str(text)?;
+        let map = value.as_object().ok_or(ConfigError::NotAnObject)?;
+        let fields = Fields::new(map);
+        let model_type = fields.str_or("model_type", "llama")?;
+        let family = Family::from_model_type(model_type).ok_or_else(|| ConfigError::ModelType {
+            found: model_type.to_string(),
+        })?;
+        let config = family.read_config(&fields)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The `config.json` transformers writes for this model (its family's `architectures`,
+    /// `model_type` and fields).
+    pub fn hf_config_json(&self) -> serde_json::Value {
+        self.family.write_config(self)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (heads, kv) = (self.num_attention_heads, self.num_key_value_heads);
         if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return Err(ConfigError::Heads { heads, kv });
         }
         for (name, n) in [
-            ("vocab_size", raw.vocab_size),
-            ("hidden_size", raw.hidden_size),
-            ("intermediate_size", raw.intermediate_size),
-            ("max_position_embeddings", raw.max_position_embeddings),
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("head_dim", self.head_dim),
         ] {
             if n == 0 {
                 return Err(ConfigError::Zero(name));
             }
         }
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(ConfigError::HeadDim(head_dim));
+        if self.layer_types.len() != self.num_hidden_layers {
+            return Err(ConfigError::Length {
+                field: "layer_types",
+                found: self.layer_types.len(),
+                expected: self.num_hidden_layers,
+                what: "layers",
+            });
         }
-        // The rotary tables hold every position: 2^28 values each is 1 GiB, and a model with
-        // a million positions of head_dim 256 fits.
+        if self.layer_types.contains(&LayerType::Sliding) && self.sliding_window.is_none() {
+            return Err(ConfigError::Missing {
+                field: "sliding_window",
+            });
+        }
+        if self.sliding_window == Some(0) {
+            return Err(ConfigError::Zero("sliding_window"));
+        }
+        for rope in std::iter::once(&self.rope).chain(&self.local_rope) {
+            rope.validate(self.head_dim)?;
+        }
+        // The rotary tables of a call hold every position up to its last: 2^28 values each is
+        // 1 GiB, and a model with a million positions of head_dim 256 fits.
         const MAX_ROTARY_VALUES: u128 = 1 << 28;
-        if raw.max_position_embeddings as u128 * head_dim as u128 > MAX_ROTARY_VALUES {
+        if self.max_position_embeddings as u128 * self.head_dim as u128 > MAX_ROTARY_VALUES {
             return Err(ConfigError::TooManyPositions {
-                positions: raw.max_position_embeddings,
-                head_dim,
+                positions: self.max_position_embeddings,
+                head_dim: self.head_dim,
                 limit: MAX_ROTARY_VALUES,
             });
         }
-        let rope_scaling = match raw.rope_scaling {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => {
-                let kind = v
-                    .get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("default")
-                    .to_string();
-                let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
-                match kind.as_str() {
-                    "default" => None,
-                    "linear" => Some(RopeScaling::Linear {
-                        factor: f("factor").ok_or(ConfigError::RopeFactor { kind: "linear" })?,
-                    }),
-                    "llama3" => Some(RopeScaling::Llama3 {
-                        factor: f("factor").ok_or(ConfigError::RopeFactor { kind: "llama3" })?,
-                        low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
-                        high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
-                        original_max_position_embeddings: v
-                            .get("original_max_position_embeddings")
-                            .and_then(|x| x.as_u64())
-                            .unwrap_or(8192)
-                            as usize,
-                    }),
-                    other => return Err(ConfigError::RopeType(other.to_string())),
-                }
-            }
-        };
-        Ok(ModelConfig {
-            vocab_size: raw.vocab_size,
-            hidden_size: raw.hidden_size,
-            intermediate_size: raw.intermediate_size,
-            num_hidden_layers: raw.num_hidden_layers,
-            num_attention_heads: heads,
-            num_key_value_heads: kv,
-            head_dim,
-            max_position_embeddings: raw.max_position_embeddings,
-            rms_norm_eps: raw.rms_norm_eps,
-            rope_theta: raw.rope_theta,
-            rope_scaling,
-            tie_word_embeddings: raw.tie_word_embeddings,
-            attention_bias: raw.attention_bias,
-            mlp_bias: raw.mlp_bias,
-            bos_token_id: token_id(raw.bos_token_id),
-            eos_token_id: token_id(raw.eos_token_id),
-            pad_token_id: token_id(raw.pad_token_id),
-            torch_dtype: raw.torch_dtype,
-        })
+        Ok(())
+    }
+
+    /// The most positions pipe trains and scores a sequence on: `max_position_embeddings`,
+    /// except under dynamic NTK scaling, which exists to stretch past it (`None`: no limit).
+    /// The model itself computes any position, as transformers does (generation may run past
+    /// the limit).
+    pub fn max_positions(&self) -> Option<usize> {
+        match self.rope.scaling {
+            Some(RopeScaling::Dynamic { .. }) => None,
+            _ => Some(self.max_position_embeddings),
+        }
+    }
+
+    /// The width of the q projection's output.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// The width of the k and v projections' outputs.
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
     }
 
     /// The number of weights of the model (without LoRA adapters), counted wide enough for
     /// any config.
     pub fn parameter_count(&self) -> u128 {
-        let [vocab, hidden, inter, layers, heads, kv, head] = [
+        let [vocab, hidden, inter, layers, q, kv, head] = [
             self.vocab_size,
             self.hidden_size,
             self.intermediate_size,
             self.num_hidden_layers,
-            self.num_attention_heads,
-            self.num_key_value_heads,
+            self.q_dim(),
+            self.kv_dim(),
             self.head_dim,
         ]
         .map(|n| n as u128);
-        let attention = hidden * heads * head * 2 + hidden * kv * head * 2;
-        let mlp = 3 * hidden * inter;
-        let per_layer = attention + mlp + 2 * hidden;
+        let mut attention = hidden * q * 2 + hidden * kv * 2;
+        if self.qkv_bias {
+            attention += q + 2 * kv;
+        }
+        if self.o_bias {
+            attention += hidden;
+        }
+        if self.qk_norm {
+            attention += 2 * head;
+        }
+        let mut mlp = 3 * hidden * inter;
+        if self.mlp_bias {
+            mlp += 2 * inter + hidden;
+        }
+        let norms = if self.sandwich_norms { 4 } else { 2 } * hidden;
+        let per_layer = attention + mlp + norms;
         let head_weights = if self.tie_word_embeddings {
             0
         } else {
@@ -255,40 +494,11 @@ impl ModelConfig {
         vocab * hidden + layers * per_layer + hidden + head_weights
     }
 
-    /// The inverse frequencies of the rotary embedding (length `head_dim / 2`), as
-    /// transformers' `ROPE_INIT_FUNCTIONS` compute them.
-    pub fn inv_freq(&self) -> Vec<f64> {
-        let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
-            .collect();
-        match &self.rope_scaling {
-            None => base,
-            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }) => {
-                let old = *original_max_position_embeddings as f64;
-                let low_freq_wavelen = old / low_freq_factor;
-                let high_freq_wavelen = old / high_freq_factor;
-                base.iter()
-                    .map(|&f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        if wavelen < high_freq_wavelen {
-                            f
-                        } else if wavelen > low_freq_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (old / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect()
-            }
+    /// The rotary embedding a layer uses.
+    pub fn rope_of(&self, layer: LayerType) -> &RopeConfig {
+        match (layer, &self.local_rope) {
+            (LayerType::Sliding, Some(local)) => local,
+            _ => &self.rope,
         }
     }
 }

@@ -8,10 +8,11 @@ use burn::tensor::{Tensor, TensorData};
 use pipe_rand::SplitMix64;
 use serde::{Deserialize, Serialize};
 
-use crate::load::{named_param, Checkpoint, HostTensor};
-use crate::model::{CausalLm, Lora, Proj};
+use crate::load::{Checkpoint, HostTensor};
+use crate::model::{CausalLm, Lora};
 use crate::save::{host, Named};
-use crate::ModelError;
+use crate::weights::named_param;
+use crate::{AdapterError, ModelError};
 
 /// Which linear layers get adapters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,27 +56,6 @@ impl LoraSpec {
 }
 
 impl<B: Backend> CausalLm<B> {
-    /// Every linear layer with its Hugging Face module name.
-    pub fn linear_modules_mut(&mut self) -> Vec<(String, &mut Proj<B>)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut layer.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut layer.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
-        }
-        if let Some(h) = &mut self.lm_head {
-            out.push(("lm_head".to_string(), h));
-        }
-        out
-    }
-
     /// Adds fresh adapters (trainable) to the matching layers. A is drawn from `seed`, so the
     /// same seed gives the same adapter on every backend.
     pub fn add_lora(mut self, spec: &LoraSpec, seed: u64) -> Result<Self, ModelError> {
@@ -104,10 +84,11 @@ impl<B: Backend> CausalLm<B> {
             n += 1;
         }
         if n == 0 {
-            return Err(ModelError::Config(format!(
-                "no linear layer matches the LoRA targets {:?}",
-                spec.targets
-            )));
+            return Err(AdapterError::NoTargets {
+                targets: format!("{:?}", spec.targets),
+                modules: self.module_short_names(),
+            }
+            .into());
         }
         Ok(self)
     }
@@ -115,26 +96,28 @@ impl<B: Backend> CausalLm<B> {
     /// Loads a PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
     pub fn load_peft_adapter(mut self, dir: &Path, trainable: bool) -> Result<Self, ModelError> {
         let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| ModelError::Io(cfg_path.display().to_string(), e))?;
-        let cfg: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config(format!("{}: {e}", cfg_path.display())))?;
-        let r = cfg["r"]
-            .as_u64()
-            .ok_or_else(|| ModelError::Config("adapter_config.json: no `r`".into()))?
-            as usize;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::Io {
+            path: cfg_path.clone(),
+            source: e,
+        })?;
+        let cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| AdapterError::ConfigJson {
+                path: cfg_path.clone(),
+                source: e,
+            })?;
+        let r = cfg["r"].as_u64().ok_or_else(|| AdapterError::NoRank {
+            path: cfg_path.clone(),
+        })? as usize;
         let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r as f64);
         let dropout = if trainable {
             cfg["lora_dropout"].as_f64().unwrap_or(0.0)
         } else {
             0.0
         };
-        if cfg["use_dora"].as_bool().unwrap_or(false)
-            || cfg["use_rslora"].as_bool().unwrap_or(false)
-        {
-            return Err(ModelError::Config(
-                "DoRA and rsLoRA adapters are not supported".into(),
-            ));
+        for (key, what) in [("use_dora", "DoRA"), ("use_rslora", "rsLoRA")] {
+            if cfg[key].as_bool().unwrap_or(false) {
+                return Err(AdapterError::Unsupported { what }.into());
+            }
         }
         let ck = Checkpoint::open_file(&dir.join("adapter_model.safetensors"))?;
         let mut n = 0;
@@ -147,10 +130,14 @@ impl<B: Backend> CausalLm<B> {
             let b = ck.read(&key("B"))?;
             let [d_in, d_out] = proj.weight.val().dims();
             if a.shape != [r, d_in] || b.shape != [d_out, r] {
-                return Err(ModelError::Checkpoint(format!(
-                    "adapter for {name} has shapes {:?}/{:?}, expected [{r}, {d_in}]/[{d_out}, {r}]",
-                    a.shape, b.shape
-                )));
+                return Err(AdapterError::Shape {
+                    module: name,
+                    a: a.shape,
+                    b: b.shape,
+                    expected_a: vec![r, d_in],
+                    expected_b: vec![d_out, r],
+                }
+                .into());
             }
             let device = proj.weight.val().device();
             let at =
@@ -166,10 +153,11 @@ impl<B: Backend> CausalLm<B> {
             n += 1;
         }
         if n == 0 {
-            return Err(ModelError::Checkpoint(format!(
-                "{} holds no LoRA weights for this model",
-                dir.display()
-            )));
+            return Err(AdapterError::NoWeights {
+                dir: dir.to_path_buf(),
+                modules: self.module_short_names(),
+            }
+            .into());
         }
         let saved: Vec<String> = match &cfg["modules_to_save"] {
             serde_json::Value::Array(v) => v
@@ -181,9 +169,7 @@ impl<B: Backend> CausalLm<B> {
         for module in self.resolve_saved_modules(&saved)? {
             let key = format!("base_model.model.{module}.weight");
             if !ck.contains(&key) {
-                return Err(ModelError::Checkpoint(format!(
-                    "adapter_config.json lists `{module}` in modules_to_save but the adapter has no {key}"
-                )));
+                return Err(AdapterError::MissingSaved { module, key }.into());
             }
             let w = ck.read(&key)?;
             self.set_saved_module(&module, Some(w), trainable)?;
@@ -191,29 +177,35 @@ impl<B: Backend> CausalLm<B> {
         Ok(self)
     }
 
+    /// The distinct short names of the linear layers (`q_proj`, …), for error messages.
+    fn module_short_names(&mut self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for (name, _) in self.linear_modules_mut() {
+            let short = name.rsplit('.').next().unwrap_or(&name).to_string();
+            if !names.contains(&short) {
+                names.push(short);
+            }
+        }
+        names
+    }
+
     /// The Hugging Face module names of `modules_to_save` entries: `embed_tokens` →
     /// `model.embed_tokens`, `lm_head`, and linear layers by short or full name.
     pub fn resolve_saved_modules(&mut self, names: &[String]) -> Result<Vec<String>, ModelError> {
         let mut out: Vec<String> = Vec::new();
         for n in names {
-            let found: Vec<String> =
-                match n.as_str() {
-                    "embed_tokens" | "model.embed_tokens" => vec!["model.embed_tokens".into()],
-                    "lm_head" if self.lm_head.is_none() => return Err(ModelError::Config(
-                        "`lm_head` is tied to `embed_tokens` in this model: save `embed_tokens`"
-                            .into(),
-                    )),
-                    _ => self
-                        .linear_modules_mut()
-                        .into_iter()
-                        .map(|(m, _)| m)
-                        .filter(|m| m == n || m.ends_with(&format!(".{n}")))
-                        .collect(),
-                };
+            let found: Vec<String> = match n.as_str() {
+                "embed_tokens" | "model.embed_tokens" => vec!["model.embed_tokens".into()],
+                "lm_head" if self.lm_head.is_none() => return Err(AdapterError::TiedHead.into()),
+                _ => self
+                    .linear_modules_mut()
+                    .into_iter()
+                    .map(|(m, _)| m)
+                    .filter(|m| m == n || m.ends_with(&format!(".{n}")))
+                    .collect(),
+            };
             if found.is_empty() {
-                return Err(ModelError::Config(format!(
-                    "no module `{n}` to save (embed_tokens, lm_head, or a linear layer's name)"
-                )));
+                return Err(AdapterError::NoModule(n.clone()).into());
             }
             for f in found {
                 if !out.contains(&f) {
@@ -284,7 +276,7 @@ impl<B: Backend> CausalLm<B> {
             .into_iter()
             .find(|(n, _)| n == module)
             .map(|(_, p)| p)
-            .ok_or_else(|| ModelError::Checkpoint(format!("this model has no module {module}")))?;
+            .ok_or_else(|| AdapterError::NoModule(module.to_string()))?;
         let current = proj.weight.val();
         let [d_in, d_out] = current.dims();
         let t = match weight {
@@ -318,11 +310,12 @@ impl<B: Backend> CausalLm<B> {
 
 fn check_shape(module: &str, w: &HostTensor, expected: &[usize]) -> Result<(), ModelError> {
     if w.shape != expected {
-        return Err(ModelError::Checkpoint(format!(
-            "the saved {module} has shape {:?}, the model's is {expected:?} (a vocabulary that grew \
-             must be resized the same way before the adapter is applied)",
-            w.shape
-        )));
+        return Err(AdapterError::SavedShape {
+            module: module.to_string(),
+            found: w.shape.clone(),
+            expected: expected.to_vec(),
+        }
+        .into());
     }
     Ok(())
 }

@@ -1,15 +1,21 @@
-//! The Llama decoder, block by block, numerically the same as transformers'
-//! `LlamaForCausalLM`: RMSNorm, rotary embeddings (the `rotate_half` convention),
-//! grouped-query attention, SwiGLU MLP, optional tied embeddings.
+//! The decoder, block by block, each a `*Config` (built from [`ModelConfig`], `init` from
+//! [`Weights`]) and a `Module`, numerically the same as transformers' models of every
+//! family: RMSNorm (`w` or `1 + w`), rotary embeddings (the `rotate_half` convention, whole or
+//! partial heads), grouped-query attention (biases, q/k norms, soft-capping, sliding windows),
+//! gated MLPs (SwiGLU, GeGLU; fused or not), tied or untied embeddings.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{gelu_approximate, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData};
 
-use crate::config::ModelConfig;
+use crate::config::{Activation, LayerType, ModelConfig, NormStyle};
+use crate::rope::RopeConfig;
+use crate::save::Named;
+use crate::weights::{Fill, Weights};
+use crate::ModelError;
 
 /// How matrix products are computed: in f32, or as mixed-precision training does (PyTorch's
 /// `autocast` to bf16): both operands rounded to bf16, the result (accumulated in f32 by the
@@ -100,128 +106,327 @@ impl<B: Backend> Proj<B> {
     }
 }
 
-/// RMSNorm as transformers computes it: in f32, `x · rsqrt(mean(x²) + ε) · γ`.
+/// A linear map's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct ProjConfig {
+    pub d_input: usize,
+    pub d_output: usize,
+    pub bias: bool,
+}
+
+impl ProjConfig {
+    /// The projection stored as `{name}.weight` (`[d_output, d_input]`) and `{name}.bias`.
+    pub fn init<B: Backend>(
+        &self,
+        name: &str,
+        w: &mut Weights<'_, B>,
+    ) -> Result<Proj<B>, ModelError> {
+        let weight = w.linear(&format!("{name}.weight"), self.d_output, self.d_input)?;
+        let bias = if self.bias {
+            Some(w.vector(&format!("{name}.bias"), self.d_output, Fill::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Proj {
+            weight,
+            bias,
+            lora: None,
+            precision: MatmulPrecision::F32,
+        })
+    }
+}
+
+impl<B: Backend> Proj<B> {
+    /// `(name, tensor)` in the Hugging Face layout (`[out, in]`).
+    fn tensors(&self, name: &str, out: &mut Vec<Named>) {
+        out.push(Named::of(
+            format!("{name}.weight"),
+            self.weight.val().transpose(),
+        ));
+        if let Some(b) = &self.bias {
+            out.push(Named::of(format!("{name}.bias"), b.val()));
+        }
+    }
+}
+
+/// RMSNorm's width and style.
+#[derive(Debug, Clone, Copy)]
+pub struct RmsNormConfig {
+    pub dim: usize,
+    pub eps: f64,
+    pub style: NormStyle,
+}
+
+impl RmsNormConfig {
+    fn of(cfg: &ModelConfig, dim: usize) -> Self {
+        RmsNormConfig {
+            dim,
+            eps: cfg.rms_norm_eps,
+            style: cfg.norm_style,
+        }
+    }
+
+    pub fn init<B: Backend>(
+        &self,
+        name: &str,
+        w: &mut Weights<'_, B>,
+    ) -> Result<RmsNorm<B>, ModelError> {
+        // A fresh norm is the identity: weights 1, or 0 where the norm adds 1 itself.
+        let fill = match self.style {
+            NormStyle::Weight => Fill::Ones,
+            NormStyle::OnePlusWeight => Fill::Zeros,
+        };
+        Ok(RmsNorm {
+            weight: w.vector(name, self.dim, fill)?,
+            eps: self.eps,
+            one_plus: self.style == NormStyle::OnePlusWeight,
+        })
+    }
+}
+
+/// RMSNorm as transformers computes it, in f32: `x · rsqrt(mean(x²) + ε) · γ`, where γ is
+/// the weight, or `1 + weight` (Gemma).
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
-    /// `[d_model]`
+    /// `[dim]`
     pub weight: Param<Tensor<B, 1>>,
     pub eps: f64,
+    pub one_plus: bool,
 }
 
 impl<B: Backend> RmsNorm<B> {
-    /// `[batch, seq, d_model]` → same
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let variance = x.clone().powi_scalar(2).mean_dim(2);
+    /// `[…, dim]` → same, normalised over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
         let normed = x * (variance + self.eps).sqrt().recip();
-        normed * self.weight.val().unsqueeze()
+        let gamma = if self.one_plus {
+            self.weight.val() + 1.0
+        } else {
+            self.weight.val()
+        };
+        normed * gamma.unsqueeze()
     }
 }
 
-/// Precomputed rotary tables: `cos` and `sin`, `[max_positions, head_dim]`, each half
-/// repeated (transformers' `cat((freqs, freqs), -1)`).
-#[derive(Debug, Clone)]
-pub struct Rope {
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
-    pub head_dim: usize,
-    pub max_positions: usize,
+/// The rotary tables of one call for one kind of layer: `[rows, seq, 1, rotary_dim]` each
+/// (rows 1 when every row has the same positions).
+#[derive(Clone)]
+pub struct RopeTables<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub sin: Tensor<B, 4>,
 }
 
-impl Rope {
-    pub fn new(cfg: &ModelConfig) -> Self {
-        let inv_freq: Vec<f32> = cfg.inv_freq().iter().map(|&f| f as f32).collect();
-        let (d, n) = (cfg.head_dim, cfg.max_position_embeddings);
-        let mut cos = Vec::with_capacity(n * d);
-        let mut sin = Vec::with_capacity(n * d);
-        for p in 0..n {
-            // Both halves of the head dim use the same frequencies.
-            for f in inv_freq.iter().chain(&inv_freq) {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Rope {
-            cos,
-            sin,
-            head_dim: d,
-            max_positions: n,
-        }
-    }
-
-    /// `cos`, `sin` for positions `start..start + seq`, `[1, 1, seq, head_dim]`.
-    fn tables<B: Backend>(
-        &self,
-        start: usize,
-        seq: usize,
+impl<B: Backend> RopeTables<B> {
+    /// The tables of `rope` for `positions[row]`, in a call whose positions end at `seq_len`.
+    fn new(
+        cfg: &ModelConfig,
+        rope: &RopeConfig,
+        positions: &[Vec<usize>],
+        seq_len: usize,
         device: &B::Device,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let range = start * self.head_dim..(start + seq) * self.head_dim;
-        let cos = Tensor::<B, 2>::from_data(
-            TensorData::new(self.cos[range.clone()].to_vec(), [seq, self.head_dim]),
-            device,
+    ) -> Self {
+        let rows = positions.len();
+        let s = positions.first().map_or(0, Vec::len);
+        let (cos, sin) = rope.tables(
+            cfg.head_dim,
+            cfg.max_position_embeddings,
+            positions.iter().flatten().copied(),
+            seq_len,
         );
-        let sin = Tensor::<B, 2>::from_data(
-            TensorData::new(self.sin[range].to_vec(), [seq, self.head_dim]),
-            device,
-        );
-        (cos.unsqueeze(), sin.unsqueeze())
+        let d = rope.rotary_dim(cfg.head_dim);
+        let t =
+            |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [rows, s, 1, d]), device);
+        RopeTables {
+            cos: t(cos),
+            sin: t(sin),
+        }
+    }
+
+    /// Rotates the leading `rotary_dim` dimensions of `x` (`[batch, seq, heads, head_dim]`) as
+    /// `x·cos + rotate_half(x)·sin` (`rotate_half([a, b]) = [-b, a]`); the rest pass through.
+    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [_, _, _, d] = x.dims();
+        let r = self.cos.dims()[3];
+        let (rot, pass) = if r == d {
+            (x, None)
+        } else {
+            (x.clone().narrow(3, 0, r), Some(x.narrow(3, r, d - r)))
+        };
+        let first = rot.clone().narrow(3, 0, r / 2);
+        let second = rot.clone().narrow(3, r / 2, r / 2);
+        let rotated = Tensor::cat(vec![second.neg(), first], 3);
+        let out = rot * self.cos.clone() + rotated * self.sin.clone();
+        match pass {
+            None => out,
+            Some(p) => Tensor::cat(vec![out, p], 3),
+        }
     }
 }
 
-/// `x·cos + rotate_half(x)·sin`, with `rotate_half([a, b]) = [-b, a]` over the head dim.
-fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [_, _, _, d] = x.dims();
-    let first = x.clone().narrow(3, 0, d / 2);
-    let second = x.clone().narrow(3, d / 2, d / 2);
-    let rotated = Tensor::cat(vec![second.neg(), first], 3);
-    x * cos + rotated * sin
+/// Grouped-query attention's shape and quirks.
+#[derive(Debug, Clone)]
+pub struct AttentionConfig {
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    /// q, k and v in one `qkv_proj`.
+    pub fused: bool,
+    pub qk_norm: Option<RmsNormConfig>,
+    pub scale: f64,
+    pub softcap: Option<f64>,
+}
+
+impl AttentionConfig {
+    fn of(cfg: &ModelConfig) -> Self {
+        AttentionConfig {
+            hidden: cfg.hidden_size,
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            qkv_bias: cfg.qkv_bias,
+            o_bias: cfg.o_bias,
+            fused: cfg.fused_projections,
+            qk_norm: cfg.qk_norm.then(|| RmsNormConfig::of(cfg, cfg.head_dim)),
+            scale: cfg
+                .query_pre_attn_scalar
+                .unwrap_or(cfg.head_dim as f64)
+                .powf(-0.5),
+            softcap: cfg.attn_logit_softcapping,
+        }
+    }
+
+    /// The attention block under `{prefix}.self_attn`.
+    pub fn init<B: Backend>(
+        &self,
+        prefix: &str,
+        w: &mut Weights<'_, B>,
+    ) -> Result<Attention<B>, ModelError> {
+        let (q, kv) = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
+        let proj = |d_output, d_input, bias| ProjConfig {
+            d_input,
+            d_output,
+            bias,
+        };
+        let p = format!("{prefix}.self_attn");
+        let (q_proj, k_proj, v_proj, qkv_proj) = if self.fused {
+            let qkv =
+                proj(q + 2 * kv, self.hidden, self.qkv_bias).init(&format!("{p}.qkv_proj"), w)?;
+            (None, None, None, Some(qkv))
+        } else {
+            (
+                Some(proj(q, self.hidden, self.qkv_bias).init(&format!("{p}.q_proj"), w)?),
+                Some(proj(kv, self.hidden, self.qkv_bias).init(&format!("{p}.k_proj"), w)?),
+                Some(proj(kv, self.hidden, self.qkv_bias).init(&format!("{p}.v_proj"), w)?),
+                None,
+            )
+        };
+        let o_proj = proj(self.hidden, q, self.o_bias).init(&format!("{p}.o_proj"), w)?;
+        let (q_norm, k_norm) = match &self.qk_norm {
+            Some(n) => (
+                Some(n.init(&format!("{p}.q_norm.weight"), w)?),
+                Some(n.init(&format!("{p}.k_norm.weight"), w)?),
+            ),
+            None => (None, None),
+        };
+        Ok(Attention {
+            q_proj,
+            k_proj,
+            v_proj,
+            qkv_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale,
+            softcap: self.softcap,
+            precision: MatmulPrecision::F32,
+        })
+    }
 }
 
 /// Grouped-query self-attention.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Proj<B>,
-    pub k_proj: Proj<B>,
-    pub v_proj: Proj<B>,
+    /// Separate q, k and v projections (every family but Phi-3) …
+    pub q_proj: Option<Proj<B>>,
+    pub k_proj: Option<Proj<B>>,
+    pub v_proj: Option<Proj<B>>,
+    /// … or one `[hidden] → [q | k | v]` projection (Phi-3).
+    pub qkv_proj: Option<Proj<B>>,
     pub o_proj: Proj<B>,
+    /// Per-head RMSNorm of q and k before the rotation (Qwen3, Gemma 3), `[head_dim]`.
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Multiplies the scores.
+    pub scale: f64,
+    /// Scores become `c · tanh(s / c)` before the mask.
+    pub softcap: Option<f64>,
     /// Of the score and weighted-sum products (the projections have their own).
     #[module(skip)]
     pub precision: MatmulPrecision,
 }
 
 impl<B: Backend> Attention<B> {
+    /// `x` `[batch, seq, hidden]` → q `[batch, seq, heads, head_dim]`, k and v
+    /// `[batch, seq, kv_heads, head_dim]`.
+    fn project(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, s, _] = x.dims();
+        let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (q, k, v) = match (&self.qkv_proj, &self.q_proj, &self.k_proj, &self.v_proj) {
+            (Some(qkv), _, _, _) => {
+                let all = qkv.forward(x);
+                (
+                    all.clone().narrow(2, 0, h * d),
+                    all.clone().narrow(2, h * d, kv * d),
+                    all.narrow(2, (h + kv) * d, kv * d),
+                )
+            }
+            (None, Some(q), Some(k), Some(v)) => {
+                (q.forward(x.clone()), k.forward(x.clone()), v.forward(x))
+            }
+            _ => unreachable!("an attention block has q, k and v projections, fused or not"),
+        };
+        (
+            q.reshape([b, s, h, d]),
+            k.reshape([b, s, kv, d]),
+            v.reshape([b, s, kv, d]),
+        )
+    }
+
     /// `x`: `[batch, seq, hidden]`; `mask`: additive, `[batch, 1, seq, past + seq]`;
     /// `past`: this layer's cached keys and values of earlier positions (extended with this
     /// call's) → `[batch, seq, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: Tensor<B, 4>,
-        sin: Tensor<B, 4>,
+        rope: &RopeTables<B>,
         mask: Tensor<B, 4>,
         past: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (mut q, mut k, v) = self.project(x);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
         // The rotation is applied while heads are still the inner dimension ([batch, seq,
         // heads, head_dim], as the projections leave them), where the elementwise work runs on
-        // contiguous memory; `[rows, 1, seq, d]` tables read as `[rows, seq, 1, d]` for free.
-        let [rows, _, _, _] = cos.dims();
-        let cos = cos.reshape([rows, s, 1, d]);
-        let sin = sin.reshape([rows, s, 1, d]);
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
-        let q = apply_rope(q, cos.clone(), sin.clone()).swap_dims(1, 2);
-        let k = apply_rope(k, cos, sin).swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, kv, d])
-            .swap_dims(1, 2);
+        // contiguous memory.
+        let q = rope.apply(q).swap_dims(1, 2);
+        let k = rope.apply(k).swap_dims(1, 2);
+        let v = v.swap_dims(1, 2);
         let (k, v) = match past {
             None => (k, v),
             Some(cache) => {
@@ -252,41 +457,252 @@ impl<B: Backend> Attention<B> {
         let out = if self.precision == MatmulPrecision::F32 && !B::ad_enabled(&q.device()) {
             // Scoring and generation: the backend's own attention (burn-flex tiles the keys
             // with an online softmax once the score matrix outgrows its cache, so no seq ×
-            // seq matrix per head is held). Training keeps the explicit form below: burn's
-            // autodiff decomposes `attention` into the same operations anyway.
-            attention(q, k, v, None, Some(mask), AttentionModuleOptions::default())
+            // seq matrix per head is held; it scales, soft-caps, then adds the mask, as
+            // transformers does). Training keeps the explicit form below: burn's autodiff
+            // decomposes `attention` into the same operations anyway.
+            let options = AttentionModuleOptions {
+                scale: Some(self.scale),
+                softcap: self.softcap,
+                is_causal: false,
+            };
+            attention(q, k, v, None, Some(mask), options)
         } else {
-            let scores = matmul_at(self.precision, q, k.swap_dims(2, 3)) / (d as f64).sqrt() + mask;
-            matmul_at(self.precision, softmax(scores, 3), v)
+            let mut scores = matmul_at(self.precision, q, k.swap_dims(2, 3)) * self.scale;
+            if let Some(c) = self.softcap {
+                scores = (scores / c).tanh() * c;
+            }
+            matmul_at(self.precision, softmax(scores + mask, 3), v)
         };
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
+
+    fn tensors(&self, prefix: &str, out: &mut Vec<Named>) {
+        let p = format!("{prefix}.self_attn");
+        for (name, proj) in self.projections() {
+            proj.tensors(&format!("{p}.{name}"), out);
+        }
+        for (name, norm) in [("q_norm", &self.q_norm), ("k_norm", &self.k_norm)] {
+            if let Some(n) = norm {
+                out.push(Named::of(format!("{p}.{name}.weight"), n.weight.val()));
+            }
+        }
+    }
+
+    /// The projections with their module names, in checkpoint order.
+    fn projections(&self) -> Vec<(&'static str, &Proj<B>)> {
+        [
+            ("q_proj", self.q_proj.as_ref()),
+            ("k_proj", self.k_proj.as_ref()),
+            ("v_proj", self.v_proj.as_ref()),
+            ("qkv_proj", self.qkv_proj.as_ref()),
+            ("o_proj", Some(&self.o_proj)),
+        ]
+        .into_iter()
+        .filter_map(|(n, p)| p.map(|p| (n, p)))
+        .collect()
+    }
+
+    fn projections_mut(&mut self) -> Vec<(&'static str, &mut Proj<B>)> {
+        [
+            ("q_proj", self.q_proj.as_mut()),
+            ("k_proj", self.k_proj.as_mut()),
+            ("v_proj", self.v_proj.as_mut()),
+            ("qkv_proj", self.qkv_proj.as_mut()),
+            ("o_proj", Some(&mut self.o_proj)),
+        ]
+        .into_iter()
+        .filter_map(|(n, p)| p.map(|p| (n, p)))
+        .collect()
+    }
 }
 
-/// The SwiGLU feed-forward block: `down(silu(gate(x)) · up(x))`.
+/// The gated feed-forward block's shape.
+#[derive(Debug, Clone)]
+pub struct MlpConfig {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub bias: bool,
+    pub activation: Activation,
+    /// gate and up in one `gate_up_proj` (gate first).
+    pub fused: bool,
+}
+
+impl MlpConfig {
+    fn of(cfg: &ModelConfig) -> Self {
+        MlpConfig {
+            hidden: cfg.hidden_size,
+            intermediate: cfg.intermediate_size,
+            bias: cfg.mlp_bias,
+            activation: cfg.activation,
+            fused: cfg.fused_projections,
+        }
+    }
+
+    /// The block under `{prefix}.mlp`.
+    pub fn init<B: Backend>(
+        &self,
+        prefix: &str,
+        w: &mut Weights<'_, B>,
+    ) -> Result<Mlp<B>, ModelError> {
+        let p = format!("{prefix}.mlp");
+        let (h, i, bias) = (self.hidden, self.intermediate, self.bias);
+        let proj = |d_output, d_input| ProjConfig {
+            d_input,
+            d_output,
+            bias,
+        };
+        let (gate_proj, up_proj, gate_up_proj) = if self.fused {
+            (
+                None,
+                None,
+                Some(proj(2 * i, h).init(&format!("{p}.gate_up_proj"), w)?),
+            )
+        } else {
+            (
+                Some(proj(i, h).init(&format!("{p}.gate_proj"), w)?),
+                Some(proj(i, h).init(&format!("{p}.up_proj"), w)?),
+                None,
+            )
+        };
+        Ok(Mlp {
+            gate_proj,
+            up_proj,
+            gate_up_proj,
+            down_proj: proj(h, i).init(&format!("{p}.down_proj"), w)?,
+            activation: self.activation,
+        })
+    }
+}
+
+/// The gated feed-forward block: `down(act(gate(x)) · up(x))`, with SiLU (SwiGLU) or tanh
+/// GELU (GeGLU).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Proj<B>,
-    pub up_proj: Proj<B>,
+    pub gate_proj: Option<Proj<B>>,
+    pub up_proj: Option<Proj<B>>,
+    /// `[hidden] → [gate | up]` (Phi-3), in place of the two above.
+    pub gate_up_proj: Option<Proj<B>>,
     pub down_proj: Proj<B>,
+    #[module(skip)]
+    pub activation: Activation,
 }
 
 impl<B: Backend> Mlp<B> {
     /// `[batch, seq, hidden]` → same
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let (gate, up) = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
+            (Some(gu), _, _) => {
+                let both = gu.forward(x);
+                let i = both.dims()[2] / 2;
+                (both.clone().narrow(2, 0, i), both.narrow(2, i, i))
+            }
+            (None, Some(g), Some(u)) => (g.forward(x.clone()), u.forward(x)),
+            _ => unreachable!("a feed-forward block has gate and up projections, fused or not"),
+        };
+        let gate = match self.activation {
+            Activation::Silu => silu(gate),
+            Activation::GeluTanh => gelu_approximate(gate),
+        };
+        self.down_proj.forward(gate * up)
+    }
+
+    fn projections(&self) -> Vec<(&'static str, &Proj<B>)> {
+        [
+            ("gate_proj", self.gate_proj.as_ref()),
+            ("up_proj", self.up_proj.as_ref()),
+            ("gate_up_proj", self.gate_up_proj.as_ref()),
+            ("down_proj", Some(&self.down_proj)),
+        ]
+        .into_iter()
+        .filter_map(|(n, p)| p.map(|p| (n, p)))
+        .collect()
+    }
+
+    fn projections_mut(&mut self) -> Vec<(&'static str, &mut Proj<B>)> {
+        [
+            ("gate_proj", self.gate_proj.as_mut()),
+            ("up_proj", self.up_proj.as_mut()),
+            ("gate_up_proj", self.gate_up_proj.as_mut()),
+            ("down_proj", Some(&mut self.down_proj)),
+        ]
+        .into_iter()
+        .filter_map(|(n, p)| p.map(|p| (n, p)))
+        .collect()
     }
 }
 
-/// One pre-norm decoder layer.
+/// One decoder layer's shape.
+#[derive(Debug, Clone)]
+pub struct DecoderLayerConfig {
+    pub attention: AttentionConfig,
+    pub mlp: MlpConfig,
+    pub norm: RmsNormConfig,
+    /// Gemma's four norms per layer, instead of two.
+    pub sandwich_norms: bool,
+    pub layer_type: LayerType,
+}
+
+impl DecoderLayerConfig {
+    /// Layer `index` of the model.
+    pub fn of(cfg: &ModelConfig, index: usize) -> Self {
+        DecoderLayerConfig {
+            attention: AttentionConfig::of(cfg),
+            mlp: MlpConfig::of(cfg),
+            norm: RmsNormConfig::of(cfg, cfg.hidden_size),
+            sandwich_norms: cfg.sandwich_norms,
+            layer_type: cfg.layer_types[index],
+        }
+    }
+
+    /// The layer under `prefix` (`model.layers.N`).
+    pub fn init<B: Backend>(
+        &self,
+        prefix: &str,
+        w: &mut Weights<'_, B>,
+    ) -> Result<DecoderLayer<B>, ModelError> {
+        let norm = |name: &str, w: &mut Weights<'_, B>| {
+            self.norm.init(&format!("{prefix}.{name}.weight"), w)
+        };
+        let input_layernorm = norm("input_layernorm", w)?;
+        let self_attn = self.attention.init(prefix, w)?;
+        let post_attention_layernorm = norm("post_attention_layernorm", w)?;
+        let pre_feedforward_layernorm = if self.sandwich_norms {
+            Some(norm("pre_feedforward_layernorm", w)?)
+        } else {
+            None
+        };
+        let mlp = self.mlp.init(prefix, w)?;
+        let post_feedforward_layernorm = if self.sandwich_norms {
+            Some(norm("post_feedforward_layernorm", w)?)
+        } else {
+            None
+        };
+        Ok(DecoderLayer {
+            input_layernorm,
+            self_attn,
+            post_attention_layernorm,
+            pre_feedforward_layernorm,
+            mlp,
+            post_feedforward_layernorm,
+            layer_type: self.layer_type,
+        })
+    }
+}
+
+/// One pre-norm decoder layer. Llama-style: `h = x + attn(norm₁(x))`, `h + mlp(norm₂(h))`,
+/// where norm₂ is `post_attention_layernorm`. Gemma-style (sandwich): `h = x +
+/// post_attention_layernorm(attn(input_layernorm(x)))`, `h + post_ff(mlp(pre_ff(h)))`.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
     pub mlp: Mlp<B>,
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
+    #[module(skip)]
+    pub layer_type: LayerType,
 }
 
 impl<B: Backend> DecoderLayer<B> {
@@ -294,16 +710,104 @@ impl<B: Backend> DecoderLayer<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: Tensor<B, 4>,
-        sin: Tensor<B, 4>,
+        rope: &RopeTables<B>,
         mask: Tensor<B, 4>,
         past: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), cos, sin, mask, past);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let attended =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), rope, mask, past);
+        match (
+            &self.pre_feedforward_layernorm,
+            &self.post_feedforward_layernorm,
+        ) {
+            (Some(pre), Some(post)) => {
+                let h = x + self.post_attention_layernorm.forward(attended);
+                h.clone() + post.forward(self.mlp.forward(pre.forward(h)))
+            }
+            _ => {
+                let h = x + attended;
+                h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+            }
+        }
+    }
+
+    fn tensors(&self, prefix: &str, out: &mut Vec<Named>) {
+        let norms = [
+            ("input_layernorm", Some(&self.input_layernorm)),
+            (
+                "post_attention_layernorm",
+                Some(&self.post_attention_layernorm),
+            ),
+            (
+                "pre_feedforward_layernorm",
+                self.pre_feedforward_layernorm.as_ref(),
+            ),
+            (
+                "post_feedforward_layernorm",
+                self.post_feedforward_layernorm.as_ref(),
+            ),
+        ];
+        for (name, norm) in norms {
+            if let Some(n) = norm {
+                out.push(Named::of(format!("{prefix}.{name}.weight"), n.weight.val()));
+            }
+        }
+        self.self_attn.tensors(prefix, out);
+        for (name, proj) in self.mlp.projections() {
+            proj.tensors(&format!("{prefix}.mlp.{name}"), out);
+        }
+    }
+
+    /// Every linear layer with its module name under `prefix`.
+    fn linears_mut(&mut self, prefix: &str) -> Vec<(String, &mut Proj<B>)> {
+        let mut out: Vec<(String, &mut Proj<B>)> = Vec::new();
+        for (name, p) in self.self_attn.projections_mut() {
+            out.push((format!("{prefix}.self_attn.{name}"), p));
+        }
+        for (name, p) in self.mlp.projections_mut() {
+            out.push((format!("{prefix}.mlp.{name}"), p));
+        }
+        out
+    }
+}
+
+impl ModelConfig {
+    /// The model, every weight taken from `weights` under its transformers name: one
+    /// constructor for a checkpoint ([`crate::load_model_with`]) and a seeded initialisation
+    /// ([`crate::init_model`]).
+    pub fn init<B: Backend>(
+        &self,
+        weights: &mut Weights<'_, B>,
+    ) -> Result<CausalLm<B>, ModelError> {
+        let embed_tokens = weights.embedding(
+            "model.embed_tokens.weight",
+            self.vocab_size,
+            self.hidden_size,
+        )?;
+        let layers = (0..self.num_hidden_layers)
+            .map(|i| DecoderLayerConfig::of(self, i).init(&format!("model.layers.{i}"), weights))
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = RmsNormConfig::of(self, self.hidden_size).init("model.norm.weight", weights)?;
+        // Tied checkpoints may still carry an lm_head copy; the config decides.
+        let lm_head = if self.tie_word_embeddings {
+            None
+        } else {
+            let head = ProjConfig {
+                d_input: self.hidden_size,
+                d_output: self.vocab_size,
+                bias: false,
+            };
+            Some(head.init("lm_head", weights)?)
+        };
+        Ok(CausalLm {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            matmul_precision: MatmulPrecision::F32,
+            config: self.clone(),
+        })
     }
 }
 
@@ -320,9 +824,56 @@ pub struct CausalLm<B: Backend> {
     #[module(skip)]
     pub matmul_precision: MatmulPrecision,
     #[module(skip)]
-    pub rope: Rope,
-    #[module(skip)]
     pub config: ModelConfig,
+}
+
+/// What every layer of one forward call shares: each kind of layer's rotary tables and mask.
+struct CallContext<B: Backend> {
+    rope: RopeTables<B>,
+    local_rope: Option<RopeTables<B>>,
+    mask: Tensor<B, 4>,
+    sliding_mask: Option<Tensor<B, 4>>,
+}
+
+impl<B: Backend> CallContext<B> {
+    /// For rows whose tokens sit at `positions[row]` (all rows alike: one row), in a call whose
+    /// positions end at `seq_len`, with `mask(window)` building the additive mask of a window.
+    fn new(
+        cfg: &ModelConfig,
+        positions: &[Vec<usize>],
+        seq_len: usize,
+        mask: impl Fn(Option<usize>) -> Tensor<B, 4>,
+        device: &B::Device,
+    ) -> Self {
+        let slides = cfg.layer_types.contains(&LayerType::Sliding);
+        CallContext {
+            rope: RopeTables::new(cfg, &cfg.rope, positions, seq_len, device),
+            local_rope: match (&cfg.local_rope, slides) {
+                (Some(local), true) => {
+                    Some(RopeTables::new(cfg, local, positions, seq_len, device))
+                }
+                _ => None,
+            },
+            mask: mask(None),
+            sliding_mask: if slides {
+                Some(mask(cfg.sliding_window))
+            } else {
+                None
+            },
+        }
+    }
+
+    fn for_layer(&self, layer: LayerType) -> (&RopeTables<B>, Tensor<B, 4>) {
+        match layer {
+            LayerType::Full => (&self.rope, self.mask.clone()),
+            LayerType::Sliding => (
+                self.local_rope.as_ref().unwrap_or(&self.rope),
+                self.sliding_mask
+                    .clone()
+                    .unwrap_or_else(|| self.mask.clone()),
+            ),
+        }
+    }
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -359,6 +910,72 @@ impl<B: Backend> CausalLm<B> {
         self
     }
 
+    /// Every linear layer with its Hugging Face module name (PEFT's target names).
+    pub fn linear_modules_mut(&mut self) -> Vec<(String, &mut Proj<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            out.extend(layer.linears_mut(&format!("model.layers.{i}")));
+        }
+        if let Some(h) = &mut self.lm_head {
+            out.push(("lm_head".to_string(), h));
+        }
+        out
+    }
+
+    /// Every base weight under its transformers name (adapters not included).
+    pub fn hf_tensors(&self) -> Vec<Named> {
+        let mut out = vec![Named::of(
+            "model.embed_tokens.weight".into(),
+            self.embed_tokens.val(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.tensors(&format!("model.layers.{i}"), &mut out);
+        }
+        out.push(Named::of(
+            "model.norm.weight".into(),
+            self.norm.weight.val(),
+        ));
+        if let Some(h) = &self.lm_head {
+            h.tensors("lm_head", &mut out);
+        }
+        out
+    }
+
+    /// The token embeddings of `input_ids` `[batch, seq]` → `[batch, seq, hidden]`, scaled by
+    /// √hidden_size where the family does (Gemma, with the factor rounded to f32 as
+    /// transformers casts it to the activations' dtype).
+    fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
+        if self.config.scale_embeddings {
+            x * ((self.config.hidden_size as f64).sqrt() as f32)
+        } else {
+            x
+        }
+    }
+
+    fn run_layers(
+        &self,
+        mut x: Tensor<B, 3>,
+        cx: &CallContext<B>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        match cache {
+            None => {
+                for layer in &self.layers {
+                    let (rope, mask) = cx.for_layer(layer.layer_type);
+                    x = layer.forward(x, rope, mask, None);
+                }
+            }
+            Some(cache) => {
+                for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+                    let (rope, mask) = cx.for_layer(layer.layer_type);
+                    x = layer.forward(x, rope, mask, Some(slot));
+                }
+            }
+        }
+        self.norm.forward(x)
+    }
+
     /// `input_ids`: `[batch, seq]`; `attention_mask`: `[batch, seq]`, 1 for tokens and 0 for
     /// padding (keys at 0 are not attended to) → logits `[batch, seq, vocab]`.
     pub fn forward(
@@ -378,27 +995,23 @@ impl<B: Backend> CausalLm<B> {
         attention_mask: Option<&[Vec<u8>]>,
     ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
-        assert!(
-            s <= self.rope.max_positions,
-            "sequence of {s} exceeds max_position_embeddings {}",
-            self.rope.max_positions
-        );
         let device = input_ids.device();
-        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
-        let (cos, sin) = self.rope.tables::<B>(0, s, &device);
-        let mask = additive_mask::<B>(b, s, 0, attention_mask, &device);
-        for layer in &self.layers {
-            x = layer.forward(x, cos.clone(), sin.clone(), mask.clone(), None);
-        }
-        self.norm.forward(x)
+        let cx = CallContext::new(
+            &self.config,
+            &[(0..s).collect()],
+            s,
+            |window| additive_mask::<B>(b, s, 0, attention_mask, window, &device),
+            &device,
+        );
+        self.run_layers(self.embed(input_ids), &cx, None)
     }
 
     /// [`Self::hidden`] for rows that hold several sequences side by side (packed):
     /// `segments[b][t]` names the sequence token t of row b belongs to. A token sees the earlier
     /// tokens of its own segment and of segment 0, the shared prefix (`0` everywhere: plain
     /// causal attention; a prefix then one segment per continuation: several continuations of
-    /// one context in one row); `positions[b][t]` is its rotary position. Negative segments are
-    /// padding. `[batch, seq]` → `[batch, seq, hidden]`.
+    /// one context in one row); `positions[b][t]` is its rotary position (a sliding window
+    /// counts positions). Negative segments are padding. `[batch, seq]` → `[batch, seq, hidden]`.
     pub fn hidden_packed(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -407,45 +1020,32 @@ impl<B: Backend> CausalLm<B> {
     ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
-        let d = self.rope.head_dim;
-        let mut cos = Vec::with_capacity(b * s * d);
-        let mut sin = Vec::with_capacity(b * s * d);
-        for row in positions {
-            for &p in row {
-                assert!(
-                    p < self.rope.max_positions,
-                    "position {p} exceeds max_position_embeddings {}",
-                    self.rope.max_positions
-                );
-                cos.extend_from_slice(&self.rope.cos[p * d..(p + 1) * d]);
-                sin.extend_from_slice(&self.rope.sin[p * d..(p + 1) * d]);
-            }
-        }
-        let cos = Tensor::<B, 4>::from_data(TensorData::new(cos, [b, 1, s, d]), &device);
-        let sin = Tensor::<B, 4>::from_data(TensorData::new(sin, [b, 1, s, d]), &device);
-        let mut m = vec![f32::MIN; b * s * s];
-        for (bi, seg) in segments.iter().enumerate() {
-            for i in 0..s {
-                for j in 0..=i {
-                    let visible = seg[i] >= 0 && (seg[j] == seg[i] || seg[j] == 0);
-                    // Padding sees itself, so that its (unused) softmax stays finite.
-                    if visible || i == j {
-                        m[(bi * s + i) * s + j] = 0.0;
+        let end = positions.iter().flatten().max().map_or(0, |p| p + 1);
+        let mask = |window: Option<usize>| {
+            let mut m = vec![f32::MIN; b * s * s];
+            for (bi, seg) in segments.iter().enumerate() {
+                let pos = &positions[bi];
+                for i in 0..s {
+                    for j in 0..=i {
+                        let in_window = window.is_none_or(|w| pos[i] < pos[j] + w);
+                        let visible = seg[i] >= 0 && (seg[j] == seg[i] || seg[j] == 0) && in_window;
+                        // Padding sees itself, so that its (unused) softmax stays finite.
+                        if visible || i == j {
+                            m[(bi * s + i) * s + j] = 0.0;
+                        }
                     }
                 }
             }
-        }
-        let mask = Tensor::<B, 4>::from_data(TensorData::new(m, [b, 1, s, s]), &device);
-        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
-        for layer in &self.layers {
-            x = layer.forward(x, cos.clone(), sin.clone(), mask.clone(), None);
-        }
-        self.norm.forward(x)
+            Tensor::<B, 4>::from_data(TensorData::new(m, [b, 1, s, s]), &device)
+        };
+        let cx = CallContext::new(&self.config, positions, end, mask, &device);
+        self.run_layers(self.embed(input_ids), &cx, None)
     }
 
-    /// The output projection: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`.
+    /// The output projection: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`
+    /// (soft-capped where the family does).
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
                 let [b, s, h] = hidden.dims();
@@ -457,6 +1057,10 @@ impl<B: Backend> CausalLm<B> {
                 let v = logits.dims()[1];
                 logits.reshape([b, s, v])
             }
+        };
+        match self.config.final_logit_softcapping {
+            Some(c) => (logits / c).tanh() * c,
+            None => logits,
         }
     }
 
@@ -475,7 +1079,9 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// [`Self::hidden`] after the positions already in `cache` (extending it): `input_ids`
-    /// `[batch, seq]` → `[batch, seq, hidden]`.
+    /// `[batch, seq]` → `[batch, seq, hidden]`. Keys cached by earlier calls keep the rotation
+    /// they were made with (as transformers' cache does, which matters where the frequencies
+    /// depend on the length: dynamic NTK, LongRoPE).
     pub fn hidden_cached(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -483,24 +1089,50 @@ impl<B: Backend> CausalLm<B> {
     ) -> Tensor<B, 3> {
         let [b, s] = input_ids.dims();
         let past = cache.len;
-        assert!(
-            past + s <= self.rope.max_positions,
-            "sequence of {} exceeds max_position_embeddings {}",
-            past + s,
-            self.rope.max_positions
-        );
+        if past > 0 && self.crosses_long_rope(past, past + s) {
+            // LongRoPE switches every position to the long factors once a sequence grows past
+            // the original context: the cached keys were rotated with the short ones, so the
+            // whole sequence runs again (what transformers' Phi-3 means to do when it drops
+            // its cache at that step).
+            let ids = cache
+                .ids
+                .take()
+                .expect("a cache with positions holds their ids");
+            let all = Tensor::cat(vec![ids, input_ids], 1);
+            *cache = KvCache::default();
+            let hidden = self.hidden_cached(all, cache);
+            return hidden.narrow(1, past, s);
+        }
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
         let device = input_ids.device();
-        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
-        let (cos, sin) = self.rope.tables::<B>(past, s, &device);
-        let mask = additive_mask::<B>(b, s, past, None, &device);
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, cos.clone(), sin.clone(), mask.clone(), Some(slot));
-        }
+        let cx = CallContext::new(
+            &self.config,
+            &[(past..past + s).collect()],
+            past + s,
+            |window| additive_mask::<B>(b, s, past, None, window, &device),
+            &device,
+        );
+        cache.ids = Some(match cache.ids.take() {
+            None => input_ids.clone(),
+            Some(ids) => Tensor::cat(vec![ids, input_ids.clone()], 1),
+        });
+        let out = self.run_layers(self.embed(input_ids), &cx, Some(cache));
         cache.len = past + s;
-        self.norm.forward(x)
+        out
+    }
+
+    /// Whether positions up to `before` used LongRoPE's short factors and a call ending at
+    /// `after` uses the long ones.
+    fn crosses_long_rope(&self, before: usize, after: usize) -> bool {
+        match &self.config.rope.scaling {
+            Some(crate::rope::RopeScaling::LongRope {
+                original_max_position_embeddings: original,
+                ..
+            }) => before <= *original && after > *original,
+            _ => false,
+        }
     }
 }
 
@@ -512,6 +1144,8 @@ pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 pub struct KvCache<B: Backend> {
     layers: Vec<LayerCache<B>>,
     len: usize,
+    /// The token ids of those positions, `[batch, len]`.
+    ids: Option<Tensor<B, 2, Int>>,
 }
 
 impl<B: Backend> Default for KvCache<B> {
@@ -519,6 +1153,7 @@ impl<B: Backend> Default for KvCache<B> {
         KvCache {
             layers: Vec::new(),
             len: 0,
+            ids: None,
         }
     }
 }
@@ -533,7 +1168,8 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// The causal mask (and padding, if given) as additive biases: 0 where attending is allowed,
+/// The causal mask (with padding and a sliding window of `window` keys, the query's own
+/// included, if given) as additive biases: 0 where attending is allowed,
 /// the lowest f32 elsewhere (as transformers uses `finfo.min`). The `s` queries follow `past`
 /// cached positions: `[batch, 1, s, past + s]`.
 fn additive_mask<B: Backend>(
@@ -541,6 +1177,7 @@ fn additive_mask<B: Backend>(
     s: usize,
     past: usize,
     padding: Option<&[Vec<u8>]>,
+    window: Option<usize>,
     device: &B::Device,
 ) -> Tensor<B, 4> {
     let t = past + s;
@@ -549,7 +1186,8 @@ fn additive_mask<B: Backend>(
         for i in 0..s {
             for j in 0..t {
                 let padded = padding.is_some_and(|p| p[bi][j] == 0);
-                if j > past + i || padded {
+                let outside_window = window.is_some_and(|w| past + i >= j + w);
+                if j > past + i || padded || outside_window {
                     m[(bi * s + i) * t + j] = f32::MIN;
                 }
             }

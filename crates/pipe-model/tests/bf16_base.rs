@@ -4,7 +4,9 @@
 
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use pipe_model::{init_model, CpuBackend, CausalLm, ModelConfig, LoraSpec, MatmulPrecision, Targets};
+use pipe_model::{
+    init_model, CausalLm, CpuBackend, LoraSpec, MatmulPrecision, ModelConfig, Targets,
+};
 
 type B = Autodiff<CpuBackend>;
 

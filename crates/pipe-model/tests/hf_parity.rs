@@ -1,104 +1,24 @@
 //! Logits and loss match transformers' LlamaForCausalLM (fixtures from
 //! scripts/make_llama_fixtures.py): f32, max |Δlogit| ≤ 1e-4.
 
+mod support;
+
 use std::path::PathBuf;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use pipe_model::{load_model, shifted_cross_entropy, CausalLm};
 use serde_json::Value;
-
-type B = pipe_model::CpuBackend;
+use support::{check_case, floats, ids_tensor, max_abs_diff, rows_i64, B};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
+    support::fixture("llama", "")
 }
 
 fn expected(dir: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(fixtures().join(dir).join("expected.json")).unwrap())
-        .unwrap()
-}
-
-fn rows_i64(v: &Value) -> Vec<Vec<i64>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn ids_tensor(rows: &[Vec<i64>]) -> Tensor<B, 2, Int> {
-    let (b, s) = (rows.len(), rows[0].len());
-    let flat: Vec<i64> = rows.iter().flatten().copied().collect();
-    Tensor::from_data(TensorData::new(flat, [b, s]), &Default::default())
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn check_case(model: &CausalLm<B>, e: &Value, prefix: &str, mask: Option<Vec<Vec<u8>>>, what: &str) {
-    let ids = rows_i64(&e[format!("{prefix}input_ids")]);
-    let labels = rows_i64(&e[format!("{prefix}labels")]);
-    let logits = model.forward(ids_tensor(&ids), mask.as_deref());
-    let ours: Vec<f32> = logits.clone().into_data().to_vec().unwrap();
-    let theirs = floats(&e[format!("{prefix}logits")]);
-    if prefix.is_empty() {
-        let d = max_abs_diff(&ours, &theirs);
-        assert!(d <= 1e-4, "{what}: max |Δlogit| = {d}");
-    } else {
-        // Padded rows: compare only the positions the mask keeps.
-        let v = *logits.dims().last().unwrap();
-        let s = ids[0].len();
-        let m = mask.as_ref().unwrap();
-        let mut d: f32 = 0.0;
-        let mut k = 0;
-        for (bi, row) in m.iter().enumerate() {
-            for (t, &keep) in row.iter().enumerate() {
-                if keep == 1 {
-                    let o = &ours[(bi * s + t) * v..(bi * s + t + 1) * v];
-                    let h = &theirs[k * v..(k + 1) * v];
-                    d = d.max(max_abs_diff(o, h));
-                    k += 1;
-                }
-            }
-        }
-        assert!(d <= 1e-4, "{what} (padded): max |Δlogit| = {d}");
-    }
-    let (sum, count) = shifted_cross_entropy(logits, &labels);
-    let loss = sum.into_scalar() / count as f32;
-    let want = e[format!("{prefix}loss")].as_f64().unwrap() as f32;
-    assert!((loss - want).abs() <= 1e-5, "{what}: loss {loss} vs {want}");
+    support::expected_at(&fixtures().join(dir))
 }
 
 fn check_model(dir: &str) {
-    let model: CausalLm<B> = load_model(&fixtures().join(dir), &Default::default()).unwrap();
-    let e = expected(dir);
-    check_case(&model, &e, "", None, dir);
-    if e.get("padded_input_ids").is_some() {
-        let mask: Vec<Vec<u8>> = rows_i64(&e["padded_attention_mask"])
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x as u8).collect())
-            .collect();
-        check_case(&model, &e, "padded_", Some(mask), dir);
-    }
+    support::check_model_at(&fixtures().join(dir));
 }
 
 #[test]
@@ -129,7 +49,8 @@ fn sharded_checkpoint() {
 #[test]
 fn added_pad_token_gets_the_mean_embedding() {
     let e = expected("resize-pad");
-    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> =
+        load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let model = model.resize_embeddings(e["new_vocab_size"].as_u64().unwrap() as usize);
     check_case(&model, &e, "", None, "resize-pad");
 }
@@ -169,7 +90,8 @@ fn check_merged(merged: CausalLm<B>, e: &Value) {
 #[test]
 fn peft_lora_adapter_and_its_merge() {
     let e = expected("lora");
-    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> =
+        load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let model = model
         .load_peft_adapter(&fixtures().join("lora"), false)
         .unwrap();
@@ -182,7 +104,8 @@ fn peft_lora_adapter_and_its_merge() {
 #[test]
 fn peft_adapter_with_modules_to_save() {
     let e = expected("lora-modules-to-save");
-    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> =
+        load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let mut model = model
         .load_peft_adapter(&fixtures().join("lora-modules-to-save"), false)
         .unwrap();
@@ -209,7 +132,8 @@ fn peft_adapter_with_modules_to_save() {
 #[test]
 fn fresh_adapters_follow_peft_init() {
     use pipe_model::{LoraSpec, Targets};
-    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> =
+        load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let spec = LoraSpec {
         r: 4,
         alpha: 8.0,
@@ -242,7 +166,8 @@ fn fresh_adapters_follow_peft_init() {
 #[test]
 fn save_then_load_gives_the_same_logits() {
     let e = expected("gqa-untied");
-    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> =
+        load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     model
         .save_hf(dir.path(), pipe_model::SaveDtype::F32)
@@ -356,7 +281,8 @@ fn cached_decoding_matches_the_full_forward() {
 #[test]
 fn bf16_matmuls_follow_torch_autocast() {
     let e = expected("autocast-bf16");
-    let model: CausalLm<B> = load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
+    let model: CausalLm<B> =
+        load_model(&fixtures().join("gqa-untied"), &Default::default()).unwrap();
     let ids = rows_i64(&e["input_ids"]);
     let labels = rows_i64(&e["labels"]);
     let reference = floats(&e["logits"]);

@@ -18,9 +18,13 @@ fn a_full_disk_is_a_write_error_not_a_bad_checkpoint() {
     }];
     let err = write_safetensors(&path, &tensors, SaveDtype::F32, &[]).unwrap_err();
     match &err {
-        ModelError::Write(file, io) => {
-            assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
-            assert!(file.ends_with("model.safetensors.tmp"), "{file}");
+        ModelError::Write { path: file, source } => {
+            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull);
+            assert!(
+                file.ends_with("model.safetensors.tmp"),
+                "{}",
+                file.display()
+            );
         }
         other => panic!("expected a write error, got {other:?}"),
     }

@@ -184,7 +184,11 @@ type Cpu = pipe_model::CpuBackend;
 
 /// Copies the tokenizer files found in `from` and writes the files transformers expects
 /// beside them (special_tokens_map.json, generation_config.json).
-fn tokenizer_files(from: &[&Path], out: &Path, model: Option<&CausalLm<Cpu>>) -> anyhow::Result<()> {
+fn tokenizer_files(
+    from: &[&Path],
+    out: &Path,
+    model: Option<&CausalLm<Cpu>>,
+) -> anyhow::Result<()> {
     let mut config = serde_json::json!({});
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         if let Some(src) = from.iter().map(|d| d.join(f)).find(|p| p.exists()) {

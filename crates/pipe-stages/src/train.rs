@@ -1,6 +1,6 @@
-//! `kind: train` — fine-tunes a Llama-family model on a `tokenize` stage's dataset: full or
-//! LoRA, AdamW with a warm-up + cosine/linear/constant schedule, token-exact gradient
-//! accumulation, global-norm clipping; checkpoints in the stage's work directory, so a killed
+//! `kind: train` — fine-tunes a model of any family pipe-model runs on a `tokenize` stage's
+//! dataset: full or LoRA, AdamW with a warm-up + cosine/linear/constant schedule, token-exact
+//! gradient accumulation, global-norm clipping; checkpoints in the stage's work directory, so a killed
 //! or interrupted run continues where it stopped (on CPU, to the same final weights).
 //!
 //! ```yaml
@@ -320,10 +320,12 @@ impl StageKind for TrainKind {
         "train"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: every model family; a seeded model's key holds the family-aware config, and
+        // scores are scaled by multiplication (as transformers does; other float rounding).
+        2
     }
     fn summary(&self) -> &'static str {
-        "fine-tune a Llama-family model (full or LoRA), resumable from checkpoints, evaluated as it goes"
+        "fine-tune a model (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3; full or LoRA), resumable from checkpoints, evaluated as it goes"
     }
     fn fields_schema(&self) -> serde_json::Value {
         crate::schema_of::<Fields>()
@@ -786,7 +788,7 @@ impl TrainStage {
     /// seeded model, a local model directory (given directly or through a download stage), or
     /// the seeded model another train stage trained.
     fn model_positions<'a>(&self, stage: &dyn Fn(&str) -> Option<StageInfo<'a>>) -> Option<usize> {
-        self.model_config(stage).map(|c| c.max_position_embeddings)
+        self.model_config(stage).and_then(|c| c.max_positions())
     }
 
     /// The shape of the model this stage starts from, where it can be known before running: a

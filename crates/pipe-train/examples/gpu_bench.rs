@@ -25,7 +25,7 @@ use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use pipe_model::{init_model, load_model_with, CausalLm, ModelConfig, LoraSpec, MatmulPrecision};
+use pipe_model::{init_model, load_model_with, CausalLm, LoraSpec, MatmulPrecision, ModelConfig};
 use pipe_model::{shifted_cross_entropy, Targets};
 use pipe_train::memory::{plan_training, LoraShape, TrainShape};
 use pipe_train::step::for_inference;

@@ -18,7 +18,7 @@ use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
-use pipe_model::{init_model, load_model_with, CausalLm, ModelConfig, LoraSpec, Targets};
+use pipe_model::{init_model, load_model_with, CausalLm, LoraSpec, ModelConfig, Targets};
 use pipe_train::step::{adamw, train_step_parallel, AdamWSettings, MicroBatch};
 
 enum Model {

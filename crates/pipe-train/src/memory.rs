@@ -100,16 +100,11 @@ impl Dims {
 /// Parameters of the model as pipe builds it: (all, in matrices).
 pub fn parameter_count(cfg: &ModelConfig) -> (u64, u64) {
     let n = Dims::of(cfg);
-    let Dims { d, i, v, l, q, kv } = n;
-    let embeddings = v * d * if cfg.tie_word_embeddings { 1 } else { 2 };
-    let matrices = l * n.per_layer() + embeddings;
-    let norms = (2 * l + 1) * d;
-    let biases = if cfg.attention_bias {
-        l * (q + 2 * kv + d)
-    } else {
-        0
-    } + if cfg.mlp_bias { l * (2 * i + d) } else { 0 };
-    (matrices + norms + biases, matrices)
+    let embeddings = n.v * n.d * if cfg.tie_word_embeddings { 1 } else { 2 };
+    let matrices = n.l * n.per_layer() + embeddings;
+    // Norms and biases are the rest.
+    let all = u64::try_from(cfg.parameter_count()).unwrap_or(u64::MAX);
+    (all, matrices)
 }
 
 /// The parameters of the linear projections: every layer's seven, and an untied `lm_head`.

@@ -18,7 +18,7 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::Dataset;
 use pipe_model::save::{write_safetensors, SaveDtype};
-use pipe_model::{init_model, load_model_with, CausalLm, ModelConfig, LoraSpec, MatmulPrecision};
+use pipe_model::{init_model, load_model_with, CausalLm, LoraSpec, MatmulPrecision, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::heldout::{
@@ -786,8 +786,8 @@ fn write_trainable<B: AutodiffBackend>(
     dtype: SaveDtype,
 ) -> Result<(), pipe_model::ModelError> {
     let write_error = |p: &Path| {
-        let p = p.display().to_string();
-        move |e| pipe_model::ModelError::Write(p, e)
+        let path = p.to_path_buf();
+        move |e| pipe_model::ModelError::Write { path, source: e }
     };
     std::fs::create_dir_all(dir).map_err(write_error(dir))?;
     match &spec.method {
@@ -857,9 +857,8 @@ struct SaveFailure {
 impl From<pipe_model::ModelError> for SaveFailure {
     fn from(e: pipe_model::ModelError) -> Self {
         let io_kind = match &e {
-            pipe_model::ModelError::Io(_, io) | pipe_model::ModelError::Write(_, io) => {
-                Some(io.kind())
-            }
+            pipe_model::ModelError::Io { source, .. }
+            | pipe_model::ModelError::Write { source, .. } => Some(source.kind()),
             _ => None,
         };
         SaveFailure {
@@ -1139,10 +1138,11 @@ fn load_weights<B: AutodiffBackend>(
     .map_err(|e| format!("its weights cannot be loaded: {e}"))
 }
 
-/// The model reads at most `max_position_embeddings` positions: a longer example would run
-/// past its rotary tables, and a longer packed row (its examples side by side) would be given
-/// an attention mask of its length squared — a tokenize `max_len` far beyond the context packs
-/// the whole dataset into one row.
+/// The model is trained on at most `max_position_embeddings` positions (any length under
+/// dynamic NTK scaling, which exists to stretch the context): a longer example would be
+/// trained where the model never was, and a longer packed row (its examples side by side)
+/// would be given an attention mask of its length squared — a tokenize `max_len` far beyond
+/// the context packs the whole dataset into one row.
 fn check_sequence_lengths(data: &Dataset, config: &ModelConfig) -> Result<(), TrainError> {
     let unit = if data.packed() {
         "packed row"
@@ -1150,7 +1150,9 @@ fn check_sequence_lengths(data: &Dataset, config: &ModelConfig) -> Result<(), Tr
         "example"
     };
     let longest = data.longest_unit();
-    let limit = config.max_position_embeddings;
+    let Some(limit) = config.max_positions() else {
+        return Ok(());
+    };
     if longest > limit {
         return Err(TrainError::TooLong {
             unit,

@@ -105,32 +105,80 @@ fn final_logits(model: &CausalLm<B>, e: &Value) -> f32 {
         .fold(0.0, f32::max)
 }
 
-#[test]
-fn full_fine_tuning_steps_match_pytorch() {
+/// Full fine-tuning of the model in `model_dir` against the steps in `train_dir`.
+fn check_full_fine_tuning(model_dir: &std::path::Path, train_dir: &std::path::Path) {
     let e: Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("train/expected.json")).unwrap())
-            .unwrap();
-    let model: CausalLm<B> =
-        load_model_with(&fixtures().join("gqa-untied"), &Default::default(), true).unwrap();
+        serde_json::from_slice(&std::fs::read(train_dir.join("expected.json")).unwrap()).unwrap();
+    let model: CausalLm<B> = load_model_with(model_dir, &Default::default(), true).unwrap();
     let model = run(model, &e);
     let d = final_logits(&model, &e);
-    assert!(d <= 2e-4, "final logits: max |Δ| = {d}");
+    assert!(
+        d <= 2e-4,
+        "{}: final logits: max |Δ| = {d}",
+        train_dir.display()
+    );
 }
 
-#[test]
-fn lora_steps_match_peft() {
-    let e: Value = serde_json::from_slice(
-        &std::fs::read(fixtures().join("train-lora/expected.json")).unwrap(),
-    )
-    .unwrap();
-    let model: CausalLm<B> =
-        load_model_with(&fixtures().join("gqa-untied"), &Default::default(), false).unwrap();
+/// LoRA from `train_dir/initial_adapter` on the model in `model_dir` against the steps in
+/// `train_dir`.
+fn check_lora(model_dir: &std::path::Path, train_dir: &std::path::Path) {
+    let e: Value =
+        serde_json::from_slice(&std::fs::read(train_dir.join("expected.json")).unwrap()).unwrap();
+    let model: CausalLm<B> = load_model_with(model_dir, &Default::default(), false).unwrap();
     let model = model
-        .load_peft_adapter(&fixtures().join("train-lora/initial_adapter"), true)
+        .load_peft_adapter(&train_dir.join("initial_adapter"), true)
         .unwrap();
     let model = run(model, &e);
     if e.get("final_logits").is_some() {
         let d = final_logits(&model, &e);
-        assert!(d <= 2e-4, "final logits: max |Δ| = {d}");
+        assert!(
+            d <= 2e-4,
+            "{}: final logits: max |Δ| = {d}",
+            train_dir.display()
+        );
+    }
+}
+
+#[test]
+fn full_fine_tuning_steps_match_pytorch() {
+    check_full_fine_tuning(&fixtures().join("gqa-untied"), &fixtures().join("train"));
+}
+
+#[test]
+fn lora_steps_match_peft() {
+    check_lora(
+        &fixtures().join("gqa-untied"),
+        &fixtures().join("train-lora"),
+    );
+}
+
+/// The model families' fixtures (scripts/make_family_fixtures.py), trained by the same recipe.
+fn families() -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/families");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("train").is_dir())
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 9,
+        "family fixtures missing under {}",
+        root.display()
+    );
+    cases
+}
+
+#[test]
+fn every_family_fine_tunes_as_pytorch_does() {
+    for case in families() {
+        check_full_fine_tuning(&case, &case.join("train"));
+    }
+}
+
+#[test]
+fn every_family_trains_lora_as_peft_does() {
+    for case in families() {
+        check_lora(&case, &case.join("train-lora"));
     }
 }
