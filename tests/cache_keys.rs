@@ -120,6 +120,67 @@ fn examples() -> Vec<Example> {
             pinned: "4df5e22383242a592d39b66472dba01d44b5dc268148315fbe4937a48b411df5",
         },
         Example {
+            name: "format of conversations from a split",
+            kind: "format",
+            yaml: "
+  {s}:
+    kind: format
+    input: {d}/records
+    split: train
+    template: messages
+    roles: {bot: assistant}",
+            run_settings: &[],
+            key_changes: &[
+                ("split=test", "split"),
+                ("template=sharegpt", "template"),
+                ("roles={bot: user}", "roles"),
+                ("fields={messages: dialog}", "fields"),
+            ],
+            pinned: "e269550fe0222bf18ac32f244f00aa9e72c7e2a32865967d1bff19380c70e504",
+        },
+        Example {
+            name: "format of a mixture",
+            kind: "format",
+            yaml: "
+  {s}:
+    kind: format
+    sources:
+      - {input: {d}/records/records.json, weight: 0.7}
+      - {input: {d}/data.json, name: more, weight: 0.3}
+    size: 10
+    template: messages",
+            run_settings: &[],
+            key_changes: &[
+                (
+                    "sources=[{input: {d}/records/records.json, weight: 0.5}, {input: {d}/data.json, name: more, weight: 0.5}]",
+                    "sources",
+                ),
+                ("size=20", "size"),
+            ],
+            pinned: "8f9f23998d4cfeb4890011109c9685bccb28c57f8214946620244588c902415e",
+        },
+        Example {
+            name: "tokenize of conversations",
+            kind: "tokenize",
+            yaml: "
+  {u}:
+    kind: format
+    input: {d}/records/records.json
+    template: messages
+  {s}:
+    kind: tokenize
+    input: {u}
+    tokenizer: {d}/tok
+    train_on: last_assistant
+    chat_template: '{% for m in messages %}{{ m.content }}{% endfor %}'",
+            run_settings: &[],
+            key_changes: &[
+                ("train_on=all", "train_on"),
+                ("chat_template='{{ messages }}'", "chat_template"),
+            ],
+            pinned: "1156fee294f36cf8b20233523b6178449750942419740b574c1f85bf078de292",
+        },
+        Example {
             name: "tokenize",
             kind: "tokenize",
             yaml: "

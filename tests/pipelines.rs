@@ -32,7 +32,10 @@ fn shipped_pipelines_check_and_plan() {
         .filter(|n| n.ends_with(".yaml"))
         .collect();
     names.sort();
-    assert_eq!(names, ["alpaca-lora.yaml", "alpaca.yaml", "tiny.yaml"]);
+    assert_eq!(
+        names,
+        ["alpaca-lora.yaml", "alpaca.yaml", "chat.yaml", "tiny.yaml"]
+    );
     for name in &names {
         let file = format!("pipelines/{name}");
         // The Alpaca recipes train on a GPU; a build without the cuda feature refuses that at
@@ -47,7 +50,12 @@ fn shipped_pipelines_check_and_plan() {
         assert!(ok, "{out}");
         let (ok, plan) = pipe(&[&["run", "--dry-run", file.as_str()][..], &cpu].concat());
         assert!(ok, "{plan}");
-        for stage in ["prompts", "tokens", "train", "eval"] {
+        let prompts = if name == "chat.yaml" {
+            "chats"
+        } else {
+            "prompts"
+        };
+        for stage in [prompts, "tokens", "train", "eval"] {
             assert!(
                 plan.lines()
                     .any(|l| l.contains(&format!(" {stage} ")) || l.trim_end().ends_with(stage)),

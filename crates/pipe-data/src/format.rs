@@ -1,4 +1,6 @@
-//! Records → prompt/response pairs, with a seeded train/validation split.
+//! Records → prompt/response pairs or conversations, from one source (a file, or the files of
+//! a split of a Hub dataset directory) or a mixture of several, with a seeded train/validation
+//! split.
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -6,6 +8,8 @@ use std::path::{Path, PathBuf};
 use pipe_rand::SplitMix64;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::{BadConversation, ChatReader, Conversation};
+use crate::mixture::{MixError, SourceStats, Take};
 use crate::prompt::{MissingField, Template};
 use crate::records::{Record, RecordError};
 
@@ -80,6 +84,25 @@ pub enum FormatError {
         #[source]
         source: MissingField,
     },
+    #[error("{name}")]
+    Conversation {
+        name: String,
+        #[source]
+        source: BadConversation,
+    },
+    /// `splits` as shown: `test, train`.
+    #[error("no `{split}` split in {}{}", dir.display(), if splits.is_empty() { String::new() } else { format!(" (its splits: {splits})") })]
+    NoSplit {
+        split: String,
+        dir: PathBuf,
+        splits: String,
+    },
+    #[error(transparent)]
+    Mix(#[from] MixError),
+    #[error("{} holds both conversations and prompt/response pairs", path.display())]
+    MixedItems { path: PathBuf },
+    #[error("{} holds conversations, not prompt/response pairs", path.display())]
+    NotPairs { path: PathBuf },
     /// Writing an output failed.
     #[error(transparent)]
     Write(std::io::Error),
@@ -90,8 +113,36 @@ pub enum FormatError {
 pub struct Pair {
     /// The record's position in the source file.
     pub index: usize,
+    /// The source it was drawn from, in a mixture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub prompt: String,
     pub response: String,
+}
+
+/// What records become: prompt/response pairs through a template, or conversations.
+#[derive(Debug, Clone)]
+pub enum Formatter {
+    Pairs(Template),
+    Chat(ChatReader),
+}
+
+/// One formatted example, as a line of `train.jsonl` / `val.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Item {
+    Chat(Conversation),
+    Pair(Pair),
+}
+
+impl Item {
+    fn set_source(&mut self, name: &str) {
+        let s = Some(name.to_string());
+        match self {
+            Item::Chat(c) => c.source = s,
+            Item::Pair(p) => p.source = s,
+        }
+    }
 }
 
 /// How big the validation split is: a fraction of the records (0 ≤ f ≤ 1), or a count. Every
@@ -190,6 +241,30 @@ pub struct FormatStats {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub skipped_examples: Vec<String>,
     pub empty_responses: usize,
+    /// For conversations: how many turns, and of what (in the records read, before a
+    /// mixture's draw).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversations: Option<ChatStats>,
+    /// The files read (each as its path in its input), when there are several.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// For a mixture: what each source gave.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceStats>,
+    /// For a mixture: its seed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mixture_seed: Option<u64>,
+}
+
+/// What the conversations hold.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatStats {
+    pub turns: usize,
+    pub assistant_turns: usize,
+    pub with_system: usize,
+    /// Conversations without an assistant turn: nothing to learn with the default mask.
+    pub without_assistant: usize,
+    pub empty_turns: usize,
 }
 
 pub struct Formatted {
@@ -222,6 +297,7 @@ pub fn format_records(
                 }
                 pairs.push(Pair {
                     index: rec.index,
+                    source: None,
                     prompt,
                     response,
                 });
@@ -235,21 +311,7 @@ pub fn format_records(
             Err(e) => return Err(e),
         }
     }
-    let k = val_size.count(pairs.len()).unwrap_or(0);
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    shuffle(&mut order, seed);
-    let mut is_val = vec![false; pairs.len()];
-    for &i in &order[..k] {
-        is_val[i] = true;
-    }
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (i, p) in pairs.into_iter().enumerate() {
-        if is_val[i] {
-            val.push(p);
-        } else {
-            train.push(p);
-        }
-    }
+    let (train, val) = split_items(pairs, val_size, seed);
     stats.train = train.len();
     stats.val = val.len();
     Ok(Formatted { train, val, stats })
@@ -263,40 +325,6 @@ pub fn shuffle<T>(items: &mut [T], seed: u64) {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         items.swap(i, j);
     }
-}
-
-pub fn write_pairs(path: &Path, pairs: &[Pair]) -> std::io::Result<()> {
-    let mut w = BufWriter::new(std::fs::File::create(path)?);
-    for p in pairs {
-        serde_json::to_writer(&mut w, p)?;
-        w.write_all(b"\n")?;
-    }
-    w.flush()
-}
-
-pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, FormatError> {
-    let f = std::fs::File::open(path).map_err(|source| FormatError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|source| FormatError::ReadLine {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        out.push(
-            serde_json::from_str(&line).map_err(|source| FormatError::NotAPair {
-                path: path.to_path_buf(),
-                line: i + 1,
-                source,
-            })?,
-        );
-    }
-    Ok(out)
 }
 
 /// The file to read from a `format` stage's input: the file itself, `file` inside a directory,
@@ -363,43 +391,484 @@ pub fn find_data_file(
     }
 }
 
-/// The `format` stage's work: read, format, split, write `train.jsonl`, `val.jsonl` and
-/// `stats.json` into `out`. Errors name the file as `shown_as` (the user's own file, when
-/// `records_file` is the store's copy of it).
-pub fn run(
-    records_file: &Path,
-    shown_as: &Path,
-    template: &Template,
-    on_error: OnError,
-    val_size: ValSize,
-    seed: u64,
-    out: &Path,
-) -> Result<FormatStats, FormatError> {
-    let name = shown_as.display().to_string();
-    let bytes = std::fs::read(records_file).map_err(|source| FormatError::Read {
-        path: shown_as.to_path_buf(),
+/// A data file to read, how errors name it (the user's own file, when `path` is the store's
+/// copy of it), and how the stats name it (its path in its input, so that the outputs do not
+/// depend on where the input lies).
+#[derive(Debug, Clone)]
+pub struct DataFile {
+    pub path: PathBuf,
+    pub shown_as: PathBuf,
+    pub name: String,
+}
+
+/// One source of a format stage: its files (the shards of a split, read in order as one list)
+/// and how much of it goes into a mixture.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub files: Vec<DataFile>,
+    pub take: Take,
+}
+
+/// The data files of a stage input: `input` itself when it is a file; `file` inside the
+/// directory `input`; the files of `split` (`data/train-00000-of-00002.parquet`,
+/// `train.jsonl`, `train/part-0.parquet`: a name that is the split or starts with it and `-`,
+/// `_` or `.`, or a directory of that name), in name order; or, with neither, the directory's
+/// only data file, else its `train` split (as a Hub dataset directory holds them).
+pub fn find_data_files(
+    input: &Path,
+    file: Option<&str>,
+    split: Option<&str>,
+) -> Result<Vec<PathBuf>, FormatError> {
+    const EXTENSIONS: [&str; 3] = ["json", "jsonl", "parquet"];
+    if input.is_file() || file.is_some() {
+        return find_data_file(input, file, &EXTENSIONS, "").map(|p| vec![p]);
+    }
+    let mut found = Vec::new();
+    collect_data_files(input, &EXTENSIONS, 0, &mut found).map_err(|source| FormatError::Read {
+        path: input.to_path_buf(),
         source,
     })?;
-    let text = crate::records::text_of(bytes, &name)?;
-    let records = crate::records::parse_records(&text, &name)?;
-    if records.is_empty() {
-        return Err(FormatError::NoRecords { name });
-    }
-    if let Err(source) = val_size.count(records.len()) {
-        return Err(FormatError::ValSize { name, source });
-    }
-    let f = match format_records(&records, template, on_error, val_size, seed) {
-        Ok(f) => f,
-        Err(source) => return Err(FormatError::Record { name, source }),
+    found.sort();
+    let split_of = |rel: &Path| -> Vec<String> {
+        // Every name on the path that could name a split: directories, and the file's stem up
+        // to its first `-`, `_` or `.`.
+        let mut names: Vec<String> = rel
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.components())
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        if let Some(stem) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) {
+            let head = stem
+                .split(['-', '_', '.'])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            names.push(head);
+        }
+        names
     };
-    write_pairs(&out.join("train.jsonl"), &f.train).map_err(FormatError::Write)?;
-    write_pairs(&out.join("val.jsonl"), &f.val).map_err(FormatError::Write)?;
+    let in_split = |p: &PathBuf, split: &str| {
+        split_of(p.strip_prefix(input).unwrap_or(p))
+            .iter()
+            .any(|n| n == split)
+    };
+    let all_splits = || {
+        let mut names: Vec<String> = ["train", "validation", "valid", "dev", "test"]
+            .into_iter()
+            .filter(|s| found.iter().any(|p| in_split(p, s)))
+            .map(str::to_string)
+            .collect();
+        names.dedup();
+        names.join(", ")
+    };
+    let wanted = match split {
+        Some(s) => s,
+        None if found.len() == 1 => return Ok(found),
+        None if found.is_empty() => {
+            return Err(FormatError::NoDataFile {
+                dir: input.to_path_buf(),
+                extensions: ".json, .jsonl or .parquet".into(),
+            })
+        }
+        None if found.iter().any(|p| in_split(p, "train")) => "train",
+        None => {
+            return Err(FormatError::SeveralDataFiles {
+                dir: input.to_path_buf(),
+                files: found
+                    .iter()
+                    .map(|p| p.strip_prefix(input).unwrap_or(p).display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                choose: "name one with `file:`, or a split with `split:`".into(),
+            })
+        }
+    };
+    let chosen: Vec<PathBuf> = found
+        .iter()
+        .filter(|p| in_split(p, wanted))
+        .cloned()
+        .collect();
+    if chosen.is_empty() {
+        return Err(FormatError::NoSplit {
+            split: wanted.to_string(),
+            dir: input.to_path_buf(),
+            splits: all_splits(),
+        });
+    }
+    Ok(chosen)
+}
+
+/// Data files under `dir`, three levels deep at most, skipping hidden directories (`.cache`).
+fn collect_data_files(
+    dir: &Path,
+    extensions: &[&str],
+    depth: usize,
+    out: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if path.is_dir() {
+            if depth < 3 && !hidden {
+                collect_data_files(&path, extensions, depth + 1, out)?;
+            }
+        } else if path
+            .extension()
+            .is_some_and(|x| extensions.iter().any(|e| x.eq_ignore_ascii_case(e)))
+        {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Reads a source's files as one list of records: `index` counts across the files, `line` /
+/// `row` within each. Returns the records and the index each file starts at.
+fn read_source(files: &[DataFile]) -> Result<(Vec<Record>, Vec<usize>), FormatError> {
+    let mut records = Vec::new();
+    let mut starts = Vec::with_capacity(files.len());
+    for f in files {
+        let start = records.len();
+        starts.push(start);
+        let name = f.shown_as.display().to_string();
+        let mut recs = crate::records::read_records_as(&f.path, &name)?;
+        for r in &mut recs {
+            r.index += start;
+        }
+        records.extend(recs);
+    }
+    Ok((records, starts))
+}
+
+/// Formats one source's records, counting into `stats`; a bad record is named by its file and
+/// its index there.
+fn format_source(
+    records: &[Record],
+    starts: &[usize],
+    files: &[DataFile],
+    formatter: &Formatter,
+    on_error: OnError,
+    stats: &mut FormatStats,
+) -> Result<Vec<Item>, FormatError> {
+    let file_of = |index: usize| starts.partition_point(|&s| s <= index).saturating_sub(1);
+    let mut items = Vec::with_capacity(records.len());
+    for rec in records {
+        let result = match formatter {
+            Formatter::Pairs(t) => t.format(rec).map(|(prompt, response)| {
+                if response.is_empty() {
+                    stats.empty_responses += 1;
+                }
+                if t.uses_input_template(rec) {
+                    stats.with_input_template += 1;
+                }
+                Item::Pair(Pair {
+                    index: rec.index,
+                    source: None,
+                    prompt,
+                    response,
+                })
+            }),
+            Formatter::Chat(reader) => match reader.read(rec) {
+                Ok(messages) => {
+                    let c = stats.conversations.get_or_insert_with(Default::default);
+                    let assistant = messages.iter().filter(|m| m.role == "assistant").count();
+                    c.turns += messages.len();
+                    c.assistant_turns += assistant;
+                    c.with_system += usize::from(messages.iter().any(|m| m.role == "system"));
+                    c.without_assistant += usize::from(assistant == 0);
+                    c.empty_turns += messages.iter().filter(|m| m.content.is_empty()).count();
+                    Ok(Item::Chat(Conversation {
+                        index: rec.index,
+                        source: None,
+                        messages,
+                    }))
+                }
+                Err(e) => {
+                    let f = file_of(e.index);
+                    let local = BadConversation {
+                        index: e.index - starts[f],
+                        ..e
+                    };
+                    if on_error == OnError::Skip {
+                        stats.skipped += 1;
+                        if stats.skipped_examples.len() < 20 {
+                            stats.skipped_examples.push(local.to_string());
+                        }
+                        continue;
+                    }
+                    return Err(FormatError::Conversation {
+                        name: files[f].shown_as.display().to_string(),
+                        source: local,
+                    });
+                }
+            },
+        };
+        match result {
+            Ok(item) => items.push(item),
+            Err(e) => {
+                let f = file_of(e.index);
+                let local = MissingField {
+                    index: e.index - starts[f],
+                    ..e
+                };
+                if on_error == OnError::Skip {
+                    stats.skipped += 1;
+                    if stats.skipped_examples.len() < 20 {
+                        stats.skipped_examples.push(local.to_string());
+                    }
+                    continue;
+                }
+                return Err(FormatError::Record {
+                    name: files[f].shown_as.display().to_string(),
+                    source: local,
+                });
+            }
+        }
+    }
+    Ok(items)
+}
+
+/// Splits `items` into train and validation sets: `val_size` of them, chosen by a seeded
+/// shuffle of their positions, each set in the original order.
+fn split_items<T>(items: Vec<T>, val_size: ValSize, seed: u64) -> (Vec<T>, Vec<T>) {
+    let k = val_size.count(items.len()).unwrap_or(0);
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    shuffle(&mut order, seed);
+    let mut is_val = vec![false; items.len()];
+    for &i in &order[..k] {
+        is_val[i] = true;
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, p) in items.into_iter().enumerate() {
+        if is_val[i] {
+            val.push(p);
+        } else {
+            train.push(p);
+        }
+    }
+    (train, val)
+}
+
+/// How a format stage reads, formats, mixes and splits.
+#[derive(Debug, Clone)]
+pub struct FormatOptions {
+    pub on_error: OnError,
+    pub val_size: ValSize,
+    pub seed: u64,
+    /// A weighted mixture's size (default: as large as it can be without repeats).
+    pub size: Option<u64>,
+}
+
+/// The `format` stage's work: read every source, format its records, draw the mixture (with
+/// several sources, or counts), split, and write `train.jsonl`, `val.jsonl` and `stats.json`
+/// into `out`. Errors name each file as its `shown_as`.
+pub fn run(
+    sources: &[Source],
+    formatter: &Formatter,
+    opts: &FormatOptions,
+    out: &Path,
+) -> Result<FormatStats, FormatError> {
+    let mut stats = FormatStats::default();
+    let first_name = sources
+        .first()
+        .and_then(|s| s.files.first())
+        .map(|f| f.shown_as.display().to_string())
+        .unwrap_or_default();
+    let mut formatted = Vec::with_capacity(sources.len());
+    let mut files_read = Vec::new();
+    for src in sources {
+        let (records, starts) = read_source(&src.files)?;
+        stats.records += records.len();
+        let shown: Vec<String> = src.files.iter().map(|f| f.name.clone()).collect();
+        let single = sources.len() == 1;
+        if single && records.is_empty() {
+            return Err(FormatError::NoRecords { name: first_name });
+        }
+        if single && src.take == Take::All {
+            // One whole source: the split is checked against its records, as it always was.
+            if let Err(source) = opts.val_size.count(records.len()) {
+                return Err(FormatError::ValSize {
+                    name: first_name,
+                    source,
+                });
+            }
+        }
+        let items = format_source(
+            &records,
+            &starts,
+            &src.files,
+            formatter,
+            opts.on_error,
+            &mut stats,
+        )?;
+        files_read.extend(shown.iter().cloned());
+        formatted.push((items, shown));
+    }
+    if files_read.len() > 1 {
+        stats.files = files_read;
+    }
+    let items: Vec<Item> = if sources.len() == 1 && sources[0].take == Take::All {
+        formatted.pop().map(|(items, _)| items).unwrap_or_default()
+    } else {
+        let lens: Vec<usize> = formatted.iter().map(|(i, _)| i.len()).collect();
+        let takes: Vec<Take> = sources.iter().map(|s| s.take).collect();
+        let drawn = crate::mixture::draw(&lens, &takes, opts.size, opts.seed)?;
+        let mut mixed = Vec::new();
+        for ((src, (items, shown)), picks) in sources.iter().zip(&formatted).zip(&drawn) {
+            let mut seen = vec![false; items.len()];
+            let mut repeated = 0;
+            for &i in picks {
+                repeated += usize::from(std::mem::replace(&mut seen[i], true));
+                let mut item = items[i].clone();
+                item.set_source(&src.name);
+                mixed.push(item);
+            }
+            stats.sources.push(SourceStats {
+                name: src.name.clone(),
+                examples: items.len(),
+                taken: picks.len(),
+                repeated,
+                weight: match src.take {
+                    Take::Weight(w) => Some(w),
+                    _ => None,
+                },
+                count: match src.take {
+                    Take::Count(c) => Some(c),
+                    _ => None,
+                },
+                files: shown.clone(),
+            });
+        }
+        // Interleaved: the sources' examples in one seeded order.
+        shuffle(&mut mixed, opts.seed);
+        stats.mixture_seed = Some(opts.seed);
+        if mixed.is_empty() {
+            return Err(FormatError::NoRecords {
+                name: "the mixture".into(),
+            });
+        }
+        if let Err(source) = opts.val_size.count(mixed.len()) {
+            return Err(FormatError::ValSize {
+                name: "the mixture".into(),
+                source,
+            });
+        }
+        mixed
+    };
+    let (train, val) = split_items(items, opts.val_size, opts.seed);
+    stats.train = train.len();
+    stats.val = val.len();
+    write_items(&out.join("train.jsonl"), &train).map_err(FormatError::Write)?;
+    write_items(&out.join("val.jsonl"), &val).map_err(FormatError::Write)?;
     std::fs::write(
         out.join("stats.json"),
-        serde_json::to_vec_pretty(&f.stats).expect("stats serialise"),
+        serde_json::to_vec_pretty(&stats).expect("stats serialise"),
     )
     .map_err(FormatError::Write)?;
-    Ok(f.stats)
+    Ok(stats)
+}
+
+/// Writes `items` as JSON Lines.
+pub fn write_items<T: Serialize>(path: &Path, items: &[T]) -> std::io::Result<()> {
+    let mut w = BufWriter::new(std::fs::File::create(path)?);
+    for p in items {
+        serde_json::to_writer(&mut w, p)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()
+}
+
+/// The examples of a format stage's `train.jsonl` / `val.jsonl`: pairs or conversations.
+pub fn read_items(path: &Path) -> Result<Vec<Item>, FormatError> {
+    let f = std::fs::File::open(path).map_err(|source| FormatError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|source| FormatError::ReadLine {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(&line).map_err(|source| FormatError::NotAPair {
+                path: path.to_path_buf(),
+                line: i + 1,
+                source,
+            })?;
+        let item = if value.get("messages").is_some() {
+            serde_json::from_value(value).map(Item::Chat)
+        } else {
+            serde_json::from_value(value).map(Item::Pair)
+        };
+        out.push(item.map_err(|source| FormatError::NotAPair {
+            path: path.to_path_buf(),
+            line: i + 1,
+            source,
+        })?);
+    }
+    Ok(out)
+}
+
+/// The prompt/response pairs of a format stage's `train.jsonl` or `val.jsonl` (an error if it
+/// holds conversations).
+pub fn read_pairs(path: &Path) -> Result<Vec<Pair>, FormatError> {
+    match read_examples(path)? {
+        Examples::Pairs(pairs) => Ok(pairs),
+        Examples::Chat(_) => Err(FormatError::NotPairs {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+/// A split's examples, all of one kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Examples {
+    Pairs(Vec<Pair>),
+    Chat(Vec<Conversation>),
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Pairs(p) => p.len(),
+            Examples::Chat(c) => c.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A format stage's `train.jsonl` or `val.jsonl`: prompt/response pairs or conversations (an
+/// empty file reads as no pairs).
+pub fn read_examples(path: &Path) -> Result<Examples, FormatError> {
+    let items = read_items(path)?;
+    let chat = items.iter().filter(|i| matches!(i, Item::Chat(_))).count();
+    if chat != 0 && chat != items.len() {
+        return Err(FormatError::MixedItems {
+            path: path.to_path_buf(),
+        });
+    }
+    let (mut pairs, mut convs) = (Vec::new(), Vec::new());
+    for i in items {
+        match i {
+            Item::Pair(p) => pairs.push(p),
+            Item::Chat(c) => convs.push(c),
+        }
+    }
+    Ok(if chat == 0 {
+        Examples::Pairs(pairs)
+    } else {
+        Examples::Chat(convs)
+    })
 }
 
 #[cfg(test)]
@@ -444,6 +913,7 @@ mod tests {
             .map(|i| Record {
                 index: i,
                 line: None,
+                row: None,
                 fields: serde_json::from_value(serde_json::json!({
                     "instruction": format!("task {i}"), "input": if i % 2 == 0 { "" } else { "x" }, "output": if i == 3 { "" } else { "y" }
                 }))

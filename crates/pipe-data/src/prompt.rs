@@ -144,6 +144,7 @@ impl Pattern {
                             return Err(MissingField {
                                 index: rec.index,
                                 line: rec.line,
+                                row: rec.row,
                                 field: key.clone(),
                                 reason: "missing",
                             })
@@ -152,6 +153,7 @@ impl Pattern {
                             return Err(MissingField {
                                 index: rec.index,
                                 line: rec.line,
+                                row: rec.row,
                                 field: key.clone(),
                                 reason: "not text",
                             })
@@ -161,6 +163,15 @@ impl Pattern {
             }
         }
         Ok(out)
+    }
+}
+
+/// Where a record is, after its index: ` (line 4)` in JSON Lines, ` (row 3)` in Parquet.
+pub fn place(line: Option<usize>, row: Option<usize>) -> String {
+    match (line, row) {
+        (Some(l), _) => format!(" (line {l})"),
+        (None, Some(r)) => format!(" (row {r})"),
+        (None, None) => String::new(),
     }
 }
 
@@ -177,10 +188,12 @@ pub enum PatternError {
 
 /// A record that lacks a field its template needs.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("record {index}{}: field `{field}` is {reason}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+#[error("record {index}{}: field `{field}` is {reason}", place(*line, *row))]
 pub struct MissingField {
     pub index: usize,
     pub line: Option<usize>,
+    /// The record's row in its Parquet file.
+    pub row: Option<usize>,
     pub field: String,
     pub reason: &'static str,
 }
@@ -251,6 +264,7 @@ mod tests {
         Record {
             index: 3,
             line: None,
+            row: None,
             fields: serde_json::from_str(json).unwrap(),
         }
     }

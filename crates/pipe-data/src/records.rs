@@ -1,5 +1,6 @@
-//! Reading instruction records: a JSON array of objects, or JSON Lines. A bad record is named
-//! by its index (and line, for JSONL).
+//! Reading instruction records: a JSON array of objects, JSON Lines, or a Parquet file (see
+//! [`crate::columnar`]). A bad record is named by its index (and line, for JSONL; row, for
+//! Parquet).
 
 use std::path::Path;
 
@@ -12,6 +13,8 @@ pub struct Record {
     pub index: usize,
     /// 1-based line, for JSON Lines.
     pub line: Option<usize>,
+    /// 0-based row of its file, for Parquet (when `index` counts across several files).
+    pub row: Option<usize>,
     pub fields: Map<String, Value>,
 }
 
@@ -39,6 +42,8 @@ pub enum RecordError {
     },
     #[error("{path}: expected a JSON array of records or JSON Lines (one object per line)")]
     Shape { path: String },
+    #[error("{path}: cannot read it as Parquet: {detail}")]
+    Parquet { path: String, detail: String },
     #[error("{path}:{line}:{column}: not valid UTF-8 (byte {byte} of the file); save it as UTF-8")]
     NotUtf8 {
         path: String,
@@ -60,10 +65,22 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
-/// Reads all records of a JSON array or JSON Lines file.
+/// Reads all records of a JSON array, JSON Lines or (by its `.parquet` extension) Parquet file.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, RecordError> {
-    let text = read_text(path)?;
-    parse_records(&text, &path.display().to_string())
+    read_records_as(path, &path.display().to_string())
+}
+
+/// [`read_records`], naming the file `name` in errors.
+pub fn read_records_as(path: &Path, name: &str) -> Result<Vec<Record>, RecordError> {
+    if crate::columnar::is_parquet(path) {
+        return crate::columnar::read_parquet(path, name);
+    }
+    let bytes = std::fs::read(path).map_err(|source| RecordError::Read {
+        path: name.to_string(),
+        source,
+    })?;
+    let text = text_of(bytes, name)?;
+    parse_records(&text, name)
 }
 
 /// Reads a text file that must be UTF-8; one that is not is named with the line, column and
@@ -124,6 +141,7 @@ pub fn parse_records(text: &str, name: &str) -> Result<Vec<Record>, RecordError>
                 Value::Object(fields) => Ok(Record {
                     index,
                     line: None,
+                    row: None,
                     fields,
                 }),
                 other => Err(RecordError::NotAnObject {
@@ -153,6 +171,7 @@ pub fn parse_records(text: &str, name: &str) -> Result<Vec<Record>, RecordError>
             Value::Object(fields) => out.push(Record {
                 index,
                 line: Some(i + 1),
+                row: None,
                 fields,
             }),
             other => {

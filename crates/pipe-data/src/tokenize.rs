@@ -79,6 +79,11 @@ pub enum TokenizeError {
     #[error(transparent)]
     Pairs(#[from] FormatError),
     #[error(transparent)]
+    Chat(#[from] crate::chat::ChatError),
+    /// `chat_template` / `train_on` given for prompt/response pairs.
+    #[error("`{0}` applies to conversations, and the input holds prompt/response pairs (format them with `template: messages` or `sharegpt` for a chat template)")]
+    ChatOptionForPairs(&'static str),
+    #[error(transparent)]
     Dataset(#[from] DatasetError),
     /// Writing an output failed.
     #[error(transparent)]
@@ -107,6 +112,12 @@ pub struct TokenizeOptions {
     pub pad_token: Option<String>,
     /// The token added when the tokenizer has no pad token.
     pub add_pad_token: String,
+    /// Conversations: the chat template (default: tokenizer_config.json's).
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// Conversations: which tokens count in the loss (default: assistant turns).
+    #[serde(default)]
+    pub train_on: Option<crate::chat::TrainOn>,
 }
 
 impl Default for TokenizeOptions {
@@ -117,6 +128,8 @@ impl Default for TokenizeOptions {
             eos_token: None,
             pad_token: None,
             add_pad_token: "[PAD]".into(),
+            chat_template: None,
+            train_on: None,
         }
     }
 }
@@ -430,6 +443,9 @@ pub struct TokenizeReport {
     pub packing: bool,
     pub train: SplitStats,
     pub val: SplitStats,
+    /// For conversations: how they were rendered and masked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<crate::chat::ChatReport>,
 }
 
 /// The `tokenize` stage's work: `train.jsonl`/`val.jsonl` in `input` → `train.safetensors`,
@@ -465,6 +481,11 @@ pub fn run(
         );
         map.entry("model_max_length")
             .or_insert(Value::from(opts.max_len));
+        // A template given in the pipeline is the one the model is trained with, and so the
+        // one it must be prompted with.
+        if let Some(t) = &opts.chat_template {
+            map.insert("chat_template".into(), Value::String(t.clone()));
+        }
     }
     std::fs::write(
         out.join("tokenizer_config.json"),
@@ -483,9 +504,28 @@ pub fn run(
         specials.eos_token_id.to_string(),
     );
     let mut split_stats = Vec::new();
+    let mut chat = None;
     for split in ["train", "val"] {
-        let pairs = crate::format::read_pairs(&input.join(format!("{split}.jsonl")))?;
-        let examples = tokenize_all(&loaded.tokenizer, &specials, &pairs, opts.train_on_inputs)?;
+        let examples = match crate::format::read_examples(&input.join(format!("{split}.jsonl")))? {
+            crate::format::Examples::Pairs(pairs) => {
+                if !pairs.is_empty() {
+                    if opts.chat_template.is_some() {
+                        return Err(TokenizeError::ChatOptionForPairs("chat_template"));
+                    }
+                    if opts.train_on.is_some() {
+                        return Err(TokenizeError::ChatOptionForPairs("train_on"));
+                    }
+                }
+                tokenize_all(&loaded.tokenizer, &specials, &pairs, opts.train_on_inputs)?
+            }
+            crate::format::Examples::Chat(convs) => {
+                if chat.is_none() {
+                    chat = Some(crate::chat::ChatTokenizer::new(&loaded, &specials, opts)?);
+                }
+                let c = chat.as_ref().expect("made above");
+                c.tokenize_all(&convs, opts.max_len)?
+            }
+        };
         split_stats.push(stats(&examples, opts.max_len));
         crate::dataset::write(
             &out.join(format!("{split}.safetensors")),
@@ -503,6 +543,7 @@ pub fn run(
         packing,
         train,
         val,
+        chat: chat.map(|c| c.report),
     };
     std::fs::write(
         out.join("meta.json"),

@@ -166,6 +166,9 @@ fn check_record_error(e: &RecordError, text: &str) -> Result<(), TestCaseError> 
             );
         }
         RecordError::Read { .. } => prop_assert!(false, "parse_records read a file: {}", shown),
+        RecordError::Parquet { .. } => {
+            prop_assert!(false, "parse_records read Parquet: {}", shown)
+        }
     }
     Ok(())
 }

@@ -18,7 +18,11 @@
 //!     - {format: piqa, path: "${params.piqa}"}   # left out while the path is ""
 //!   generate:
 //!     prompts: prompts           # a format stage: its val split's prompts and responses
+//!                                # (conversations: the chat template with the generation
+//!                                # prompt, up to the last assistant turn, its reference)
 //!     instructions: ["Name three primary colours."]   # more prompts, Alpaca template
+//!     chat: false                # true: instructions as user turns of the chat template
+//!     # chat_template: "…"       # default: the tokenizer's tokenizer_config.json
 //!     limit: 20
 //!     max_new_tokens: 128
 //!     temperature: 0.0           # 0: greedy; else sampled with top_p and seed
@@ -45,7 +49,7 @@ use pipe_data::records::Record;
 use pipe_eval::score::{task_requests, task_result};
 use pipe_eval::tasks::{read_docs, FewShot, TaskFormat};
 use pipe_eval::{EvalError, Request, Sampling};
-use pipe_model::{init_model, load_model, CpuBackend, CausalLm};
+use pipe_model::{init_model, load_model, CausalLm, CpuBackend};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -101,6 +105,13 @@ struct GenerateFields {
     prompts: Option<String>,
     #[serde(default)]
     instructions: Vec<InstructionField>,
+    /// `instructions` as user turns rendered with the chat template (with the generation
+    /// prompt), instead of the Alpaca template.
+    #[serde(default)]
+    chat: bool,
+    /// The chat template for chat prompts (default: the tokenizer's).
+    #[serde(default)]
+    chat_template: Option<String>,
     #[serde(default = "default_gen_limit")]
     limit: usize,
     #[serde(default = "default_max_new")]
@@ -354,6 +365,10 @@ struct TaskKey<'a> {
 #[derive(Serialize)]
 struct GenerateKey<'a> {
     instructions: &'a [InstructionField],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    chat: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chat_template: Option<&'a str>,
     limit: usize,
     max_new_tokens: usize,
     temperature: f64,
@@ -381,6 +396,8 @@ impl EvaluateStage {
                 .collect(),
             generate: self.fields.generate.as_ref().map(|g| GenerateKey {
                 instructions: &g.instructions,
+                chat: g.chat,
+                chat_template: g.chat_template.as_deref(),
                 limit: g.limit,
                 max_new_tokens: g.max_new_tokens,
                 temperature: g.temperature,
@@ -459,6 +476,9 @@ struct Prompt {
     text: String,
     ids: Vec<u32>,
     reference: Option<String>,
+    /// Encoded with the tokenizer's special tokens (Alpaca prompts); a chat template writes its
+    /// own, so chat prompts are encoded without, as `apply_chat_template` does.
+    add_special_tokens: bool,
 }
 
 fn interrupted(e: EvalError) -> anyhow::Error {
@@ -588,19 +608,56 @@ impl EvaluateStage {
         let mut prompts = Vec::new();
         let mut stop = Vec::new();
         if let Some(g) = &self.fields.generate {
+            // The chat template, made when a chat prompt needs it.
+            let mut chat: Option<pipe_data::chat::ChatTemplate> = None;
+            let chat_template = || -> anyhow::Result<pipe_data::chat::ChatTemplate> {
+                let source = match &g.chat_template {
+                    Some(t) => t.clone(),
+                    None => pipe_data::chat::config_template(config.as_ref())?.ok_or_else(|| {
+                        anyhow!("`generate`: chat prompts need a chat template, and the tokenizer's tokenizer_config.json has none\n  = help: set `generate.chat_template:`, or use a tokenizer with one")
+                    })?,
+                };
+                Ok(pipe_data::chat::ChatTemplate::new(
+                    &source,
+                    pipe_data::chat::special_tokens(config.as_ref()),
+                )?)
+            };
             if let Ok(dir) = cx.input("prompts") {
                 let file = dir.join("val.jsonl");
-                let pairs = pipe_data::format::read_pairs(&file)?;
-                if pairs.is_empty() {
+                let examples = pipe_data::format::read_examples(&file)?;
+                if examples.is_empty() {
                     bail!("`generate.prompts`: the format stage has no validation split (set its `val_size`)");
                 }
-                for p in pairs.into_iter().take(g.limit) {
-                    prompts.push(Prompt {
-                        id: format!("val:{}", p.index),
-                        text: p.prompt,
-                        ids: Vec::new(),
-                        reference: Some(p.response),
-                    });
+                match examples {
+                    pipe_data::format::Examples::Pairs(pairs) => {
+                        for p in pairs.into_iter().take(g.limit) {
+                            prompts.push(Prompt {
+                                id: format!("val:{}", p.index),
+                                text: p.prompt,
+                                ids: Vec::new(),
+                                reference: Some(p.response),
+                                add_special_tokens: true,
+                            });
+                        }
+                    }
+                    pipe_data::format::Examples::Chat(convs) => {
+                        let t = chat.insert(chat_template()?);
+                        for c in convs.into_iter().take(g.limit) {
+                            // Up to the last assistant turn, which is the reference.
+                            let last = c.messages.iter().rposition(|m| m.role == "assistant");
+                            let (context, reference) = match last {
+                                Some(k) => (&c.messages[..k], Some(c.messages[k].content.clone())),
+                                None => (&c.messages[..], None),
+                            };
+                            prompts.push(Prompt {
+                                id: format!("val:{}", c.index),
+                                text: t.render(context, true, c.index)?.text,
+                                ids: Vec::new(),
+                                reference,
+                                add_special_tokens: false,
+                            });
+                        }
+                    }
                 }
             }
             let template = Template::new(&TemplateSpec::alpaca(), BTreeMap::new())?;
@@ -616,11 +673,46 @@ impl EvaluateStage {
                         .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
                         .collect(),
                 };
+                if g.chat {
+                    // The instruction (and its input, on a new line) as the user's turn.
+                    let field = |k: &str| fields.get(k).and_then(Value::as_str).unwrap_or("");
+                    let mut content = field("instruction").to_string();
+                    if !field("input").is_empty() {
+                        content = format!("{content}\n{}", field("input"));
+                    }
+                    let mut messages = Vec::new();
+                    if !field("system").is_empty() {
+                        messages.push(pipe_data::chat::Message {
+                            role: "system".into(),
+                            content: field("system").to_string(),
+                        });
+                    }
+                    messages.push(pipe_data::chat::Message {
+                        role: "user".into(),
+                        content,
+                    });
+                    if chat.is_none() {
+                        chat = Some(chat_template()?);
+                    }
+                    let t = chat.as_ref().expect("made above");
+                    prompts.push(Prompt {
+                        id: format!("instruction:{i}"),
+                        text: t
+                            .render(&messages, true, i)
+                            .with_context(|| format!("generate.instructions[{i}]"))?
+                            .text,
+                        ids: Vec::new(),
+                        reference: None,
+                        add_special_tokens: false,
+                    });
+                    continue;
+                }
                 // The template renders a response too; here there is none yet.
                 fields.entry("output").or_insert(Value::from(""));
                 let rec = Record {
                     index: i,
                     line: None,
+                    row: None,
                     fields,
                 };
                 let (text, _) = template
@@ -631,13 +723,14 @@ impl EvaluateStage {
                     text,
                     ids: Vec::new(),
                     reference: None,
+                    add_special_tokens: true,
                 });
             }
             // Prompts are encoded as the tokenize stage encodes training text (with the
             // tokenizer's special tokens, e.g. BOS).
             for p in &mut prompts {
                 p.ids = tokenizer
-                    .encode_fast(p.text.as_str(), true)
+                    .encode_fast(p.text.as_str(), p.add_special_tokens)
                     .map_err(|e| anyhow!("cannot tokenize prompt {}: {e}", p.id))?
                     .get_ids()
                     .to_vec();
@@ -649,6 +742,8 @@ impl EvaluateStage {
                 "<|eot_id|>",
                 "<|end_of_text|>",
                 "<|im_end|>",
+                "<end_of_turn>",
+                "<|end|>",
             ] {
                 stop.extend(token_id(t));
             }

@@ -1,5 +1,7 @@
 //! `kind: tokenize` — prompt/response pairs → token ids and loss labels, exactly as Stanford
-//! Alpaca's preprocessing makes them, in a memory-mapped dataset.
+//! Alpaca's preprocessing makes them; or conversations → the model's chat template rendered and
+//! tokenized as transformers' `apply_chat_template(..., tokenize=True)` does, with a loss mask
+//! on the assistant's turns (see `pipe_data::chat`) — in a memory-mapped dataset.
 //!
 //! ```yaml
 //! tokens:
@@ -11,10 +13,14 @@
 //!   packing: false            # true: whole examples packed first-fit into max_len rows
 //!   # eos_token / pad_token override tokenizer_config.json; a missing pad token is added
 //!   # as `add_pad_token` ([PAD]) and the tokenizer in the output grows by it.
+//!   # Conversations (a format stage with `template: messages` or `sharegpt`):
+//!   train_on: assistant       # or last_assistant, or all
+//!   chat_template: "{% for m in messages %}…"   # default: tokenizer_config.json's
 //! ```
 
 use pipe_core::diag::FieldError;
 use pipe_core::{Input, InputSource, KeyFields, ParseContext, Stage, StageContext, StageKind};
+use pipe_data::chat::TrainOn;
 use pipe_data::tokenize::TokenizeOptions;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -40,6 +46,13 @@ struct Fields {
     pad_token: Option<String>,
     #[serde(default = "default_pad")]
     add_pad_token: String,
+    /// Conversations: the chat template (Jinja, as in tokenizer_config.json), instead of the
+    /// tokenizer's own.
+    #[serde(default)]
+    chat_template: Option<String>,
+    /// Conversations: which tokens count in the loss (`assistant`, `last_assistant`, `all`).
+    #[serde(default)]
+    train_on: Option<TrainOn>,
 }
 
 fn default_max_len() -> usize {
@@ -50,7 +63,8 @@ fn default_pad() -> String {
 }
 
 /// What decides a tokenize stage's result (see `pipe_core::key`): every field but its two
-/// inputs (the pairs and the tokenizer, which are in by content).
+/// inputs (the pairs and the tokenizer, which are in by content). The chat fields enter only
+/// when set, so that stages written before them keep their keys.
 #[derive(Serialize)]
 struct TokenizeKey<'a> {
     max_len: usize,
@@ -59,6 +73,10 @@ struct TokenizeKey<'a> {
     eos_token: Option<&'a str>,
     pad_token: Option<&'a str>,
     add_pad_token: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chat_template: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    train_on: Option<TrainOn>,
 }
 
 impl Fields {
@@ -70,6 +88,8 @@ impl Fields {
             eos_token: self.eos_token.as_deref(),
             pad_token: self.pad_token.as_deref(),
             add_pad_token: &self.add_pad_token,
+            chat_template: self.chat_template.as_deref(),
+            train_on: self.train_on,
         }
     }
 }
@@ -89,7 +109,7 @@ impl StageKind for TokenizeKind {
         1
     }
     fn summary(&self) -> &'static str {
-        "tokenize prompt/response pairs and mask the prompt, exactly as the Alpaca recipe does"
+        "tokenize prompt/response pairs (masking the prompt, exactly as the Alpaca recipe does) or conversations (the model's chat template, masking all but the assistant)"
     }
     fn fields_schema(&self) -> serde_json::Value {
         crate::schema_of::<Fields>()
@@ -169,6 +189,8 @@ impl TokenizeStage {
             eos_token: f.eos_token.clone(),
             pad_token: f.pad_token.clone(),
             add_pad_token: f.add_pad_token.clone(),
+            chat_template: f.chat_template.clone(),
+            train_on: f.train_on,
         };
         let input = cx.input("input")?.to_path_buf();
         let tokenizer = cx.input("tokenizer")?.to_path_buf();
@@ -197,6 +219,22 @@ impl TokenizeStage {
                     f.max_len
                 );
             }
+        }
+        if let Some(c) = &r.chat {
+            cx.log(&format!(
+                "conversations: the chat template of {} ({} generation markers), loss on {}",
+                c.template_from,
+                if c.generation_markers {
+                    "with"
+                } else {
+                    "without"
+                },
+                match c.train_on {
+                    TrainOn::Assistant => "every assistant turn",
+                    TrainOn::LastAssistant => "the last assistant turn",
+                    TrainOn::All => "every token",
+                }
+            ));
         }
         cx.set_metrics(serde_json::to_value(&r)?);
         Ok(())
