@@ -94,7 +94,8 @@ fn a_hub_dataset_directory_gives_its_splits() {
         seed: 1,
         size: None,
     };
-    let stats = pipe_data::format::run(&[source.clone()], &reader, &opts, out.path()).unwrap();
+    let stats =
+        pipe_data::format::run(std::slice::from_ref(&source), &reader, &opts, out.path()).unwrap();
     assert_eq!((stats.records, stats.train, stats.val), (5, 4, 1));
     assert_eq!(stats.files.len(), 2);
     let Examples::Chat(train_convs) = read_examples(&out.path().join("train.jsonl")).unwrap()
