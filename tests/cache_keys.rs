@@ -257,7 +257,7 @@ fn examples() -> Vec<Example> {
                 ("keep=best", "keep"),
                 ("early_stopping_patience=2", "early_stopping_patience"),
             ],
-            pinned: "6e557e930b6d01fc442171dd36300a4e41876f247a5877a5f77ef2f90c41c240",
+            pinned: "8baa21a86afd54b0727ac6a06e2d8e5e3660dc78a598ffc1fb17be45f13c8eb0",
         },
         Example {
             name: "evaluate",
@@ -293,7 +293,7 @@ fn examples() -> Vec<Example> {
                     "generate",
                 ),
             ],
-            pinned: "4c2e9918d14d14594b156f40f1e5ecbe1d119d24fb98397e85e01d40fe0454f3",
+            pinned: "97d5ee6224025436d8e2d0d1ea682f019932e108284eaa18cf2d774d923593b2",
         },
         Example {
             name: "export",

@@ -48,6 +48,7 @@ stages:
     lr: 1.0e-2
     epochs: 3
     batch_size: 4
+    eval_steps: 2
   eval:
     kind: evaluate
     model: lora
@@ -199,6 +200,77 @@ fn base_and_tuned_side_by_side() {
     // `pipe show` gives the headline numbers.
     let show = p.pipe(&["show", "p.yaml", "eval"]).ok().stdout;
     assert!(show.contains("tuned.heldout.loss"), "{show}\n{}", run.all());
+
+    check_report_html(&p, &eval.join("report.html"));
+}
+
+/// The colours report.html draws its series in (base / training loss, tuned / held-out loss).
+const BLUE: [u8; 3] = [0x1f, 0x77, 0xb4];
+const ORANGE: [u8; 3] = [0xff, 0x7f, 0x0e];
+
+/// report.html: self-contained, every chart there, and drawn by a real browser (Debian's
+/// chromium, installed by tests/setup.sh): its screenshot shows both series' colours.
+fn check_report_html(p: &Project, html_path: &std::path::Path) {
+    let html = std::fs::read_to_string(html_path).unwrap();
+    // Nothing fetched: the only URL is SVG's namespace name.
+    assert_eq!(
+        html.matches("http").count(),
+        html.matches("http://www.w3.org/2000/svg").count(),
+        "{html}"
+    );
+    assert!(!html.contains("<script") && !html.contains("<img"));
+    // The training curves (loss and held-out loss of the lora stage), a chart per metric, the
+    // samples.
+    assert!(html.contains("training loss") && html.contains("held-out loss"));
+    let metrics = html.matches("aria-label=\"").count() - 1;
+    assert!(metrics >= 4, "{metrics} metric charts");
+    assert!(html.contains("heldout.loss") && html.contains("quiz.acc"));
+    assert!(html.contains("Name a colour."), "the samples table");
+
+    let chromium = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| {
+            std::process::Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("a headless chromium is missing: run `bash tests/setup.sh` (it installs Debian's chromium)");
+    let shot = p.path("report.png");
+    let out = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,2400",
+        ])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", html_path.display()))
+        .output()
+        .unwrap();
+    assert!(
+        shot.exists(),
+        "chromium wrote no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let pixels = buf[..info.buffer_size()].chunks(channels);
+    let near = |px: &[u8], c: [u8; 3]| (0..3).all(|i| px[i].abs_diff(c[i]) <= 12);
+    let (mut blue, mut orange, mut ink) = (0, 0, 0);
+    for px in pixels {
+        blue += near(px, BLUE) as usize;
+        orange += near(px, ORANGE) as usize;
+        ink += (px[..3].iter().all(|&v| v < 100)) as usize;
+    }
+    assert!(
+        blue > 500 && orange > 500 && ink > 500,
+        "the screenshot shows {blue} blue, {orange} orange and {ink} dark pixels"
+    );
 }
 
 #[test]

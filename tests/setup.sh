@@ -4,8 +4,20 @@
 # again changes nothing when they are there.
 #   - tensorboard: its event reader reads back the event files a train stage writes;
 #   - jsonschema, PyYAML: validate pipelines against `pipe schema`;
-#   - mlflow: a real tracking server (sqlite backend, on 127.0.0.1) that train stages log to.
+#   - mlflow: a real tracking server (sqlite backend, on 127.0.0.1) that train stages log to;
+#   - chromium (Debian's package, system-wide): the headless browser report.html is drawn in.
 set -euo pipefail
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  install=(apt-get install -y -q --no-install-recommends chromium)
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive "${install[@]}" >/dev/null
+  elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
+    sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive "${install[@]}" >/dev/null
+  else
+    echo "tests/setup.sh: a headless chromium is required (Debian/Ubuntu: apt install chromium)" >&2
+    exit 1
+  fi
+fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV="$ROOT/target/test-tools"
 REQUIREMENTS="$ROOT/tests/requirements-tools.txt"

@@ -3,7 +3,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use pipe_model::{KvCache, CausalLm};
+use pipe_model::{CausalLm, KvCache};
 use pipe_rand::SplitMix64;
 use serde::{Deserialize, Serialize};
 

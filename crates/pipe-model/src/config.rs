@@ -363,7 +363,7 @@ impl ModelConfig {
         })?;
         Self::from_json(&text).map_err(|e| ModelError::Config {
             path: path.to_path_buf(),
-            source: e,
+            source: Box::new(e),
         })
     }
 

@@ -46,11 +46,27 @@ pub enum ModelError {
         source: std::io::Error,
     },
     #[error("bad model config {}: {source}", path.display())]
-    Config { path: PathBuf, source: ConfigError },
+    Config {
+        path: PathBuf,
+        source: Box<ConfigError>,
+    },
+    // Boxed: every fallible call returns this, and the detailed causes are large.
     #[error("bad checkpoint: {0}")]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(Box<CheckpointError>),
     #[error("bad LoRA adapter: {0}")]
-    Adapter(#[from] AdapterError),
+    Adapter(Box<AdapterError>),
+}
+
+impl From<CheckpointError> for ModelError {
+    fn from(e: CheckpointError) -> Self {
+        ModelError::Checkpoint(Box::new(e))
+    }
+}
+
+impl From<AdapterError> for ModelError {
+    fn from(e: AdapterError) -> Self {
+        ModelError::Adapter(Box::new(e))
+    }
 }
 
 /// What is wrong with a checkpoint's files.

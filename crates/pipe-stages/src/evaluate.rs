@@ -29,8 +29,9 @@
 //!   batch_size: 8
 //! ```
 //!
-//! Outputs: `metrics.json`, `report.md` (metric, base, tuned, delta), `items/<task>.jsonl`
-//! (every item's log-likelihoods and predictions) and `samples.jsonl`.
+//! Outputs: `metrics.json`, `report.md` (metric, base, tuned, delta), `report.html` (the same
+//! drawn: the model's training curves, a bar chart per metric, the samples; self-contained),
+//! `items/<task>.jsonl` (every item's log-likelihoods and predictions) and `samples.jsonl`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -57,6 +58,7 @@ use crate::sources::LocalSources;
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
+use crate::eval_report;
 use crate::models::{find_weights, Device, InitKey, ModelField, ModelSource, Weights};
 
 pub struct EvaluateKind;
@@ -186,7 +188,8 @@ impl StageKind for EvaluateKind {
     }
     fn version(&self) -> u32 {
         // 2: attention through the backend's own op (other float rounding).
-        2
+        // 3: every model family; a seeded model's key holds the family-aware config.
+        3
     }
     fn summary(&self) -> &'static str {
         "score a model (and its base, side by side): held-out perplexity, lm-eval-harness multiple choice, generated samples"
@@ -416,7 +419,11 @@ impl Stage for EvaluateStage {
         KeyFields::of(&self.key())
     }
     fn outputs(&self) -> Option<Vec<String>> {
-        let mut outs = vec!["metrics.json".to_string(), "report.md".to_string()];
+        let mut outs = vec![
+            "metrics.json".to_string(),
+            "report.md".to_string(),
+            "report.html".to_string(),
+        ];
         if !self.tasks.is_empty() {
             outs.push("items".into());
         }
@@ -872,7 +879,8 @@ impl EvaluateStage {
         Ok(m)
     }
 
-    /// Writes `items/<task>.jsonl`, `samples.jsonl`, `metrics.json` and `report.md`, and
+    /// Writes `items/<task>.jsonl`, `samples.jsonl`, `metrics.json`, `report.md` and
+    /// `report.html`, and
     /// records the headline numbers as the stage's metrics.
     fn write_outputs(&self, cx: &mut StageContext, outcome: Outcome) -> anyhow::Result<()> {
         let out = &cx.out_dir;
@@ -889,6 +897,15 @@ impl EvaluateStage {
         )?;
         let rows = flatten(&metrics);
         std::fs::write(out.join("report.md"), report(&rows, self.compare))?;
+        // The training curves of the model's own train stage, when it came from one.
+        let curves = cx
+            .input("model")
+            .map(eval_report::training_curves)
+            .unwrap_or_default();
+        std::fs::write(
+            out.join("report.html"),
+            eval_report::render("Evaluation", &rows, &curves, &outcome.samples),
+        )?;
         cx.set_metrics(Value::Object(
             rows.into_iter()
                 .flat_map(|(k, vals)| {

@@ -3,6 +3,7 @@
 
 pub mod command;
 pub mod download;
+mod eval_report;
 pub mod evaluate;
 pub mod export;
 pub mod format;

@@ -31,7 +31,7 @@ pub(crate) enum ModelSource {
     /// Read from the stage input of this name.
     Input(String),
     Init {
-        config: ModelConfig,
+        config: Box<ModelConfig>,
         seed: u64,
     },
 }
@@ -83,7 +83,7 @@ impl ModelField {
                     .map_err(|e| init_error(e.to_string()))?;
                 check_fits_in_memory(&config).map_err(init_error)?;
                 Ok(ModelSource::Init {
-                    config,
+                    config: Box::new(config),
                     seed: *seed,
                 })
             }

@@ -637,7 +637,7 @@ impl TrainStage {
             },
         };
         let config = match &base {
-            BaseModel::Init { config, .. } => Some(config.clone()),
+            BaseModel::Init { config, .. } => Some(config.as_ref().clone()),
             BaseModel::Dir(dir) => {
                 pipe_model::ModelConfig::from_file(&dir.join("config.json")).ok()
             }
@@ -799,7 +799,7 @@ impl TrainStage {
         stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
     ) -> Option<pipe_model::ModelConfig> {
         let name = match &self.model {
-            ModelSource::Init { config, .. } => return Some(config.clone()),
+            ModelSource::Init { config, .. } => return Some(config.as_ref().clone()),
             ModelSource::Input(name) => name,
         };
         let input = self.inputs.iter().find(|i| &i.name == name)?;

@@ -34,7 +34,7 @@ pub enum BaseModel {
     /// A Hugging Face model directory.
     Dir(PathBuf),
     /// A fresh model of this shape, initialised from `seed`.
-    Init { config: ModelConfig, seed: u64 },
+    Init { config: Box<ModelConfig>, seed: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -125,7 +125,7 @@ fn run_warned<A: AutodiffBackend>(
     };
     let result = train::<A>(
         &BaseModel::Init {
-            config: support::tiny_config(),
+            config: Box::new(support::tiny_config()),
             seed: 3,
         },
         &Splits {

@@ -70,7 +70,7 @@ pub fn train_small(
     std::fs::create_dir_all(&out).unwrap();
     train::<Autodiff<pipe_model::CpuBackend>>(
         &BaseModel::Init {
-            config: tiny_config(),
+            config: Box::new(tiny_config()),
             seed: 4,
         },
         &Splits {
