@@ -43,11 +43,8 @@ fn main() {
     };
     let specials = prepare(&mut tok, &opts).expect("specials");
     set_encoding(&mut tok.tokenizer, max_len).unwrap();
-    let path = if pipe_data::fastbpe::FastBpe::new(&tok.tokenizer, max_len).is_some() {
-        "FastBpe"
-    } else {
-        "tokenizers library"
-    };
+    let path = pipe_data::fastbpe::FastEncoder::new(&tok.tokenizer, max_len)
+        .map_or("tokenizers library", |f| f.name());
 
     let t = Instant::now();
     let examples = tokenize_all(&tok.tokenizer, &specials, &pairs, false).expect("tokenize");

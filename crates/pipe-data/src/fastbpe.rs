@@ -5,7 +5,9 @@
 //! library's offset bookkeeping, and with a per-batch cache of word merges.
 //!
 //! [`FastBpe::new`] accepts a tokenizer only when every part is one it reproduces exactly;
-//! anything else (`None`) is encoded by the library.
+//! anything else (`None`) is encoded by the library — or, for byte-level BPE, by
+//! [`ByteLevelBpe`](crate::bytelevel::ByteLevelBpe), which shares this module's merges and
+//! templates; [`FastEncoder`] picks whichever fits.
 //!
 //! Why words: when no vocabulary token has `▁` after another character, no merge can cross
 //! the start of a `▁` run, so BPE over the cut-up text equals BPE over the whole text.
@@ -17,10 +19,11 @@ use ahash::AHashMap;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+pub use crate::bytelevel::ByteLevelBpe;
+
 pub struct FastBpe {
     vocab: AHashMap<String, u32>,
-    /// (left, right) → (rank, merged id).
-    merges: AHashMap<(u32, u32), (u32, u32)>,
+    merges: MergeMap,
     /// `<0xNN>` ids, when byte fallback is on (all 256 present).
     bytes: Option<Vec<u32>>,
     unk: Option<u32>,
@@ -35,8 +38,60 @@ pub struct FastBpe {
     max_len: usize,
 }
 
-/// Word → ids, for one batch.
-pub type WordCache = AHashMap<String, Vec<u32>>;
+/// Word → ids, for one batch: the ids of all its words in one buffer, so that a new word costs
+/// one allocation (its key) and dropping the cache a few.
+#[derive(Default)]
+pub struct WordCache {
+    /// Word → (start, length) in `ids`.
+    words: AHashMap<Box<str>, (usize, usize)>,
+    ids: Vec<u32>,
+}
+
+impl WordCache {
+    pub(crate) fn get(&self, word: &str) -> Option<&[u32]> {
+        self.words
+            .get(word)
+            .map(|&(start, len)| &self.ids[start..start + len])
+    }
+
+    pub(crate) fn insert(&mut self, word: &str, ids: &[u32]) {
+        self.words.insert(word.into(), (self.ids.len(), ids.len()));
+        self.ids.extend_from_slice(ids);
+    }
+}
+
+/// The fast encoder for a tokenizer, if one reproduces it: [`FastBpe`] for SentencePiece-style
+/// BPE, [`ByteLevelBpe`] for byte-level BPE (GPT-2, GPT-NeoX, Llama-3, Qwen2…). `None`: the
+/// library encodes.
+pub enum FastEncoder {
+    SentencePiece(FastBpe),
+    ByteLevel(ByteLevelBpe),
+}
+
+impl FastEncoder {
+    pub fn new(tok: &Tokenizer, max_len: usize) -> Option<Self> {
+        if let Some(f) = FastBpe::new(tok, max_len) {
+            return Some(FastEncoder::SentencePiece(f));
+        }
+        ByteLevelBpe::new(tok, max_len).map(FastEncoder::ByteLevel)
+    }
+
+    /// As [`FastBpe::encode`].
+    pub fn encode(&self, text: &str, cache: &mut WordCache) -> (Vec<u32>, bool) {
+        match self {
+            FastEncoder::SentencePiece(f) => f.encode(text, cache),
+            FastEncoder::ByteLevel(f) => f.encode(text, cache),
+        }
+    }
+
+    /// The encoder's name, for reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FastEncoder::SentencePiece(_) => "FastBpe",
+            FastEncoder::ByteLevel(_) => "ByteLevelBpe",
+        }
+    }
+}
 
 impl FastBpe {
     /// Builds the encoder if `tok` is a tokenizer it reproduces exactly, truncating at `max_len`.
@@ -64,21 +119,8 @@ impl FastBpe {
         {
             return None;
         }
-        let vocab: AHashMap<String, u32> = model["vocab"]
-            .as_object()?
-            .iter()
-            .map(|(k, v)| Some((k.clone(), v.as_u64()? as u32)))
-            .collect::<Option<_>>()?;
-        let mut merges = AHashMap::new();
-        for (rank, m) in model["merges"].as_array()?.iter().enumerate() {
-            let (a, b) = match m {
-                Value::String(s) => s.split_once(' ')?,
-                Value::Array(p) if p.len() == 2 => (p[0].as_str()?, p[1].as_str()?),
-                _ => return None,
-            };
-            let merged = vocab.get(&format!("{a}{b}"))?;
-            merges.insert((*vocab.get(a)?, *vocab.get(b)?), (rank as u32, *merged));
-        }
+        let vocab = vocab(model)?;
+        let merges = merges(model, &vocab)?;
         let bytes = if model["byte_fallback"].as_bool().unwrap_or(false) {
             // With a missing byte token the library mixes unk and byte tokens in an order this
             // encoder does not copy; such vocabularies go to the library.
@@ -212,30 +254,27 @@ impl FastBpe {
         }
         let out = self.bpe_word(word);
         ids.extend_from_slice(&out);
-        cache.insert(word.to_string(), out);
+        cache.insert(word, &out);
     }
 
-    /// BPE of one word, merging the lowest-ranked pair first (leftmost among equals), as the
-    /// library's `Word::merge_all` does.
+    /// BPE of one word (see [`merge`]).
     fn bpe_word(&self, word: &str) -> Vec<u32> {
-        let mut symbols: Vec<Symbol> = Vec::with_capacity(word.len());
+        let mut symbols: Vec<u32> = Vec::with_capacity(word.len());
         let mut pending_unk: Option<u32> = None;
         for (i, c) in word.char_indices() {
             let s = &word[i..i + c.len_utf8()];
             if let Some(&id) = self.vocab.get(s) {
                 if let Some(u) = pending_unk.take() {
-                    push(&mut symbols, u);
+                    symbols.push(u);
                 }
-                push(&mut symbols, id);
+                symbols.push(id);
             } else if let Some(bytes) = &self.bytes {
-                for b in s.bytes() {
-                    push(&mut symbols, bytes[b as usize]);
-                }
+                symbols.extend(s.bytes().map(|b| bytes[b as usize]));
             } else if let Some(unk) = self.unk {
                 match pending_unk {
                     Some(_) if self.fuse_unk => {}
                     Some(u) => {
-                        push(&mut symbols, u);
+                        symbols.push(u);
                         pending_unk = Some(unk);
                     }
                     None => pending_unk = Some(unk),
@@ -243,65 +282,155 @@ impl FastBpe {
             }
         }
         if let Some(u) = pending_unk {
-            push(&mut symbols, u);
+            symbols.push(u);
         }
-        let mut queue = BinaryHeap::with_capacity(symbols.len());
-        for i in 0..symbols.len().saturating_sub(1) {
-            if let Some(&(rank, new_id)) = self.merges.get(&(symbols[i].id, symbols[i + 1].id)) {
+        let mut out = Vec::with_capacity(symbols.len());
+        merge(&self.merges, &symbols, &mut out);
+        out
+    }
+}
+
+/// (left, right) → (rank, merged id), as the library's BPE keeps its merges.
+pub(crate) type MergeMap = AHashMap<(u32, u32), (u32, u32)>;
+
+/// A BPE model's vocabulary (token → id) from its tokenizer.json `model`.
+pub(crate) fn vocab(model: &Value) -> Option<AHashMap<String, u32>> {
+    model["vocab"]
+        .as_object()?
+        .iter()
+        .map(|(k, v)| Some((k.clone(), u32::try_from(v.as_u64()?).ok()?)))
+        .collect()
+}
+
+/// A BPE model's merges, ranked in file order (a repeated pair keeps its last rank, as in the
+/// library); `None` if one names a token outside `vocab`.
+pub(crate) fn merges(model: &Value, vocab: &AHashMap<String, u32>) -> Option<MergeMap> {
+    let mut merges = AHashMap::new();
+    for (rank, m) in model["merges"].as_array()?.iter().enumerate() {
+        let (a, b) = match m {
+            Value::String(s) => s.split_once(' ')?,
+            Value::Array(p) if p.len() == 2 => (p[0].as_str()?, p[1].as_str()?),
+            _ => return None,
+        };
+        let merged = vocab.get(&format!("{a}{b}"))?;
+        merges.insert((*vocab.get(a)?, *vocab.get(b)?), (rank as u32, *merged));
+    }
+    Some(merges)
+}
+
+/// BPE-merges `ids` (one word's symbols) into `out`, merging the lowest-ranked pair first
+/// (leftmost among equals), as the library's `Word::merge_all` does.
+///
+/// The library keeps a heap of candidate pairs and drops stale ones as it pops them; an entry
+/// is live exactly when its pair is still there (the merged token names the pair), so it always
+/// applies the live pair of least (rank, position). Short words get the same order from a scan
+/// of the pairs' ranks (no heap, no allocation); long ones from a heap, as the library does.
+pub(crate) fn merge(merges: &MergeMap, ids: &[u32], out: &mut Vec<u32>) {
+    if ids.len() < 2 {
+        out.extend_from_slice(ids);
+        return;
+    }
+    if ids.len() <= SHORT_WORD {
+        return merge_short(merges, ids, out);
+    }
+    let mut symbols: Vec<Symbol> = Vec::with_capacity(ids.len());
+    for &id in ids {
+        push(&mut symbols, id);
+    }
+    let mut queue = BinaryHeap::with_capacity(symbols.len());
+    for i in 0..symbols.len() - 1 {
+        if let Some(&(rank, new_id)) = merges.get(&(symbols[i].id, symbols[i + 1].id)) {
+            queue.push(Merge {
+                pos: i,
+                rank,
+                new_id,
+            });
+        }
+    }
+    while let Some(top) = queue.pop() {
+        if symbols[top.pos].removed {
+            continue;
+        }
+        let Some(next) = symbols[top.pos].next else {
+            continue;
+        };
+        let pair = (symbols[top.pos].id, symbols[next].id);
+        if merges.get(&pair).is_none_or(|&(_, id)| id != top.new_id) {
+            continue; // a stale entry: one side has changed since it was queued
+        }
+        symbols[top.pos].id = top.new_id;
+        symbols[next].removed = true;
+        let after = symbols[next].next;
+        symbols[top.pos].next = after;
+        if let Some(a) = after {
+            symbols[a].prev = Some(top.pos);
+        }
+        if let Some(p) = symbols[top.pos].prev {
+            if let Some(&(rank, new_id)) = merges.get(&(symbols[p].id, top.new_id)) {
                 queue.push(Merge {
-                    pos: i,
+                    pos: p,
                     rank,
                     new_id,
                 });
             }
         }
-        while let Some(top) = queue.pop() {
-            if symbols[top.pos].removed {
-                continue;
-            }
-            let Some(next) = symbols[top.pos].next else {
-                continue;
-            };
-            let pair = (symbols[top.pos].id, symbols[next].id);
-            if self
-                .merges
-                .get(&pair)
-                .is_none_or(|&(_, id)| id != top.new_id)
-            {
-                continue; // a stale entry: one side has changed since it was queued
-            }
-            symbols[top.pos].id = top.new_id;
-            symbols[next].removed = true;
-            let after = symbols[next].next;
-            symbols[top.pos].next = after;
-            if let Some(a) = after {
-                symbols[a].prev = Some(top.pos);
-            }
-            if let Some(p) = symbols[top.pos].prev {
-                if let Some(&(rank, new_id)) = self.merges.get(&(symbols[p].id, top.new_id)) {
-                    queue.push(Merge {
-                        pos: p,
-                        rank,
-                        new_id,
-                    });
-                }
-            }
-            if let Some(a) = after {
-                if let Some(&(rank, new_id)) = self.merges.get(&(top.new_id, symbols[a].id)) {
-                    queue.push(Merge {
-                        pos: top.pos,
-                        rank,
-                        new_id,
-                    });
-                }
+        if let Some(a) = after {
+            if let Some(&(rank, new_id)) = merges.get(&(top.new_id, symbols[a].id)) {
+                queue.push(Merge {
+                    pos: top.pos,
+                    rank,
+                    new_id,
+                });
             }
         }
-        symbols
-            .iter()
-            .filter(|s| !s.removed)
-            .map(|s| s.id)
-            .collect()
     }
+    out.extend(symbols.iter().filter(|s| !s.removed).map(|s| s.id));
+}
+
+/// The longest word [`merge_short`] takes.
+const SHORT_WORD: usize = 64;
+
+/// [`merge`] for words of 2 to [`SHORT_WORD`] symbols.
+fn merge_short(merges: &MergeMap, ids: &[u32], out: &mut Vec<u32>) {
+    const NONE: (u32, u32) = (u32::MAX, 0);
+    let pair = |a: u32, b: u32| merges.get(&(a, b)).copied().unwrap_or(NONE);
+    let mut len = ids.len();
+    let mut symbols = [0u32; SHORT_WORD];
+    symbols[..len].copy_from_slice(ids);
+    // (rank, merged id) of each adjacent pair.
+    let mut pairs = [NONE; SHORT_WORD];
+    for i in 0..len - 1 {
+        pairs[i] = pair(symbols[i], symbols[i + 1]);
+    }
+    loop {
+        let mut at = 0;
+        for i in 1..len - 1 {
+            if pairs[i].0 < pairs[at].0 {
+                at = i;
+            }
+        }
+        if pairs[at].0 == u32::MAX {
+            break;
+        }
+        symbols[at] = pairs[at].1;
+        symbols.copy_within(at + 2..len, at + 1);
+        if at + 3 < len {
+            pairs.copy_within(at + 2..len - 1, at + 1);
+        }
+        len -= 1;
+        if at > 0 {
+            pairs[at - 1] = pair(symbols[at - 1], symbols[at]);
+        }
+        if at + 1 < len {
+            pairs[at] = pair(symbols[at], symbols[at + 1]);
+        } else {
+            pairs[at] = NONE;
+        }
+        if len == 1 {
+            break;
+        }
+    }
+    out.extend_from_slice(&symbols[..len]);
 }
 
 fn push(symbols: &mut Vec<Symbol>, id: u32) {
@@ -318,7 +447,7 @@ fn push(symbols: &mut Vec<Symbol>, id: u32) {
 }
 
 /// The special-token ids a `TemplateProcessing` puts before and after a single sequence.
-fn template(pp: &Value) -> Option<(Vec<u32>, Vec<u32>)> {
+pub(crate) fn template(pp: &Value) -> Option<(Vec<u32>, Vec<u32>)> {
     if pp.is_null() {
         return Some((Vec::new(), Vec::new()));
     }

@@ -4,6 +4,7 @@
 //! Stanford Alpaca's preprocessing (or transformers' `apply_chat_template`) does, into a
 //! compact memory-mapped dataset.
 
+pub mod bytelevel;
 pub mod chat;
 pub mod columnar;
 pub mod dataset;

@@ -334,9 +334,9 @@ fn example(index: usize, input_ids: Vec<u32>, source_len: usize, truncated: bool
     }
 }
 
-/// Tokenizes all pairs on all cores, keeping their order. SentencePiece-style BPE tokenizers
-/// go through [`FastBpe`](crate::fastbpe::FastBpe) (same ids, several times faster); others
-/// through the library.
+/// Tokenizes all pairs on all cores, keeping their order. SentencePiece-style and byte-level
+/// BPE tokenizers go through a [`FastEncoder`](crate::fastbpe::FastEncoder) (same ids, several
+/// times faster); others through the library.
 pub fn tokenize_all(
     tok: &Tokenizer,
     sp: &Specials,
@@ -347,7 +347,7 @@ pub fn tokenize_all(
         .get_truncation()
         .map(|t| t.max_length)
         .unwrap_or(usize::MAX / 2);
-    if let Some(fast) = crate::fastbpe::FastBpe::new(tok, max_len) {
+    if let Some(fast) = crate::fastbpe::FastEncoder::new(tok, max_len) {
         let chunks: Vec<Vec<Example>> = pairs
             .par_chunks(256)
             .map(|chunk| {
