@@ -416,7 +416,8 @@ fn rewrite_generation_tags(source: &str) -> (String, bool) {
     while let Some(at) = rest.find("{%") {
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
-        let Some(close) = tag.find("%}") else {
+        // The closing `%}` after the opening `{%` (in `{%}` they overlap).
+        let Some(close) = tag[2..].find("%}").map(|c| c + 2) else {
             out.push_str(tag);
             return (out, found);
         };
@@ -860,6 +861,20 @@ impl ChatTokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Broken tags are left to the template parser to report, never a panic here.
+    #[test]
+    fn malformed_tags_pass_through() {
+        for source in ["{%}", "{%", "a {%- %} b", "{%-}", "{% generation -%}{%"] {
+            let (out, _) = rewrite_generation_tags(source);
+            assert!(out.contains("{%"), "{source} -> {out}");
+        }
+        let (out, found) = rewrite_generation_tags("{%- generation %}x{% endgeneration -%}");
+        assert!(
+            found && out.contains("if true") && out.contains("endif"),
+            "{out}"
+        );
+    }
 
     fn msgs(turns: &[(&str, &str)]) -> Vec<Message> {
         turns
