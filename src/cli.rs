@@ -4,15 +4,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::progress::LiveView;
-use crate::report;
+use crate::report::{self, human_bytes};
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pipe_core::graph::{render, DagFormat, Selection};
 use pipe_core::kind::{Registry, Workspace};
 use pipe_core::lock::WorkspaceLock;
-use pipe_core::runner::{interrupt_flag, Decision, PlanState};
+use pipe_core::remote::RemoteCache;
+use pipe_core::runner::{interrupt_flag, Decision, Direction, PlanState, Synced};
 use pipe_core::store::WorkDirs;
 use pipe_core::{Engine, Pipeline, RunOptions, Store};
+use std::sync::Arc;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -26,6 +28,9 @@ Examples:
   pipe show p.yaml train                            a stage's manifest, outputs and metrics
   pipe gc --keep-last 3                             drop what the last 3 runs did not use
   pipe cache verify                                 re-hash the store, drop corrupt entries
+  pipe remote set s3://team-bucket/pipe             share results through a remote cache
+  pipe push p.yaml                                  send the current results to the remote
+  pipe pull p.yaml train                            fetch a stage's current result from it
   pipe kinds                                        the stage kinds, with their versions";
 
 #[derive(Parser)]
@@ -47,6 +52,16 @@ pub struct Cli {
     /// Only errors
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// A remote cache shared with other stores: s3://BUCKET/PREFIX, gs://…, az://…, file:///PATH
+    /// (instead of the store's remote.yaml; credentials come from the environment)
+    #[arg(long, global = true, env = "PIPE_REMOTE", value_name = "URL")]
+    remote: Option<String>,
+    /// Pull from the remote cache, never push to it
+    #[arg(long, global = true, env = "PIPE_REMOTE_READ_ONLY")]
+    remote_read_only: bool,
+    /// Ignore any remote cache: only the local store
+    #[arg(long, global = true)]
+    no_remote: bool,
 }
 
 #[derive(Subcommand)]
@@ -111,6 +126,27 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Send the current results of a pipeline's stages to the remote cache (objects first,
+    /// the manifest last)
+    Push {
+        #[command(flatten)]
+        file: FileArgs,
+        /// Only these stages (default: every stage with a current result in the local store)
+        stages: Vec<String>,
+    },
+    /// Fetch the current results of a pipeline's stages from the remote cache (each object
+    /// verified on arrival)
+    Pull {
+        #[command(flatten)]
+        file: FileArgs,
+        /// Only these stages (default: every stage the remote has a current result of)
+        stages: Vec<String>,
+    },
+    /// The store's remote cache (kept in remote.yaml in the store)
+    Remote {
+        #[command(subcommand)]
+        command: RemoteCommand,
+    },
     /// List the stage kinds a pipeline can use, with their versions and what they do
     Kinds,
     /// Print the JSON Schema of pipeline files (for editors: completion, hover docs, checks)
@@ -138,6 +174,22 @@ enum CacheCommand {
     /// Re-hash every stored file; corrupt entries, and the entries built from their outputs,
     /// are removed so the next run re-makes them
     Verify,
+}
+
+#[derive(Subcommand)]
+enum RemoteCommand {
+    /// Use this remote cache from now on: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX,
+    /// az://CONTAINER/PREFIX or file:///PATH
+    Set {
+        url: String,
+        /// Pull from it, never push
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Stop using a remote cache
+    Unset,
+    /// Which remote cache commands use, and where that comes from
+    Show,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -204,6 +256,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         registry: pipe_stages::registry().in_workspace(Workspace::here(&cli.cache)),
         cache: cli.cache,
         quiet: cli.quiet,
+        remote: RemoteArgs {
+            url: cli.remote,
+            read_only: cli.remote_read_only,
+            none: cli.no_remote,
+        },
     };
     match cli.command {
         Command::Run(args) => run(&cx, args),
@@ -232,6 +289,9 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Cache {
             command: CacheCommand::Verify,
         } => cache_verify(&cx),
+        Command::Push { file, stages } => sync(&cx, &file, &stages, Direction::Push),
+        Command::Pull { file, stages } => sync(&cx, &file, &stages, Direction::Pull),
+        Command::Remote { command } => remote(&cx, command),
         Command::Kinds => kinds(&cx),
         Command::Schema => {
             let schema = pipe_core::schema::pipeline_schema(&cx.registry);
@@ -241,16 +301,40 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// What the subcommands share: the stage kinds, the store directory, and `--quiet`.
+/// What the subcommands share: the stage kinds, the store directory, `--quiet` and the
+/// remote cache options.
 struct Context {
     registry: Registry,
     cache: PathBuf,
     quiet: bool,
+    remote: RemoteArgs,
+}
+
+struct RemoteArgs {
+    url: Option<String>,
+    read_only: bool,
+    none: bool,
 }
 
 impl Context {
     fn load(&self, f: &FileArgs) -> Result<Pipeline> {
         pipe_core::load(&f.file, &f.set, &self.registry).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The remote cache this command uses, if any. A mistake in its URL or remote.yaml is an
+    /// error; a remote that cannot be reached shows only when it is used (and the command
+    /// goes on without it).
+    fn remote(&self) -> Result<Option<Arc<RemoteCache>>> {
+        let settings = pipe_remote::Settings::resolve(
+            &self.cache,
+            self.remote.url.as_deref(),
+            self.remote.read_only,
+            self.remote.none,
+        )?;
+        let Some((settings, _)) = settings else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(pipe_remote::connect(&settings)?)))
     }
 }
 
@@ -267,7 +351,7 @@ fn run(cx: &Context, args: RunArgs) -> Result<ExitCode> {
     }
     let cancel = interrupt_flag();
     let store = Store::open(&cx.cache)?;
-    let mut engine = Engine::new(&pipeline, store);
+    let mut engine = Engine::new(&pipeline, store).with_remote(cx.remote()?);
     let jobs = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -295,7 +379,7 @@ fn dry_run(
     selection: &Selection,
 ) -> Result<ExitCode> {
     crate::progress::hide();
-    let mut engine = engine_for_reading(pipeline, &cx.cache)?;
+    let mut engine = engine_for_reading(pipeline, &cx.cache)?.with_remote(cx.remote()?);
     let rows = engine.plan(selection).map_err(anyhow::Error::msg)?;
     println!("plan for `{}` ({}):", pipeline.name, file.file.display());
     for row in &rows {
@@ -326,7 +410,7 @@ fn check(cx: &Context, f: &FileArgs) -> Result<ExitCode> {
 
 fn status(cx: &Context, file: &FileArgs, explain: bool) -> Result<ExitCode> {
     let p = cx.load(file)?;
-    let mut engine = engine_for_reading(&p, &cx.cache)?;
+    let mut engine = engine_for_reading(&p, &cx.cache)?.with_remote(cx.remote()?);
     let rows = engine
         .plan(&Selection::default())
         .map_err(anyhow::Error::msg)?;
@@ -478,6 +562,148 @@ fn cache_verify(cx: &Context) -> Result<ExitCode> {
     }
 }
 
+/// `pipe push` / `pipe pull`: a line per stage, then the traffic; exit status 1 if a stage
+/// that was asked for could not be moved.
+fn sync(
+    cx: &Context,
+    file: &FileArgs,
+    stages: &[String],
+    direction: Direction,
+) -> Result<ExitCode> {
+    let p = cx.load(file)?;
+    let store = Store::open(&cx.cache)?;
+    let mut engine = Engine::new(&p, store).with_remote(cx.remote()?);
+    // One line for the transfers (bytes, rate, ETA) while they run, on a terminal.
+    let line = crate::progress::StageLine::new(match direction {
+        Direction::Pull => "pull",
+        Direction::Push => "push",
+    });
+    line.running();
+    let rows = engine.sync(direction, stages, &line.reporter());
+    line.finish("done", "");
+    let rows = rows?;
+    let remote = engine.remote().expect("sync needs a remote");
+    let mut failed = false;
+    for (stage, synced) in &rows {
+        let (word, detail) = match synced {
+            Synced::Local if direction == Direction::Pull => {
+                ("local", "already in the local store".to_string())
+            }
+            Synced::Local => ("local", "not asked for".to_string()),
+            Synced::Pulled => ("pulled", String::new()),
+            Synced::Pushed(p) if !p.manifest_written && p.objects == 0 => {
+                ("up to date", "the remote has it".to_string())
+            }
+            Synced::Pushed(p) => (
+                "pushed",
+                format!(
+                    "{}, {}",
+                    count(p.objects, "object", "objects"),
+                    human_bytes(p.bytes)
+                ),
+            ),
+            Synced::Absent if direction == Direction::Pull => {
+                ("absent", "not in the remote cache".to_string())
+            }
+            Synced::Absent => (
+                "absent",
+                "no current result in the local store (run it first)".to_string(),
+            ),
+            Synced::WaitsOn(ups) => (
+                "unknown",
+                format!(
+                    "its key depends on {}, which neither store holds",
+                    ups.iter()
+                        .map(|u| format!("`{u}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            Synced::Failed(e) => {
+                failed = true;
+                ("FAILED", e.clone())
+            }
+        };
+        println!("  {word:10} {stage:16} {detail}");
+    }
+    let t = remote.transfers();
+    let traffic = if direction == Direction::Pull {
+        t.pulled
+    } else {
+        t.pushed
+    };
+    println!(
+        "{} {}: {}, {} in {:.1}s ({}/s)",
+        if direction == Direction::Pull {
+            "pulled from"
+        } else {
+            "pushed to"
+        },
+        remote.location(),
+        count(traffic.objects, "object", "objects"),
+        human_bytes(traffic.bytes),
+        traffic.elapsed.as_secs_f64(),
+        human_bytes(traffic.rate() as u64)
+    );
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `pipe remote set|unset|show`.
+fn remote(cx: &Context, command: RemoteCommand) -> Result<ExitCode> {
+    let path = cx.cache.join(pipe_remote::CONFIG_FILE);
+    match command {
+        RemoteCommand::Set { url, read_only } => {
+            // Checked before it is saved: a URL that cannot name a remote is refused now.
+            let settings = pipe_remote::Settings { url, read_only };
+            pipe_remote::connect(&settings)?;
+            let saved = settings.save(&cx.cache)?;
+            println!(
+                "remote cache: {}{} (saved in {})",
+                settings.url,
+                if read_only { ", read-only" } else { "" },
+                saved.display()
+            );
+        }
+        RemoteCommand::Unset => match std::fs::remove_file(&path) {
+            Ok(()) => println!("no remote cache (removed {})", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!(
+                    "no remote cache was set ({} does not exist)",
+                    path.display()
+                )
+            }
+            Err(e) => bail!("cannot remove {}: {e}", path.display()),
+        },
+        RemoteCommand::Show => {
+            match pipe_remote::Settings::resolve(
+                &cx.cache,
+                cx.remote.url.as_deref(),
+                cx.remote.read_only,
+                cx.remote.none,
+            )? {
+                None if cx.remote.none => println!("no remote cache (--no-remote)"),
+                None => println!(
+                    "no remote cache (set one with `pipe remote set URL`, --remote or PIPE_REMOTE)"
+                ),
+                Some((s, origin)) => println!(
+                    "{}{} (from {})",
+                    s.url,
+                    if s.read_only { ", read-only" } else { "" },
+                    match origin {
+                        pipe_remote::Origin::CommandLine => "--remote / PIPE_REMOTE".to_string(),
+                        pipe_remote::Origin::File(p) => p.display().to_string(),
+                    }
+                ),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `pipe kinds`: every stage kind this binary offers.
 fn kinds(cx: &Context) -> Result<ExitCode> {
     print!("{}", kinds_text(&cx.registry));
@@ -594,19 +820,4 @@ fn show_text(store: &Store, m: &pipe_core::store::Manifest, current: bool) -> St
 /// `n` and the noun for it: "1 stage", "2 stages".
 fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

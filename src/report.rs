@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use pipe_core::remote::{Traffic, Transfers};
 use pipe_core::runner::{Decision, Outcome, PlanRow, PlanState, Skip, Status, Why};
 use pipe_core::{Pipeline, RunSummary};
 
@@ -63,6 +64,9 @@ pub fn plan_line(row: &PlanRow) -> String {
     let stage = &row.stage;
     match &row.state {
         PlanState::Decided(Decision::Reuse(_)) => format!("cached      {stage}"),
+        PlanState::Decided(Decision::Pull(_)) => {
+            format!("pull        {stage}  (its result is in the remote cache)")
+        }
         PlanState::Decided(Decision::Run(why)) => {
             format!("run         {stage}  ({})", why_text(why))
         }
@@ -82,6 +86,11 @@ pub fn status_text(p: &Pipeline, rows: &[PlanRow], explain: bool) -> String {
         let key = row.key.as_deref().map(|k| &k[..12]).unwrap_or("-");
         let (word, detail, always): (&str, Vec<String>, bool) = match &row.state {
             PlanState::Decided(Decision::Reuse(_)) => ("cached", vec![], false),
+            PlanState::Decided(Decision::Pull(_)) => (
+                "remote",
+                vec!["its result is in the remote cache: a run pulls it".to_string()],
+                false,
+            ),
             PlanState::Decided(
                 Decision::Run(Why::NeverRun) | Decision::LeaveOut(Why::NeverRun),
             ) => ("never run", vec![], false),
@@ -119,6 +128,7 @@ pub fn outcome_words(o: &Outcome) -> (&'static str, String) {
             .as_deref()
             .map(|k| k[..12].to_string())
             .unwrap_or_default(),
+        Status::Pulled => format!("pulled in {:.1}s", o.wall.as_secs_f64()),
         Status::Done => format!("{:.1}s", o.wall.as_secs_f64()),
         Status::Failed(e) => first_line(e),
         Status::Skipped(Skip::Interrupted) => "interrupted before it started".into(),
@@ -131,6 +141,7 @@ pub fn outcome_words(o: &Outcome) -> (&'static str, String) {
 fn status_word(status: &Status) -> &'static str {
     match status {
         Status::Cached => "cached",
+        Status::Pulled => "pulled",
         Status::Done => "done",
         Status::Failed(_) => "FAILED",
         Status::Skipped(_) => "skipped",
@@ -160,7 +171,7 @@ pub fn summary_table(summary: &RunSummary) -> String {
     );
     for o in outcomes {
         let time = match o.status {
-            Status::Done | Status::Failed(_) | Status::Interrupted => {
+            Status::Done | Status::Pulled | Status::Failed(_) | Status::Interrupted => {
                 format!("{:.1}s", o.wall.as_secs_f64())
             }
             _ => "-".into(),
@@ -214,6 +225,9 @@ pub fn summary_table(summary: &RunSummary) -> String {
             stages.join(", "),
         ));
     }
+    if let Some(t) = &summary.transfers {
+        s.push_str(&transfers_text(t));
+    }
     if summary.interrupted {
         s.push_str("\ninterrupted: finished stages are in the cache; run the same command again to resume\n");
     }
@@ -225,4 +239,53 @@ fn relative_to(path: &Path, base: &Path) -> String {
     path.strip_prefix(base)
         .map(|r| r.display().to_string())
         .unwrap_or_else(|_| path.display().to_string())
+}
+
+/// The remote cache's part of the summary: what moved each way, and how fast.
+fn transfers_text(t: &Transfers) -> String {
+    let mut s = String::new();
+    let line = |verb: &str, x: &Traffic| {
+        format!(
+            "{verb} {} {} ({} objects, {}) in {:.1}s, {}/s",
+            x.entries,
+            if x.entries == 1 { "entry" } else { "entries" },
+            x.objects,
+            human_bytes(x.bytes),
+            x.elapsed.as_secs_f64(),
+            human_bytes(x.rate() as u64)
+        )
+    };
+    let mut parts = Vec::new();
+    if t.pulled.entries > 0 {
+        parts.push(line("pulled", &t.pulled));
+    }
+    if t.pushed.entries > 0 {
+        parts.push(line("pushed", &t.pushed));
+    }
+    if !parts.is_empty() {
+        s.push_str(&format!("\nremote {}: {}\n", t.location, parts.join("; ")));
+    }
+    if let Some(why) = &t.unreachable {
+        s.push_str(&format!(
+            "\nremote {} could not be reached ({why}): this run used only the local store\n",
+            t.location
+        ));
+    }
+    s
+}
+
+/// `n` bytes in B, KiB, MiB, GiB or TiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

@@ -61,6 +61,8 @@ impl Project {
             .env_remove("PIPE_CACHE")
             .env_remove("PIPE_FAULT")
             .env_remove("PIPE_LOG")
+            .env_remove("PIPE_REMOTE")
+            .env_remove("PIPE_REMOTE_READ_ONLY")
             .stdin(Stdio::null());
         c
     }

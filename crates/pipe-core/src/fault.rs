@@ -11,6 +11,8 @@ pub const POINTS: &[&str] = &[
     "commit-objects-stored", // outputs moved into objects/, entry view not built
     "commit-view-built",     // entry view in place, manifest not written
     "commit-manifest-written", // manifest written, the run has not recorded it
+    "pull-objects-fetched",  // a pull's objects are in the store, its entry is not
+    "push-objects-sent",     // a push's objects are in the remote, its manifest is not
 ];
 
 pub fn point(name: &str) {

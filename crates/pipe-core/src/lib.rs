@@ -6,6 +6,7 @@
 //! - the cache key recipe: [`key`]
 //! - the run loop: [`runner`]
 //! - the store layout: [`store`]
+//! - the remote cache seam: [`remote`]
 
 pub mod diag;
 pub mod digest;
@@ -15,6 +16,7 @@ pub mod key;
 pub mod kind;
 pub mod lock;
 pub mod relpath;
+pub mod remote;
 pub mod runner;
 pub mod schema;
 pub mod spec;

@@ -21,12 +21,12 @@ use crate::graph::{Dag, Plan as SelectionPlan, Selection};
 use crate::key::{diff, Change, KeyFields, KeyRecipe};
 use crate::kind::{InputSource, Interrupted, NoProgress, Progress, StageContext};
 use crate::lock::WorkspaceLock;
+use crate::remote::{Pushed, RemoteCache, Transfers};
 use crate::spec::Pipeline;
 use crate::store::{
     Damage, Entry, InputRecord, Manifest, RunRecord, StageRef, Store, MANIFEST_FORMAT,
 };
 
-/// Set once SIGINT or SIGTERM arrives. A second signal exits at once (status 130).
 /// Set once SIGINT or SIGTERM arrives. A second signal exits at once (status 130).
 pub fn interrupt_flag() -> Arc<AtomicBool> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
@@ -53,6 +53,8 @@ pub struct RunOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {
     Cached,
+    /// Its result was in the remote cache and is now in the local store.
+    Pulled,
     Done,
     Failed(String),
     /// Not run: an upstream stage failed, the run was interrupted, or it was not selected.
@@ -151,6 +153,8 @@ pub struct RunSummary {
     pub outcomes: Vec<Outcome>,
     pub interrupted: bool,
     pub wall: Duration,
+    /// What moved to and from the remote cache, when there is one.
+    pub transfers: Option<Transfers>,
 }
 
 impl RunSummary {
@@ -160,7 +164,10 @@ impl RunSummary {
             && self.outcomes.iter().all(|o| {
                 matches!(
                     o.status,
-                    Status::Cached | Status::Done | Status::Skipped(Skip::NotSelected)
+                    Status::Cached
+                        | Status::Pulled
+                        | Status::Done
+                        | Status::Skipped(Skip::NotSelected)
                 )
             })
     }
@@ -218,6 +225,8 @@ pub enum Why {
 pub enum Decision {
     /// Its result is in the store, intact: reuse it.
     Reuse(Box<Manifest>),
+    /// Its result is in the remote cache (this manifest): pull it.
+    Pull(Box<Manifest>),
     /// Run it.
     Run(Why),
     /// Not selected and not reusable: leave it out of this run (it would run because of this).
@@ -245,6 +254,27 @@ pub struct PlanRow {
     pub notes: Vec<String>,
 }
 
+/// Which way `pipe pull` / `pipe push` move entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Pull,
+    Push,
+}
+
+/// What `pipe pull` / `pipe push` did with one stage's current result.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Synced {
+    /// Pull: the local store has it already.
+    Local,
+    Pulled,
+    Pushed(Pushed),
+    /// Not in the store it would come from (pull: the remote; push: the local store).
+    Absent,
+    /// Its key depends on outputs of these stages, which neither store holds.
+    WaitsOn(Vec<String>),
+    Failed(String),
+}
+
 /// What a stage needs before it can run: its key recipe, the records of its inputs and where
 /// they are.
 struct Resolved {
@@ -259,6 +289,7 @@ pub struct Engine<'p> {
     pub store: Store,
     pub dag: Dag,
     memo: HashMemo,
+    remote: Option<Arc<RemoteCache>>,
 }
 
 impl<'p> Engine<'p> {
@@ -269,7 +300,18 @@ impl<'p> Engine<'p> {
             pipeline,
             store,
             memo,
+            remote: None,
         }
+    }
+
+    /// Consults `remote` on local misses, and pushes what runs to it (unless it is read-only).
+    pub fn with_remote(mut self, remote: Option<Arc<RemoteCache>>) -> Self {
+        self.remote = remote;
+        self
+    }
+
+    pub fn remote(&self) -> Option<&RemoteCache> {
+        self.remote.as_deref()
     }
 
     /// The recipe of stage `i` given the manifests of the stages it reads, or `Ok(None)` when
@@ -332,8 +374,9 @@ impl<'p> Engine<'p> {
     }
 
     /// The one decision: what to do with stage `i`, whose recipe is `recipe`, in a run with
-    /// this selection. A forced stage runs; else an intact stored result is reused; else the
-    /// stage runs if it is selected, and is left out if not — with the reason it would run.
+    /// this selection. A forced stage runs; else an intact stored result is reused; else one in
+    /// the remote cache is pulled; else the stage runs if it is selected, and is left out if
+    /// not — with the reason it would run.
     pub fn decide(&self, i: usize, recipe: &KeyRecipe, selection: &SelectionPlan) -> Decision {
         let selected = selection.selected.contains(&i);
         if selected && selection.forced.contains(&i) {
@@ -348,7 +391,12 @@ impl<'p> Engine<'p> {
                 }
                 Why::Damaged(damage)
             }
-            None => self.why_not_stored(&self.pipeline.stages[i].id, recipe),
+            None => {
+                if let Some(m) = self.remote.as_ref().and_then(|r| r.lookup(&key)) {
+                    return Decision::Pull(Box::new(m));
+                }
+                self.why_not_stored(&self.pipeline.stages[i].id, recipe)
+            }
         };
         if selected {
             Decision::Run(why)
@@ -424,7 +472,8 @@ impl<'p> Engine<'p> {
                 }
                 Ok(Some(r)) => {
                     let decision = self.decide(i, &r.recipe, &selection);
-                    if let Decision::Reuse(m) = &decision {
+                    // A result in the remote counts as one here: what reads it gets its key.
+                    if let Decision::Reuse(m) | Decision::Pull(m) = &decision {
                         done.insert(i, (**m).clone());
                     }
                     (PlanState::Decided(decision), Some(r.recipe.key()))
@@ -437,6 +486,116 @@ impl<'p> Engine<'p> {
                 key,
                 notes: s.stage.notes(),
             });
+        }
+        let _ = self.memo.save();
+        Ok(rows)
+    }
+
+    /// `pipe pull` / `pipe push`: moves the current result of each of `stages` (every stage
+    /// when empty) between the local store and the remote cache. The keys of later stages are
+    /// computed from whichever store holds the earlier ones (their manifests only: nothing is
+    /// moved that was not asked for).
+    pub fn sync(
+        &mut self,
+        direction: Direction,
+        stages: &[String],
+        progress: &dyn Progress,
+    ) -> anyhow::Result<Vec<(String, Synced)>> {
+        let Some(remote) = self.remote.clone() else {
+            anyhow::bail!(
+                "no remote cache is configured (use --remote URL, PIPE_REMOTE, or `pipe remote set URL`)"
+            );
+        };
+        if direction == Direction::Push && !remote.writable() {
+            anyhow::bail!(
+                "the remote cache {} is read-only: pipe pulls from it and never pushes",
+                remote.location()
+            );
+        }
+        if let Some(unknown) = stages.iter().find(|s| self.pipeline.index(s).is_none()) {
+            let ids: Vec<&str> = self.pipeline.stages.iter().map(|s| s.id.as_str()).collect();
+            anyhow::bail!(
+                "the pipeline has no stage `{unknown}` (stages: {})",
+                ids.join(", ")
+            );
+        }
+        let _lock = WorkspaceLock::acquire(&self.store.root)?;
+        let mut done: HashMap<usize, Manifest> = HashMap::new();
+        let mut rows = Vec::new();
+        for i in self.dag.order() {
+            let id = self.pipeline.stages[i].id.clone();
+            let asked = stages.is_empty() || stages.contains(&id);
+            let synced = match self.resolve(i, &done) {
+                Err(e) => Synced::Failed(e),
+                Ok(None) => Synced::WaitsOn(
+                    self.dag
+                        .upstream(i)
+                        .into_iter()
+                        .filter(|u| !done.contains_key(u))
+                        .map(|u| self.pipeline.stages[u].id.clone())
+                        .collect(),
+                ),
+                Ok(Some(r)) => {
+                    let key = r.recipe.key();
+                    let local = self
+                        .store
+                        .lookup(&key)
+                        .filter(|m| self.store.damage(m).is_empty());
+                    match (direction, local) {
+                        (Direction::Pull, Some(m)) => {
+                            done.insert(i, m);
+                            Synced::Local
+                        }
+                        (Direction::Push, Some(m)) => {
+                            let synced = if asked {
+                                match remote.push(&self.store, &m, progress) {
+                                    Ok(p) => {
+                                        let _ = self.store.set_push_pending(&key, false);
+                                        Synced::Pushed(p)
+                                    }
+                                    Err(e) => Synced::Failed(e.to_string()),
+                                }
+                            } else {
+                                Synced::Local
+                            };
+                            done.insert(i, m);
+                            synced
+                        }
+                        (direction, None) => match remote.lookup(&key) {
+                            Some(m) if asked && direction == Direction::Pull => {
+                                let synced = match remote.pull(&self.store, &m, progress) {
+                                    Ok(local) => {
+                                        self.store.write_ref(
+                                            &self.pipeline.name,
+                                            &id,
+                                            &StageRef {
+                                                key: key.clone(),
+                                                finished: local.finished.clone(),
+                                            },
+                                        )?;
+                                        Synced::Pulled
+                                    }
+                                    Err(e) => Synced::Failed(e.to_string()),
+                                };
+                                done.insert(i, m);
+                                synced
+                            }
+                            Some(m) => {
+                                done.insert(i, m);
+                                Synced::Absent
+                            }
+                            None if !remote.reachable() => Synced::Failed(format!(
+                                "the remote cache {} cannot be reached",
+                                remote.location()
+                            )),
+                            None => Synced::Absent,
+                        },
+                    }
+                }
+            };
+            if asked {
+                rows.push((id, synced));
+            }
         }
         let _ = self.memo.save();
         Ok(rows)
@@ -530,8 +689,8 @@ struct RunLoop<'e, 'p> {
     outcomes: Vec<Option<Outcome>>,
     /// Stages whose result is in the store: their manifests.
     done: HashMap<usize, Manifest>,
-    /// Stage → (key, why it runs, when it started).
-    running: HashMap<usize, (String, Why, Instant)>,
+    /// Stage → (key, why it runs (None: only pulled), when it started).
+    running: HashMap<usize, (String, Option<Why>, Instant)>,
     /// Stages whose entry was found damaged and discarded in this run: each is re-made once.
     remade: HashSet<usize>,
     record: RunRecord,
@@ -612,7 +771,8 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             }
         };
         let key = resolved.recipe.key();
-        let why = match self.engine.decide(i, &resolved.recipe, &self.selection) {
+        // `why` is None for a stage that is only pulled, never run (not selected).
+        let (why, pull) = match self.engine.decide(i, &resolved.recipe, &self.selection) {
             Decision::Reuse(m) => {
                 self.reuse(i, &key, *m)?;
                 return Ok(Step::Progressed);
@@ -621,7 +781,16 @@ impl<'e, 'p> RunLoop<'e, 'p> {
                 self.end(i, Outcome::new(id, Status::Skipped(Skip::NotSelected)));
                 return Ok(Step::Progressed);
             }
-            Decision::Run(why) => why,
+            Decision::Run(why) => (Some(why), None),
+            Decision::Pull(m) => {
+                // Should the pull fail, a selected stage runs here instead.
+                let why = self
+                    .selection
+                    .selected
+                    .contains(&i)
+                    .then(|| self.engine.why_not_stored(id, &resolved.recipe));
+                (why, Some(m))
+            }
         };
         if self.stop.load(Ordering::SeqCst) {
             self.end(i, Outcome::new(id, Status::Skipped(Skip::Interrupted)));
@@ -637,7 +806,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             self.remake(i, up, &key, &damage);
             return Ok(Step::Progressed);
         }
-        if let Why::Damaged(damage) = &why {
+        if let Some(Why::Damaged(damage)) = &why {
             self.engine.store.discard(&key, damage);
         }
         self.record.keys.insert(id.clone(), key.clone());
@@ -647,6 +816,9 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             .insert(i, (key.clone(), why.clone(), Instant::now()));
         Ok(Step::Start(Box::new(Job {
             store: self.engine.store.clone(),
+            remote: self.engine.remote.clone(),
+            pull,
+            run_if_not_pulled: why.is_some(),
             pipeline: pipeline.name.clone(),
             base_dir: pipeline.base_dir.clone(),
             stage_index: i,
@@ -680,6 +852,13 @@ impl<'e, 'p> RunLoop<'e, 'p> {
         )?;
         self.record.keys.insert(id.clone(), key.to_string());
         self.engine.store.record_run(&self.record)?;
+        if let Some(remote) = &self.engine.remote {
+            if self.engine.store.push_pending(key) {
+                push_entry(&self.engine.store, remote, &m, &NoProgress, &|line| {
+                    tracing::info!("{id}: {}", line.trim_start_matches("# pipe: "))
+                });
+            }
+        }
         self.done.insert(i, m);
         self.end(
             i,
@@ -713,11 +892,20 @@ impl<'e, 'p> RunLoop<'e, 'p> {
     /// An attempt of stage `i` ended on its worker thread.
     fn collect(&mut self, i: usize, attempt: Attempt) -> anyhow::Result<()> {
         let pipeline = self.engine.pipeline;
+        let attempt_kind = match &attempt {
+            Attempt::Pulled(_) => AttemptKind::Pulled,
+            _ => AttemptKind::Ran,
+        };
         let (key, why, t) = self.running.remove(&i).expect("was running");
         let wall = t.elapsed();
         let id = &pipeline.stages[i].id;
         let outcome = match attempt {
-            Attempt::Done(m) => {
+            Attempt::Done(m) | Attempt::Pulled(m) => {
+                let status = if matches!(attempt_kind, AttemptKind::Pulled) {
+                    Status::Pulled
+                } else {
+                    Status::Done
+                };
                 self.engine.store.write_ref(
                     &pipeline.name,
                     id,
@@ -732,15 +920,20 @@ impl<'e, 'p> RunLoop<'e, 'p> {
                     Err(e) => Status::Failed(e),
                     Ok(()) => {
                         self.done.insert(i, *m);
-                        Status::Done
+                        status
                     }
                 };
                 Outcome::new(id, status).stored_in(out)
             }
             Attempt::Failed { error, log } => Outcome::new(id, Status::Failed(error)).logged(log),
             Attempt::Interrupted { log } => Outcome::new(id, Status::Interrupted).logged(log),
+            Attempt::NotPulled => Outcome::new(id, Status::Skipped(Skip::NotSelected)),
         };
-        self.end(i, outcome.keyed(&key).took(wall).because(why));
+        let mut outcome = outcome.keyed(&key).took(wall);
+        if let (Some(why), AttemptKind::Ran) = (why, attempt_kind) {
+            outcome = outcome.because(why);
+        }
+        self.end(i, outcome);
         Ok(())
     }
 
@@ -758,6 +951,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             outcomes,
             interrupted,
             wall,
+            transfers: self.engine.remote.as_ref().map(|r| r.transfers()),
         }
     }
 }
@@ -776,13 +970,34 @@ fn deliver(def: &crate::spec::StageDef, out: &std::path::Path) -> Result<(), Str
 
 enum Attempt {
     Done(Box<Manifest>),
-    Failed { error: String, log: Option<PathBuf> },
-    Interrupted { log: Option<PathBuf> },
+    /// Its result was pulled from the remote cache.
+    Pulled(Box<Manifest>),
+    Failed {
+        error: String,
+        log: Option<PathBuf>,
+    },
+    Interrupted {
+        log: Option<PathBuf>,
+    },
+    /// The pull failed and the stage is not selected: it does not run.
+    NotPulled,
 }
 
-/// One attempt at one stage, on a worker thread.
+#[derive(Clone, Copy)]
+enum AttemptKind {
+    Ran,
+    Pulled,
+}
+
+/// One attempt at one stage, on a worker thread: a pull from the remote cache, or a run (and
+/// then a push).
 struct Job {
     store: Store,
+    remote: Option<Arc<RemoteCache>>,
+    /// Pull this remote entry first.
+    pull: Option<Box<Manifest>>,
+    /// Run the stage when there is no pull or it fails.
+    run_if_not_pulled: bool,
     pipeline: String,
     base_dir: PathBuf,
     stage_index: usize,
@@ -795,6 +1010,26 @@ struct Job {
 impl Job {
     fn attempt(&self, pipeline: &Pipeline) -> Attempt {
         let def = &pipeline.stages[self.stage_index];
+        if let (Some(m), Some(remote)) = (&self.pull, &self.remote) {
+            match remote.pull(&self.store, m, &*self.progress) {
+                Ok(local) => return Attempt::Pulled(Box::new(local)),
+                Err(e) => {
+                    let then = if self.run_if_not_pulled {
+                        "running it here instead"
+                    } else {
+                        "it is not selected, so it does not run"
+                    };
+                    tracing::warn!(
+                        "{}: cannot pull its result from {}: {e}; {then}",
+                        def.id,
+                        remote.location()
+                    );
+                    if !self.run_if_not_pulled {
+                        return Attempt::NotPulled;
+                    }
+                }
+            }
+        }
         let started = SystemTime::now();
         let stamp = humantime::format_rfc3339_millis(started).to_string();
         let log_path = self
@@ -907,12 +1142,16 @@ impl Job {
                 return Attempt::Failed { error, log };
             }
         }
+        if self.remote.as_ref().is_some_and(|r| r.writable()) {
+            // Before the entry exists: a kill between its commit and its push leaves the mark.
+            let _ = self.store.set_push_pending(&self.key, true);
+        }
         match self.store.commit(&out, manifest) {
             Ok(m) => {
                 cx.log("# pipe: committed");
-                let m = Box::new(m);
                 let _ = fs::remove_dir_all(self.store.work_dir(&self.key));
-                Attempt::Done(m)
+                self.push(&cx, &m);
+                Attempt::Done(Box::new(m))
             }
             Err(e) => Attempt::Failed {
                 error: format!("cannot store the outputs: {e}"),
@@ -920,4 +1159,68 @@ impl Job {
             },
         }
     }
+}
+
+impl Job {
+    /// Pushes the committed entry `m` to the remote cache, if there is a writable one; a
+    /// failure is reported, never a failure of the stage.
+    fn push(&self, cx: &StageContext, m: &Manifest) {
+        let Some(remote) = self.remote.as_ref() else {
+            return;
+        };
+        push_entry(&self.store, remote, m, &*self.progress, &|line| {
+            cx.log(line)
+        });
+    }
+}
+
+/// Pushes the complete local entry `m` to `remote` if it is writable and reachable, marked
+/// pending until the manifest is written (a run that reuses an entry whose push was cut short
+/// pushes it). A failure is reported, never a failure of the stage.
+fn push_entry(
+    store: &Store,
+    remote: &RemoteCache,
+    m: &Manifest,
+    progress: &dyn Progress,
+    log: &dyn Fn(&str),
+) {
+    if !remote.writable() || !remote.reachable() {
+        return;
+    }
+    if let Err(e) = store.set_push_pending(&m.key, true) {
+        tracing::warn!("cannot note that {} is being pushed: {e}", m.stage);
+    }
+    match remote.push(store, m, progress) {
+        Ok(p) => {
+            let _ = store.set_push_pending(&m.key, false);
+            log(&format!(
+                "# pipe: pushed to {}: {} ({} bytes){}",
+                remote.location(),
+                plural(p.objects, "object"),
+                p.bytes,
+                if p.manifest_written {
+                    ""
+                } else {
+                    "; the remote had this entry already"
+                }
+            ));
+        }
+        Err(e) => {
+            log(&format!(
+                "# pipe: push to {} failed: {e}",
+                remote.location()
+            ));
+            if let crate::remote::RemoteError::Failed(e) = e {
+                tracing::warn!(
+                    "{}: cannot push its result to {}: {e}",
+                    m.stage,
+                    remote.location()
+                );
+            }
+        }
+    }
+}
+
+fn plural(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }

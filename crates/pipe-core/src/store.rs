@@ -13,6 +13,9 @@
 //!   refs/<pipeline>/<stage>.json  the key each stage last completed with (for status/explain)
 //!   runs/<time>-<pid>.json   the keys each run used (for gc): written when the run starts and
 //!                            whenever a stage starts or is a cache hit, so a killed run has one
+//!   push-pending/<key>       an entry committed while a remote cache was in use whose push has
+//!                            not finished: the next run that uses the entry pushes it
+//!   remote.yaml              the remote cache this store uses (`pipe remote set`), if any
 //!   hash-memo.json           digests of external inputs by (dev, inode, size, mtime, ctime)
 //!   lock                     names the holder of the workspace lock (a flock on cache/ itself)
 //! ```
@@ -410,7 +413,7 @@ impl Store {
     /// of what it points to (a file or a whole directory), and a staged file that has other
     /// hard links (perhaps a user's file outside the workspace) is copied rather than moved, so
     /// that nothing outside the store is ever moved, linked to or has its mode changed.
-    pub fn commit(&self, staged: &Path, mut manifest: Manifest) -> io::Result<Manifest> {
+    pub fn commit(&self, staged: &Path, manifest: Manifest) -> io::Result<Manifest> {
         let key = manifest.key.clone();
         if fs::symlink_metadata(staged)?.file_type().is_symlink() {
             // The stage replaced its output directory by a link: store what it points to,
@@ -435,16 +438,7 @@ impl Store {
             })
             .collect::<io::Result<_>>()?;
 
-        // A forced re-run replaces an entry: it stops looking complete before anything changes.
-        let entry = self.entry_dir(&key);
-        let _ = fs::remove_file(self.manifest_path(&key));
-        fs::create_dir_all(&entry)?;
-        let view_tmp = entry.join("out.partial");
-        if view_tmp.exists() {
-            make_writable(&view_tmp);
-            fs::remove_dir_all(&view_tmp)?;
-        }
-        fs::create_dir_all(&view_tmp)?;
+        let view_tmp = self.begin_entry(&key)?;
 
         // One staged file per digest becomes the object (the others are only linked to it).
         let mut first_with_digest: BTreeMap<&str, &Path> = BTreeMap::new();
@@ -472,24 +466,22 @@ impl Store {
                 Ok(())
             })
             .collect::<io::Result<()>>()?;
-        entries
-            .par_iter()
-            .map(|e| {
-                let obj = self.object_path(&e.digest);
-                let dest = view_tmp.join(&e.path);
-                fs::create_dir_all(dest.parent().expect("parent"))?;
-                if e.executable {
-                    fs::copy(&obj, &dest)?;
-                    fs::set_permissions(&dest, fs::Permissions::from_mode(0o555))?;
-                } else if fs::hard_link(&obj, &dest).is_err() {
-                    fs::copy(&obj, &dest)?;
-                    fs::set_permissions(&dest, fs::Permissions::from_mode(0o444))?;
-                }
-                Ok(())
-            })
-            .collect::<io::Result<()>>()?;
+        self.link_view(&entries, &view_tmp)?;
 
         crate::fault::point("commit-objects-stored");
+        self.publish(manifest, entries, view_tmp)
+    }
+
+    /// Makes an entry complete whose objects are all in place: its view (`view_tmp`, already
+    /// holding links to the objects) moved into place, its stamps, then its manifest.
+    fn publish(
+        &self,
+        mut manifest: Manifest,
+        entries: Vec<FileEntry>,
+        view_tmp: PathBuf,
+    ) -> io::Result<Manifest> {
+        let key = manifest.key.clone();
+        let entry = self.entry_dir(&key);
         let view = self.out_dir(&key);
         if view.exists() {
             make_writable(&view);
@@ -506,6 +498,98 @@ impl Store {
         write_atomic(&self.manifest_path(&key), &body, true)?;
         crate::fault::point("commit-manifest-written");
         Ok(manifest)
+    }
+
+    /// Starts (re)making entry `key`: it stops looking complete before anything changes (a
+    /// forced re-run replaces an entry), and gets an empty view under construction.
+    fn begin_entry(&self, key: &str) -> io::Result<PathBuf> {
+        let entry = self.entry_dir(key);
+        let _ = fs::remove_file(self.manifest_path(key));
+        fs::create_dir_all(&entry)?;
+        let view_tmp = entry.join("out.partial");
+        if view_tmp.exists() {
+            make_writable(&view_tmp);
+            fs::remove_dir_all(&view_tmp)?;
+        }
+        fs::create_dir_all(&view_tmp)?;
+        Ok(view_tmp)
+    }
+
+    /// Fills `view` with the outputs `entries`: hard links to their objects (copies for
+    /// executables, whose mode differs, and where links cannot be made).
+    fn link_view(&self, entries: &[FileEntry], view: &Path) -> io::Result<()> {
+        entries
+            .par_iter()
+            .map(|e| {
+                let obj = self.object_path(&e.digest);
+                let dest = view.join(&e.path);
+                fs::create_dir_all(dest.parent().expect("parent"))?;
+                if e.executable {
+                    fs::copy(&obj, &dest)?;
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(0o555))?;
+                } else if fs::hard_link(&obj, &dest).is_err() {
+                    fs::copy(&obj, &dest)?;
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(0o444))?;
+                }
+                Ok(())
+            })
+            .collect()
+    }
+
+    /// True when object `digest` is stored with these bytes (it is re-hashed).
+    pub fn has_object(&self, digest: &str, size: u64) -> bool {
+        let obj = self.object_path(digest);
+        fs::metadata(&obj).is_ok_and(|m| m.len() == size)
+            && hash_file(&obj).ok().as_deref() == Some(digest)
+    }
+
+    /// A fresh temporary name beside object `digest`'s place, for bytes on their way in
+    /// (`gc` removes what a kill leaves).
+    pub fn object_tmp_path(&self, digest: &str) -> io::Result<PathBuf> {
+        let obj = self.object_path(digest);
+        fs::create_dir_all(obj.parent().expect("object dir"))?;
+        Ok(unique_tmp_name(&obj))
+    }
+
+    /// Makes the file `tmp` (from [`Store::object_tmp_path`], its bytes verified to hash to
+    /// `digest`) the object `digest`.
+    pub fn adopt_object(&self, tmp: &Path, digest: &str) -> io::Result<()> {
+        fs::File::open(tmp)?.sync_all()?;
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444))?;
+        fs::rename(tmp, self.object_path(digest))
+    }
+
+    /// Makes `manifest` (read from a remote and checked) a complete local entry; every object
+    /// it names must be stored already ([`Store::adopt_object`]).
+    pub fn publish_pulled(&self, manifest: Manifest) -> io::Result<Manifest> {
+        let view_tmp = self.begin_entry(&manifest.key)?;
+        let entries = manifest.outputs.clone();
+        self.link_view(&entries, &view_tmp)?;
+        self.publish(manifest, entries, view_tmp)
+    }
+
+    fn push_pending_path(&self, key: &str) -> PathBuf {
+        self.root.join("push-pending").join(key)
+    }
+
+    /// Notes that entry `key` is about to be pushed (so that a kill during the push is
+    /// finished by the next run), or, with `pending: false`, that its push is complete.
+    pub fn set_push_pending(&self, key: &str, pending: bool) -> io::Result<()> {
+        let path = self.push_pending_path(key);
+        if pending {
+            fs::create_dir_all(path.parent().expect("push-pending dir"))?;
+            write_atomic(&path, b"", false)
+        } else {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// True when entry `key` was committed but its push to the remote did not finish.
+    pub fn push_pending(&self, key: &str) -> bool {
+        self.push_pending_path(key).exists()
     }
 
     pub fn read_ref(&self, pipeline: &str, stage: &str) -> Option<StageRef> {
@@ -994,11 +1078,12 @@ pub fn sanitize(name: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::digest::hash_bytes;
 
-    fn manifest(key: &str) -> Manifest {
+    /// A manifest of `key` with no inputs or outputs.
+    pub(crate) fn manifest(key: &str) -> Manifest {
         Manifest {
             format: MANIFEST_FORMAT,
             key: key.into(),
