@@ -256,6 +256,17 @@ pub struct FormatStats {
     pub mixture_seed: Option<u64>,
 }
 
+impl FormatStats {
+    /// Counts a record left out by `on_error: skip`; the first few are kept with `why`.
+    fn note_skipped(&mut self, why: String) {
+        const EXAMPLES_KEPT: usize = 20;
+        self.skipped += 1;
+        if self.skipped_examples.len() < EXAMPLES_KEPT {
+            self.skipped_examples.push(why);
+        }
+    }
+}
+
 /// What the conversations hold.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct ChatStats {
@@ -302,12 +313,7 @@ pub fn format_records(
                     response,
                 });
             }
-            Err(e) if on_error == OnError::Skip => {
-                stats.skipped += 1;
-                if stats.skipped_examples.len() < 20 {
-                    stats.skipped_examples.push(e.to_string());
-                }
-            }
+            Err(e) if on_error == OnError::Skip => stats.note_skipped(e.to_string()),
             Err(e) => return Err(e),
         }
     }
@@ -555,25 +561,46 @@ fn format_source(
     stats: &mut FormatStats,
 ) -> Result<Vec<Item>, FormatError> {
     let file_of = |index: usize| starts.partition_point(|&s| s <= index).saturating_sub(1);
+    let name = |f: usize| files[f].shown_as.display().to_string();
     let mut items = Vec::with_capacity(records.len());
     for rec in records {
-        let result = match formatter {
-            Formatter::Pairs(t) => t.format(rec).map(|(prompt, response)| {
-                if response.is_empty() {
-                    stats.empty_responses += 1;
-                }
-                if t.uses_input_template(rec) {
-                    stats.with_input_template += 1;
-                }
-                Item::Pair(Pair {
-                    index: rec.index,
-                    source: None,
-                    prompt,
-                    response,
+        // A bad record: the error that names its file, and the reason a skip records.
+        let result: Result<Item, (FormatError, String)> = match formatter {
+            Formatter::Pairs(t) => t
+                .format(rec)
+                .map(|(prompt, response)| {
+                    if response.is_empty() {
+                        stats.empty_responses += 1;
+                    }
+                    if t.uses_input_template(rec) {
+                        stats.with_input_template += 1;
+                    }
+                    Item::Pair(Pair {
+                        index: rec.index,
+                        source: None,
+                        prompt,
+                        response,
+                    })
                 })
-            }),
-            Formatter::Chat(reader) => match reader.read(rec) {
-                Ok(messages) => {
+                .map_err(|e| {
+                    let f = file_of(e.index);
+                    let local = MissingField {
+                        index: e.index - starts[f],
+                        ..e
+                    };
+                    let why = local.to_string();
+                    let name = name(f);
+                    (
+                        FormatError::Record {
+                            name,
+                            source: local,
+                        },
+                        why,
+                    )
+                }),
+            Formatter::Chat(reader) => reader
+                .read(rec)
+                .map(|messages| {
                     let c = stats.conversations.get_or_insert_with(Default::default);
                     let assistant = messages.iter().filter(|m| m.role == "assistant").count();
                     c.turns += messages.len();
@@ -581,52 +608,33 @@ fn format_source(
                     c.with_system += usize::from(messages.iter().any(|m| m.role == "system"));
                     c.without_assistant += usize::from(assistant == 0);
                     c.empty_turns += messages.iter().filter(|m| m.content.is_empty()).count();
-                    Ok(Item::Chat(Conversation {
+                    Item::Chat(Conversation {
                         index: rec.index,
                         source: None,
                         messages,
-                    }))
-                }
-                Err(e) => {
+                    })
+                })
+                .map_err(|e| {
                     let f = file_of(e.index);
                     let local = BadConversation {
                         index: e.index - starts[f],
                         ..e
                     };
-                    if on_error == OnError::Skip {
-                        stats.skipped += 1;
-                        if stats.skipped_examples.len() < 20 {
-                            stats.skipped_examples.push(local.to_string());
-                        }
-                        continue;
-                    }
-                    return Err(FormatError::Conversation {
-                        name: files[f].shown_as.display().to_string(),
-                        source: local,
-                    });
-                }
-            },
+                    let why = local.to_string();
+                    let name = name(f);
+                    (
+                        FormatError::Conversation {
+                            name,
+                            source: local,
+                        },
+                        why,
+                    )
+                }),
         };
         match result {
             Ok(item) => items.push(item),
-            Err(e) => {
-                let f = file_of(e.index);
-                let local = MissingField {
-                    index: e.index - starts[f],
-                    ..e
-                };
-                if on_error == OnError::Skip {
-                    stats.skipped += 1;
-                    if stats.skipped_examples.len() < 20 {
-                        stats.skipped_examples.push(local.to_string());
-                    }
-                    continue;
-                }
-                return Err(FormatError::Record {
-                    name: files[f].shown_as.display().to_string(),
-                    source: local,
-                });
-            }
+            Err((_, why)) if on_error == OnError::Skip => stats.note_skipped(why),
+            Err((e, _)) => return Err(e),
         }
     }
     Ok(items)

@@ -1080,8 +1080,9 @@ impl<B: Backend> CausalLm<B> {
 
     /// [`Self::hidden`] after the positions already in `cache` (extending it): `input_ids`
     /// `[batch, seq]` → `[batch, seq, hidden]`. Keys cached by earlier calls keep the rotation
-    /// they were made with (as transformers' cache does, which matters where the frequencies
-    /// depend on the length: dynamic NTK, LongRoPE).
+    /// they were made with, as transformers' cache does (this matters for dynamic NTK, whose
+    /// frequencies depend on the length). LongRoPE is the exception: the call that crosses the
+    /// original context runs the whole sequence again with the long factors.
     pub fn hidden_cached(
         &self,
         input_ids: Tensor<B, 2, Int>,
@@ -1114,10 +1115,15 @@ impl<B: Backend> CausalLm<B> {
             |window| additive_mask::<B>(b, s, past, None, window, &device),
             &device,
         );
-        cache.ids = Some(match cache.ids.take() {
-            None => input_ids.clone(),
-            Some(ids) => Tensor::cat(vec![ids, input_ids.clone()], 1),
-        });
+        // The ids are kept only while a LongRoPE crossing, which re-runs them, is still ahead.
+        cache.ids = if self.crosses_long_rope(past + s, usize::MAX) {
+            Some(match cache.ids.take() {
+                None => input_ids.clone(),
+                Some(ids) => Tensor::cat(vec![ids, input_ids.clone()], 1),
+            })
+        } else {
+            None
+        };
         let out = self.run_layers(self.embed(input_ids), &cx, Some(cache));
         cache.len = past + s;
         out
@@ -1144,7 +1150,8 @@ pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 pub struct KvCache<B: Backend> {
     layers: Vec<LayerCache<B>>,
     len: usize,
-    /// The token ids of those positions, `[batch, len]`.
+    /// The token ids of those positions, `[batch, len]`, while a LongRoPE model may still
+    /// have to run them again (see [`CausalLm::hidden_cached`]); else `None`.
     ids: Option<Tensor<B, 2, Int>>,
 }
 
