@@ -11,6 +11,7 @@ use pipe_core::graph::{render, DagFormat, Selection};
 use pipe_core::kind::{Registry, Workspace};
 use pipe_core::lock::WorkspaceLock;
 use pipe_core::remote::RemoteCache;
+use pipe_core::resources::Machine;
 use pipe_core::runner::{interrupt_flag, Decision, Direction, PlanState, Synced};
 use pipe_core::store::WorkDirs;
 use pipe_core::{Engine, Pipeline, RunOptions, Store};
@@ -227,6 +228,16 @@ struct RunArgs {
     /// Stages to run at once (default: the number of cores)
     #[arg(long, short = 'j')]
     jobs: Option<usize>,
+    /// CPUs this machine offers stages' `resources:` (default: its cores)
+    #[arg(long, value_name = "N")]
+    cpus: Option<usize>,
+    /// GPUs this machine offers stages' `resources:`, as indices: `0,1` (default: those the
+    /// NVIDIA driver lists; `none` for none)
+    #[arg(long, value_name = "LIST")]
+    gpus: Option<String>,
+    /// Memory this machine offers stages' `resources:`: `64GiB` (default: its RAM)
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
 }
 
 pub fn init_logging(verbose: u8, quiet: bool) {
@@ -341,6 +352,7 @@ impl Context {
 /// `pipe run`: the plan with `--dry-run`, else the run and its summary table.
 fn run(cx: &Context, args: RunArgs) -> Result<ExitCode> {
     let pipeline = cx.load(&args.file)?;
+    let machine = machine(&args)?;
     let selection = Selection {
         only: args.only,
         until: args.until,
@@ -358,7 +370,15 @@ fn run(cx: &Context, args: RunArgs) -> Result<ExitCode> {
             .unwrap_or(1)
     });
     let live = LiveView::new(&pipeline);
-    let summary = engine.run(&RunOptions { selection, jobs }, cancel, &live)?;
+    let summary = engine.run(
+        &RunOptions {
+            selection,
+            jobs,
+            machine: Some(machine),
+        },
+        cancel,
+        &live,
+    )?;
     let table = report::summary_table(&summary);
     if summary.ok() {
         if !cx.quiet {
@@ -369,6 +389,34 @@ fn run(cx: &Context, args: RunArgs) -> Result<ExitCode> {
         eprint!("{table}");
         Ok(ExitCode::from(if summary.interrupted { 130 } else { 1 }))
     }
+}
+
+/// What this machine offers stages' `resources:`: detected, with `--cpus/--gpus/--memory`.
+fn machine(args: &RunArgs) -> Result<Machine> {
+    let mut m = Machine::detect();
+    if let Some(n) = args.cpus {
+        if n == 0 {
+            bail!("--cpus must be at least 1");
+        }
+        m.cpus = n;
+    }
+    if let Some(list) = &args.gpus {
+        m.gpus = if list == "none" {
+            Vec::new()
+        } else {
+            list.split(',')
+                .map(|g| g.trim().parse::<usize>())
+                .collect::<Result<_, _>>()
+                .map_err(|_| {
+                    anyhow::anyhow!("--gpus takes GPU indices (`0,1`) or `none`, not `{list}`")
+                })?
+        };
+    }
+    if let Some(size) = &args.memory {
+        m.memory = pipe_core::resources::parse_size(size)
+            .ok_or_else(|| anyhow::anyhow!("--memory takes a size (`64GiB`), not `{size}`"))?;
+    }
+    Ok(m)
 }
 
 /// `pipe run --dry-run`: what would run and why, and the memory plans; runs nothing.

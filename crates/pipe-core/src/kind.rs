@@ -286,6 +286,11 @@ pub trait Stage: Send + Sync {
         None
     }
     /// Whether state it leaves in its work directory lets an interrupted run continue.
+    /// What it needs of the machine when its pipeline does not say (`resources:`), e.g. the
+    /// GPUs of its `device:`.
+    fn resources(&self) -> crate::resources::Resources {
+        Default::default()
+    }
     /// Non-resumable stages start from an empty work directory on every attempt.
     fn resumable(&self) -> bool {
         false
@@ -363,6 +368,8 @@ pub struct StageContext {
     /// The pipeline file's directory.
     pub base_dir: PathBuf,
     pub log_path: PathBuf,
+    /// The GPU ordinals the run loop granted it for its `resources:` (empty: none declared).
+    pub gpus: Vec<usize>,
     pub(crate) log: Arc<Mutex<File>>,
     pub(crate) cancel: Arc<AtomicBool>,
     pub(crate) progress: Arc<dyn Progress>,
@@ -416,6 +423,7 @@ impl StageContext {
             work_dir,
             base_dir,
             log_path,
+            gpus: Vec::new(),
             log: Arc::new(Mutex::new(log)),
             cancel: Arc::new(AtomicBool::new(false)),
             progress: Arc::new(NoProgress),

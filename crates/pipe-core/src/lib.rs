@@ -17,6 +17,7 @@ pub mod kind;
 pub mod lock;
 pub mod relpath;
 pub mod remote;
+pub mod resources;
 pub mod runner;
 pub mod schema;
 pub mod spec;

@@ -22,6 +22,7 @@ use crate::key::{diff, Change, KeyFields, KeyRecipe};
 use crate::kind::{InputSource, Interrupted, NoProgress, Progress, StageContext};
 use crate::lock::WorkspaceLock;
 use crate::remote::{Pushed, RemoteCache, Transfers};
+use crate::resources::{Grant, Ledger, Machine};
 use crate::spec::Pipeline;
 use crate::store::{
     Damage, Entry, InputRecord, Manifest, RunRecord, StageRef, Store, MANIFEST_FORMAT,
@@ -47,6 +48,8 @@ pub struct RunOptions {
     pub selection: Selection,
     /// Stages run at once, at most.
     pub jobs: usize,
+    /// What the machine offers stages' `resources:` (default: detected).
+    pub machine: Option<Machine>,
 }
 
 /// How a stage ended in a run.
@@ -615,7 +618,8 @@ impl<'p> Engine<'p> {
             .selection
             .plan(self.pipeline, &self.dag)
             .map_err(|e| anyhow::anyhow!(e))?;
-        let mut run = RunLoop::new(self, selection, opts.jobs.max(1), observer)?;
+        let machine = opts.machine.clone().unwrap_or_else(Machine::detect);
+        let mut run = RunLoop::new(self, selection, opts.jobs.max(1), machine, observer)?;
         let stop = run.stop.clone();
         let (tx, rx) = mpsc::channel::<(usize, Attempt)>();
         std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -691,6 +695,9 @@ struct RunLoop<'e, 'p> {
     done: HashMap<usize, Manifest>,
     /// Stage → (key, why it runs (None: only pulled), when it started).
     running: HashMap<usize, (String, Option<Why>, Instant)>,
+    /// What the running stages hold of the machine, and each one's share.
+    ledger: Ledger,
+    grants: HashMap<usize, Grant>,
     /// Stages whose entry was found damaged and discarded in this run: each is re-made once.
     remade: HashSet<usize>,
     record: RunRecord,
@@ -703,6 +710,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
         engine: &'e mut Engine<'p>,
         selection: SelectionPlan,
         jobs: usize,
+        machine: Machine,
         observer: &'e dyn Observer,
     ) -> anyhow::Result<Self> {
         let n = engine.pipeline.stages.len();
@@ -724,6 +732,8 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             outcomes: vec![None; n],
             done: HashMap::new(),
             running: HashMap::new(),
+            ledger: Ledger::new(machine),
+            grants: HashMap::new(),
             remade: HashSet::new(),
             record,
             stop: Arc::new(AtomicBool::new(false)),
@@ -806,6 +816,21 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             self.remake(i, up, &key, &damage);
             return Ok(Step::Progressed);
         }
+        // Last: what it needs of the machine is taken only when it starts.
+        let grant = match self.ledger.take(&pipeline.stages[i].resources) {
+            Ok(Some(grant)) => grant,
+            Ok(None) => return Ok(Step::Wait),
+            Err(why) => {
+                let why = format!(
+                    "cannot run here: {why} (resources: {})",
+                    pipeline.stages[i].resources
+                );
+                self.end(i, Outcome::new(id, Status::Failed(why)).keyed(&key));
+                return Ok(Step::Progressed);
+            }
+        };
+        let gpus = grant.gpus.clone();
+        self.grants.insert(i, grant);
         if let Some(Why::Damaged(damage)) = &why {
             self.engine.store.discard(&key, damage);
         }
@@ -819,6 +844,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             remote: self.engine.remote.clone(),
             pull,
             run_if_not_pulled: why.is_some(),
+            gpus,
             pipeline: pipeline.name.clone(),
             base_dir: pipeline.base_dir.clone(),
             stage_index: i,
@@ -897,6 +923,9 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             _ => AttemptKind::Ran,
         };
         let (key, why, t) = self.running.remove(&i).expect("was running");
+        if let Some(grant) = self.grants.remove(&i) {
+            self.ledger.give_back(&grant);
+        }
         let wall = t.elapsed();
         let id = &pipeline.stages[i].id;
         let outcome = match attempt {
@@ -998,6 +1027,8 @@ struct Job {
     pull: Option<Box<Manifest>>,
     /// Run the stage when there is no pull or it fails.
     run_if_not_pulled: bool,
+    /// The GPU ordinals granted for its `resources:`.
+    gpus: Vec<usize>,
     pipeline: String,
     base_dir: PathBuf,
     stage_index: usize,
@@ -1077,6 +1108,7 @@ impl Job {
             work_dir: state,
             base_dir: self.base_dir.clone(),
             log_path: log_path.clone(),
+            gpus: self.gpus.clone(),
             log: Arc::new(Mutex::new(log)),
             cancel: self.cancel.clone(),
             progress: self.progress.clone(),

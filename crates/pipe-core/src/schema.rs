@@ -18,6 +18,26 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
             "pattern": "\\$\\{params\\.[^}]+\\}"
         }),
     );
+    defs.insert(
+        "resources".into(),
+        json!({
+            "description": "What the stage needs of the machine (a run setting, never in the key): the local executor never runs two stages on one GPU at once and never gives stages more declared CPUs or memory than the machine has",
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "gpus": {
+                    "description": "A number of free GPUs (a command stage gets them as CUDA_VISIBLE_DEVICES), or the indices of these GPUs; train and evaluate stages on cuda need not say",
+                    "oneOf": [
+                        { "type": "integer", "minimum": 0 },
+                        { "type": "array", "items": { "type": "integer", "minimum": 0 } },
+                        { "$ref": "#/$defs/param_ref" }
+                    ]
+                },
+                "cpus": { "oneOf": [{ "type": "integer", "minimum": 1 }, { "$ref": "#/$defs/param_ref" }] },
+                "memory": { "description": "Bytes with a unit: 512MB, 16GiB", "type": ["string", "integer"] }
+            }
+        }),
+    );
     let mut cases = Vec::new();
     for kind in registry.kinds() {
         let name = kind.name();
@@ -43,6 +63,7 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
                 .as_object_mut()
                 .expect("properties are an object");
             props.insert("kind".into(), json!({ "const": name }));
+            props.insert("resources".into(), json!({ "$ref": "#/$defs/resources" }));
         }
         defs.insert(name.to_string(), fields);
         cases.push(json!({

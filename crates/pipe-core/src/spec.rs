@@ -43,6 +43,9 @@ pub struct StageDef {
     /// Its kind's key fields (see [`crate::key`]).
     pub fields: crate::key::KeyFields,
     pub stage: Box<dyn Stage>,
+    /// What it needs of the machine: its `resources:`, else what its kind infers (a run
+    /// setting, never in the key).
+    pub resources: crate::resources::Resources,
 }
 
 impl StageDef {
@@ -340,6 +343,12 @@ fn parse_stage(scope: &Scope<'_>, id: String, fields: Value) -> Result<StageDef,
     let kind = stage_kind(scope, &id, &path, &mut fields)?;
     let mut fields = Value::Mapping(fields);
     substitute_params(&mut fields, scope.params, &path).map_err(|e| scope.at.error_in_field(e))?;
+    // Every kind takes `resources:`; the kinds never see it.
+    let declared = match fields.as_mapping_mut().and_then(|m| m.remove("resources")) {
+        Some(v) => crate::resources::Resources::parse(&v, &path.key("resources"))
+            .map_err(|e| scope.at.error_in_field(e))?,
+        None => Default::default(),
+    };
     let cx = ParseContext {
         stage_id: &id,
         path: path.clone(),
@@ -356,6 +365,7 @@ fn parse_stage(scope: &Scope<'_>, id: String, fields: Value) -> Result<StageDef,
         kind_version: kind.version(),
         inputs: stage.inputs(),
         fields: stage.key_fields(),
+        resources: crate::resources::Resources::or(declared, stage.resources()),
         stage,
     })
 }

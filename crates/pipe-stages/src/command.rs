@@ -216,6 +216,13 @@ impl Stage for CommandStage {
             .stderr(log)
             // Its own process group, so that stopping it reaches everything it started.
             .process_group(0);
+        if !cx.gpus.is_empty() {
+            // The GPUs the run loop granted its `resources: {gpus: …}`, and no others.
+            process.env(
+                "CUDA_VISIBLE_DEVICES",
+                pipe_core::resources::Machine::visible_devices(&cx.gpus),
+            );
+        }
         // SAFETY: prctl is async-signal-safe; it makes the kernel kill the command if pipe
         // itself is killed (kill -9), so no orphan keeps writing into the store.
         unsafe {

@@ -415,6 +415,9 @@ impl Stage for EvaluateStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
+    fn resources(&self) -> pipe_core::resources::Resources {
+        crate::models::gpu_resources([self.fields.device.as_str()])
+    }
     fn key_fields(&self) -> KeyFields {
         KeyFields::of(&self.key())
     }

@@ -182,6 +182,26 @@ impl Device {
     }
 }
 
+/// The GPUs the devices named in `device:`/`devices:` occupy, as the stage's resources (a
+/// CPU-only stage needs none).
+pub(crate) fn gpu_resources<'a>(
+    devices: impl IntoIterator<Item = &'a str>,
+) -> pipe_core::resources::Resources {
+    // Read as `Device::parse` does, without its build check: what a field names is known
+    // whatever the build (a CPU build refuses such a stage when it checks it).
+    let gpus: std::collections::BTreeSet<usize> = devices
+        .into_iter()
+        .filter_map(|d| match d {
+            "cuda" => Some(0),
+            _ => d.strip_prefix("cuda:")?.parse().ok(),
+        })
+        .collect();
+    pipe_core::resources::Resources {
+        gpus: (!gpus.is_empty()).then_some(pipe_core::resources::Gpus::Devices(gpus)),
+        ..Default::default()
+    }
+}
+
 /// `cuda:index` must be one of the `count` GPUs the driver shows this process.
 fn check_gpu_index(text: &str, index: usize, count: usize) -> anyhow::Result<()> {
     match count {
@@ -352,5 +372,20 @@ mod tests {
         );
         let none = check_gpu_index("cuda", 0, 0).unwrap_err().to_string();
         assert!(none.contains("sees no GPU"), "{none}");
+    }
+}
+
+#[cfg(test)]
+mod resource_tests {
+    use super::gpu_resources;
+    use pipe_core::resources::Gpus;
+
+    #[test]
+    fn the_gpus_of_devices_are_the_stage_resources() {
+        assert_eq!(gpu_resources(["cpu"]).gpus, None);
+        assert_eq!(
+            gpu_resources(["cuda", "cuda:3"]).gpus,
+            Some(Gpus::Devices([0, 3].into()))
+        );
     }
 }

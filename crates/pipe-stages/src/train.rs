@@ -461,6 +461,9 @@ impl Stage for TrainStage {
     fn inputs(&self) -> Vec<Input> {
         self.inputs.clone()
     }
+    fn resources(&self) -> pipe_core::resources::Resources {
+        crate::models::gpu_resources(self.fields.replicas().iter().map(String::as_str))
+    }
     fn key_fields(&self) -> KeyFields {
         KeyFields::of(&self.key())
     }
