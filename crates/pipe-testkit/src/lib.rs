@@ -2,5 +2,6 @@
 //! ([`server`]), and the random edits of valid inputs that the fuzz tests of pipe's readers
 //! apply ([`mutation`]). Used only as a dev-dependency.
 
+pub mod fixtures;
 pub mod mutation;
 pub mod server;

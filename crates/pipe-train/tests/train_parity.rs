@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use burn::backend::Autodiff;
 use burn::tensor::{Int, Tensor, TensorData};
 use pipe_model::{load_model_with, CausalLm};
+use pipe_testkit::fixtures::{fixture_set, rows_i64};
 use pipe_train::step::for_inference;
 use pipe_train::{adamw, train_step, AdamWSettings, Decay, MicroBatch, Schedule};
 use serde_json::Value;
@@ -14,21 +15,7 @@ use serde_json::Value;
 type B = Autodiff<pipe_model::CpuBackend>;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama")
-}
-
-fn rows(v: &Value) -> Vec<Vec<i64>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect()
-        })
-        .collect()
+    fixture_set("llama")
 }
 
 fn close(a: f64, b: f64, rel: f64, what: &str) {
@@ -54,8 +41,8 @@ fn run(model: CausalLm<B>, e: &Value) -> CausalLm<B> {
             .unwrap()
             .iter()
             .map(|m| MicroBatch {
-                input_ids: rows(&m["input_ids"]),
-                labels: rows(&m["labels"]),
+                input_ids: rows_i64(&m["input_ids"]),
+                labels: rows_i64(&m["labels"]),
                 attention_mask: None,
                 packing: None,
             })
@@ -86,7 +73,7 @@ fn run(model: CausalLm<B>, e: &Value) -> CausalLm<B> {
 
 fn final_logits(model: &CausalLm<B>, e: &Value) -> f32 {
     let inf = for_inference(model);
-    let ids = rows(&e["final_input_ids"]);
+    let ids = rows_i64(&e["final_input_ids"]);
     let (b, s) = (ids.len(), ids[0].len());
     let t = Tensor::<pipe_model::CpuBackend, 2, Int>::from_data(
         TensorData::new(ids.into_iter().flatten().collect::<Vec<i64>>(), [b, s]),
@@ -154,7 +141,7 @@ fn lora_steps_match_peft() {
 
 /// The model families' fixtures (scripts/make_family_fixtures.py), trained by the same recipe.
 fn families() -> Vec<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/families");
+    let root = fixture_set("families");
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())

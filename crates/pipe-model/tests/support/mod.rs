@@ -3,48 +3,13 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
 use burn::tensor::{Int, Tensor, TensorData};
 use pipe_model::{load_model, shifted_cross_entropy, CausalLm};
 use serde_json::Value;
 
+pub use pipe_testkit::fixtures::{expected_at, fixture, floats, rows_i64};
+
 pub type B = pipe_model::CpuBackend;
-
-/// `tests/fixtures/<set>/<case>`.
-pub fn fixture(set: &str, case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(set)
-        .join(case)
-}
-
-/// A fixture directory's `expected.json`.
-pub fn expected_at(dir: &std::path::Path) -> Value {
-    serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap()
-}
-
-pub fn rows_i64(v: &Value) -> Vec<Vec<i64>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-pub fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
 
 pub fn ids_tensor(rows: &[Vec<i64>]) -> Tensor<B, 2, Int> {
     let (b, s) = (rows.len(), rows[0].len());
