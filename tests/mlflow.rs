@@ -11,20 +11,12 @@ use std::time::{Duration, Instant};
 
 use common::Project;
 
-const STAGES: &str = r#"  train:
-    kind: train
-    data: tokens
-    model:
-      init: {vocab_size: 2001, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 64}
-      seed: 1
-    lr: 3.0e-3
-    max_steps: 5
-    batch_size: 4
-    tracking: {mlflow: "${params.server}", experiment: pipe-tests}
-"#;
-
 fn pipeline(server: &str) -> String {
-    common::example_pipeline("tracked", 64, STAGES).replacen(
+    let train = common::tiny_train_stage(
+        5,
+        &[r#"tracking: {mlflow: "${params.server}", experiment: pipe-tests}"#],
+    );
+    common::example_pipeline("tracked", 64, &train).replacen(
         "stages:",
         &format!("params:\n  server: {server}\nstages:"),
         1,

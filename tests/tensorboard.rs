@@ -9,21 +9,10 @@ mod common;
 use common::Project;
 use pipe_train::tensorboard::EventWriter;
 
-/// The example data through a `tokens` stage ([`common::example_pipeline`]), then these
-/// stages.
-const STAGES: &str = r#"  train:
-    kind: train
-    data: tokens
-    model:
-      init: {vocab_size: 2001, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 64}
-      seed: 1
-    lr: 3.0e-3
-    max_steps: 6
-    batch_size: 4
-"#;
-
+/// The example data through a `tokens` stage ([`common::example_pipeline`]), then a tiny
+/// model trained for 6 steps.
 fn pipeline() -> String {
-    common::example_pipeline("tb", 64, STAGES)
+    common::example_pipeline("tb", 64, &common::tiny_train_stage(6, &[]))
 }
 
 /// TensorBoard's reading of `dir`: tag → [(step, value)].

@@ -209,6 +209,28 @@ stages:
     )
 }
 
+/// A `train` stage (YAML, indented for [`example_pipeline`]'s `stages`) that fine-tunes a tiny
+/// seeded model (hidden 16, one layer, the example tokenizer's 2001 tokens) on `tokens` for
+/// `max_steps` steps; `extra` is more of its fields, one per line.
+pub fn tiny_train_stage(max_steps: usize, extra: &[&str]) -> String {
+    let mut yaml = format!(
+        "  train:
+    kind: train
+    data: tokens
+    model:
+      init: {{vocab_size: 2001, hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 64}}
+      seed: 1
+    lr: 3.0e-3
+    max_steps: {max_steps}
+    batch_size: 4
+"
+    );
+    for line in extra {
+        yaml.push_str(&format!("    {line}\n"));
+    }
+    yaml
+}
+
 /// Runs a Python `script` with `args` in the environment of tests/setup.sh (the real tools some
 /// tests read pipe's files with) and returns what it printed; fails the test if it fails.
 pub fn tool_python(script: &str, args: &[&std::ffi::OsStr]) -> String {
