@@ -453,6 +453,16 @@ impl<'p> Engine<'p> {
             })
     }
 
+    /// The stages that stage `i` reads and that have no result in `done` yet.
+    fn waiting_on(&self, i: usize, done: &HashMap<usize, Manifest>) -> Vec<String> {
+        self.dag
+            .upstream(i)
+            .into_iter()
+            .filter(|u| !done.contains_key(u))
+            .map(|u| self.pipeline.stages[u].id.clone())
+            .collect()
+    }
+
     /// What a run with `selection` would do, stage by stage, without running anything: the
     /// same [`Engine::decide`] as the run, for every stage whose key is known now.
     pub fn plan(&mut self, selection: &Selection) -> Result<Vec<PlanRow>, String> {
@@ -463,16 +473,7 @@ impl<'p> Engine<'p> {
             let s = &self.pipeline.stages[i];
             let (state, key) = match self.resolve(i, &done) {
                 Err(e) => (PlanState::Error(e), None),
-                Ok(None) => {
-                    let ups = self
-                        .dag
-                        .upstream(i)
-                        .into_iter()
-                        .filter(|u| !done.contains_key(u))
-                        .map(|u| self.pipeline.stages[u].id.clone())
-                        .collect();
-                    (PlanState::WaitsOn(ups), None)
-                }
+                Ok(None) => (PlanState::WaitsOn(self.waiting_on(i, &done)), None),
                 Ok(Some(r)) => {
                     let decision = self.decide(i, &r.recipe, &selection);
                     // A result in the remote counts as one here: what reads it gets its key.
@@ -530,14 +531,7 @@ impl<'p> Engine<'p> {
             let asked = stages.is_empty() || stages.contains(&id);
             let synced = match self.resolve(i, &done) {
                 Err(e) => Synced::Failed(e),
-                Ok(None) => Synced::WaitsOn(
-                    self.dag
-                        .upstream(i)
-                        .into_iter()
-                        .filter(|u| !done.contains_key(u))
-                        .map(|u| self.pipeline.stages[u].id.clone())
-                        .collect(),
-                ),
+                Ok(None) => Synced::WaitsOn(self.waiting_on(i, &done)),
                 Ok(Some(r)) => {
                     let key = r.recipe.key();
                     let local = self
@@ -918,10 +912,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
     /// An attempt of stage `i` ended on its worker thread.
     fn collect(&mut self, i: usize, attempt: Attempt) -> anyhow::Result<()> {
         let pipeline = self.engine.pipeline;
-        let attempt_kind = match &attempt {
-            Attempt::Pulled(_) => AttemptKind::Pulled,
-            _ => AttemptKind::Ran,
-        };
+        let pulled = matches!(attempt, Attempt::Pulled(_));
         let (key, why, t) = self.running.remove(&i).expect("was running");
         if let Some(grant) = self.grants.remove(&i) {
             self.ledger.give_back(&grant);
@@ -930,11 +921,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
         let id = &pipeline.stages[i].id;
         let outcome = match attempt {
             Attempt::Done(m) | Attempt::Pulled(m) => {
-                let status = if matches!(attempt_kind, AttemptKind::Pulled) {
-                    Status::Pulled
-                } else {
-                    Status::Done
-                };
+                let status = if pulled { Status::Pulled } else { Status::Done };
                 self.engine.store.write_ref(
                     &pipeline.name,
                     id,
@@ -959,7 +946,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             Attempt::NotPulled => Outcome::new(id, Status::Skipped(Skip::NotSelected)),
         };
         let mut outcome = outcome.keyed(&key).took(wall);
-        if let (Some(why), AttemptKind::Ran) = (why, attempt_kind) {
+        if let Some(why) = why.filter(|_| !pulled) {
             outcome = outcome.because(why);
         }
         self.end(i, outcome);
@@ -1010,12 +997,6 @@ enum Attempt {
     },
     /// The pull failed and the stage is not selected: it does not run.
     NotPulled,
-}
-
-#[derive(Clone, Copy)]
-enum AttemptKind {
-    Ran,
-    Pulled,
 }
 
 /// One attempt at one stage, on a worker thread: a pull from the remote cache, or a run (and
@@ -1206,9 +1187,10 @@ impl Job {
     }
 }
 
-/// Pushes the complete local entry `m` to `remote` if it is writable and reachable, marked
-/// pending until the manifest is written (a run that reuses an entry whose push was cut short
-/// pushes it). A failure is reported, never a failure of the stage.
+/// Pushes the complete local entry `m` to `remote` if it is writable and reachable, and clears
+/// its pending mark once the manifest is written (the mark is set before the entry's commit,
+/// so a run that reuses an entry whose push was cut short pushes it). A failure is reported,
+/// never a failure of the stage.
 fn push_entry(
     store: &Store,
     remote: &RemoteCache,
@@ -1218,9 +1200,6 @@ fn push_entry(
 ) {
     if !remote.writable() || !remote.reachable() {
         return;
-    }
-    if let Err(e) = store.set_push_pending(&m.key, true) {
-        tracing::warn!("cannot note that {} is being pushed: {e}", m.stage);
     }
     match remote.push(store, m, progress) {
         Ok(p) => {

@@ -454,16 +454,12 @@ impl Store {
                 if obj.exists() && hash_file(&obj).ok().as_deref() == Some(digest) {
                     return Ok(());
                 }
-                fs::create_dir_all(obj.parent().expect("object dir"))?;
-                fs::File::open(path)?.sync_all()?;
-                let tmp = unique_tmp_name(&obj);
+                let tmp = self.object_tmp_path(digest)?;
                 if fs::rename(path, &tmp).is_err() {
                     // A staged file on another device: copy its bytes instead.
                     fs::copy(path, &tmp)?;
                 }
-                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))?;
-                fs::rename(&tmp, &obj)?;
-                Ok(())
+                self.adopt_object(&tmp, digest)
             })
             .collect::<io::Result<()>>()?;
         self.link_view(&entries, &view_tmp)?;
@@ -551,8 +547,8 @@ impl Store {
         Ok(unique_tmp_name(&obj))
     }
 
-    /// Makes the file `tmp` (from [`Store::object_tmp_path`], its bytes verified to hash to
-    /// `digest`) the object `digest`.
+    /// Makes the file `tmp` (from [`Store::object_tmp_path`], its bytes known to hash to
+    /// `digest`) the object `digest`: synced, read-only, renamed into place.
     pub fn adopt_object(&self, tmp: &Path, digest: &str) -> io::Result<()> {
         fs::File::open(tmp)?.sync_all()?;
         fs::set_permissions(tmp, fs::Permissions::from_mode(0o444))?;
