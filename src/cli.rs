@@ -152,6 +152,21 @@ enum Command {
     Kinds,
     /// Print the JSON Schema of pipeline files (for editors: completion, hover docs, checks)
     Schema,
+    /// Run one stage here and commit its result (what a Slurm job of `pipe run` runs on its
+    /// compute node)
+    #[command(hide = true)]
+    RunStage {
+        #[command(flatten)]
+        file: FileArgs,
+        #[arg(long)]
+        stage: String,
+        /// The key the stage was submitted with: it must still be its key here
+        #[arg(long)]
+        key: String,
+        /// The stage's log (appended)
+        #[arg(long)]
+        log: PathBuf,
+    },
 }
 
 const GC_ABOUT: &str = "\
@@ -304,6 +319,12 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Pull { file, stages } => sync(&cx, &file, &stages, Direction::Pull),
         Command::Remote { command } => remote(&cx, command),
         Command::Kinds => kinds(&cx),
+        Command::RunStage {
+            file,
+            stage,
+            key,
+            log,
+        } => run_stage(&cx, &file, &stage, &key, log),
         Command::Schema => {
             let schema = pipe_core::schema::pipeline_schema(&cx.registry);
             println!("{}", serde_json::to_string_pretty(&schema)?);
@@ -375,6 +396,7 @@ fn run(cx: &Context, args: RunArgs) -> Result<ExitCode> {
             selection,
             jobs,
             machine: Some(machine),
+            stage_command: Some(stage_command(&engine.store)?),
         },
         cancel,
         &live,
@@ -389,6 +411,68 @@ fn run(cx: &Context, args: RunArgs) -> Result<ExitCode> {
         eprint!("{table}");
         Ok(ExitCode::from(if summary.interrupted { 130 } else { 1 }))
     }
+}
+
+/// How a Slurm job runs one stage on its compute node: this very program, on this store
+/// (both must be on paths the nodes share), without a remote cache (the submitting run pushes
+/// what the job commits).
+fn stage_command(store: &Store) -> Result<pipe_core::slurm::StageCommand> {
+    let program = std::env::current_exe()
+        .map_err(|e| anyhow::anyhow!("cannot tell where this pipe program is: {e}"))?;
+    let root = store
+        .root
+        .canonicalize()
+        .unwrap_or_else(|_| store.root.clone());
+    Ok(pipe_core::slurm::StageCommand {
+        program,
+        args: vec![
+            "--cache".into(),
+            root.display().to_string(),
+            "--no-remote".into(),
+            "run-stage".into(),
+        ],
+    })
+}
+
+/// `pipe run-stage`: one stage, run here for a Slurm job; the exit status says how it ended
+/// (0 done, 1 failed, 130 interrupted), and its log says why.
+fn run_stage(
+    cx: &Context,
+    file: &FileArgs,
+    stage: &str,
+    key: &str,
+    log: PathBuf,
+) -> Result<ExitCode> {
+    let status = (|| -> Result<pipe_core::Status> {
+        let pipeline = cx.load(file)?;
+        let store = Store::open(&cx.cache)?;
+        let work = store.work_dir(key);
+        std::fs::create_dir_all(&work)?;
+        let progress = Arc::new(pipe_core::slurm::FileProgress::new(
+            pipe_core::slurm::progress_path(&work),
+        ));
+        let mut engine = Engine::new(&pipeline, store);
+        engine.run_stage(stage, key, log.clone(), interrupt_flag(), progress)
+    })()
+    .unwrap_or_else(|e| {
+        // Said in the log's own words, for the submitting run to report.
+        let error = format!("{e:#}");
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&log) {
+            use std::io::Write;
+            let _ = writeln!(f, "# pipe: failed: {error}");
+        }
+        pipe_core::Status::Failed(error)
+    });
+    Ok(match status {
+        pipe_core::Status::Done => ExitCode::SUCCESS,
+        pipe_core::Status::Interrupted => ExitCode::from(130),
+        // The log (this job's output) says why, in a `# pipe: failed:` line.
+        pipe_core::Status::Failed(_) => ExitCode::FAILURE,
+        other => {
+            eprintln!("# pipe: stage `{stage}` did not run: {other:?}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 /// What this machine offers stages' `resources:`: detected, with `--cpus/--gpus/--memory`.

@@ -5,19 +5,28 @@
 #   - tensorboard: its event reader reads back the event files a train stage writes;
 #   - jsonschema, PyYAML: validate pipelines against `pipe schema`;
 #   - mlflow: a real tracking server (sqlite backend, on 127.0.0.1) that train stages log to;
-#   - chromium (Debian's package, system-wide): the headless browser report.html is drawn in.
+#   - chromium (Debian's package, system-wide): the headless browser report.html is drawn in;
+#   - slurm-wlm and munge (Debian's packages): a real Slurm cluster, started by
+#     tests/slurm-cluster.sh in target/slurm, that the Slurm executor's tests submit to.
 set -euo pipefail
-if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
-  install=(apt-get install -y -q --no-install-recommends chromium)
+# Debian packages, system-wide: chromium, and Slurm (slurm-wlm, munge) for tests/slurm.rs.
+packages=()
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || packages+=(chromium)
+PATH="$PATH:/usr/sbin"
+command -v slurmctld >/dev/null && command -v munged >/dev/null || packages+=(slurm-wlm munge)
+if [ ${#packages[@]} -gt 0 ]; then
+  install=(apt-get install -y -q --no-install-recommends "${packages[@]}")
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive "${install[@]}" >/dev/null
   elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then
     sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive "${install[@]}" >/dev/null
   else
-    echo "tests/setup.sh: a headless chromium is required (Debian/Ubuntu: apt install chromium)" >&2
+    echo "tests/setup.sh: these Debian packages are required: ${packages[*]} (apt install ${packages[*]})" >&2
     exit 1
   fi
 fi
+# A one-node Slurm cluster private to this checkout (target/slurm, 127.0.0.1).
+bash "$(dirname "$0")/slurm-cluster.sh"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV="$ROOT/target/test-tools"
 REQUIREMENTS="$ROOT/tests/requirements-tools.txt"

@@ -5,26 +5,10 @@
 mod common;
 use std::time::{Duration, Instant};
 
-use common::{sigkill, signal, Project};
-
-/// The example data through a `tokens` stage ([`common::example_pipeline`]), then these
-/// stages.
-const STAGES: &str = r#"  train:
-    kind: train
-    data: tokens
-    model:
-      init: {vocab_size: 2001, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}
-      seed: 1
-    lr: 3.0e-3
-    warmup_ratio: 0.1
-    epochs: 6
-    batch_size: 4
-    micro_batch_size: 2
-    save_steps: 3
-"#;
+use common::{sigkill, Project};
 
 fn pipeline() -> String {
-    common::example_pipeline("tiny-train", 96, STAGES)
+    common::example_pipeline("tiny-train", 96, &common::checkpointed_train_stage(6))
 }
 
 fn project() -> Project {
@@ -122,14 +106,7 @@ fn sigkill_and_ctrl_c_during_training_resume_to_identical_weights() {
     let q = project();
     let child = q.spawn(&["run", "p.yaml"]);
     wait_steps(&q, 2);
-    signal(&child, libc::SIGINT);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ctrl_c(child);
     q.pipe(&["run", "p.yaml"]).ok();
     assert!(
         train_log(&q).contains("resuming from the checkpoint at step"),

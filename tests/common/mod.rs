@@ -162,6 +162,18 @@ pub fn signal(child: &Child, sig: i32) {
     unsafe { libc::kill(child.id() as i32, sig) };
 }
 
+/// Ctrl-C to a running `pipe run`: it must stop its stages and exit 130.
+pub fn ctrl_c(child: Child) {
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// upper ← data.txt; exclaim ← upper; side is independent. Each command appends its stage id
 /// to runs.log, so the tests can count how often each really ran.
 pub const THREE_COMMANDS: &str = r#"name: e2e
@@ -229,6 +241,27 @@ pub fn tiny_train_stage(max_steps: usize, extra: &[&str]) -> String {
         yaml.push_str(&format!("    {line}\n"));
     }
     yaml
+}
+
+/// A `train` stage (YAML, indented for [`example_pipeline`]'s `stages`) of a small seeded
+/// model (hidden 32, two layers) on `tokens` for `epochs` epochs of 3 steps, with a checkpoint
+/// every 3 steps: long enough to interrupt and resume.
+pub fn checkpointed_train_stage(epochs: usize) -> String {
+    format!(
+        "  train:
+    kind: train
+    data: tokens
+    model:
+      init: {{vocab_size: 2001, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}}
+      seed: 1
+    lr: 3.0e-3
+    warmup_ratio: 0.1
+    epochs: {epochs}
+    batch_size: 4
+    micro_batch_size: 2
+    save_steps: 3
+"
+    )
 }
 
 /// Runs a Python `script` with `args` in the environment of tests/setup.sh (the real tools some

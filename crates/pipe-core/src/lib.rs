@@ -7,6 +7,7 @@
 //! - the run loop: [`runner`]
 //! - the store layout: [`store`]
 //! - the remote cache seam: [`remote`]
+//! - the Slurm executor: [`slurm`]
 
 pub mod diag;
 pub mod digest;
@@ -20,6 +21,7 @@ pub mod remote;
 pub mod resources;
 pub mod runner;
 pub mod schema;
+pub mod slurm;
 pub mod spec;
 pub mod store;
 

@@ -23,6 +23,7 @@ use crate::kind::{InputSource, Interrupted, NoProgress, Progress, StageContext};
 use crate::lock::WorkspaceLock;
 use crate::remote::{Pushed, RemoteCache, Transfers};
 use crate::resources::{Grant, Ledger, Machine};
+use crate::slurm::{self, Executor, JobRecord, SlurmOptions, StageCommand};
 use crate::spec::Pipeline;
 use crate::store::{
     Damage, Entry, InputRecord, Manifest, RunRecord, StageRef, Store, MANIFEST_FORMAT,
@@ -50,6 +51,8 @@ pub struct RunOptions {
     pub jobs: usize,
     /// What the machine offers stages' `resources:` (default: detected).
     pub machine: Option<Machine>,
+    /// How a Slurm job runs one stage (`pipe run-stage`); required by `executor: slurm`.
+    pub stage_command: Option<StageCommand>,
 }
 
 /// How a stage ended in a run.
@@ -598,6 +601,74 @@ impl<'p> Engine<'p> {
         Ok(rows)
     }
 
+    /// `pipe run-stage`, what a Slurm job runs on its compute node: stage `id`, whose key
+    /// must be `key` (the pipeline and its inputs unchanged since the job was submitted),
+    /// with its upstream results read from the store, run here and committed. The log goes
+    /// to `log` (appended); progress to `progress`. Takes no workspace lock: the submitting
+    /// run holds it.
+    pub fn run_stage(
+        &mut self,
+        id: &str,
+        key: &str,
+        log: PathBuf,
+        cancel: Arc<AtomicBool>,
+        progress: Arc<dyn Progress>,
+    ) -> anyhow::Result<Status> {
+        let Some(i) = self.pipeline.index(id) else {
+            anyhow::bail!("the pipeline has no stage `{id}`");
+        };
+        let mut done: HashMap<usize, Manifest> = HashMap::new();
+        for j in self.dag.order() {
+            if j == i {
+                break;
+            }
+            if let Ok(Some(r)) = self.resolve(j, &done) {
+                if let Some(m) = self.store.lookup(&r.recipe.key()) {
+                    done.insert(j, m);
+                }
+            }
+        }
+        let resolved = match self.resolve(i, &done) {
+            Ok(Some(r)) => r,
+            Ok(None) => anyhow::bail!(
+                "stage `{id}` reads {}, whose results are not in the store {}: is it on a file system this node shares?",
+                self.waiting_on(i, &done).iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+                self.store.root.display()
+            ),
+            Err(e) => anyhow::bail!("stage `{id}`: {e}"),
+        };
+        let now = resolved.recipe.key();
+        if now != key {
+            anyhow::bail!(
+                "stage `{id}` has key {now} here, but the job was submitted for key {key}: the pipeline file or the stage's inputs changed since; run `pipe run` again"
+            );
+        }
+        let def = &self.pipeline.stages[i];
+        let job = Job {
+            store: self.store.clone(),
+            remote: None,
+            pull: None,
+            run_if_not_pulled: true,
+            gpus: Vec::new(),
+            pipeline: self.pipeline.name.clone(),
+            base_dir: self.pipeline.base_dir.clone(),
+            stage_index: i,
+            key: key.to_string(),
+            resolved,
+            cancel,
+            progress,
+            stage_command: None,
+        };
+        let status = match job.run_here(def, Some(log)) {
+            Attempt::Done(_) | Attempt::Pulled(_) => Status::Done,
+            Attempt::Failed { error, .. } => Status::Failed(error),
+            Attempt::Interrupted { .. } => Status::Interrupted,
+            Attempt::NotPulled => Status::Skipped(Skip::NotSelected),
+        };
+        let _ = self.memo.save();
+        Ok(status)
+    }
+
     /// Runs the pipeline. Takes the workspace lock for the duration; reports each stage's
     /// progress and end to `observer`.
     pub fn run(
@@ -614,6 +685,7 @@ impl<'p> Engine<'p> {
             .map_err(|e| anyhow::anyhow!(e))?;
         let machine = opts.machine.clone().unwrap_or_else(Machine::detect);
         let mut run = RunLoop::new(self, selection, opts.jobs.max(1), machine, observer)?;
+        run.stage_command = opts.stage_command.clone();
         let stop = run.stop.clone();
         let (tx, rx) = mpsc::channel::<(usize, Attempt)>();
         std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -697,6 +769,7 @@ struct RunLoop<'e, 'p> {
     record: RunRecord,
     /// Set once the run is asked to stop: running stages save their state, none starts.
     stop: Arc<AtomicBool>,
+    stage_command: Option<StageCommand>,
 }
 
 impl<'e, 'p> RunLoop<'e, 'p> {
@@ -731,6 +804,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             remade: HashSet::new(),
             record,
             stop: Arc::new(AtomicBool::new(false)),
+            stage_command: None,
         })
     }
 
@@ -800,8 +874,15 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             self.end(i, Outcome::new(id, Status::Skipped(Skip::Interrupted)));
             return Ok(Step::Progressed);
         }
-        // Two stages with the same recipe share one entry: the second waits.
-        if self.running.len() >= self.jobs || self.running.values().any(|(k, ..)| *k == key) {
+        // Two stages with the same recipe share one entry: the second waits. `jobs` counts
+        // the stages that run here; Slurm's own scheduler decides when its jobs run.
+        let local = pipeline.stages[i].executor == Executor::Local;
+        let running_here = self
+            .running
+            .keys()
+            .filter(|r| pipeline.stages[**r].executor == Executor::Local)
+            .count();
+        if (local && running_here >= self.jobs) || self.running.values().any(|(k, ..)| *k == key) {
             return Ok(Step::Wait);
         }
         // Its inputs are read from the store: their bytes are checked first, and a damaged
@@ -810,8 +891,14 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             self.remake(i, up, &key, &damage);
             return Ok(Step::Progressed);
         }
-        // Last: what it needs of the machine is taken only when it starts.
-        let grant = match self.ledger.take(&pipeline.stages[i].resources) {
+        // Last: what it needs of this machine is taken only when it starts (a Slurm job's
+        // resources are Slurm's to grant).
+        let resources = if local {
+            pipeline.stages[i].resources.clone()
+        } else {
+            Default::default()
+        };
+        let grant = match self.ledger.take(&resources) {
             Ok(Some(grant)) => grant,
             Ok(None) => return Ok(Step::Wait),
             Err(why) => {
@@ -846,6 +933,7 @@ impl<'e, 'p> RunLoop<'e, 'p> {
             resolved,
             cancel: self.stop.clone(),
             progress,
+            stage_command: self.stage_command.clone(),
         })))
     }
 
@@ -1017,6 +1105,8 @@ struct Job {
     resolved: Resolved,
     cancel: Arc<AtomicBool>,
     progress: Arc<dyn Progress>,
+    /// How a Slurm job runs the stage.
+    stage_command: Option<StageCommand>,
 }
 
 impl Job {
@@ -1042,12 +1132,27 @@ impl Job {
                 }
             }
         }
-        let started = SystemTime::now();
-        let stamp = humantime::format_rfc3339_millis(started).to_string();
-        let log_path = self
+        match &def.executor {
+            Executor::Local => self.run_here(def, None),
+            Executor::Slurm(options) => self.run_on_slurm(pipeline, def, options),
+        }
+    }
+
+    /// A new log file's path, named for when it starts, and that time.
+    fn new_log(&self) -> (PathBuf, String) {
+        let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let path = self
             .store
             .log_dir(&self.key)
             .join(format!("{}.log", stamp.replace(':', "-")));
+        (path, stamp)
+    }
+
+    /// Runs the stage in this process and commits its outputs. Its log goes to `log`
+    /// (appended: a Slurm job's output shares it) or to a new file.
+    fn run_here(&self, def: &crate::spec::StageDef, log: Option<PathBuf>) -> Attempt {
+        let (new_log, stamp) = self.new_log();
+        let log_path = log.unwrap_or(new_log);
         let log_rel = log_path
             .strip_prefix(&self.store.root)
             .unwrap_or(&log_path)
@@ -1066,7 +1171,10 @@ impl Job {
             fs::create_dir_all(&state)?;
             fs::create_dir_all(&out)?;
             fs::create_dir_all(log_path.parent().expect("log dir"))?;
-            let log = fs::File::create(&log_path)?;
+            let log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)?;
             Ok((state, out, log))
         })();
         let (state, out, log) = match prepared {
@@ -1175,6 +1283,210 @@ impl Job {
 }
 
 impl Job {
+    /// Runs the stage as a Slurm job (see [`crate::slurm`]): re-attaches to the job a killed
+    /// run left queued or running, else submits one, and tracks it to its end. A job that
+    /// Slurm preempts or loses with its node is submitted again (it resumes from the
+    /// stage's saved state), up to [`RESUBMITS`] times.
+    fn run_on_slurm(
+        &self,
+        pipeline: &Pipeline,
+        def: &crate::spec::StageDef,
+        options: &SlurmOptions,
+    ) -> Attempt {
+        let work = self.store.work_dir(&self.key);
+        if let Err(e) = fs::create_dir_all(work.join("state")) {
+            return Attempt::Failed {
+                error: format!("cannot prepare the stage's work directory: {e}"),
+                log: None,
+            };
+        }
+        if self.remote.as_ref().is_some_and(|r| r.writable()) {
+            // Set before the compute node commits: see `attempt`.
+            let _ = self.store.set_push_pending(&self.key, true);
+        }
+        let mut attach = slurm::read_record(&work)
+            .filter(|r| matches!(slurm::query(&r.job_id), Ok(Some(state)) if !state.ended()));
+        let mut resubmits = 0;
+        loop {
+            let record = match attach.take() {
+                Some(record) => {
+                    append_line(
+                        &record.log,
+                        &format!(
+                            "# pipe: re-attached to Slurm job {} (submitted {})",
+                            record.job_id, record.submitted
+                        ),
+                    );
+                    tracing::info!("{}: re-attached to Slurm job {}", def.id, record.job_id);
+                    record
+                }
+                None => match self.submit(pipeline, def, options, &work) {
+                    Ok(record) => record,
+                    Err((error, log)) => return Attempt::Failed { error, log },
+                },
+            };
+            let log = Some(record.log.clone());
+            let mut last = slurm::ProgressState::default();
+            let mut shown = String::new();
+            let progress_file = slurm::progress_path(&work);
+            let ended = slurm::track(
+                &record.job_id,
+                options,
+                &record.log,
+                &self.cancel,
+                |state| {
+                    if state.state == "RUNNING" {
+                        slurm::relay_progress(&progress_file, &*self.progress, &mut last);
+                    } else {
+                        let said = format!("Slurm job {}: {state}", record.job_id);
+                        if said != shown {
+                            self.progress.set_message(said.clone());
+                            shown = said;
+                        }
+                    }
+                },
+            );
+            match ended {
+                slurm::Ended::Completed => {
+                    let _ = fs::remove_file(slurm::record_path(&work));
+                    return match self.store.lookup(&self.key) {
+                        Some(m) => {
+                            if let Some(remote) = &self.remote {
+                                push_entry(&self.store, remote, &m, &*self.progress, &|line| {
+                                    append_line(&record.log, line)
+                                });
+                            }
+                            Attempt::Done(Box::new(m))
+                        }
+                        None => Attempt::Failed {
+                            error: format!(
+                                "Slurm job {} completed, but the stage's result is not in the store {}: the store must be on a file system that the compute nodes share (see the log)",
+                                record.job_id,
+                                self.store.root.display()
+                            ),
+                            log,
+                        },
+                    };
+                }
+                slurm::Ended::Lost(why) if resubmits < RESUBMITS => {
+                    resubmits += 1;
+                    let line = format!(
+                        "{why}; submitting it again ({resubmits} of {RESUBMITS}): it resumes from its saved state"
+                    );
+                    append_line(&record.log, &format!("# pipe: {line}"));
+                    tracing::warn!("{}: {line}", def.id);
+                }
+                slurm::Ended::Lost(why) => {
+                    let _ = fs::remove_file(slurm::record_path(&work));
+                    return Attempt::Failed {
+                        error: format!(
+                            "{why}, after {RESUBMITS} resubmissions; not submitted again"
+                        ),
+                        log,
+                    };
+                }
+                slurm::Ended::Interrupted => {
+                    let _ = fs::remove_file(slurm::record_path(&work));
+                    return Attempt::Interrupted { log };
+                }
+                slurm::Ended::Failed(error) => {
+                    let _ = fs::remove_file(slurm::record_path(&work));
+                    return Attempt::Failed { error, log };
+                }
+            }
+        }
+    }
+
+    /// Writes the batch script into the work dir, submits it and records the job there. The
+    /// job's output is the stage's new log. On failure: what went wrong, and the log if any.
+    fn submit(
+        &self,
+        pipeline: &Pipeline,
+        def: &crate::spec::StageDef,
+        options: &SlurmOptions,
+        work: &std::path::Path,
+    ) -> Result<JobRecord, (String, Option<PathBuf>)> {
+        let Some(command) = &self.stage_command else {
+            return Err((
+                "this stage runs on Slurm, but this program cannot start `pipe run-stage` on a compute node".into(),
+                None,
+            ));
+        };
+        let (log, stamp) = self.new_log();
+        let io = |e: std::io::Error| (format!("cannot prepare the Slurm job: {e}"), None);
+        fs::create_dir_all(log.parent().expect("log dir")).map_err(io)?;
+        let file = pipeline
+            .file
+            .canonicalize()
+            .unwrap_or_else(|_| pipeline.file.clone());
+        let mut argv = vec![command.program.display().to_string()];
+        argv.extend(command.args.iter().cloned());
+        argv.extend([
+            file.display().to_string(),
+            "--stage".into(),
+            def.id.clone(),
+            "--key".into(),
+            self.key.clone(),
+            "--log".into(),
+            log.display().to_string(),
+        ]);
+        for o in &pipeline.overrides {
+            argv.extend(["--set".to_string(), o.clone()]);
+        }
+        let script = work.join("slurm-job.sh");
+        let comment = format!(
+            "pipe: stage `{}` of pipeline `{}`, key {}",
+            def.id, pipeline.name, self.key
+        );
+        fs::write(&script, slurm::batch_script(&comment, &argv)).map_err(io)?;
+        let mut args = options.sbatch_args(&def.resources);
+        let cwd = std::env::current_dir().unwrap_or_else(|_| pipeline.base_dir.clone());
+        args.splice(
+            0..0,
+            [
+                format!("--job-name=pipe:{}:{}", pipeline.name, def.id),
+                format!("--output={}", log.display()),
+                "--open-mode=append".into(),
+                // Preempted jobs go back to the queue and resume from the saved state.
+                "--requeue".into(),
+                format!("--chdir={}", cwd.display()),
+            ],
+        );
+        append_line(
+            &log,
+            &format!(
+                "# pipe: stage `{}` ({} v{}) key {} submitted to Slurm {stamp}: sbatch {}",
+                def.id,
+                def.kind,
+                def.kind_version,
+                self.key,
+                args.join(" ")
+            ),
+        );
+        let job_id = slurm::submit(&script, &args).map_err(|e| {
+            append_line(&log, &format!("# pipe: failed: {e}"));
+            (e, Some(log.clone()))
+        })?;
+        let record = JobRecord {
+            job_id,
+            log: log.clone(),
+            submitted: stamp,
+        };
+        slurm::write_record(work, &record).map_err(|e| {
+            let _ = slurm::cancel(&record.job_id);
+            (
+                format!(
+                    "cannot record Slurm job {} (cancelled it): {e}",
+                    record.job_id
+                ),
+                Some(log.clone()),
+            )
+        })?;
+        append_line(&log, &format!("# pipe: Slurm job {}", record.job_id));
+        tracing::info!("{}: submitted to Slurm as job {}", def.id, record.job_id);
+        Ok(record)
+    }
+
     /// Pushes the committed entry `m` to the remote cache, if there is a writable one; a
     /// failure is reported, never a failure of the stage.
     fn push(&self, cx: &StageContext, m: &Manifest) {
@@ -1229,6 +1541,17 @@ fn push_entry(
                 );
             }
         }
+    }
+}
+
+/// How many times one attempt submits a job again after Slurm preempted or lost it.
+const RESUBMITS: usize = 3;
+
+/// Appends `line` to the log at `path` (best effort: a log line is never worth a failure).
+fn append_line(path: &std::path::Path, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
     }
 }
 

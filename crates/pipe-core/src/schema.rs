@@ -38,6 +38,29 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
             }
         }),
     );
+    defs.insert(
+        "executor".into(),
+        json!({
+            "description": "Where stages run (a run setting, never in the key): `local` (threads and processes of `pipe run`) or `slurm` (each stage a Slurm batch job running `pipe run-stage` on a compute node, against this store on a shared file system)",
+            "enum": ["local", "slurm"]
+        }),
+    );
+    defs.insert(
+        "slurm".into(),
+        json!({
+            "description": "What a stage's Slurm job asks for (`executor: slurm`); a stage's own fields replace the pipeline's one by one",
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "partition": { "type": "string" },
+                "account": { "type": "string" },
+                "time": { "description": "A time limit: MINUTES, HH:MM:SS or DAYS-HH:MM:SS", "type": ["string", "integer"] },
+                "gpus_per_node": { "description": "GPUs per node (default: those of `resources`, or a train stage's devices)", "oneOf": [{ "type": "integer", "minimum": 1 }, { "$ref": "#/$defs/param_ref" }] },
+                "nodes": { "description": "One node per stage", "const": 1 },
+                "extra_args": { "description": "More sbatch arguments, after pipe's own", "type": "array", "items": { "type": "string" } }
+            }
+        }),
+    );
     let mut cases = Vec::new();
     for kind in registry.kinds() {
         let name = kind.name();
@@ -64,6 +87,8 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
                 .expect("properties are an object");
             props.insert("kind".into(), json!({ "const": name }));
             props.insert("resources".into(), json!({ "$ref": "#/$defs/resources" }));
+            props.insert("executor".into(), json!({ "$ref": "#/$defs/executor" }));
+            props.insert("slurm".into(), json!({ "$ref": "#/$defs/slurm" }));
         }
         defs.insert(name.to_string(), fields);
         cases.push(json!({
@@ -92,6 +117,8 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
             "name": { "type": "string", "description": "The pipeline's name (its stages' refs in the store are kept under it)" },
             "description": { "type": "string" },
             "params": { "type": "object", "description": "Values usable anywhere below as ${params.NAME}; `--set params.NAME=VALUE` overrides them" },
+            "executor": { "$ref": "#/$defs/executor" },
+            "slurm": { "$ref": "#/$defs/slurm" },
             "stages": {
                 "type": "object",
                 "description": "Stage id → stage",

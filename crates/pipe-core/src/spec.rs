@@ -19,6 +19,8 @@ pub struct Pipeline {
     pub base_dir: PathBuf,
     /// Stages in file order.
     pub stages: Vec<StageDef>,
+    /// The `--set`s it was loaded with (a Slurm job loads it again with them).
+    pub overrides: Vec<String>,
 }
 
 impl fmt::Debug for Pipeline {
@@ -46,6 +48,9 @@ pub struct StageDef {
     /// What it needs of the machine: its `resources:`, else what its kind infers (a run
     /// setting, never in the key).
     pub resources: crate::resources::Resources,
+    /// Where it runs: `executor:` and `slurm:`, its own over the pipeline's (a run setting,
+    /// never in the key).
+    pub executor: crate::slurm::Executor,
 }
 
 impl StageDef {
@@ -95,6 +100,10 @@ struct RawPipeline {
     description: Option<String>,
     #[serde(default)]
     params: Mapping,
+    #[serde(default)]
+    executor: Option<Value>,
+    #[serde(default)]
+    slurm: Option<Value>,
     stages: Mapping,
 }
 
@@ -160,12 +169,20 @@ pub fn parse(
     };
     let base_dir = base_dir(file);
     let stage_ids: Vec<String> = stage_maps.iter().map(|(id, _)| id.clone()).collect();
+    let executor = crate::slurm::Executor::parse(
+        raw.executor.as_ref(),
+        raw.slurm.as_ref(),
+        &FieldPath::root(),
+        &crate::slurm::Executor::Local,
+    )
+    .map_err(|e| at.error_in_field(e))?;
     let scope = Scope {
         at: &at,
         registry,
         params: &params,
         stage_ids: &stage_ids,
         base_dir: &base_dir,
+        executor: &executor,
     };
     let stages = stage_maps
         .into_iter()
@@ -177,6 +194,7 @@ pub fn parse(
         file: file.to_path_buf(),
         base_dir,
         stages,
+        overrides: overrides.iter().map(|o| o.text.clone()).collect(),
     };
     check_acyclic(&at, &pipeline)?;
     check_upstream(&at, &pipeline)?;
@@ -217,6 +235,8 @@ struct Scope<'a> {
     params: &'a Mapping,
     stage_ids: &'a [String],
     base_dir: &'a Path,
+    /// The pipeline's `executor:`/`slurm:`, which its stages inherit.
+    executor: &'a crate::slurm::Executor,
 }
 
 /// Parses the YAML document and checks the pipeline's `name` and that it has stages.
@@ -349,6 +369,13 @@ fn parse_stage(scope: &Scope<'_>, id: String, fields: Value) -> Result<StageDef,
             .map_err(|e| scope.at.error_in_field(e))?,
         None => Default::default(),
     };
+    let (executor, slurm) = match fields.as_mapping_mut() {
+        Some(m) => (m.remove("executor"), m.remove("slurm")),
+        None => (None, None),
+    };
+    let executor =
+        crate::slurm::Executor::parse(executor.as_ref(), slurm.as_ref(), &path, scope.executor)
+            .map_err(|e| scope.at.error_in_field(e))?;
     let cx = ParseContext {
         stage_id: &id,
         path: path.clone(),
@@ -366,6 +393,7 @@ fn parse_stage(scope: &Scope<'_>, id: String, fields: Value) -> Result<StageDef,
         inputs: stage.inputs(),
         fields: stage.key_fields(),
         resources: crate::resources::Resources::or(declared, stage.resources()),
+        executor,
         stage,
     })
 }
