@@ -123,6 +123,32 @@ fn collect(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
     }
 }
 
+/// Every file under `dir`, by its path relative to `dir` (`/`-separated), with its bytes.
+pub fn files_under(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().display().to_string();
+                files.insert(rel, fs::read(&path).unwrap_or_default());
+            }
+        }
+    }
+    files
+}
+
+/// The first file under `dir` that holds `secret`, if any.
+pub fn file_holding(dir: &Path, secret: &str) -> Option<String> {
+    files_under(dir)
+        .into_iter()
+        .find(|(_, bytes)| bytes.windows(secret.len()).any(|w| w == secret.as_bytes()))
+        .map(|(path, _)| path)
+}
+
 pub struct Run {
     pub code: i32,
     pub stdout: String,

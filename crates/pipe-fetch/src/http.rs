@@ -107,6 +107,19 @@ impl Origin {
     }
 }
 
+/// What [`Client::send`] sends.
+pub(crate) enum Body<'a> {
+    Json(&'a serde_json::Value),
+    /// A content type and the bytes.
+    Bytes(&'a str, &'a [u8]),
+    /// `len` bytes of a file from `offset`, streamed.
+    File {
+        path: &'a Path,
+        offset: u64,
+        len: u64,
+    },
+}
+
 /// How many redirects one request follows.
 const MAX_REDIRECTS: usize = 10;
 
@@ -188,6 +201,49 @@ impl Client {
         Err(FetchError::Invalid {
             what: url.to_string(),
             detail: format!("more than {MAX_REDIRECTS} redirects"),
+        })
+    }
+
+    /// `method` `url` with `body` and `headers`, once, following no redirect; the token goes
+    /// only to the token's origin. Errors are classified as [`classify`] does; a 401/403 says
+    /// that writing needs a token with write access.
+    pub(crate) fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Body<'_>,
+    ) -> Result<ureq::Response, FetchError> {
+        let mut req = self.agent.request(method, url);
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
+        if let Some((origin, token)) = &self.auth {
+            if Origin::of(url).is_ok_and(|o| o == *origin) {
+                req = req.set("Authorization", &format!("Bearer {token}"));
+            }
+        }
+        let sent = match body {
+            Body::Json(v) => req
+                .set("Content-Type", "application/json")
+                .send_bytes(&serde_json::to_vec(v).expect("serialisable")),
+            Body::Bytes(content_type, bytes) => {
+                req.set("Content-Type", content_type).send_bytes(bytes)
+            }
+            Body::File { path, offset, len } => {
+                let mut f = File::open(path)?;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))?;
+                req.set("Content-Length", &len.to_string())
+                    .send(f.take(len))
+            }
+        };
+        sent.map_err(|e| match classify(url, e, "") {
+            FetchError::Denied { url, status, .. } => FetchError::Denied {
+                url,
+                status,
+                help: "writing to the Hub needs HF_TOKEN set to a token with write access to this repository".into(),
+            },
+            other => other,
         })
     }
 

@@ -1,12 +1,15 @@
 //! Fetching files: over HTTP(S) with resume (HTTP Range) and retries, from the Hugging Face
-//! Hub (`hf://ORG/REPO[@REVISION]`), and from local paths; with checksum verification.
+//! Hub (`hf://ORG/REPO[@REVISION]`), and from local paths; with checksum verification. And
+//! the one way back: pushing a directory to a Hub repository ([`push_folder`]).
 
 mod http;
 mod hub;
+mod hub_push;
 mod source;
 
 pub use http::{host_of, url_file_name, Client, Download, FetchError, Transfer};
 pub use hub::{default_model_files, HubFile, HubRepo, RepoKind, SelectError};
+pub use hub_push::{push_folder, HubTarget, Pushed};
 pub use source::{fetch, FetchOptions, FetchReport, Fetched, Source, SourceError};
 
 use std::io::Read;

@@ -99,7 +99,15 @@ impl DownloadStage {
     }
 }
 
-const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+pub(crate) const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// The Hub's address: `HF_ENDPOINT`, else huggingface.co.
+pub(crate) fn hub_endpoint() -> String {
+    std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.into())
+}
 
 impl StageKind for DownloadKind {
     fn name(&self) -> &'static str {
@@ -197,10 +205,7 @@ impl StageKind for DownloadKind {
             }],
             _ => Vec::new(),
         };
-        let endpoint = std::env::var("HF_ENDPOINT")
-            .ok()
-            .filter(|e| !e.is_empty())
-            .unwrap_or_else(|| DEFAULT_ENDPOINT.into());
+        let endpoint = hub_endpoint();
         let options = FetchOptions {
             files: fields.files.clone(),
             checksums,

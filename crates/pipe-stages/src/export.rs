@@ -14,6 +14,7 @@
 //!   dtype: bf16           # or f32
 //!   max_shard_size: 5GB
 //!   to: out/alpaca-7b     # also copy the result here (atomically), even on a cache hit
+//!   push: hf://org/alpaca-7b@main   # and upload it to the Hub (one commit; none if unchanged)
 //! ```
 //!
 //! `to:` is a directory pipe owns once it delivered there: each delivery leaves a marker file
@@ -21,6 +22,12 @@
 //! one (or an empty one). A directory with other contents is refused, never emptied; the
 //! store, the directory pipe runs in, the pipeline's directory, the home directory and their
 //! ancestors are refused by `pipe check` already.
+//!
+//! `push:` uploads the result to a Hugging Face Hub model repository on every run, cache hits
+//! included, as one commit — and as no commit when the branch already holds these bytes (see
+//! `pipe_fetch::push_folder`). A repository it creates is private unless `push_private: false`.
+//! `HF_TOKEN` (write access) goes to the Hub (`HF_ENDPOINT`) only. Both are deliveries, not
+//! part of the key.
 
 use std::path::{Path, PathBuf};
 
@@ -68,11 +75,21 @@ struct Fields {
     base_model_name_or_path: Option<String>,
     #[serde(default)]
     to: Option<String>,
+    /// `hf://ORG/REPO[@BRANCH]`: upload the result to this Hub repository.
+    #[serde(default)]
+    push: Option<String>,
+    /// Whether a repository that `push` creates is private.
+    #[serde(default = "default_private")]
+    push_private: bool,
+}
+
+fn default_private() -> bool {
+    true
 }
 
 /// What decides an export's result (see `pipe_core::key`): the layout, the dtype, the shard
 /// size, and the base named in adapter_config.json. The model and base are inputs, by content;
-/// `to:` is a delivery, not part of the result.
+/// `to:` and `push:` are deliveries, not part of the result.
 #[derive(Serialize)]
 struct ExportKey<'a> {
     format: Format,
@@ -100,6 +117,7 @@ struct ExportStage {
     fields: Fields,
     shard_bytes: u64,
     to: Option<PathBuf>,
+    push: Option<pipe_fetch::HubTarget>,
     inputs: Vec<Input>,
 }
 
@@ -133,7 +151,7 @@ impl StageKind for ExportKind {
         crate::schema_of::<Fields>()
     }
     fn run_settings(&self) -> &'static [&'static str] {
-        &["to"]
+        &["to", "push", "push_private"]
     }
     fn parse(
         &self,
@@ -170,11 +188,16 @@ impl StageKind for ExportKind {
             Some(t) => Some(cx.delivery_target("to", t)?),
             None => None,
         };
+        let push = match fields.push.as_deref() {
+            Some(p) => Some(pipe_fetch::HubTarget::parse(p).map_err(|e| cx.error("push", e))?),
+            None => None,
+        };
         Ok(Box::new(ExportStage {
             stage_id: cx.stage_id.to_string(),
             fields,
             shard_bytes,
             to,
+            push,
             inputs,
         }))
     }
@@ -328,13 +351,73 @@ impl Stage for ExportStage {
         Ok(())
     }
     fn deliver(&self, outputs: &Path) -> anyhow::Result<Option<String>> {
-        let Some(to) = &self.to else { return Ok(None) };
         // The store keeps a stage's outputs in `stages/<key>/out`.
         let key = outputs
             .parent()
             .and_then(Path::file_name)
             .map(|k| k.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let mut said = Vec::new();
+        if let Some(to) = &self.to {
+            said.push(self.deliver_to(outputs, to, &key)?);
+        }
+        if let Some(target) = &self.push {
+            said.push(self.push_to(outputs, target, &key)?);
+        }
+        Ok((!said.is_empty()).then(|| said.join("; ")))
+    }
+}
+
+impl ExportStage {
+    /// Uploads the outputs to the Hub (see `pipe_fetch::push_folder`).
+    fn push_to(
+        &self,
+        outputs: &Path,
+        target: &pipe_fetch::HubTarget,
+        key: &str,
+    ) -> anyhow::Result<String> {
+        let endpoint = crate::download::hub_endpoint();
+        let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+        if token.is_none() {
+            bail!(
+                "`push: {target}` needs HF_TOKEN: a Hub token with write access to the repository"
+            );
+        }
+        let client = pipe_fetch::Client::new()
+            .with_token(&endpoint, token)
+            .context("HF_ENDPOINT")?;
+        let summary = format!(
+            "pipe: export stage `{}` (key {})",
+            self.stage_id,
+            &key[..key.len().min(12)]
+        );
+        let pushed = pipe_fetch::push_folder(
+            &client,
+            &endpoint,
+            target,
+            outputs,
+            &summary,
+            self.fields.push_private,
+        )
+        .with_context(|| format!("cannot push to {target}"))?;
+        Ok(match pushed.commit {
+            None => format!("{target} has these files already; no commit"),
+            Some(commit) => {
+                format!(
+                "pushed to {target}{}: commit {commit} ({} file{}; {} LFS object{} sent, {} bytes)",
+                if pushed.created_repo { " (created the repository)" } else { "" },
+                pushed.files,
+                if pushed.files == 1 { "" } else { "s" },
+                pushed.objects_sent,
+                if pushed.objects_sent == 1 { "" } else { "s" },
+                pushed.bytes_sent
+            )
+            }
+        })
+    }
+
+    /// Copies the outputs to `to:`, a directory pipe owns (see the module's doc).
+    fn deliver_to(&self, outputs: &Path, to: &Path, key: &str) -> anyhow::Result<String> {
         let marker = serde_json::json!({
             "delivered_by": "pipe",
             "stage": self.stage_id,
@@ -342,7 +425,7 @@ impl Stage for ExportStage {
             "note": "pipe replaces this directory on its next delivery; delete this file to keep the directory as it is",
         });
         deliver_dir(outputs, to, &serde_json::to_vec_pretty(&marker)?)?;
-        Ok(Some(format!("copied to {}", to.display())))
+        Ok(format!("copied to {}", to.display()))
     }
 }
 

@@ -160,31 +160,69 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
-/// Serves one request on `conn` and closes it.
-fn serve(mut conn: TcpStream, state: &Mutex<State>) {
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+/// A request's first line and headers (names in lower case).
+pub(crate) struct Head {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads a request's head, up to the blank line.
+pub(crate) fn read_head(conn: &mut TcpStream) -> Option<Head> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         match conn.read(&mut byte) {
             Ok(1) => head.push(byte[0]),
-            _ => return,
+            _ => return None,
         }
     }
     let head = String::from_utf8_lossy(&head).into_owned();
     let mut lines = head.split("\r\n");
-    let path = lines
-        .next()
-        .unwrap_or("")
-        .split(' ')
-        .nth(1)
-        .unwrap_or("")
-        .to_string();
-    let headers: Vec<(String, String)> = lines
+    let mut first = lines.next()?.split(' ');
+    let (method, path) = (first.next()?.to_string(), first.next()?.to_string());
+    let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    Some(Head {
+        method,
+        path,
+        headers,
+    })
+}
+
+/// Answers with `status`, the `extra` headers and the first `send` bytes of `body` (all of
+/// it announced), and closes the connection.
+pub(crate) fn respond(
+    conn: &mut TcpStream,
+    status: &str,
+    extra: &[String],
+    body: &[u8],
+    send: usize,
+) {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for h in extra {
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    let _ = conn.write_all(out.as_bytes());
+    let _ = conn.write_all(&body[..send]);
+    let _ = conn.flush();
+    let _ = conn.shutdown(Shutdown::Both);
+}
+
+/// Serves one request on `conn` and closes it.
+fn serve(mut conn: TcpStream, state: &Mutex<State>) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let Some(Head { path, headers, .. }) = read_head(&mut conn) else {
+        return;
+    };
     let header = |name: &str| {
         headers
             .iter()
@@ -220,22 +258,6 @@ fn serve(mut conn: TcpStream, state: &Mutex<State>) {
             st.last_modified_only,
         )
     };
-    let respond =
-        |conn: &mut TcpStream, status: &str, extra: &[String], body: &[u8], send: usize| {
-            let mut out = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-                body.len()
-            );
-            for h in extra {
-                out.push_str(h);
-                out.push_str("\r\n");
-            }
-            out.push_str("\r\n");
-            let _ = conn.write_all(out.as_bytes());
-            let _ = conn.write_all(&body[..send]);
-            let _ = conn.flush();
-            let _ = conn.shutdown(Shutdown::Both);
-        };
     if let Some(token) = gate {
         if auth.as_deref() != Some(&format!("Bearer {token}")) {
             respond(&mut conn, "401 Unauthorized", &[], b"unauthorized", 12);
