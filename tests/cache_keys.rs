@@ -304,7 +304,11 @@ fn examples() -> Vec<Example> {
     model: {d}/tok
     format: peft
     to: delivered/{s}",
-            run_settings: &["to=elsewhere/out"],
+            run_settings: &[
+                "to=elsewhere/out",
+                "push=hf://org/model@dev",
+                "push_private=false",
+            ],
             key_changes: &[
                 ("format=hf", "format"),
                 ("dtype=f32", "dtype"),
