@@ -443,9 +443,10 @@ fn run_stage(
     key: &str,
     log: PathBuf,
 ) -> Result<ExitCode> {
+    let store = Store::open(&cx.cache)?;
+    pipe_core::slurm::check_job_paths(&store, key, &log).map_err(|e| anyhow::anyhow!(e))?;
     let status = (|| -> Result<pipe_core::Status> {
         let pipeline = cx.load(file)?;
-        let store = Store::open(&cx.cache)?;
         let work = store.work_dir(key);
         std::fs::create_dir_all(&work)?;
         let progress = Arc::new(pipe_core::slurm::FileProgress::new(
@@ -457,10 +458,7 @@ fn run_stage(
     .unwrap_or_else(|e| {
         // Said in the log's own words, for the submitting run to report.
         let error = format!("{e:#}");
-        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&log) {
-            use std::io::Write;
-            let _ = writeln!(f, "# pipe: failed: {error}");
-        }
+        pipe_core::slurm::append_to_log(&log, &format!("# pipe: failed: {error}"));
         pipe_core::Status::Failed(error)
     });
     Ok(match status {

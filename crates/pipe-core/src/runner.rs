@@ -617,10 +617,12 @@ impl<'p> Engine<'p> {
         let Some(i) = self.pipeline.index(id) else {
             anyhow::bail!("the pipeline has no stage `{id}`");
         };
+        // Only what it depends on: other stages' inputs need not be read (hashed) here.
+        let ancestors = self.dag.ancestors(i);
         let mut done: HashMap<usize, Manifest> = HashMap::new();
         for j in self.dag.order() {
-            if j == i {
-                break;
+            if j == i || !ancestors.contains(&j) {
+                continue;
             }
             if let Ok(Some(r)) = self.resolve(j, &done) {
                 if let Some(m) = self.store.lookup(&r.recipe.key()) {
@@ -1310,7 +1312,7 @@ impl Job {
         loop {
             let record = match attach.take() {
                 Some(record) => {
-                    append_line(
+                    slurm::append_to_log(
                         &record.log,
                         &format!(
                             "# pipe: re-attached to Slurm job {} (submitted {})",
@@ -1353,7 +1355,7 @@ impl Job {
                         Some(m) => {
                             if let Some(remote) = &self.remote {
                                 push_entry(&self.store, remote, &m, &*self.progress, &|line| {
-                                    append_line(&record.log, line)
+                                    slurm::append_to_log(&record.log, line)
                                 });
                             }
                             Attempt::Done(Box::new(m))
@@ -1373,7 +1375,7 @@ impl Job {
                     let line = format!(
                         "{why}; submitting it again ({resubmits} of {RESUBMITS}): it resumes from its saved state"
                     );
-                    append_line(&record.log, &format!("# pipe: {line}"));
+                    slurm::append_to_log(&record.log, &format!("# pipe: {line}"));
                     tracing::warn!("{}: {line}", def.id);
                 }
                 slurm::Ended::Lost(why) => {
@@ -1452,7 +1454,7 @@ impl Job {
                 format!("--chdir={}", cwd.display()),
             ],
         );
-        append_line(
+        slurm::append_to_log(
             &log,
             &format!(
                 "# pipe: stage `{}` ({} v{}) key {} submitted to Slurm {stamp}: sbatch {}",
@@ -1464,7 +1466,7 @@ impl Job {
             ),
         );
         let job_id = slurm::submit(&script, &args).map_err(|e| {
-            append_line(&log, &format!("# pipe: failed: {e}"));
+            slurm::append_to_log(&log, &format!("# pipe: failed: {e}"));
             (e, Some(log.clone()))
         })?;
         let record = JobRecord {
@@ -1482,7 +1484,7 @@ impl Job {
                 Some(log.clone()),
             )
         })?;
-        append_line(&log, &format!("# pipe: Slurm job {}", record.job_id));
+        slurm::append_to_log(&log, &format!("# pipe: Slurm job {}", record.job_id));
         tracing::info!("{}: submitted to Slurm as job {}", def.id, record.job_id);
         Ok(record)
     }
@@ -1546,14 +1548,6 @@ fn push_entry(
 
 /// How many times one attempt submits a job again after Slurm preempted or lost it.
 const RESUBMITS: usize = 3;
-
-/// Appends `line` to the log at `path` (best effort: a log line is never worth a failure).
-fn append_line(path: &std::path::Path, line: &str) {
-    use std::io::Write;
-    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "{line}");
-    }
-}
 
 fn plural(n: usize, noun: &str) -> String {
     format!("{n} {noun}{}", if n == 1 { "" } else { "s" })

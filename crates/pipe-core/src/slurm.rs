@@ -296,6 +296,31 @@ pub fn write_record(work_dir: &Path, record: &JobRecord) -> std::io::Result<()> 
     fs::rename(tmp, path)
 }
 
+/// Appends `line` to the log at `path` (best effort: a log line is never worth a failure).
+pub fn append_to_log(path: &Path, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// What `pipe run-stage` is handed must stay inside `store`: `key` a key (it names the work
+/// dir) and `log` a log of that key.
+pub fn check_job_paths(store: &crate::Store, key: &str, log: &Path) -> Result<(), String> {
+    if !crate::remote::is_digest(key) {
+        return Err(format!("`{key}` is not a stage key"));
+    }
+    let dir = log.parent().and_then(|d| d.canonicalize().ok());
+    if dir.is_none() || dir != store.log_dir(key).canonicalize().ok() {
+        return Err(format!(
+            "the log {} is not one of key {key}'s in the store {}",
+            log.display(),
+            store.root.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Submits `script` with `args` (`sbatch --parsable`): the job id.
 pub fn submit(script: &Path, args: &[String]) -> Result<String, String> {
     let out = Command::new("sbatch")
@@ -863,6 +888,21 @@ mod tests {
             panic!()
         };
         assert!(f.starts_with("Slurm job 7 on n1 ended FAILED"), "{f}");
+    }
+
+    #[test]
+    fn a_stage_job_is_handed_paths_inside_the_store_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::Store::open(&dir.path().join("cache")).unwrap();
+        let key = "a".repeat(64);
+        fs::create_dir_all(store.log_dir(&key)).unwrap();
+        let log = store.log_dir(&key).join("x.log");
+        assert_eq!(check_job_paths(&store, &key, &log), Ok(()));
+        assert!(check_job_paths(&store, "../../etc", &log).is_err());
+        assert!(check_job_paths(&store, &key, &dir.path().join("x.log")).is_err());
+        let other = "b".repeat(64);
+        fs::create_dir_all(store.log_dir(&other)).unwrap();
+        assert!(check_job_paths(&store, &key, &store.log_dir(&other).join("x.log")).is_err());
     }
 
     #[test]
