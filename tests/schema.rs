@@ -69,7 +69,7 @@ fn mistakes_are_invalid_and_param_references_are_not() {
     );
     p.write(
         "bad.yaml",
-        "name: b\nstages:\n  t:\n    kind: train\n    data: tokens\n    model: {init: {vocab_size: 10}, seed: 1}\n    lr: fast\n    batch_size: 4\n    schedul: cosine\n  e:\n    kind: export\n    model: t\n    dtype: f16\n  x:\n    kind: nope\n",
+        "name: b\nstages:\n  t:\n    kind: train\n    data: tokens\n    model: {init: {vocab_size: 10}, seed: 1}\n    lr: fast\n    batch_size: 4\n    schedul: cosine\n  e:\n    kind: export\n    model: t\n    dtype: f8\n  x:\n    kind: nope\n",
     );
     let schema = p.path("schema.json");
     std::fs::write(&schema, p.pipe(&["schema"]).ok().stdout).unwrap();

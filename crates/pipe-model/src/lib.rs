@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod family;
+pub mod gguf;
 pub mod load;
 pub mod lora;
 pub mod model;

@@ -1,7 +1,9 @@
 //! `kind: export` — a trained model in the layouts the Python ecosystem loads unchanged:
 //! `format: hf` (transformers: config.json, model.safetensors — sharded above
 //! `max_shard_size` — tokenizer files, generation_config.json; LoRA adapters merged into the
-//! base) or `format: peft` (adapter_config.json + adapter_model.safetensors with PEFT's names).
+//! base), `format: peft` (adapter_config.json + adapter_model.safetensors with PEFT's names),
+//! or `format: gguf` (one `model-<dtype>.gguf` for llama.cpp / Ollama / LM Studio, as
+//! llama.cpp's `convert_hf_to_gguf.py` writes it; see [`crate::gguf`]).
 //!
 //! ```yaml
 //! export:
@@ -10,8 +12,8 @@
 //!   base: model           # the base model, for an adapter
 //!   base_model_name_or_path: meta-llama/Llama-2-7b-hf   # `peft`: written into
 //!                         # adapter_config.json, for AutoPeftModel (default: null)
-//!   format: hf            # or peft
-//!   dtype: bf16           # or f32
+//!   format: hf            # or peft, or gguf
+//!   dtype: bf16           # or f32; gguf: f16 (its default), bf16, f32 or q8_0
 //!   max_shard_size: 5GB
 //!   to: out/alpaca-7b     # also copy the result here (atomically), even on a cache hit
 //!   push: hf://org/alpaca-7b@main   # and upload it to the Hub (one commit; none if unchanged)
@@ -34,6 +36,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use pipe_core::diag::FieldError;
 use pipe_core::{Input, InputSource, KeyFields, ParseContext, Stage, StageContext, StageKind};
+use pipe_model::gguf::FileType;
 use pipe_model::save::SaveDtype;
 use pipe_model::{load_model, CausalLm};
 use schemars::JsonSchema;
@@ -48,6 +51,7 @@ pub struct ExportKind;
 enum Format {
     Hf,
     Peft,
+    Gguf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -55,6 +59,20 @@ enum Format {
 enum Dtype {
     Bf16,
     F32,
+    F16,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl Dtype {
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Q8_0 => "q8_0",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -65,8 +83,9 @@ struct Fields {
     base: Option<String>,
     #[serde(default = "default_format")]
     format: Format,
-    #[serde(default = "default_dtype")]
-    dtype: Dtype,
+    /// hf and peft: bf16 (default) or f32; gguf: f16 (default), bf16, f32 or q8_0.
+    #[serde(default)]
+    dtype: Option<Dtype>,
     #[serde(default = "default_shard")]
     max_shard_size: String,
     /// What a PEFT export's adapter_config.json names as its base (a Hub id or a path), so
@@ -101,9 +120,6 @@ struct ExportKey<'a> {
 fn default_format() -> Format {
     Format::Hf
 }
-fn default_dtype() -> Dtype {
-    Dtype::Bf16
-}
 fn default_shard() -> String {
     "5GB".into()
 }
@@ -115,6 +131,8 @@ pub const MARKER: &str = ".pipe-delivery.json";
 struct ExportStage {
     stage_id: String,
     fields: Fields,
+    /// `dtype`, or the format's default.
+    dtype: Dtype,
     shard_bytes: u64,
     to: Option<PathBuf>,
     push: Option<pipe_fetch::HubTarget>,
@@ -159,6 +177,25 @@ impl StageKind for ExportKind {
         fields: serde_yaml::Value,
     ) -> Result<Box<dyn Stage>, FieldError> {
         let fields: Fields = cx.fields(fields)?;
+        let dtype = match (fields.format, fields.dtype) {
+            (Format::Gguf, None) => Dtype::F16,
+            (_, None) => Dtype::Bf16,
+            (Format::Hf | Format::Peft, Some(d @ (Dtype::F16 | Dtype::Q8_0))) => {
+                return Err(cx.error(
+                    "dtype",
+                    format!(
+                        "`{}` is a GGUF encoding; `format: {}` writes bf16 or f32",
+                        d.name(),
+                        if fields.format == Format::Hf {
+                            "hf"
+                        } else {
+                            "peft"
+                        }
+                    ),
+                ))
+            }
+            (_, Some(d)) => d,
+        };
         let shard_bytes = parse_size(&fields.max_shard_size).ok_or_else(|| {
             cx.error(
                 "max_shard_size",
@@ -195,6 +232,7 @@ impl StageKind for ExportKind {
         Ok(Box::new(ExportStage {
             stage_id: cx.stage_id.to_string(),
             fields,
+            dtype,
             shard_bytes,
             to,
             push,
@@ -265,50 +303,42 @@ impl Stage for ExportStage {
     fn key_fields(&self) -> KeyFields {
         KeyFields::of(&ExportKey {
             format: self.fields.format,
-            dtype: self.fields.dtype,
+            dtype: self.dtype,
             max_shard_bytes: self.shard_bytes,
             base_model_name_or_path: self.fields.base_model_name_or_path.as_deref(),
         })
     }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         let weights = find_weights(cx.input("model")?)?;
-        let dtype = match self.fields.dtype {
-            Dtype::Bf16 => SaveDtype::Bf16,
-            Dtype::F32 => SaveDtype::F32,
-        };
         let out = cx.out_dir.clone();
-        let device = Default::default();
         match (self.fields.format, weights) {
-            (Format::Hf, Weights::Model(dir)) => {
-                let model: CausalLm<Cpu> = load_model(&dir, &device)?;
-                model.save_hf_sharded(&out, dtype, self.shard_bytes)?;
-                tokenizer_files(&[&dir], &out, Some(&model))?;
-                cx.log(&format!(
-                    "exported {} as a transformers model",
-                    dir.display()
-                ));
-            }
-            (Format::Hf, Weights::Adapter(dir)) => {
-                let base = cx
-                    .inputs
-                    .get("base")
-                    .ok_or_else(|| anyhow!("`model` is a LoRA adapter: set `base:` to the model it was trained on, to merge it"))?;
-                let base = match find_weights(base)? {
-                    Weights::Model(b) => b,
-                    Weights::Adapter(_) => bail!("`base` must be a full model, not an adapter"),
-                };
-                let mut model: CausalLm<Cpu> = load_model(&base, &device)?;
-                if let Some(v) = tokenizer_vocab(&dir).filter(|&v| v > model.config.vocab_size) {
-                    model = model.resize_embeddings(v);
+            (Format::Hf | Format::Gguf, weights) => {
+                let (model, tokenizer_dirs, said) = self.full_model(cx, weights)?;
+                let tokenizer_dirs: Vec<&Path> =
+                    tokenizer_dirs.iter().map(PathBuf::as_path).collect();
+                if self.fields.format == Format::Hf {
+                    model.save_hf_sharded(&out, self.save_dtype(), self.shard_bytes)?;
+                    tokenizer_files(&tokenizer_dirs, &out, Some(&model))?;
+                    cx.log(&format!("{said}, as a transformers model"));
+                } else {
+                    let file_type = match self.dtype {
+                        Dtype::F32 => FileType::F32,
+                        Dtype::F16 => FileType::F16,
+                        Dtype::Bf16 => FileType::BF16,
+                        Dtype::Q8_0 => FileType::Q8_0,
+                    };
+                    let file = out.join(format!("model-{}.gguf", self.dtype.name()));
+                    let name = Path::new(&self.fields.model)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| self.fields.model.clone());
+                    crate::gguf::write_gguf(&model, &tokenizer_dirs, &name, file_type, &file)?;
+                    cx.log(&format!(
+                        "{said}, as {} ({})",
+                        file.file_name().unwrap_or_default().to_string_lossy(),
+                        self.dtype.name()
+                    ));
                 }
-                let merged = model.load_peft_adapter(&dir, false)?.merge_lora();
-                merged.save_hf_sharded(&out, dtype, self.shard_bytes)?;
-                tokenizer_files(&[&dir, &base], &out, Some(&merged))?;
-                cx.log(&format!(
-                    "merged the adapter {} into {}",
-                    dir.display(),
-                    base.display()
-                ));
             }
             (Format::Peft, Weights::Adapter(dir)) => {
                 let ck = pipe_model::Checkpoint::open_file(&dir.join("adapter_model.safetensors"))?;
@@ -326,7 +356,7 @@ impl Stage for ExportStage {
                 pipe_model::save::write_safetensors(
                     &out.join("adapter_model.safetensors"),
                     &tensors,
-                    dtype,
+                    self.save_dtype(),
                     &[("format", "pt")],
                 )?;
                 let mut cfg: serde_json::Value =
@@ -369,6 +399,51 @@ impl Stage for ExportStage {
 }
 
 impl ExportStage {
+    fn save_dtype(&self) -> SaveDtype {
+        match self.dtype {
+            Dtype::F32 => SaveDtype::F32,
+            _ => SaveDtype::Bf16,
+        }
+    }
+
+    /// The model to write: `model` itself, or a LoRA adapter merged into `base`; with the
+    /// directories its tokenizer files come from, and what was done, for the log.
+    fn full_model(
+        &self,
+        cx: &StageContext,
+        weights: Weights,
+    ) -> anyhow::Result<(CausalLm<Cpu>, Vec<PathBuf>, String)> {
+        let device = Default::default();
+        match weights {
+            Weights::Model(dir) => {
+                let model: CausalLm<Cpu> = load_model(&dir, &device)?;
+                let said = format!("exported {}", dir.display());
+                Ok((model, vec![dir], said))
+            }
+            Weights::Adapter(dir) => {
+                let base = cx
+                    .inputs
+                    .get("base")
+                    .ok_or_else(|| anyhow!("`model` is a LoRA adapter: set `base:` to the model it was trained on, to merge it"))?;
+                let base = match find_weights(base)? {
+                    Weights::Model(b) => b,
+                    Weights::Adapter(_) => bail!("`base` must be a full model, not an adapter"),
+                };
+                let mut model: CausalLm<Cpu> = load_model(&base, &device)?;
+                if let Some(v) = tokenizer_vocab(&dir).filter(|&v| v > model.config.vocab_size) {
+                    model = model.resize_embeddings(v);
+                }
+                let merged = model.load_peft_adapter(&dir, false)?.merge_lora();
+                let said = format!(
+                    "merged the adapter {} into {}",
+                    dir.display(),
+                    base.display()
+                );
+                Ok((merged, vec![dir, base], said))
+            }
+        }
+    }
+
     /// Uploads the outputs to the Hub (see `pipe_fetch::push_folder`).
     fn push_to(
         &self,

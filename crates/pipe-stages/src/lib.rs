@@ -7,6 +7,7 @@ mod eval_report;
 pub mod evaluate;
 pub mod export;
 pub mod format;
+mod gguf;
 mod mlflow;
 mod models;
 mod sources;

@@ -1,0 +1,273 @@
+//! `format: gguf` through the real binary, checked against llama.cpp itself:
+//! - the files equal what llama.cpp's convert_hf_to_gguf.py writes for the same model
+//!   (tests/fixtures/gguf/*/expected.json, from scripts/make_gguf_fixtures.py): every `llama.*`
+//!   and `tokenizer.*` key with its type and value, every tensor's name, type, shape and bytes —
+//!   read back with llama.cpp's own `gguf` Python package;
+//! - llama.cpp (node-llama-cpp's prebuilt build) loads them, encodes prompts to the ids pipe's
+//!   tokenizer gives, and generates greedily what pipe generates;
+//! - what GGUF export cannot write is refused with the reason.
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Project;
+
+type B = pipe_model::CpuBackend;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
+}
+
+/// Exports fixture `model` as GGUF `dtype` and returns the file.
+fn export(p: &Project, stage: &str, model: &Path, dtype: &str) -> PathBuf {
+    p.write(
+        "p.yaml",
+        &format!(
+            "name: gguf\nstages:\n  {stage}:\n    kind: export\n    model: {}\n    format: gguf\n    dtype: {dtype}\n",
+            model.display()
+        ),
+    );
+    p.pipe(&["run", "p.yaml"]).ok();
+    let file = p.stage_out(stage).join(format!("model-{dtype}.gguf"));
+    assert!(file.is_file(), "{} was not written", file.display());
+    file
+}
+
+/// The file as the `gguf` package reads it, in expected.json's shape.
+const DESCRIBE: &str = r#"
+import hashlib, json, sys
+import gguf
+r = gguf.GGUFReader(sys.argv[1])
+naming = {"general.name", "general.basename", "general.size_label", "general.finetune",
+          "general.version", "general.type"}
+metadata = {}
+for k, f in r.fields.items():
+    if k.startswith("GGUF.") or k in naming:
+        continue
+    t = f.types[0]
+    if t == gguf.GGUFValueType.ARRAY:
+        v = [f.contents(i) for i in range(len(f.data))]
+    else:
+        v = f.contents()
+    metadata[k] = {"type": t.name.lower(), "value": v}
+    if t == gguf.GGUFValueType.ARRAY:
+        metadata[k]["item_type"] = f.types[-1].name.lower()
+tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in t.shape],
+            "sha256": hashlib.sha256(t.data.tobytes()).hexdigest()} for t in r.tensors]
+print(json.dumps({"alignment": r.alignment, "metadata": metadata, "tensors": tensors,
+                  "general.type": r.fields["general.type"].contents()}))
+"#;
+
+#[test]
+fn gguf_files_equal_llama_cpps_converter() {
+    let p = Project::new();
+    for model in ["llama-untied", "llama-tied"] {
+        let expected: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(model).join("expected.json")).unwrap(),
+        )
+        .unwrap();
+        for dtype in ["f16", "q8_0", "bf16", "f32"] {
+            let file = export(&p, "gguf", &fixture(model), dtype);
+            let mut got: serde_json::Value =
+                serde_json::from_str(&common::tool_python(DESCRIBE, &[file.as_os_str()])).unwrap();
+            assert_eq!(got["general.type"], "model");
+            got.as_object_mut().unwrap().remove("general.type");
+            let want = &expected[dtype];
+            for (key, value) in want["metadata"].as_object().unwrap() {
+                assert_eq!(
+                    &got["metadata"][key], value,
+                    "{model} {dtype}: metadata {key} differs from llama.cpp's converter"
+                );
+            }
+            assert_eq!(
+                got["metadata"], want["metadata"],
+                "{model} {dtype}: pipe writes keys the converter does not"
+            );
+            let (got_t, want_t) = (
+                got["tensors"].as_array().unwrap(),
+                want["tensors"].as_array().unwrap(),
+            );
+            assert_eq!(got_t.len(), want_t.len(), "{model} {dtype}: tensor count");
+            for (g, w) in got_t.iter().zip(want_t) {
+                assert_eq!(g, w, "{model} {dtype}: tensor {}", w["name"]);
+            }
+            assert_eq!(got["alignment"], want["alignment"]);
+        }
+    }
+    // q8_0 is what the test above compares bit for bit; a row that is not whole blocks
+    // (llama-tied's ffn_down, 176 wide) falls back to F16 as llama.cpp's does.
+    let tied_q8 = &serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(fixture("llama-tied").join("expected.json")).unwrap(),
+    )
+    .unwrap()["q8_0"]["tensors"];
+    let types: Vec<(&str, &str)> = tied_q8
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["type"].as_str().unwrap()))
+        .collect();
+    assert!(types.contains(&("blk.0.ffn_down.weight", "F16")));
+    assert!(types.contains(&("blk.0.ffn_up.weight", "Q8_0")));
+}
+
+struct LlamaCpp {
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+}
+
+/// llama.cpp's encoding of each prompt and its `n` greedy tokens (tests/tools/llama_cpp_generate.mjs).
+fn llama_cpp(file: &Path, prompts: &[&str], n: usize) -> Vec<LlamaCpp> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tools = root.join("target/test-tools/node");
+    assert!(
+        tools.join("node_modules/node-llama-cpp").is_dir(),
+        "{} is missing: run `bash tests/setup.sh` first",
+        tools.display()
+    );
+    let out = Command::new("node")
+        .arg(root.join("tests/tools/llama_cpp_generate.mjs"))
+        .arg(file)
+        .arg(serde_json::to_string(prompts).unwrap())
+        .arg(n.to_string())
+        .arg(&tools)
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "llama.cpp failed on {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect()
+    };
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            LlamaCpp {
+                prompt: ids(&v["prompt"]),
+                generated: ids(&v["generated"]),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn llama_cpp_generates_what_pipe_generates() {
+    let prompts = [
+        "Below is an instruction that describes a task.\n\n### Instruction:\nAdd 12 and 30.\n\n### Response:\n",
+        "Sort these words: pear, apple, fig",
+        "  two  spaces and 2024 digits",
+    ];
+    let n = 16;
+    let p = Project::new();
+    let model_dir = fixture("llama-untied");
+    let f16 = export(&p, "f16", &model_dir, "f16");
+    let from_llama_cpp = llama_cpp(&f16, &prompts, n);
+    assert_eq!(from_llama_cpp.len(), prompts.len());
+
+    let device = Default::default();
+    let model: pipe_model::CausalLm<B> = pipe_model::load_model(&model_dir, &device).unwrap();
+    let tokenizer = pipe_data::tokenize::load_tokenizer(&model_dir).unwrap();
+    for (prompt, theirs) in prompts.iter().zip(&from_llama_cpp) {
+        let ids = tokenizer
+            .tokenizer
+            .encode(*prompt, true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(
+            theirs.prompt, ids,
+            "llama.cpp encodes {prompt:?} differently"
+        );
+        let ours = pipe_eval::generate::generate(
+            &model,
+            &ids,
+            n,
+            &[],
+            &pipe_eval::generate::Sampling::Greedy,
+            0,
+            &device,
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(
+            theirs.generated, ours,
+            "llama.cpp's greedy continuation of {prompt:?} differs from pipe's"
+        );
+        // Not a degenerate model: the continuation varies.
+        assert!(ours.iter().collect::<std::collections::BTreeSet<_>>().len() > 2);
+    }
+
+    // The Q8_0 file loads and generates too, from the same encoding.
+    let q8 = export(&p, "q8", &model_dir, "q8_0");
+    let from_q8 = llama_cpp(&q8, &prompts[..1], n);
+    assert_eq!(from_q8[0].prompt, from_llama_cpp[0].prompt);
+    assert_eq!(from_q8[0].generated.len(), n);
+}
+
+#[test]
+fn what_gguf_cannot_write_is_refused_with_the_reason() {
+    let p = Project::with_examples("");
+    // A byte-fallback (SentencePiece-style) tokenizer: examples/tokenizer.
+    let model = p.path("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("llama-untied").join(f), model.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(p.path("tokenizer").join(f), model.join(f)).unwrap();
+    }
+    p.write(
+        "p.yaml",
+        "name: gguf\nstages:\n  gguf:\n    kind: export\n    model: model\n    format: gguf\n",
+    );
+    let run = p.pipe(&["run", "p.yaml"]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.all().contains("byte-fallback") && run.all().contains("SentencePiece"),
+        "{}",
+        run.all()
+    );
+    assert!(
+        !p.path("cache/stages").exists()
+            || common::files_under(&p.path("cache/stages"))
+                .keys()
+                .all(|k| !k.ends_with(".gguf"))
+    );
+
+    // A family llama.cpp's converter writes under another architecture.
+    let qwen = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/qwen2");
+    p.write(
+        "p.yaml",
+        &format!(
+            "name: gguf\nstages:\n  gguf:\n    kind: export\n    model: {}\n    format: gguf\n",
+            qwen.display()
+        ),
+    );
+    let run = p.pipe(&["run", "p.yaml"]);
+    assert_ne!(run.code, 0);
+    assert!(run.all().contains("Qwen2 model"), "{}", run.all());
+
+    // A GGUF encoding asked of the transformers layout: located.
+    p.write(
+        "p.yaml",
+        "name: gguf\nstages:\n  hf:\n    kind: export\n    model: model\n    dtype: q8_0\n",
+    );
+    let run = p.pipe(&["check", "p.yaml"]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.all().contains("p.yaml:6") && run.all().contains("`q8_0` is a GGUF encoding"),
+        "{}",
+        run.all()
+    );
+}
