@@ -1,6 +1,7 @@
 // Greedy generation with llama.cpp (node-llama-cpp's prebuilt CPU build), for
 // tests/export_gguf.rs: loads the GGUF file argv[2], and for each prompt of the JSON list
-// argv[3] prints (one JSON line) the ids llama.cpp encodes it to — BOS first when the file says
+// argv[3] prints (one JSON line) the ids llama.cpp encodes it to (special tokens written in the
+// text parsed as such, as transformers does) — BOS first when the file says
 // to add one — and the argv[4] ids it generates greedily (end-of-generation tokens included, and
 // generation going on past them, so that every step is compared). argv[5]: the directory
 // tests/setup.sh installed node-llama-cpp into (its node_modules/).
@@ -18,7 +19,7 @@ const sequence = context.getSequence();
 for (const prompt of JSON.parse(promptsJson)) {
   await sequence.clearHistory();
   const prefix = model.tokens.shouldPrependBosToken ? [model.tokens.bos] : [];
-  const tokens = [...prefix, ...model.tokenize(prompt, false)];
+  const tokens = [...prefix, ...model.tokenize(prompt, true)];
   const generated = [];
   for await (const t of sequence.evaluate(tokens, { temperature: 0, yieldEogToken: true })) {
     generated.push(t);
