@@ -19,6 +19,13 @@ What it writes (under tests/fixtures/gguf/):
                   96, intermediate 176 (not a multiple of 32: llama.cpp keeps ffn_down in f16
                   under q8_0), 2 layers, 3 heads, 1 kv head, rope_theta 1e5, tie_word_embeddings
                   (no lm_head in the file), add_bos_token false.
+  llama-spm/      a Llama 2-style vocabulary: a SentencePiece BPE model (tokenizer.model, 400
+                  pieces, byte fallback, split digits) trained here on examples/tiny's texts,
+                  its transformers conversion (tokenizer.json: byte-fallback BPE) with a [PAD]
+                  added as Stanford Alpaca adds one (id 400; added_tokens.json), vocab 401,
+                  hidden 64, intermediate 128, 2 layers, 4 heads, 4 kv heads (MHA, as Llama 2
+                  7B), untied. llama.cpp's converter reads tokenizer.model for the pieces,
+                  their scores and types (tokenizer.ggml.model "llama").
   <each>/expected.json
       {"converter": version, "f16": {...}, "q8_0": {...}, "bf16": {...}, "f32": {...}}, each
       "metadata": every key/value the converter wrote except general.* naming (general.name,
@@ -79,6 +86,32 @@ convert_hf_to_gguf.main()
 """
 
 
+def spm_tokenizer(out):
+    """Trains a small SentencePiece BPE model as Llama 2's was configured and saves it with
+    transformers' conversion, a [PAD] added (Stanford Alpaca's smart_tokenizer_and_embedding_resize)."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizerFast
+
+    records = json.loads((ROOT / "examples" / "tiny" / "instructions.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(f"{r['instruction']} {r.get('input', '')} {r['output']}" for r in records))
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=f"{tmp}/sp", vocab_size=400, model_type="bpe",
+            byte_fallback=True, split_digits=True, character_coverage=1.0, add_dummy_prefix=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        )
+        tok = LlamaTokenizerFast(vocab_file=f"{tmp}/sp.model", legacy=True, from_slow=True, add_prefix_space=True)
+        tok.add_special_tokens({"pad_token": "[PAD]"})
+        tok.save_pretrained(out)
+    # As Llama 2's tokenizer_config.json: no add_prefix_space (the conversion needed it).
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    tc.pop("add_prefix_space", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
+    (out / "special_tokens_map.json").unlink()
+
+
 def make_model(name, cfg, seed, tokenizer_config):
     d = OUT / name
     if d.exists():
@@ -99,6 +132,9 @@ def make_model(name, cfg, seed, tokenizer_config):
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer_config is None:
+        spm_tokenizer(d)
+        return d
     shutil.copy(TOKENIZER / "tokenizer.json", d / "tokenizer.json")
     tc = json.loads((TOKENIZER / "tokenizer_config.json").read_text())
     tc.update(tokenizer_config)
@@ -179,6 +215,14 @@ def main():
                  rope_theta=100000.0, tie_word_embeddings=True),
             2,
             {"add_bos_token": False},
+        ),
+        (
+            "llama-spm",
+            dict(common, vocab_size=401, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                 rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=400),
+            3,
+            None,
         ),
     ]
     for name, cfg, seed, tc in models:

@@ -1,8 +1,9 @@
 //! `format: gguf` through the real binary, checked against llama.cpp itself:
 //! - the files equal what llama.cpp's convert_hf_to_gguf.py writes for the same model
-//!   (tests/fixtures/gguf/*/expected.json, from scripts/make_gguf_fixtures.py): every `llama.*`
-//!   and `tokenizer.*` key with its type and value, every tensor's name, type, shape and bytes —
-//!   read back with llama.cpp's own `gguf` Python package;
+//!   (tests/fixtures/gguf/*/expected.json, from scripts/make_gguf_fixtures.py), for byte-level
+//!   BPE and SentencePiece vocabularies: every `llama.*` and `tokenizer.*` key with its type and
+//!   value, every tensor's name, type, shape and bytes — read back with llama.cpp's own `gguf`
+//!   Python package;
 //! - llama.cpp (node-llama-cpp's prebuilt build) loads them, encodes prompts to the ids pipe's
 //!   tokenizer gives, and generates greedily what pipe generates;
 //! - what GGUF export cannot write is refused with the reason.
@@ -61,40 +62,45 @@ print(json.dumps({"alignment": r.alignment, "metadata": metadata, "tensors": ten
                   "general.type": r.fields["general.type"].contents()}))
 "#;
 
+/// Asserts that `file` holds what llama.cpp's converter wrote for fixture `model` as `dtype`.
+fn assert_as_converter(file: &Path, model: &str, dtype: &str) {
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(model).join("expected.json")).unwrap(),
+    )
+    .unwrap();
+    let mut got: serde_json::Value =
+        serde_json::from_str(&common::tool_python(DESCRIBE, &[file.as_os_str()])).unwrap();
+    assert_eq!(got["general.type"], "model");
+    got.as_object_mut().unwrap().remove("general.type");
+    let want = &expected[dtype];
+    for (key, value) in want["metadata"].as_object().unwrap() {
+        assert_eq!(
+            &got["metadata"][key], value,
+            "{model} {dtype}: metadata {key} differs from llama.cpp's converter"
+        );
+    }
+    assert_eq!(
+        got["metadata"], want["metadata"],
+        "{model} {dtype}: pipe writes keys the converter does not"
+    );
+    let (got_t, want_t) = (
+        got["tensors"].as_array().unwrap(),
+        want["tensors"].as_array().unwrap(),
+    );
+    assert_eq!(got_t.len(), want_t.len(), "{model} {dtype}: tensor count");
+    for (g, w) in got_t.iter().zip(want_t) {
+        assert_eq!(g, w, "{model} {dtype}: tensor {}", w["name"]);
+    }
+    assert_eq!(got["alignment"], want["alignment"]);
+}
+
 #[test]
 fn gguf_files_equal_llama_cpps_converter() {
     let p = Project::new();
-    for model in ["llama-untied", "llama-tied"] {
-        let expected: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(model).join("expected.json")).unwrap(),
-        )
-        .unwrap();
+    for model in ["llama-untied", "llama-tied", "llama-spm"] {
         for dtype in ["f16", "q8_0", "bf16", "f32"] {
             let file = export(&p, "gguf", &fixture(model), dtype);
-            let mut got: serde_json::Value =
-                serde_json::from_str(&common::tool_python(DESCRIBE, &[file.as_os_str()])).unwrap();
-            assert_eq!(got["general.type"], "model");
-            got.as_object_mut().unwrap().remove("general.type");
-            let want = &expected[dtype];
-            for (key, value) in want["metadata"].as_object().unwrap() {
-                assert_eq!(
-                    &got["metadata"][key], value,
-                    "{model} {dtype}: metadata {key} differs from llama.cpp's converter"
-                );
-            }
-            assert_eq!(
-                got["metadata"], want["metadata"],
-                "{model} {dtype}: pipe writes keys the converter does not"
-            );
-            let (got_t, want_t) = (
-                got["tensors"].as_array().unwrap(),
-                want["tensors"].as_array().unwrap(),
-            );
-            assert_eq!(got_t.len(), want_t.len(), "{model} {dtype}: tensor count");
-            for (g, w) in got_t.iter().zip(want_t) {
-                assert_eq!(g, w, "{model} {dtype}: tensor {}", w["name"]);
-            }
-            assert_eq!(got["alignment"], want["alignment"]);
+            assert_as_converter(&file, model, dtype);
         }
     }
     // q8_0 is what the test above compares bit for bit; a row that is not whole blocks
@@ -163,6 +169,14 @@ fn llama_cpp(file: &Path, prompts: &[&str], n: usize) -> Vec<LlamaCpp> {
 
 #[test]
 fn llama_cpp_generates_what_pipe_generates() {
+    for model in ["llama-untied", "llama-spm"] {
+        generates_what_pipe_generates(model);
+    }
+}
+
+/// For fixture `model_name`: llama.cpp's encodings and greedy continuations of a few prompts
+/// from pipe's f16 file equal pipe's own; its q8_0 file loads and generates.
+fn generates_what_pipe_generates(model_name: &str) {
     let prompts = [
         "Below is an instruction that describes a task.\n\n### Instruction:\nAdd 12 and 30.\n\n### Response:\n",
         "Sort these words: pear, apple, fig",
@@ -170,7 +184,7 @@ fn llama_cpp_generates_what_pipe_generates() {
     ];
     let n = 16;
     let p = Project::new();
-    let model_dir = fixture("llama-untied");
+    let model_dir = fixture(model_name);
     let f16 = export(&p, "f16", &model_dir, "f16");
     let from_llama_cpp = llama_cpp(&f16, &prompts, n);
     assert_eq!(from_llama_cpp.len(), prompts.len());
@@ -187,7 +201,7 @@ fn llama_cpp_generates_what_pipe_generates() {
             .to_vec();
         assert_eq!(
             theirs.prompt, ids,
-            "llama.cpp encodes {prompt:?} differently"
+            "{model_name}: llama.cpp encodes {prompt:?} differently"
         );
         let ours = pipe_eval::generate::generate(
             &model,
@@ -202,7 +216,7 @@ fn llama_cpp_generates_what_pipe_generates() {
         .unwrap();
         assert_eq!(
             theirs.generated, ours,
-            "llama.cpp's greedy continuation of {prompt:?} differs from pipe's"
+            "{model_name}: llama.cpp's greedy continuation of {prompt:?} differs from pipe's"
         );
         // Not a degenerate model: the continuation varies.
         assert!(ours.iter().collect::<std::collections::BTreeSet<_>>().len() > 2);
@@ -218,7 +232,8 @@ fn llama_cpp_generates_what_pipe_generates() {
 #[test]
 fn what_gguf_cannot_write_is_refused_with_the_reason() {
     let p = Project::with_examples("");
-    // A byte-fallback (SentencePiece-style) tokenizer: examples/tokenizer.
+    // A byte-fallback (SentencePiece-converted) tokenizer.json without its tokenizer.model:
+    // examples/tokenizer.
     let model = p.path("model");
     std::fs::create_dir_all(&model).unwrap();
     for f in ["config.json", "model.safetensors"] {
@@ -234,7 +249,7 @@ fn what_gguf_cannot_write_is_refused_with_the_reason() {
     let run = p.pipe(&["run", "p.yaml"]);
     assert_ne!(run.code, 0);
     assert!(
-        run.all().contains("byte-fallback") && run.all().contains("SentencePiece"),
+        run.all().contains("byte-fallback BPE") && run.all().contains("no tokenizer.model"),
         "{}",
         run.all()
     );
@@ -243,6 +258,44 @@ fn what_gguf_cannot_write_is_refused_with_the_reason() {
             || common::files_under(&p.path("cache/stages"))
                 .keys()
                 .all(|k| !k.ends_with(".gguf"))
+    );
+
+    // A model directory without its SentencePiece model: `tokenizer:` names where it is, and
+    // the file is the converter's.
+    let spm = p.path("spm");
+    let sp_model = p.path("sp/tokenizer.model");
+    std::fs::create_dir_all(&spm).unwrap();
+    std::fs::create_dir_all(sp_model.parent().unwrap()).unwrap();
+    for e in std::fs::read_dir(fixture("llama-spm")).unwrap() {
+        let e = e.unwrap().path();
+        let name = e.file_name().unwrap().to_str().unwrap().to_string();
+        let to = if name == "tokenizer.model" {
+            sp_model.clone()
+        } else {
+            spm.join(&name)
+        };
+        std::fs::copy(&e, to).unwrap();
+    }
+    p.write(
+        "p.yaml",
+        "name: gguf\nstages:\n  gguf:\n    kind: export\n    model: spm\n    format: gguf\n",
+    );
+    let run = p.pipe(&["run", "p.yaml"]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.all().contains("set the export's `tokenizer:`"),
+        "{}",
+        run.all()
+    );
+    p.write(
+        "p.yaml",
+        "name: gguf\nstages:\n  gguf:\n    kind: export\n    model: spm\n    tokenizer: sp\n    format: gguf\n",
+    );
+    p.pipe(&["run", "p.yaml"]).ok();
+    assert_as_converter(
+        &p.stage_out("gguf").join("model-f16.gguf"),
+        "llama-spm",
+        "f16",
     );
 
     // A family llama.cpp's converter writes under another architecture.

@@ -62,6 +62,8 @@ pub fn default_model_files() -> &'static [&'static str] {
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
+        // SentencePiece's model (Llama 2, Mistral): what GGUF export reads the vocabulary from.
+        "tokenizer.model",
         "*.safetensors",
         "model.safetensors.index.json",
     ]

@@ -10,6 +10,7 @@
 //!   kind: export
 //!   model: train          # a train stage, or a model / adapter directory
 //!   base: model           # the base model, for an adapter
+//!   tokenizer: model      # gguf: where tokenizer files the model lacks are (tokenizer.model)
 //!   base_model_name_or_path: meta-llama/Llama-2-7b-hf   # `peft`: written into
 //!                         # adapter_config.json, for AutoPeftModel (default: null)
 //!   format: hf            # or peft, or gguf
@@ -81,6 +82,10 @@ struct Fields {
     model: String,
     #[serde(default)]
     base: Option<String>,
+    /// `gguf`: a stage or directory to take tokenizer files from that the model's directory
+    /// lacks (a SentencePiece `tokenizer.model`, for one).
+    #[serde(default)]
+    tokenizer: Option<String>,
     #[serde(default = "default_format")]
     format: Format,
     /// hf and peft: bf16 (default) or f32; gguf: f16 (default), bf16, f32 or q8_0.
@@ -221,6 +226,19 @@ impl StageKind for ExportKind {
                 field: cx.path.key("base"),
             });
         }
+        if let Some(t) = &fields.tokenizer {
+            if fields.format != Format::Gguf {
+                return Err(cx.error(
+                    "tokenizer",
+                    "`tokenizer` is for `format: gguf`; the other formats copy the tokenizer beside the model",
+                ));
+            }
+            inputs.push(Input {
+                name: "tokenizer".into(),
+                source: source(t),
+                field: cx.path.key("tokenizer"),
+            });
+        }
         let to = match fields.to.as_deref() {
             Some(t) => Some(cx.delivery_target("to", t)?),
             None => None,
@@ -313,7 +331,14 @@ impl Stage for ExportStage {
         let out = cx.out_dir.clone();
         match (self.fields.format, weights) {
             (Format::Hf | Format::Gguf, weights) => {
-                let (model, tokenizer_dirs, said) = self.full_model(cx, weights)?;
+                let (model, mut tokenizer_dirs, said) = self.full_model(cx, weights)?;
+                if let Some(t) = cx.inputs.get("tokenizer") {
+                    tokenizer_dirs.push(if t.is_file() {
+                        t.parent().unwrap_or(Path::new(".")).to_path_buf()
+                    } else {
+                        t.clone()
+                    });
+                }
                 let tokenizer_dirs: Vec<&Path> =
                     tokenizer_dirs.iter().map(PathBuf::as_path).collect();
                 if self.fields.format == Format::Hf {

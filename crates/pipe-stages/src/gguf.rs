@@ -2,11 +2,14 @@
 //! tokenizer and chat template as llama.cpp's `convert_hf_to_gguf.py` describes them, so that
 //! llama.cpp, Ollama and LM Studio tokenize and template prompts as transformers does.
 //!
-//! The tokenizer part covers what that converter writes for a byte-level BPE `tokenizer.json`
-//! (`tokenizer.ggml.model: gpt2`): every id's token and type (control, user-defined, normal,
-//! or `[PADn]` for ids the tokenizer lacks), the merges, the pre-tokenizer's llama.cpp name,
-//! the special token ids (tokenizer_config.json, then config.json), whether BOS/EOS/SEP are
-//! added (the post-processor's template first, as the converter reads it), and the chat template.
+//! The tokenizer part covers what that converter writes for the two vocabularies of Llama
+//! models: a SentencePiece model (`tokenizer.model`, Llama 2's and Mistral's:
+//! `tokenizer.ggml.model: llama`, every piece with its score and type) or a byte-level BPE
+//! `tokenizer.json` (Llama 3's, SmolLM's: `gpt2`, with the merges and the pre-tokenizer's
+//! llama.cpp name); for both, every id's token and type (control, user-defined, normal, or
+//! `[PADn]` for ids the tokenizer lacks), the special token ids (tokenizer_config.json, then
+//! config.json), whether BOS/EOS/SEP are added (the post-processor's template first, as the
+//! converter reads it), and the chat template.
 
 use std::path::{Path, PathBuf};
 
@@ -22,9 +25,11 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
 
 /// The special tokens llama.cpp's converter looks up, in its order.
 const SPECIAL_TYPES: [&str; 7] = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"];
@@ -125,13 +130,70 @@ fn tokenizer_metadata(
         Some(p) => read_json(&p)?,
         None => Json::Null,
     };
+    if let Some(prefix) = tc["add_prefix_space"].as_bool() {
+        file.set("tokenizer.ggml.add_space_prefix", Value::Bool(prefix));
+    }
+    // As llama.cpp's converter: a SentencePiece model file, when there is one, is the vocabulary.
+    // The converter checks special ids against the SentencePiece vocabulary's size only.
+    let id_limit = match find(dirs, "tokenizer.model") {
+        Some(sp) => sentencepiece_vocabulary(&sp, &tc, config, file)?,
+        None => {
+            byte_level_vocabulary(&tokenizer_path, &tok, config, file)?;
+            usize::MAX
+        }
+    };
+    let added = tok["added_tokens"].as_array().cloned().unwrap_or_default();
+    let special = SpecialTokens::read(&tok, &mut tc, &added, config);
+    for (typ, id) in special
+        .ids
+        .iter()
+        .filter(|(_, id)| (*id as usize) < id_limit)
+    {
+        let key = match *typ {
+            "unk" => "tokenizer.ggml.unknown_token_id".to_string(),
+            "pad" => "tokenizer.ggml.padding_token_id".to_string(),
+            "sep" => "tokenizer.ggml.seperator_token_id".to_string(),
+            other => format!("tokenizer.ggml.{other}_token_id"),
+        };
+        file.set(&key, Value::U32(*id));
+    }
+    for (typ, on) in &special.add {
+        file.set(&format!("tokenizer.ggml.add_{typ}_token"), Value::Bool(*on));
+    }
+    if let Some(t) = chat_template(dirs, &tc)? {
+        file.set("tokenizer.chat_template", Value::String(t));
+    }
+    let mut lowercase = None;
+    let mut strip_accents = None;
+    normalizer_flags(&tok["normalizer"], &mut lowercase, &mut strip_accents);
+    if let Some(v) = lowercase {
+        file.set("tokenizer.ggml.normalizer.lowercase", Value::Bool(v));
+    }
+    if let Some(v) = strip_accents {
+        file.set("tokenizer.ggml.normalizer.strip_accents", Value::Bool(v));
+    }
+    // llama.cpp's converter turns BOS off for any Llama whose vocabulary has 49,152 tokens
+    // (IBM Granite's small models, and SmolLM's, which add no BOS either).
+    if config.vocab_size == 49152 {
+        file.set("tokenizer.ggml.add_bos_token", Value::Bool(false));
+    }
+    Ok(())
+}
+
+/// A byte-level BPE vocabulary (`tokenizer.ggml.model: gpt2`) from tokenizer.json.
+fn byte_level_vocabulary(
+    tokenizer_path: &Path,
+    tok: &Json,
+    config: &ModelConfig,
+    file: &mut GgufFile,
+) -> anyhow::Result<()> {
     let model = &tok["model"];
     if model["type"] != "BPE" || model["byte_fallback"] == true {
         bail!(
-            "GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM style); {} is a {}{} tokenizer, which llama.cpp reads as a SentencePiece vocabulary that pipe does not write yet",
+            "{} is a {}{} tokenizer: llama.cpp reads such a vocabulary (Llama 2's, Mistral's) from the SentencePiece model it was converted from, and there is no tokenizer.model beside the model\n  = help: download it with the model (the download stage's `files:` default includes tokenizer.model), or set the export's `tokenizer:` to a directory that holds it",
             tokenizer_path.display(),
             model["type"].as_str().unwrap_or("?"),
-            if model["byte_fallback"] == true { " (byte-fallback)" } else { "" }
+            if model["byte_fallback"] == true { " (byte-fallback BPE)" } else { "" }
         );
     }
     let pre = pre_tokenizer_name(&tok["pre_tokenizer"]).ok_or_else(|| {
@@ -181,9 +243,6 @@ fn tokenizer_metadata(
         })
         .unzip();
 
-    if let Some(prefix) = tc["add_prefix_space"].as_bool() {
-        file.set("tokenizer.ggml.add_space_prefix", Value::Bool(prefix));
-    }
     file.set("tokenizer.ggml.model", Value::String("gpt2".into()));
     file.set("tokenizer.ggml.pre", Value::String(pre.into()));
     file.set("tokenizer.ggml.tokens", Value::strings(texts));
@@ -195,38 +254,192 @@ fn tokenizer_metadata(
     if !merges.is_empty() {
         file.set("tokenizer.ggml.merges", Value::strings(merges));
     }
-
-    let special = SpecialTokens::read(&tok, &mut tc, &added, config);
-    for (typ, id) in &special.ids {
-        let key = match *typ {
-            "unk" => "tokenizer.ggml.unknown_token_id".to_string(),
-            "pad" => "tokenizer.ggml.padding_token_id".to_string(),
-            "sep" => "tokenizer.ggml.seperator_token_id".to_string(),
-            other => format!("tokenizer.ggml.{other}_token_id"),
-        };
-        file.set(&key, Value::U32(*id));
-    }
-    for (typ, on) in &special.add {
-        file.set(&format!("tokenizer.ggml.add_{typ}_token"), Value::Bool(*on));
-    }
-    if let Some(t) = chat_template(dirs, &tc)? {
-        file.set("tokenizer.chat_template", Value::String(t));
-    }
-    let mut lowercase = None;
-    let mut strip_accents = None;
-    normalizer_flags(&tok["normalizer"], &mut lowercase, &mut strip_accents);
-    if let Some(v) = lowercase {
-        file.set("tokenizer.ggml.normalizer.lowercase", Value::Bool(v));
-    }
-    if let Some(v) = strip_accents {
-        file.set("tokenizer.ggml.normalizer.strip_accents", Value::Bool(v));
-    }
-    // llama.cpp's converter turns BOS off for any Llama whose vocabulary has 49,152 tokens
-    // (IBM Granite's small models, and SmolLM's, which add no BOS either).
-    if config.vocab_size == 49152 {
-        file.set("tokenizer.ggml.add_bos_token", Value::Bool(false));
-    }
     Ok(())
+}
+
+/// SentencePiece's piece types (sentencepiece_model.proto).
+mod piece_type {
+    pub const UNKNOWN: i32 = 2;
+    pub const CONTROL: i32 = 3;
+    pub const UNUSED: i32 = 5;
+    pub const BYTE: i32 = 6;
+}
+
+/// A SentencePiece vocabulary (`tokenizer.ggml.model: llama`), as llama.cpp's converter builds
+/// it: tokenizer.model's pieces with their scores and types, then added_tokens.json's tokens
+/// (user-defined) and tokenizer_config.json's `added_tokens_decoder` (control when special),
+/// `[PADn]` for ids none of them names; returns the number of tokens written.
+fn sentencepiece_vocabulary(
+    path: &Path,
+    tc: &Json,
+    config: &ModelConfig,
+    file: &mut GgufFile,
+) -> anyhow::Result<usize> {
+    let n_vocab = config.vocab_size;
+    let mut texts: Vec<String> = (0..n_vocab).map(|i| format!("[PAD{i}]")).collect();
+    let mut scores = vec![-10000.0f32; n_vocab];
+    let mut types = vec![UNUSED; n_vocab];
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let pieces = sentencepiece_pieces(&bytes)
+        .with_context(|| format!("{} is not a SentencePiece model", path.display()))?;
+    for (id, piece) in pieces.into_iter().enumerate().take(n_vocab) {
+        texts[id] = piece.text;
+        scores[id] = piece.score;
+        types[id] = match piece.kind {
+            piece_type::UNKNOWN => UNKNOWN,
+            piece_type::CONTROL => CONTROL,
+            piece_type::UNUSED => UNUSED,
+            piece_type::BYTE => BYTE,
+            _ => NORMAL,
+        };
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if let Ok(added) = std::fs::read(dir.join("added_tokens.json")) {
+        let added: serde_json::Map<String, Json> =
+            serde_json::from_slice(&added).with_context(|| {
+                format!(
+                    "{} is not a JSON object",
+                    dir.join("added_tokens.json").display()
+                )
+            })?;
+        for (text, id) in added {
+            if let Some(id) = id.as_u64().map(|i| i as usize).filter(|i| *i < n_vocab) {
+                texts[id] = text;
+                scores[id] = -1000.0;
+                types[id] = USER_DEFINED;
+            }
+        }
+    }
+    if let Some(decoder) = tc["added_tokens_decoder"].as_object() {
+        for (id, entry) in decoder {
+            let (Some(id), Some(text)) = (
+                id.parse::<usize>().ok().filter(|i| *i < n_vocab),
+                entry["content"].as_str(),
+            ) else {
+                continue;
+            };
+            if entry["special"] == true || looks_special(text) {
+                texts[id] = text.to_string();
+                types[id] = CONTROL;
+            } else {
+                texts[id] = text.replace('\u{2581}', " ");
+                types[id] = USER_DEFINED;
+            }
+            scores[id] = -1000.0;
+        }
+    }
+    file.set("tokenizer.ggml.model", Value::String("llama".into()));
+    file.set("tokenizer.ggml.pre", Value::String("default".into()));
+    file.set("tokenizer.ggml.tokens", Value::strings(texts));
+    file.set(
+        "tokenizer.ggml.scores",
+        Value::Array(ValueType::F32, scores.into_iter().map(Value::F32).collect()),
+    );
+    file.set(
+        "tokenizer.ggml.token_type",
+        Value::Array(ValueType::I32, types.into_iter().map(Value::I32).collect()),
+    );
+    Ok(n_vocab)
+}
+
+struct Piece {
+    text: String,
+    score: f32,
+    kind: i32,
+}
+
+/// The pieces of a SentencePiece `ModelProto` (field 1, repeated `SentencePiece`: piece = 1,
+/// score = 2, type = 3), read with the protobuf wire format; the other fields are skipped.
+fn sentencepiece_pieces(bytes: &[u8]) -> anyhow::Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
+    let mut r = Wire { bytes, at: 0 };
+    while let Some((field, value)) = r.field()? {
+        if let (1, WireValue::Bytes(msg)) = (field, value) {
+            let mut p = Piece {
+                text: String::new(),
+                score: 0.0,
+                kind: 1,
+            };
+            let mut m = Wire { bytes: msg, at: 0 };
+            while let Some((field, value)) = m.field()? {
+                match (field, value) {
+                    (1, WireValue::Bytes(b)) => {
+                        p.text = String::from_utf8(b.to_vec())
+                            .map_err(|_| anyhow!("piece {} is not UTF-8", pieces.len()))?
+                    }
+                    (2, WireValue::Fixed32(v)) => p.score = f32::from_bits(v),
+                    (3, WireValue::Varint(v)) => p.kind = v as i32,
+                    _ => {}
+                }
+            }
+            pieces.push(p);
+        }
+    }
+    if pieces.is_empty() {
+        bail!("it holds no pieces");
+    }
+    Ok(pieces)
+}
+
+enum WireValue<'a> {
+    Varint(u64),
+    Fixed64,
+    Bytes(&'a [u8]),
+    Fixed32(u32),
+}
+
+struct Wire<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Wire<'a> {
+    fn varint(&mut self) -> anyhow::Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *self
+                .bytes
+                .get(self.at)
+                .ok_or_else(|| anyhow!("truncated at byte {}", self.at))?;
+            self.at += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        bail!("a varint longer than 10 bytes at {}", self.at)
+    }
+    fn take(&mut self, n: usize) -> anyhow::Result<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.bytes.len())
+            .ok_or_else(|| anyhow!("truncated at byte {}", self.at))?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    /// The next field number and value; `None` at the end.
+    fn field(&mut self) -> anyhow::Result<Option<(u64, WireValue<'a>)>> {
+        if self.at >= self.bytes.len() {
+            return Ok(None);
+        }
+        let tag = self.varint()?;
+        let value = match tag & 7 {
+            0 => WireValue::Varint(self.varint()?),
+            1 => {
+                self.take(8)?;
+                WireValue::Fixed64
+            }
+            2 => {
+                let n = self.varint()? as usize;
+                WireValue::Bytes(self.take(n)?)
+            }
+            5 => WireValue::Fixed32(u32::from_le_bytes(self.take(4)?.try_into()?)),
+            w => bail!("wire type {w} at byte {}", self.at),
+        };
+        Ok(Some((tag >> 3, value)))
+    }
 }
 
 /// `model.merges`: `"a b"` strings, or `[a, b]` pairs (spaces inside written as U+0120, as
