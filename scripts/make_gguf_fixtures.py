@@ -19,6 +19,11 @@ What it writes (under tests/fixtures/gguf/):
                   96, intermediate 176 (not a multiple of 32: llama.cpp keeps ffn_down in f16
                   under q8_0), 2 layers, 3 heads, 1 kv head, rope_theta 1e5, tie_word_embeddings
                   (no lm_head in the file), add_bos_token false.
+  llama-rope-llama3/  like llama-untied with Llama 3.2's rotary scaling (rope_type llama3, factor 32,
+                  low 1, high 4, original context 64 — so that some frequencies fall in the
+                  smoothed band), rope_theta 5e5 and tied embeddings: the converter adds a
+                  rope_freqs tensor.
+  llama-rope-linear/  like llama-untied with linear rope scaling (factor 2) and 1 kv head (MQA).
   llama-spm/      a Llama 2-style vocabulary: a SentencePiece BPE model (tokenizer.model, 400
                   pieces, byte fallback, split digits) trained here on examples/tiny's texts,
                   its transformers conversion (tokenizer.json: byte-fallback BPE) with a [PAD]
@@ -44,6 +49,7 @@ with scripts/requirements-llama-fixtures.txt installed (torch, transformers, saf
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -96,12 +102,16 @@ def spm_tokenizer(out):
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n".join(f"{r['instruction']} {r.get('input', '')} {r['output']}" for r in records))
+        # Relative names: the model file records its training input's path.
+        cwd = os.getcwd()
+        os.chdir(tmp)
         spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=f"{tmp}/sp", vocab_size=400, model_type="bpe",
+            input="corpus.txt", model_prefix="sp", vocab_size=400, model_type="bpe",
             byte_fallback=True, split_digits=True, character_coverage=1.0, add_dummy_prefix=True,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
         )
+        os.chdir(cwd)
         tok = LlamaTokenizerFast(vocab_file=f"{tmp}/sp.model", legacy=True, from_slow=True, add_prefix_space=True)
         tok.add_special_tokens({"pad_token": "[PAD]"})
         tok.save_pretrained(out)
@@ -215,6 +225,25 @@ def main():
                  rope_theta=100000.0, tie_word_embeddings=True),
             2,
             {"add_bos_token": False},
+        ),
+        (
+            "llama-rope-llama3",
+            dict(common, vocab_size=312, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 rope_theta=500000.0, tie_word_embeddings=True,
+                 rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+            4,
+            {},
+        ),
+        (
+            "llama-rope-linear",
+            dict(common, vocab_size=312, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                 rope_theta=10000.0, tie_word_embeddings=False,
+                 rope_scaling={"rope_type": "linear", "factor": 2.0}),
+            5,
+            {},
         ),
         (
             "llama-spm",

@@ -37,72 +37,108 @@ fn export(p: &Project, stage: &str, model: &Path, dtype: &str) -> PathBuf {
     file
 }
 
-/// The file as the `gguf` package reads it, in expected.json's shape.
+/// Each file (argv[1:]) as the `gguf` package reads it, in expected.json's shape: one JSON
+/// line per file.
 const DESCRIBE: &str = r#"
 import hashlib, json, sys
 import gguf
-r = gguf.GGUFReader(sys.argv[1])
 naming = {"general.name", "general.basename", "general.size_label", "general.finetune",
           "general.version", "general.type"}
-metadata = {}
-for k, f in r.fields.items():
-    if k.startswith("GGUF.") or k in naming:
-        continue
-    t = f.types[0]
-    if t == gguf.GGUFValueType.ARRAY:
-        v = [f.contents(i) for i in range(len(f.data))]
-    else:
-        v = f.contents()
-    metadata[k] = {"type": t.name.lower(), "value": v}
-    if t == gguf.GGUFValueType.ARRAY:
-        metadata[k]["item_type"] = f.types[-1].name.lower()
-tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in t.shape],
-            "sha256": hashlib.sha256(t.data.tobytes()).hexdigest()} for t in r.tensors]
-print(json.dumps({"alignment": r.alignment, "metadata": metadata, "tensors": tensors,
-                  "general.type": r.fields["general.type"].contents()}))
+for path in sys.argv[1:]:
+    r = gguf.GGUFReader(path)
+    metadata = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k in naming:
+            continue
+        t = f.types[0]
+        if t == gguf.GGUFValueType.ARRAY:
+            v = [f.contents(i) for i in range(len(f.data))]
+        else:
+            v = f.contents()
+        metadata[k] = {"type": t.name.lower(), "value": v}
+        if t == gguf.GGUFValueType.ARRAY:
+            metadata[k]["item_type"] = f.types[-1].name.lower()
+    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in t.shape],
+                "sha256": hashlib.sha256(t.data.tobytes()).hexdigest()} for t in r.tensors]
+    print(json.dumps({"alignment": r.alignment, "metadata": metadata, "tensors": tensors,
+                      "general.type": r.fields["general.type"].contents()}))
 "#;
 
-/// Asserts that `file` holds what llama.cpp's converter wrote for fixture `model` as `dtype`.
-fn assert_as_converter(file: &Path, model: &str, dtype: &str) {
-    let expected: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture(model).join("expected.json")).unwrap(),
-    )
-    .unwrap();
-    let mut got: serde_json::Value =
-        serde_json::from_str(&common::tool_python(DESCRIBE, &[file.as_os_str()])).unwrap();
-    assert_eq!(got["general.type"], "model");
-    got.as_object_mut().unwrap().remove("general.type");
-    let want = &expected[dtype];
-    for (key, value) in want["metadata"].as_object().unwrap() {
+/// Asserts that each `(file, model, dtype)` holds what llama.cpp's converter wrote for fixture
+/// `model` as `dtype`.
+fn assert_as_converter(files: &[(PathBuf, &str, &str)]) {
+    let args: Vec<&std::ffi::OsStr> = files.iter().map(|(f, _, _)| f.as_os_str()).collect();
+    let described = common::tool_python(DESCRIBE, &args);
+    let lines: Vec<&str> = described.lines().collect();
+    assert_eq!(lines.len(), files.len());
+    for ((_, model, dtype), line) in files.iter().zip(lines) {
+        let expected: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(model).join("expected.json")).unwrap(),
+        )
+        .unwrap();
+        let mut got: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(got["general.type"], "model");
+        got.as_object_mut().unwrap().remove("general.type");
+        let want = &expected[dtype];
+        for (key, value) in want["metadata"].as_object().unwrap() {
+            assert_eq!(
+                &got["metadata"][key], value,
+                "{model} {dtype}: metadata {key} differs from llama.cpp's converter"
+            );
+        }
         assert_eq!(
-            &got["metadata"][key], value,
-            "{model} {dtype}: metadata {key} differs from llama.cpp's converter"
+            got["metadata"], want["metadata"],
+            "{model} {dtype}: pipe writes keys the converter does not"
         );
+        let (got_t, want_t) = (
+            got["tensors"].as_array().unwrap(),
+            want["tensors"].as_array().unwrap(),
+        );
+        assert_eq!(got_t.len(), want_t.len(), "{model} {dtype}: tensor count");
+        for (g, w) in got_t.iter().zip(want_t) {
+            assert_eq!(g, w, "{model} {dtype}: tensor {}", w["name"]);
+        }
+        assert_eq!(got["alignment"], want["alignment"]);
     }
-    assert_eq!(
-        got["metadata"], want["metadata"],
-        "{model} {dtype}: pipe writes keys the converter does not"
-    );
-    let (got_t, want_t) = (
-        got["tensors"].as_array().unwrap(),
-        want["tensors"].as_array().unwrap(),
-    );
-    assert_eq!(got_t.len(), want_t.len(), "{model} {dtype}: tensor count");
-    for (g, w) in got_t.iter().zip(want_t) {
-        assert_eq!(g, w, "{model} {dtype}: tensor {}", w["name"]);
-    }
-    assert_eq!(got["alignment"], want["alignment"]);
 }
 
 #[test]
 fn gguf_files_equal_llama_cpps_converter() {
-    let p = Project::new();
-    for model in ["llama-untied", "llama-tied", "llama-spm"] {
-        for dtype in ["f16", "q8_0", "bf16", "f32"] {
-            let file = export(&p, "gguf", &fixture(model), dtype);
-            assert_as_converter(&file, model, dtype);
+    let models = [
+        "llama-untied",
+        "llama-tied",
+        "llama-rope-llama3",
+        "llama-rope-linear",
+        "llama-spm",
+    ];
+    let dtypes = ["f16", "q8_0", "bf16", "f32"];
+    // One pipeline exports every model in every encoding.
+    let mut yaml = String::from("name: gguf\nstages:\n");
+    let mut cases = Vec::new();
+    for model in models {
+        for dtype in dtypes {
+            let stage = format!("s{}", cases.len());
+            yaml.push_str(&format!(
+                "  {stage}: {{kind: export, model: {}, format: gguf, dtype: {dtype}}}\n",
+                fixture(model).display()
+            ));
+            cases.push((stage, model, dtype));
         }
     }
+    let p = Project::new();
+    p.write("p.yaml", &yaml);
+    p.pipe(&["run", "p.yaml"]).ok();
+    let files: Vec<(PathBuf, &str, &str)> = cases
+        .iter()
+        .map(|(stage, model, dtype)| {
+            (
+                p.stage_out(stage).join(format!("model-{dtype}.gguf")),
+                *model,
+                *dtype,
+            )
+        })
+        .collect();
+    assert_as_converter(&files);
     // q8_0 is what the test above compares bit for bit; a row that is not whole blocks
     // (llama-tied's ffn_down, 176 wide) falls back to F16 as llama.cpp's does.
     let tied_q8 = &serde_json::from_str::<serde_json::Value>(
@@ -169,7 +205,12 @@ fn llama_cpp(file: &Path, prompts: &[&str], n: usize) -> Vec<LlamaCpp> {
 
 #[test]
 fn llama_cpp_generates_what_pipe_generates() {
-    for model in ["llama-untied", "llama-spm"] {
+    for model in [
+        "llama-untied",
+        "llama-rope-llama3",
+        "llama-rope-linear",
+        "llama-spm",
+    ] {
         generates_what_pipe_generates(model);
     }
 }
@@ -192,6 +233,7 @@ fn generates_what_pipe_generates(model_name: &str) {
     let device = Default::default();
     let model: pipe_model::CausalLm<B> = pipe_model::load_model(&model_dir, &device).unwrap();
     let tokenizer = pipe_data::tokenize::load_tokenizer(&model_dir).unwrap();
+    let mut distinct = std::collections::BTreeSet::new();
     for (prompt, theirs) in prompts.iter().zip(&from_llama_cpp) {
         let ids = tokenizer
             .tokenizer
@@ -218,9 +260,13 @@ fn generates_what_pipe_generates(model_name: &str) {
             theirs.generated, ours,
             "{model_name}: llama.cpp's greedy continuation of {prompt:?} differs from pipe's"
         );
-        // Not a degenerate model: the continuation varies.
-        assert!(ours.iter().collect::<std::collections::BTreeSet<_>>().len() > 2);
+        distinct.extend(ours);
     }
+    // Not a degenerate model: the continuations vary.
+    assert!(
+        distinct.len() > 6,
+        "{model_name}: the continuations hold only {distinct:?}"
+    );
 
     // The Q8_0 file loads and generates too, from the same encoding.
     let q8 = export(&p, "q8", &model_dir, "q8_0");
@@ -292,11 +338,11 @@ fn what_gguf_cannot_write_is_refused_with_the_reason() {
         "name: gguf\nstages:\n  gguf:\n    kind: export\n    model: spm\n    tokenizer: sp\n    format: gguf\n",
     );
     p.pipe(&["run", "p.yaml"]).ok();
-    assert_as_converter(
-        &p.stage_out("gguf").join("model-f16.gguf"),
+    assert_as_converter(&[(
+        p.stage_out("gguf").join("model-f16.gguf"),
         "llama-spm",
         "f16",
-    );
+    )]);
 
     // A family llama.cpp's converter writes under another architecture.
     let qwen = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/qwen2");

@@ -475,8 +475,8 @@ impl FileType {
 pub struct Unsupported(pub String);
 
 /// llama.cpp's architecture for a model, or why pipe cannot write it as one: the families
-/// llama.cpp's converter writes as `llama` (Llama, Mistral), with an unscaled or linearly
-/// scaled rotary embedding.
+/// llama.cpp's converter writes as `llama` (Llama, Mistral), with an unscaled, linearly
+/// scaled or Llama 3.1-scaled (`llama3`) rotary embedding.
 pub fn llama_architecture(c: &ModelConfig) -> Result<&'static str, Unsupported> {
     if !matches!(c.family, Family::Llama | Family::Mistral) {
         return Err(Unsupported(format!(
@@ -495,9 +495,11 @@ pub fn llama_architecture(c: &ModelConfig) -> Result<&'static str, Unsupported> 
         )));
     }
     match &c.rope.scaling {
-        None | Some(crate::rope::RopeScaling::Linear { .. }) => Ok("llama"),
+        None
+        | Some(crate::rope::RopeScaling::Linear { .. })
+        | Some(crate::rope::RopeScaling::Llama3 { .. }) => Ok("llama"),
         Some(other) => Err(Unsupported(format!(
-            "GGUF export supports unscaled and linearly scaled rotary embeddings, and this model's rope_scaling is {}",
+            "GGUF export supports unscaled, linear and llama3 rotary embedding scaling, and this model's rope_scaling is {}",
             rope_type_name(other)
         ))),
     }
@@ -582,6 +584,38 @@ fn permute_for_rope(data: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
     out
 }
 
+/// Llama 3.1's per-frequency divisors of the rotary embedding, as llama.cpp's converter
+/// computes them for its `rope_freqs` tensor: in f32, as PyTorch evaluates its expression
+/// (Python numbers cast to f32 where they meet a tensor).
+fn llama3_rope_factors(
+    theta: f64,
+    head_dim: usize,
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_max_position_embeddings: usize,
+) -> Vec<f32> {
+    let old = original_max_position_embeddings as f64;
+    let low_wavelen = (old / low_freq_factor) as f32;
+    let high_wavelen = (old / high_freq_factor) as f32;
+    (0..head_dim)
+        .step_by(2)
+        .map(|i| {
+            let freq = 1.0f32 / (theta as f32).powf(i as f32 / head_dim as f32);
+            let wavelen = (2.0 * std::f64::consts::PI) as f32 / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor as f32
+            } else {
+                let smooth = (old as f32 / wavelen - low_freq_factor as f32)
+                    / (high_freq_factor - low_freq_factor) as f32;
+                1.0 / ((1.0 - smooth) / factor as f32 + smooth)
+            }
+        })
+        .collect()
+}
+
 impl<B: Backend> CausalLm<B> {
     /// The weights as llama.cpp's converter writes them for `llama_architecture` models: its
     /// tensor names, q/k rows permuted for GGML's rope, each encoded as `file_type` asks, in
@@ -590,7 +624,31 @@ impl<B: Backend> CausalLm<B> {
         let c = &self.config;
         let mut named: Vec<Named> = self.hf_tensors();
         named.sort_by(|a, b| a.name.cmp(&b.name));
-        named
+        // Tensors the converter makes come before the checkpoint's.
+        let mut extra = Vec::new();
+        if let Some(crate::rope::RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) = &c.rope.scaling
+        {
+            let factors = llama3_rope_factors(
+                c.rope.theta,
+                c.head_dim,
+                *factor,
+                *low_freq_factor,
+                *high_freq_factor,
+                *original_max_position_embeddings,
+            );
+            extra.push(GgufTensor {
+                name: "rope_freqs.weight".into(),
+                shape: vec![factors.len()],
+                ty: GgmlType::F32,
+                data: GgmlType::F32.encode(&factors, factors.len()),
+            });
+        }
+        let weights: Vec<GgufTensor> = named
             .into_iter()
             .map(|t| {
                 let name = llama_name(&t.name).ok_or_else(|| {
@@ -615,7 +673,9 @@ impl<B: Backend> CausalLm<B> {
                     ty,
                 })
             })
-            .collect()
+            .collect::<Result<_, Unsupported>>()?;
+        extra.extend(weights);
+        Ok(extra)
     }
 }
 
