@@ -264,7 +264,10 @@ fn a_requeued_training_job_resumes_from_its_checkpoint() {
         assert!(t.elapsed() < Duration::from_secs(60), "not requeued");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // A requeued job waits two minutes before it is eligible again; let it start now.
+    // A requeued job waits two minutes before it is eligible again; let it start sooner, but
+    // not at once: slurmd refuses to relaunch a job it has just killed ("already killed, do
+    // not launch batch job"), which a real requeue's wait never meets.
+    std::thread::sleep(Duration::from_secs(5));
     slurm(&[
         "scontrol",
         "update",
