@@ -44,9 +44,9 @@ for t in f16 q8_0; do
   ref_s[$t]=$(echo "$t1 - $t0" | bc)
 done
 
-PYTHONPATH="$LLAMA_CPP/gguf-py:$ROOT/scripts" "$PY" - "$WORK" "${pipe_s[f16]}" "${ref_s[f16]}" "${pipe_s[q8_0]}" "${ref_s[q8_0]}" <<'PY' | tee "$WORK/compare.txt"
+PYTHONPATH="$LLAMA_CPP/gguf-py:$ROOT/tests/tools" "$PY" - "$WORK" "${pipe_s[f16]}" "${ref_s[f16]}" "${pipe_s[q8_0]}" "${ref_s[q8_0]}" <<'PY' | tee "$WORK/compare.txt"
 import json, sys
-from make_gguf_fixtures import describe
+from gguf_describe import describe
 work = sys.argv[1]
 secs = {"f16": (float(sys.argv[2]), float(sys.argv[3])), "q8_0": (float(sys.argv[4]), float(sys.argv[5]))}
 figures = {}
@@ -66,16 +66,16 @@ PY
 
 PROMPTS='["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", "Once upon a time", "def fibonacci(n):"]'
 node "$ROOT/tests/tools/llama_cpp_generate.mjs" "$WORK/pipe-f16.gguf" "$PROMPTS" 24 "$NODE_TOOLS" > "$WORK/llama-cpp.jsonl"
-"$PY" - "$MODEL" "$WORK" <<'PY'
+"$PY" - "$MODEL" "$WORK" "$PROMPTS" <<'PY'
 import json, sys
 import torch, transformers
-model_dir, work = sys.argv[1:]
+model_dir, work, prompts = sys.argv[1:]
+prompts = json.loads(prompts)
 tok = transformers.AutoTokenizer.from_pretrained(model_dir)
 model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
 figures = json.load(open(f"{work}/figures.json"))
 same_prompt = same_gen = 0
 rows = [json.loads(l) for l in open(f"{work}/llama-cpp.jsonl")]
-prompts = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", "Once upon a time", "def fibonacci(n):"]
 for prompt, row in zip(prompts, rows):
     ids = tok(prompt)["input_ids"]
     same_prompt += ids == row["prompt"]

@@ -33,9 +33,9 @@ What it writes (under tests/fixtures/gguf/):
                   their scores and types (tokenizer.ggml.model "llama").
   <each>/expected.json
       {"converter": version, "f16": {...}, "q8_0": {...}, "bf16": {...}, "f32": {...}}, each
-      "metadata": every key/value the converter wrote except general.* naming (general.name,
-      basename, size_label, ...), "tensors": [{name, type, shape (GGML order), sha256 of the
-      bytes}] in file order, "alignment".
+      what tests/tools/gguf_describe.py reads of the converter's file: "metadata" (every
+      key/value but general.* naming: general.name, basename, size_label, ...), "tensors"
+      ([{name, type, shape (GGML order), sha256 of the bytes}] in file order), "alignment".
 
 llama.cpp recognises a byte-level BPE pre-tokenizer by hashing the ids a known text encodes to,
 which depends on the vocabulary; these tiny vocabularies are not in its table, so this script
@@ -47,7 +47,6 @@ PyPI's llama-cpp-python sdist — pip download --no-binary :all: --no-deps llama
 with scripts/requirements-llama-fixtures.txt installed (torch, transformers, safetensors).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -61,6 +60,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "tools"))
+from gguf_describe import describe  # noqa: E402  (shared with the test and bench/gguf.sh)
 OUT = ROOT / "tests" / "fixtures" / "gguf"
 TOKENIZER = ROOT / "examples" / "tiny" / "tokenizer"
 
@@ -69,17 +70,6 @@ CHATML = (
     " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-# Metadata that names the file rather than describes the model: the converter derives it from
-# the directory name; pipe writes its own.
-NAMING = {
-    "general.name",
-    "general.basename",
-    "general.size_label",
-    "general.finetune",
-    "general.version",
-    "general.type",
-}
 
 CONVERT = r"""
 import sys
@@ -150,38 +140,6 @@ def make_model(name, cfg, seed, tokenizer_config):
     tc.update(tokenizer_config)
     (d / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
     return d
-
-
-def value(field):
-    import gguf
-
-    t = field.types[0] if field.types else None
-    if t == gguf.GGUFValueType.ARRAY:
-        return [field.contents(i) for i in range(len(field.data))]
-    return field.contents()
-
-
-def describe(path):
-    import gguf
-
-    r = gguf.GGUFReader(path)
-    metadata = {}
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k in NAMING:
-            continue
-        metadata[k] = {"type": f.types[0].name.lower(), "value": value(f)}
-        if f.types[0] == gguf.GGUFValueType.ARRAY:
-            metadata[k]["item_type"] = f.types[-1].name.lower()
-    tensors = [
-        {
-            "name": t.name,
-            "type": t.tensor_type.name,
-            "shape": [int(x) for x in t.shape],
-            "sha256": hashlib.sha256(t.data.tobytes()).hexdigest(),
-        }
-        for t in r.tensors
-    ]
-    return {"alignment": r.alignment, "metadata": metadata, "tensors": tensors}
 
 
 def convert(llama_cpp, model_dir, outtype):

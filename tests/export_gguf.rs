@@ -22,52 +22,35 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Runs a pipeline of one GGUF export stage `stage` with these more fields (YAML, one a line).
+fn run_export(p: &Project, stage: &str, fields: &[&str]) -> common::Run {
+    let mut yaml = format!("name: gguf\nstages:\n  {stage}:\n    kind: export\n    format: gguf\n");
+    for f in fields {
+        yaml.push_str(&format!("    {f}\n"));
+    }
+    p.write("p.yaml", &yaml);
+    p.pipe(&["run", "p.yaml"])
+}
+
 /// Exports fixture `model` as GGUF `dtype` and returns the file.
 fn export(p: &Project, stage: &str, model: &Path, dtype: &str) -> PathBuf {
-    p.write(
-        "p.yaml",
-        &format!(
-            "name: gguf\nstages:\n  {stage}:\n    kind: export\n    model: {}\n    format: gguf\n    dtype: {dtype}\n",
-            model.display()
-        ),
-    );
-    p.pipe(&["run", "p.yaml"]).ok();
+    let model = format!("model: {}", model.display());
+    run_export(p, stage, &[&model, &format!("dtype: {dtype}")]).ok();
     let file = p.stage_out(stage).join(format!("model-{dtype}.gguf"));
     assert!(file.is_file(), "{} was not written", file.display());
     file
 }
 
-/// Each file (argv[1:]) as the `gguf` package reads it, in expected.json's shape: one JSON
-/// line per file.
-const DESCRIBE: &str = r#"
-import hashlib, json, sys
-import gguf
-naming = {"general.name", "general.basename", "general.size_label", "general.finetune",
-          "general.version", "general.type"}
-for path in sys.argv[1:]:
-    r = gguf.GGUFReader(path)
-    metadata = {}
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k in naming:
-            continue
-        t = f.types[0]
-        if t == gguf.GGUFValueType.ARRAY:
-            v = [f.contents(i) for i in range(len(f.data))]
-        else:
-            v = f.contents()
-        metadata[k] = {"type": t.name.lower(), "value": v}
-        if t == gguf.GGUFValueType.ARRAY:
-            metadata[k]["item_type"] = f.types[-1].name.lower()
-    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in t.shape],
-                "sha256": hashlib.sha256(t.data.tobytes()).hexdigest()} for t in r.tensors]
-    print(json.dumps({"alignment": r.alignment, "metadata": metadata, "tensors": tensors,
-                      "general.type": r.fields["general.type"].contents()}))
-"#;
+/// Runs tests/tools/gguf_describe.py (its path the first argument) on the files after it.
+const DESCRIBE: &str = "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')";
 
 /// Asserts that each `(file, model, dtype)` holds what llama.cpp's converter wrote for fixture
 /// `model` as `dtype`.
 fn assert_as_converter(files: &[(PathBuf, &str, &str)]) {
-    let args: Vec<&std::ffi::OsStr> = files.iter().map(|(f, _, _)| f.as_os_str()).collect();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/gguf_describe.py");
+    let args: Vec<&std::ffi::OsStr> = std::iter::once(script.as_os_str())
+        .chain(files.iter().map(|(f, _, _)| f.as_os_str()))
+        .collect();
     let described = common::tool_python(DESCRIBE, &args);
     let lines: Vec<&str> = described.lines().collect();
     assert_eq!(lines.len(), files.len());
@@ -288,11 +271,7 @@ fn what_gguf_cannot_write_is_refused_with_the_reason() {
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(p.path("tokenizer").join(f), model.join(f)).unwrap();
     }
-    p.write(
-        "p.yaml",
-        "name: gguf\nstages:\n  gguf:\n    kind: export\n    model: model\n    format: gguf\n",
-    );
-    let run = p.pipe(&["run", "p.yaml"]);
+    let run = run_export(&p, "gguf", &["model: model"]);
     assert_ne!(run.code, 0);
     assert!(
         run.all().contains("byte-fallback BPE") && run.all().contains("no tokenizer.model"),
@@ -322,22 +301,14 @@ fn what_gguf_cannot_write_is_refused_with_the_reason() {
         };
         std::fs::copy(&e, to).unwrap();
     }
-    p.write(
-        "p.yaml",
-        "name: gguf\nstages:\n  gguf:\n    kind: export\n    model: spm\n    format: gguf\n",
-    );
-    let run = p.pipe(&["run", "p.yaml"]);
+    let run = run_export(&p, "gguf", &["model: spm"]);
     assert_ne!(run.code, 0);
     assert!(
         run.all().contains("set the export's `tokenizer:`"),
         "{}",
         run.all()
     );
-    p.write(
-        "p.yaml",
-        "name: gguf\nstages:\n  gguf:\n    kind: export\n    model: spm\n    tokenizer: sp\n    format: gguf\n",
-    );
-    p.pipe(&["run", "p.yaml"]).ok();
+    run_export(&p, "gguf", &["model: spm", "tokenizer: sp"]).ok();
     assert_as_converter(&[(
         p.stage_out("gguf").join("model-f16.gguf"),
         "llama-spm",
@@ -346,14 +317,7 @@ fn what_gguf_cannot_write_is_refused_with_the_reason() {
 
     // A family llama.cpp's converter writes under another architecture.
     let qwen = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/qwen2");
-    p.write(
-        "p.yaml",
-        &format!(
-            "name: gguf\nstages:\n  gguf:\n    kind: export\n    model: {}\n    format: gguf\n",
-            qwen.display()
-        ),
-    );
-    let run = p.pipe(&["run", "p.yaml"]);
+    let run = run_export(&p, "gguf", &[&format!("model: {}", qwen.display())]);
     assert_ne!(run.code, 0);
     assert!(run.all().contains("Qwen2 model"), "{}", run.all());
 

@@ -191,7 +191,7 @@ pub fn load_tokenizer(path: &Path) -> Result<LoadedTokenizer, TokenizeError> {
 }
 
 /// A special token named in tokenizer_config.json: a string or `{"content": …}`.
-fn config_token(config: Option<&Value>, name: &str) -> Option<String> {
+pub fn config_token(config: Option<&Value>, name: &str) -> Option<String> {
     match config?.get(name)? {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),

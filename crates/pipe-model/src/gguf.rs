@@ -1,7 +1,8 @@
-//! GGUF, llama.cpp's model file (version 3): [`GgufFile::write`] and [`GgufFile::read`], the
-//! tensor encodings a converted model uses ([`GgmlType`]: F32, F16, BF16, Q8_0), and
+//! GGUF, llama.cpp's model file (version 3): [`GgufFile::write`], the metadata value types
+//! and tensor encodings ([`GgmlType`]: F32, F16, BF16, Q8_0) a converted model uses, and
 //! [`CausalLm::gguf_tensors`], which lays a Llama-architecture model out under llama.cpp's
-//! tensor names as its `convert_hf_to_gguf.py` does.
+//! tensor names as its `convert_hf_to_gguf.py` does. (The tests read the files back with
+//! llama.cpp's own `gguf` package; the reader here is the unit tests'.)
 //!
 //! The layout: the magic `GGUF`, the version, the tensor and key/value counts, the key/values,
 //! one record per tensor (name, dims innermost first, type, offset into the data), then the data,
@@ -43,21 +44,6 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q8_0 => 8,
             GgmlType::BF16 => 30,
-        }
-    }
-
-    pub fn from_id(id: u32) -> Option<Self> {
-        [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::BF16]
-            .into_iter()
-            .find(|t| t.id() == id)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            GgmlType::F32 => "F32",
-            GgmlType::F16 => "F16",
-            GgmlType::BF16 => "BF16",
-            GgmlType::Q8_0 => "Q8_0",
         }
     }
 
@@ -104,13 +90,9 @@ impl GgmlType {
     }
 }
 
-/// A metadata value.
+/// A metadata value (of the types a converted model's metadata uses).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
-    U8(u8),
-    I8(i8),
-    U16(u16),
-    I16(i16),
     U32(u32),
     I32(i32),
     F32(f32),
@@ -118,76 +100,28 @@ pub enum Value {
     String(String),
     /// Items of one type (`item_type`; the items' own variants for a non-empty array).
     Array(ValueType, Vec<Value>),
-    U64(u64),
-    I64(i64),
-    F64(f64),
 }
 
-/// GGUF's value type ids.
+/// GGUF's ids of those value types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueType {
-    U8 = 0,
-    I8 = 1,
-    U16 = 2,
-    I16 = 3,
     U32 = 4,
     I32 = 5,
     F32 = 6,
     Bool = 7,
     String = 8,
     Array = 9,
-    U64 = 10,
-    I64 = 11,
-    F64 = 12,
-}
-
-impl ValueType {
-    fn from_id(id: u32) -> Option<Self> {
-        use ValueType::*;
-        [
-            U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64,
-        ]
-        .into_iter()
-        .find(|t| *t as u32 == id)
-    }
-
-    /// The name gguf-py's reader gives the type (`uint32`, `string`, ...).
-    pub fn name(self) -> &'static str {
-        use ValueType::*;
-        match self {
-            U8 => "uint8",
-            I8 => "int8",
-            U16 => "uint16",
-            I16 => "int16",
-            U32 => "uint32",
-            I32 => "int32",
-            F32 => "float32",
-            Bool => "bool",
-            String => "string",
-            Array => "array",
-            U64 => "uint64",
-            I64 => "int64",
-            F64 => "float64",
-        }
-    }
 }
 
 impl Value {
     pub fn value_type(&self) -> ValueType {
         match self {
-            Value::U8(_) => ValueType::U8,
-            Value::I8(_) => ValueType::I8,
-            Value::U16(_) => ValueType::U16,
-            Value::I16(_) => ValueType::I16,
             Value::U32(_) => ValueType::U32,
             Value::I32(_) => ValueType::I32,
             Value::F32(_) => ValueType::F32,
             Value::Bool(_) => ValueType::Bool,
             Value::String(_) => ValueType::String,
             Value::Array(..) => ValueType::Array,
-            Value::U64(_) => ValueType::U64,
-            Value::I64(_) => ValueType::I64,
-            Value::F64(_) => ValueType::F64,
         }
     }
 
@@ -200,10 +134,6 @@ impl Value {
 
     fn write_payload(&self, out: &mut Vec<u8>) {
         match self {
-            Value::U8(v) => out.push(*v),
-            Value::I8(v) => out.push(*v as u8),
-            Value::U16(v) => out.extend(v.to_le_bytes()),
-            Value::I16(v) => out.extend(v.to_le_bytes()),
             Value::U32(v) => out.extend(v.to_le_bytes()),
             Value::I32(v) => out.extend(v.to_le_bytes()),
             Value::F32(v) => out.extend(v.to_le_bytes()),
@@ -216,9 +146,6 @@ impl Value {
                     v.write_payload(out);
                 }
             }
-            Value::U64(v) => out.extend(v.to_le_bytes()),
-            Value::I64(v) => out.extend(v.to_le_bytes()),
-            Value::F64(v) => out.extend(v.to_le_bytes()),
         }
     }
 }
@@ -244,15 +171,6 @@ pub struct GgufFile {
     pub tensors: Vec<GgufTensor>,
 }
 
-/// Why a file is not a GGUF file this module reads.
-#[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("not a GGUF file: {0}")]
-    Format(String),
-}
-
 impl GgufFile {
     /// Sets `key` (replacing an earlier value, as llama.cpp's writer does).
     pub fn set(&mut self, key: &str, value: Value) {
@@ -260,10 +178,6 @@ impl GgufFile {
             Some(slot) => slot.1 = value,
             None => self.metadata.push((key.to_string(), value)),
         }
-    }
-
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
     /// The file's bytes.
@@ -309,125 +223,6 @@ impl GgufFile {
         write().map_err(|e| ModelError::Write {
             path: path.to_path_buf(),
             source: e,
-        })
-    }
-
-    /// Reads a file of the types this module writes.
-    pub fn read(path: &Path) -> Result<GgufFile, GgufError> {
-        GgufFile::parse(&std::fs::read(path)?)
-    }
-
-    pub fn parse(bytes: &[u8]) -> Result<GgufFile, GgufError> {
-        let mut r = Reader { bytes, at: 0 };
-        if r.take(4)? != MAGIC {
-            return Err(GgufError::Format("it does not start with GGUF".into()));
-        }
-        let version = r.u32()?;
-        if version != VERSION {
-            return Err(GgufError::Format(format!("version {version}, not 3")));
-        }
-        let n_tensors = r.u64()? as usize;
-        let n_kv = r.u64()? as usize;
-        let mut file = GgufFile::default();
-        for _ in 0..n_kv {
-            let key = r.string()?;
-            let ty = r.value_type()?;
-            let value = r.value(ty)?;
-            file.metadata.push((key, value));
-        }
-        let alignment = match file.get("general.alignment") {
-            Some(Value::U32(a)) if *a > 0 => *a as usize,
-            _ => ALIGNMENT,
-        };
-        let mut infos = Vec::new();
-        for _ in 0..n_tensors.min(bytes.len()) {
-            let name = r.string()?;
-            let n_dims = r.u32()? as usize;
-            let mut shape = (0..n_dims)
-                .map(|_| r.u64().map(|d| d as usize))
-                .collect::<Result<Vec<_>, _>>()?;
-            shape.reverse();
-            let id = r.u32()?;
-            let ty = GgmlType::from_id(id)
-                .ok_or_else(|| GgufError::Format(format!("tensor {name}: GGML type {id}")))?;
-            let offset = r.u64()? as usize;
-            infos.push((name, shape, ty, offset));
-        }
-        let start = r.at.next_multiple_of(alignment);
-        for (name, shape, ty, offset) in infos {
-            let len = ty.bytes(shape.iter().product());
-            let data = start
-                .checked_add(offset)
-                .and_then(|s| bytes.get(s..s.checked_add(len)?))
-                .ok_or_else(|| GgufError::Format(format!("tensor {name} runs past the end")))?;
-            file.tensors.push(GgufTensor {
-                name,
-                shape,
-                ty,
-                data: data.to_vec(),
-            });
-        }
-        Ok(file)
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], GgufError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|e| *e <= self.bytes.len())
-            .ok_or_else(|| GgufError::Format(format!("truncated at byte {}", self.at)))?;
-        let s = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
-        Ok(self.take(N)?.try_into().expect("N bytes"))
-    }
-    fn u32(&mut self) -> Result<u32, GgufError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-    fn u64(&mut self) -> Result<u64, GgufError> {
-        Ok(u64::from_le_bytes(self.array()?))
-    }
-    fn string(&mut self) -> Result<String, GgufError> {
-        let n = self.u64()? as usize;
-        String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| GgufError::Format(format!("a string that is not UTF-8 at {}", self.at)))
-    }
-    fn value_type(&mut self) -> Result<ValueType, GgufError> {
-        let id = self.u32()?;
-        ValueType::from_id(id).ok_or_else(|| GgufError::Format(format!("value type {id}")))
-    }
-    fn value(&mut self, ty: ValueType) -> Result<Value, GgufError> {
-        Ok(match ty {
-            ValueType::U8 => Value::U8(self.array::<1>()?[0]),
-            ValueType::I8 => Value::I8(self.array::<1>()?[0] as i8),
-            ValueType::U16 => Value::U16(u16::from_le_bytes(self.array()?)),
-            ValueType::I16 => Value::I16(i16::from_le_bytes(self.array()?)),
-            ValueType::U32 => Value::U32(self.u32()?),
-            ValueType::I32 => Value::I32(i32::from_le_bytes(self.array()?)),
-            ValueType::F32 => Value::F32(f32::from_le_bytes(self.array()?)),
-            ValueType::Bool => Value::Bool(self.array::<1>()?[0] != 0),
-            ValueType::String => Value::String(self.string()?),
-            ValueType::Array => {
-                let item = self.value_type()?;
-                let n = self.u64()? as usize;
-                let mut items = Vec::with_capacity(n.min(1 << 20));
-                for _ in 0..n {
-                    items.push(self.value(item)?);
-                }
-                Value::Array(item, items)
-            }
-            ValueType::U64 => Value::U64(self.u64()?),
-            ValueType::I64 => Value::I64(i64::from_le_bytes(self.array()?)),
-            ValueType::F64 => Value::F64(f64::from_le_bytes(self.array()?)),
         })
     }
 }
@@ -500,19 +295,8 @@ pub fn llama_architecture(c: &ModelConfig) -> Result<&'static str, Unsupported> 
         | Some(crate::rope::RopeScaling::Llama3 { .. }) => Ok("llama"),
         Some(other) => Err(Unsupported(format!(
             "GGUF export supports unscaled, linear and llama3 rotary embedding scaling, and this model's rope_scaling is {}",
-            rope_type_name(other)
+            other.rope_type()
         ))),
-    }
-}
-
-fn rope_type_name(s: &crate::rope::RopeScaling) -> &'static str {
-    use crate::rope::RopeScaling::*;
-    match s {
-        Linear { .. } => "linear",
-        Dynamic { .. } => "dynamic",
-        Yarn { .. } => "yarn",
-        Llama3 { .. } => "llama3",
-        LongRope { .. } => "longrope",
     }
 }
 
@@ -683,6 +467,103 @@ impl<B: Backend> CausalLm<B> {
 mod tests {
     use super::*;
 
+    /// Reads back a file of the value and tensor types this module writes (the tests read
+    /// exported files with llama.cpp's own `gguf` package; this checks the layout here).
+    fn parse(bytes: &[u8]) -> Result<GgufFile, String> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(4)? != MAGIC {
+            return Err("it does not start with GGUF".into());
+        }
+        if r.u32()? != VERSION {
+            return Err("not version 3".into());
+        }
+        let n_tensors = r.u64()?;
+        let n_kv = r.u64()?;
+        let mut file = GgufFile::default();
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            file.metadata.push((key, r.value(ty)?));
+        }
+        let mut infos = Vec::new();
+        for _ in 0..n_tensors {
+            let name = r.string()?;
+            let n_dims = r.u32()?;
+            let mut shape = (0..n_dims)
+                .map(|_| r.u64().map(|d| d as usize))
+                .collect::<Result<Vec<_>, _>>()?;
+            shape.reverse();
+            let id = r.u32()?;
+            let ty = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::BF16]
+                .into_iter()
+                .find(|t| t.id() == id)
+                .ok_or(format!("GGML type {id}"))?;
+            infos.push((name, shape, ty, r.u64()? as usize));
+        }
+        let start = r.at.next_multiple_of(ALIGNMENT);
+        for (name, shape, ty, offset) in infos {
+            let at = start + offset;
+            let data = bytes
+                .get(at..at + ty.bytes(shape.iter().product()))
+                .ok_or(format!("tensor {name} runs past the end"))?;
+            file.tensors.push(GgufTensor {
+                name,
+                shape,
+                ty,
+                data: data.to_vec(),
+            });
+        }
+        Ok(file)
+    }
+
+    struct Reader<'a> {
+        bytes: &'a [u8],
+        at: usize,
+    }
+
+    impl Reader<'_> {
+        fn take(&mut self, n: usize) -> Result<&[u8], String> {
+            let s = self
+                .bytes
+                .get(self.at..self.at + n)
+                .ok_or(format!("truncated at byte {}", self.at))?;
+            self.at += n;
+            Ok(s)
+        }
+        fn u32(&mut self) -> Result<u32, String> {
+            Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+        }
+        fn u64(&mut self) -> Result<u64, String> {
+            Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+        }
+        fn string(&mut self) -> Result<String, String> {
+            let n = self.u64()? as usize;
+            String::from_utf8(self.take(n)?.to_vec()).map_err(|e| e.to_string())
+        }
+        fn value(&mut self, ty: u32) -> Result<Value, String> {
+            Ok(match ty {
+                4 => Value::U32(self.u32()?),
+                5 => Value::I32(self.u32()? as i32),
+                6 => Value::F32(f32::from_bits(self.u32()?)),
+                7 => Value::Bool(self.take(1)?[0] != 0),
+                8 => Value::String(self.string()?),
+                9 => {
+                    let item = self.u32()?;
+                    let n = self.u64()?;
+                    let items = (0..n)
+                        .map(|_| self.value(item))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let item = match items.first() {
+                        Some(v) => v.value_type(),
+                        None => return Err("an empty array".into()),
+                    };
+                    Value::Array(item, items)
+                }
+                other => return Err(format!("value type {other}")),
+            })
+        }
+    }
+
     #[test]
     fn q8_0_rounds_half_away_from_zero_with_an_f16_scale() {
         let mut block = vec![0f32; 32];
@@ -728,12 +609,12 @@ mod tests {
         });
         let bytes = f.to_bytes();
         assert_eq!(&bytes[..4], b"GGUF");
-        let back = GgufFile::parse(&bytes).unwrap();
+        let back = parse(&bytes).unwrap();
         assert_eq!(back.metadata, f.metadata);
         assert_eq!(back.tensors.len(), 2);
         assert_eq!(back.tensors[1].shape, vec![1, 32]);
         assert_eq!(back.tensors[1].data, f.tensors[1].data);
-        assert!(GgufFile::parse(&bytes[..bytes.len() - 40]).is_err());
-        assert!(GgufFile::parse(b"GGML").is_err());
+        assert!(parse(&bytes[..bytes.len() - 40]).is_err());
+        assert!(parse(b"GGML").is_err());
     }
 }

@@ -45,6 +45,19 @@ pub enum RopeScaling {
     },
 }
 
+impl RopeScaling {
+    /// Its `rope_scaling.rope_type` in config.json.
+    pub fn rope_type(&self) -> &'static str {
+        match self {
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Dynamic { .. } => "dynamic",
+            RopeScaling::Yarn { .. } => "yarn",
+            RopeScaling::Llama3 { .. } => "llama3",
+            RopeScaling::LongRope { .. } => "longrope",
+        }
+    }
+}
+
 /// One rotary embedding: its base, scaling, and how much of each head it rotates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeConfig {

@@ -277,14 +277,9 @@ fn tokenizer_files(
             }
         }
     }
-    let token = |k: &str| match &config[k] {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
-        _ => None,
-    };
     let mut map = serde_json::Map::new();
     for k in ["bos_token", "eos_token", "unk_token", "pad_token"] {
-        if let Some(t) = token(k) {
+        if let Some(t) = pipe_data::tokenize::config_token(Some(&config), k) {
             map.insert(k.into(), serde_json::Value::String(t));
         }
     }
@@ -332,20 +327,23 @@ impl Stage for ExportStage {
         match (self.fields.format, weights) {
             (Format::Hf | Format::Gguf, weights) => {
                 let (model, mut tokenizer_dirs, said) = self.full_model(cx, weights)?;
-                if let Some(t) = cx.inputs.get("tokenizer") {
-                    tokenizer_dirs.push(if t.is_file() {
-                        t.parent().unwrap_or(Path::new(".")).to_path_buf()
-                    } else {
-                        t.clone()
-                    });
-                }
-                let tokenizer_dirs: Vec<&Path> =
-                    tokenizer_dirs.iter().map(PathBuf::as_path).collect();
                 if self.fields.format == Format::Hf {
+                    let tokenizer_dirs: Vec<&Path> =
+                        tokenizer_dirs.iter().map(PathBuf::as_path).collect();
                     model.save_hf_sharded(&out, self.save_dtype(), self.shard_bytes)?;
                     tokenizer_files(&tokenizer_dirs, &out, Some(&model))?;
                     cx.log(&format!("{said}, as a transformers model"));
                 } else {
+                    // Searched after the model's own directories (`tokenizer:` is gguf's only).
+                    if let Some(t) = cx.inputs.get("tokenizer") {
+                        tokenizer_dirs.push(if t.is_file() {
+                            t.parent().unwrap_or(Path::new(".")).to_path_buf()
+                        } else {
+                            t.clone()
+                        });
+                    }
+                    let tokenizer_dirs: Vec<&Path> =
+                        tokenizer_dirs.iter().map(PathBuf::as_path).collect();
                     let file_type = match self.dtype {
                         Dtype::F32 => FileType::F32,
                         Dtype::F16 => FileType::F16,

@@ -66,15 +66,6 @@ fn read_json(path: &Path) -> anyhow::Result<Json> {
         .with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-/// A `tokenizer_config.json` token entry: a string or `{"content": ...}`.
-fn token_content(v: &Json) -> Option<&str> {
-    match v {
-        Json::String(s) => Some(s),
-        Json::Object(o) => o.get("content").and_then(Json::as_str),
-        _ => None,
-    }
-}
-
 /// llama.cpp's name for a byte-level BPE pre-tokenizer it implements, by its structure.
 /// (The converter tells them apart by hashing the ids a test text encodes to, which only works
 /// for the published vocabularies it lists; the structure is what decides the split.)
@@ -117,6 +108,17 @@ fn looks_special(t: &str) -> bool {
         || (t.starts_with("<unused") && t.ends_with('>'))
 }
 
+/// An added token (from tokenizer.json's `added_tokens` or tokenizer_config.json's
+/// `added_tokens_decoder`) as the converter writes it: a control token when special or looking
+/// so, else user-defined, with SentencePiece's `▁` written as the space it stands for.
+fn added_token(text: &str, special: bool) -> (String, i32) {
+    if special || looks_special(text) {
+        (text.to_string(), CONTROL)
+    } else {
+        (text.replace('\u{2581}', " "), USER_DEFINED)
+    }
+}
+
 fn tokenizer_metadata(
     dirs: &[&Path],
     config: &ModelConfig,
@@ -133,17 +135,22 @@ fn tokenizer_metadata(
     if let Some(prefix) = tc["add_prefix_space"].as_bool() {
         file.set("tokenizer.ggml.add_space_prefix", Value::Bool(prefix));
     }
+    let added = tok["added_tokens"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
     // As llama.cpp's converter: a SentencePiece model file, when there is one, is the vocabulary.
     // The converter checks special ids against the SentencePiece vocabulary's size only.
     let id_limit = match find(dirs, "tokenizer.model") {
         Some(sp) => sentencepiece_vocabulary(&sp, &tc, config, file)?,
         None => {
-            byte_level_vocabulary(&tokenizer_path, &tok, config, file)?;
+            byte_level_vocabulary(&tokenizer_path, &tok, added, config, file)?;
             usize::MAX
         }
     };
-    let added = tok["added_tokens"].as_array().cloned().unwrap_or_default();
-    let special = SpecialTokens::read(&tok, &mut tc, &added, config);
+    let added = tok["added_tokens"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    let special = SpecialTokens::read(&tok, &mut tc, added, config);
     for (typ, id) in special
         .ids
         .iter()
@@ -184,6 +191,7 @@ fn tokenizer_metadata(
 fn byte_level_vocabulary(
     tokenizer_path: &Path,
     tok: &Json,
+    added: &[Json],
     config: &ModelConfig,
     file: &mut GgufFile,
 ) -> anyhow::Result<()> {
@@ -223,16 +231,12 @@ fn byte_level_vocabulary(
             .ok_or_else(|| anyhow!("vocab entry {text:?} has no id"))?;
         place(id, text.clone(), NORMAL)?;
     }
-    let added = tok["added_tokens"].as_array().cloned().unwrap_or_default();
-    for a in &added {
+    for a in added {
         let (Some(id), Some(text)) = (a["id"].as_u64(), a["content"].as_str()) else {
             continue;
         };
-        if a["special"] == true || looks_special(text) {
-            place(id, text.to_string(), CONTROL)?;
-        } else {
-            place(id, text.replace('\u{2581}', " "), USER_DEFINED)?;
-        }
+        let (text, ty) = added_token(text, a["special"] == true);
+        place(id, text, ty)?;
     }
     let (texts, types): (Vec<String>, Vec<Value>) = tokens
         .into_iter()
@@ -257,14 +261,6 @@ fn byte_level_vocabulary(
     Ok(())
 }
 
-/// SentencePiece's piece types (sentencepiece_model.proto).
-mod piece_type {
-    pub const UNKNOWN: i32 = 2;
-    pub const CONTROL: i32 = 3;
-    pub const UNUSED: i32 = 5;
-    pub const BYTE: i32 = 6;
-}
-
 /// A SentencePiece vocabulary (`tokenizer.ggml.model: llama`), as llama.cpp's converter builds
 /// it: tokenizer.model's pieces with their scores and types, then added_tokens.json's tokens
 /// (user-defined) and tokenizer_config.json's `added_tokens_decoder` (control when special),
@@ -285,11 +281,10 @@ fn sentencepiece_vocabulary(
     for (id, piece) in pieces.into_iter().enumerate().take(n_vocab) {
         texts[id] = piece.text;
         scores[id] = piece.score;
+        // SentencePiece numbers its piece types as GGUF does; its user-defined pieces (and
+        // any type it may add) the converter writes as normal.
         types[id] = match piece.kind {
-            piece_type::UNKNOWN => UNKNOWN,
-            piece_type::CONTROL => CONTROL,
-            piece_type::UNUSED => UNUSED,
-            piece_type::BYTE => BYTE,
+            UNKNOWN | CONTROL | UNUSED | BYTE => piece.kind,
             _ => NORMAL,
         };
     }
@@ -318,13 +313,7 @@ fn sentencepiece_vocabulary(
             ) else {
                 continue;
             };
-            if entry["special"] == true || looks_special(text) {
-                texts[id] = text.to_string();
-                types[id] = CONTROL;
-            } else {
-                texts[id] = text.replace('\u{2581}', " ");
-                types[id] = USER_DEFINED;
-            }
+            (texts[id], types[id]) = added_token(text, entry["special"] == true);
             scores[id] = -1000.0;
         }
     }
@@ -525,7 +514,7 @@ impl SpecialTokens {
             }
         };
         let has_config = tc.is_object();
-        let text = |tc: &Json, k: &str| token_content(&tc[k]).map(String::from);
+        let text = |tc: &Json, k: &str| pipe_data::tokenize::config_token(Some(tc), k);
         let mut bos = text(tc, "bos_token");
         let mut cls = text(tc, "cls_token");
         let mut eos = text(tc, "eos_token");
@@ -565,7 +554,7 @@ impl SpecialTokens {
                     }
                 }
                 Some("TemplateProcessing") => {
-                    let single = p["single"].as_array().cloned().unwrap_or_default();
+                    let single = p["single"].as_array().map_or(&[][..], Vec::as_slice);
                     let mut first = None;
                     let mut last = None;
                     if single.len() > 1 {
@@ -600,9 +589,9 @@ impl SpecialTokens {
                             set_add(&mut add, "eos", eos.as_ref() == Some(l), false);
                         }
                     }
-                    let pair = p["pair"].as_array().cloned().unwrap_or_default();
+                    let pair = p["pair"].as_array().map_or(&[][..], Vec::as_slice);
                     if !pair.is_empty() {
-                        let mut inner: &[Json] = &pair;
+                        let mut inner = pair;
                         if first.is_some() && special_id(&inner[0]) == first {
                             inner = &inner[1..];
                         }
@@ -650,7 +639,9 @@ impl SpecialTokens {
                 if let Some(on) = tc[format!("add_{typ}_token")].as_bool() {
                     set_add(&mut add, typ, on, true);
                 }
-                let Some(content) = token_content(&tc[format!("{typ}_token")]) else {
+                let Some(content) =
+                    pipe_data::tokenize::config_token(Some(tc), &format!("{typ}_token"))
+                else {
                     continue;
                 };
                 let id = added
