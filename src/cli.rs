@@ -152,20 +152,33 @@ enum Command {
     Kinds,
     /// Print the JSON Schema of pipeline files (for editors: completion, hover docs, checks)
     Schema,
-    /// Run one stage here and commit its result (what a Slurm job of `pipe run` runs on its
-    /// compute node)
-    #[command(hide = true)]
+    /// Run one stage here and commit its result: what a Slurm job of `pipe run` runs on its
+    /// compute node, and how each node of a `nodes: N` train stage is started by hand
     RunStage {
         #[command(flatten)]
         file: FileArgs,
         #[arg(long)]
         stage: String,
-        /// The key the stage was submitted with: it must still be its key here
+        /// The key the stage was submitted with: it must still be its key here (default: its
+        /// key now)
         #[arg(long)]
-        key: String,
-        /// The stage's log (appended)
-        #[arg(long)]
-        log: PathBuf,
+        key: Option<String>,
+        /// The stage's log (appended; default: a new one in the store). Other nodes than
+        /// node 0 write beside it, in `<log>.node-R`
+        #[arg(long, requires = "key")]
+        log: Option<PathBuf>,
+        /// The stage runs on this many nodes (its `nodes:`), one `pipe run-stage` each
+        #[arg(long, requires = "coordinator")]
+        nodes: Option<usize>,
+        /// This node's number, from 0 (default: Slurm's SLURM_PROCID)
+        #[arg(long, requires = "nodes")]
+        node: Option<usize>,
+        /// HOST:PORT where node 0 listens and the other nodes connect
+        #[arg(long, requires = "nodes")]
+        coordinator: Option<String>,
+        /// Seconds a node waits for another (to join, or during a step) before it stops
+        #[arg(long, default_value_t = 600)]
+        node_timeout: u64,
     },
 }
 
@@ -324,7 +337,19 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
             stage,
             key,
             log,
-        } => run_stage(&cx, &file, &stage, &key, log),
+            nodes,
+            node,
+            coordinator,
+            node_timeout,
+        } => {
+            let node = match (nodes, coordinator) {
+                (Some(nodes), Some(coordinator)) => {
+                    Some(stage_node(nodes, node, coordinator, node_timeout)?)
+                }
+                _ => None,
+            };
+            run_stage(&cx, &file, &stage, key.as_deref(), log, node)
+        }
         Command::Schema => {
             let schema = pipe_core::schema::pipeline_schema(&cx.registry);
             println!("{}", serde_json::to_string_pretty(&schema)?);
@@ -434,26 +459,90 @@ fn stage_command(store: &Store) -> Result<pipe_core::slurm::StageCommand> {
     })
 }
 
-/// `pipe run-stage`: one stage, run here for a Slurm job; the exit status says how it ended
-/// (0 done, 1 failed, 130 interrupted), and its log says why.
+/// This process's node of a stage that runs on `nodes` nodes: `rank`, or Slurm's task number.
+fn stage_node(
+    nodes: usize,
+    rank: Option<usize>,
+    coordinator: String,
+    timeout_s: u64,
+) -> Result<pipe_core::StageNode> {
+    let rank = match rank {
+        Some(r) => r,
+        None => std::env::var("SLURM_PROCID")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!("--nodes without --node needs SLURM_PROCID (a task of srun)")
+            })?,
+    };
+    if rank >= nodes {
+        anyhow::bail!(
+            "--node {rank}: the nodes of {nodes} are numbered 0 to {}",
+            nodes - 1
+        );
+    }
+    Ok(pipe_core::StageNode {
+        rank,
+        nodes,
+        coordinator,
+        timeout: std::time::Duration::from_secs(timeout_s.max(1)),
+    })
+}
+
+/// `pipe run-stage`: one stage, run here for a Slurm job or as one node of a stage on several;
+/// the exit status says how it ended (0 done, 1 failed, 130 interrupted), and its log says why.
 fn run_stage(
     cx: &Context,
     file: &FileArgs,
     stage: &str,
-    key: &str,
-    log: PathBuf,
+    key: Option<&str>,
+    log: Option<PathBuf>,
+    node: Option<pipe_core::StageNode>,
 ) -> Result<ExitCode> {
     let store = Store::open(&cx.cache)?;
-    pipe_core::slurm::check_job_paths(&store, key, &log).map_err(|e| anyhow::anyhow!(e))?;
+    let pipeline = cx.load(file)?;
+    // Started by hand (a node of a stage on several): the terminal hears how it ended.
+    let by_hand = log.is_none();
+    let key = match key {
+        Some(k) => k.to_string(),
+        None => Engine::new(&pipeline, store.clone()).key_of(stage)?,
+    };
+    let log = match log {
+        Some(log) => {
+            pipe_core::slurm::check_job_paths(&store, &key, &log)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            log
+        }
+        None => store.log_dir(&key).join(format!(
+            "{}.log",
+            humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                .to_string()
+                .replace(':', "-")
+        )),
+    };
+    // The other nodes log beside node 0: `<log>.node-R`.
+    let log = match node.as_ref().filter(|n| n.rank > 0) {
+        Some(n) => {
+            let mut name = log.file_name().unwrap_or_default().to_os_string();
+            name.push(format!(".node-{}", n.rank));
+            log.with_file_name(name)
+        }
+        None => log,
+    };
     let status = (|| -> Result<pipe_core::Status> {
-        let pipeline = cx.load(file)?;
-        let work = store.work_dir(key);
+        let work = store.work_dir(&key);
         std::fs::create_dir_all(&work)?;
-        let progress = Arc::new(pipe_core::slurm::FileProgress::new(
-            pipe_core::slurm::progress_path(&work),
-        ));
+        std::fs::create_dir_all(store.log_dir(&key))?;
+        let progress: Arc<dyn pipe_core::kind::Progress> =
+            if node.as_ref().is_some_and(|n| n.rank > 0) {
+                Arc::new(pipe_core::kind::NoProgress)
+            } else {
+                Arc::new(pipe_core::slurm::FileProgress::new(
+                    pipe_core::slurm::progress_path(&work),
+                ))
+            };
         let mut engine = Engine::new(&pipeline, store);
-        engine.run_stage(stage, key, log.clone(), interrupt_flag(), progress)
+        engine.run_stage(stage, &key, log.clone(), interrupt_flag(), progress, node)
     })()
     .unwrap_or_else(|e| {
         // Said in the log's own words, for the submitting run to report.
@@ -461,6 +550,18 @@ fn run_stage(
         pipe_core::slurm::append_to_log(&log, &format!("# pipe: failed: {error}"));
         pipe_core::Status::Failed(error)
     });
+    if by_hand {
+        match &status {
+            pipe_core::Status::Failed(error) => {
+                eprintln!(
+                    "error: stage `{stage}` failed: {error}\n  log: {}",
+                    log.display()
+                )
+            }
+            pipe_core::Status::Done => eprintln!("stage `{stage}` done; log: {}", log.display()),
+            _ => {}
+        }
+    }
     Ok(match status {
         pipe_core::Status::Done => ExitCode::SUCCESS,
         pipe_core::Status::Interrupted => ExitCode::from(130),

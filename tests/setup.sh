@@ -28,7 +28,7 @@ if [ ${#packages[@]} -gt 0 ]; then
     exit 1
   fi
 fi
-# A one-node Slurm cluster private to this checkout (target/slurm, 127.0.0.1).
+# A two-node Slurm cluster private to this checkout (target/slurm, 127.0.0.1).
 bash "$(dirname "$0")/slurm-cluster.sh"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV="$ROOT/target/test-tools"

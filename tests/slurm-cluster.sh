@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts a real one-node Slurm cluster (Debian's slurm-wlm and munge) for the Slurm executor's
-# tests, private to this checkout: its configuration, state, logs and munge socket live in
+# Starts a real two-node Slurm cluster (Debian's slurm-wlm and munge) for the Slurm executor's
+# tests, private to this checkout — two slurmd daemons on this machine, nodes n1 and n2, so that
+# a job can span two nodes (multi-node training): its configuration, state, logs and munge socket live in
 # target/slurm, its daemons listen on 127.0.0.1 on their own ports, and they run as the user
 # who runs this script. Tests find it through SLURM_CONF=target/slurm/slurm.conf. Running it
 # again when the cluster answers changes nothing.
@@ -9,7 +10,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR="$ROOT/target/slurm"
 export SLURM_CONF="$DIR/slurm.conf"
 if [ -f "$SLURM_CONF" ] && scontrol ping 2>/dev/null | grep -q UP \
-  && sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+  && [ "$(sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" = 2 ]; then
   exit 0
 fi
 for tool in munged slurmctld slurmd sbatch; do
@@ -22,7 +23,7 @@ for pid_file in "$DIR"/run/*.pid; do
 done
 sleep 0.5
 rm -rf "$DIR/run" "$DIR/state" "$DIR/spool"
-mkdir -p "$DIR/run" "$DIR/state" "$DIR/spool" "$DIR/log"
+mkdir -p "$DIR/run" "$DIR/state" "$DIR/spool/n1" "$DIR/spool/n2" "$DIR/log"
 chmod 700 "$DIR/run"
 user=$(id -un)
 if [ ! -f "$DIR/munge.key" ]; then
@@ -39,18 +40,17 @@ cat > "$SLURM_CONF" <<CONF
 ClusterName=pipe-test
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=16817
-SlurmdPort=16818
 SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 AuthInfo=socket=$DIR/run/munge.sock
 CredType=cred/munge
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
@@ -66,14 +66,16 @@ KillWait=10
 MinJobAge=600
 InactiveLimit=0
 SchedulerParameters=sched_interval=1
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=16 RealMemory=$memory State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=512
+NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=16818 CPUs=16 RealMemory=$memory State=UNKNOWN
+NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=16819 CPUs=16 RealMemory=$memory State=UNKNOWN
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=512
 CONF
 slurmctld -i
-slurmd -N localhost
+slurmd -N n1
+slurmd -N n2
 for _ in $(seq 1 60); do
-  if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-    echo "tests/slurm-cluster.sh: a one-node Slurm cluster is up (SLURM_CONF=$SLURM_CONF)"
+  if [ "$(sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" = 2 ]; then
+    echo "tests/slurm-cluster.sh: a two-node Slurm cluster is up (SLURM_CONF=$SLURM_CONF)"
     exit 0
   fi
   sleep 0.5

@@ -1,6 +1,7 @@
-//! The Slurm executor against a real one-node Slurm cluster (slurmctld + slurmd + munged from
-//! Debian's packages, started by tests/setup.sh through tests/slurm-cluster.sh on 127.0.0.1):
-//! every stage of the example pipeline submitted as a batch job, a killed `pipe run` that
+//! The Slurm executor against a real two-node Slurm cluster (slurmctld, two slurmd and munged
+//! from Debian's packages, started by tests/setup.sh through tests/slurm-cluster.sh on
+//! 127.0.0.1): every stage of the example pipeline submitted as a batch job, a training on
+//! two nodes (one job, a task per node through srun), a killed `pipe run` that
 //! re-attaches to its running job, Ctrl-C that leaves no job behind, a requeued (preempted)
 //! training job that resumes from its checkpoint, and jobs that fail (time limit, exit status)
 //! with Slurm's reason. Final weights are compared with a local run's, byte for byte.
@@ -119,6 +120,16 @@ fn train_job(p: &Project) -> String {
     record["job_id"].as_str().unwrap().to_string()
 }
 
+fn assert_train_done(r: &common::Run) {
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("train") && l.contains("done")),
+        "{}",
+        r.stdout
+    );
+}
+
 fn logs_of(p: &Project, stage: &str) -> String {
     let key = {
         let m: serde_json::Value = serde_json::from_str(
@@ -192,6 +203,35 @@ fn every_stage_runs_as_a_job_and_makes_what_a_local_run_makes() {
 }
 
 #[test]
+fn a_training_on_two_nodes_runs_as_one_job_of_two_tasks_and_makes_the_local_two_replica_model() {
+    let two_nodes = train().replace("    save_steps: 3\n", "    save_steps: 3\n    nodes: 2\n");
+    let p = Project::with_examples(&slurm_pipeline("sl-nodes", "{time: \"10\"}", &two_nodes));
+    let r = run(&p).ok();
+    assert_train_done(&r);
+    let log = logs_of(&p, "train");
+    assert!(log.contains("--nodes=2 --ntasks-per-node=1"), "{log}");
+    assert!(
+        log.contains("all 2 nodes joined; training on 2 replicas"),
+        "{log}"
+    );
+    assert!(log.contains("started as node 1 of 2"), "{log}");
+    // One process with two replicas sums the same two gradients in the same order.
+    let local = Project::with_examples(&common::example_pipeline(
+        "sl-nodes",
+        96,
+        &train().replace(
+            "    save_steps: 3\n",
+            "    save_steps: 3\n    devices: [cpu, cpu]\n",
+        ),
+    ));
+    local.pipe(&["run", "p.yaml"]).ok();
+    assert!(
+        weights(&p) == weights(&local),
+        "weights differ from one process's with two replicas"
+    );
+}
+
+#[test]
 fn a_killed_run_reattaches_to_its_running_job_instead_of_submitting_another() {
     let p = Project::with_examples(&slurm_pipeline("sl-attach", "{time: \"10\"}", &train()));
     let mut child = spawn(&p);
@@ -201,13 +241,7 @@ fn a_killed_run_reattaches_to_its_running_job_instead_of_submitting_another() {
     let state = slurm(&["squeue", "-h", "-j", &job, "-o", "%T"]);
     assert_eq!(state, "RUNNING", "the job outlives the killed submitter");
     let r = run(&p).ok();
-    assert!(
-        r.stdout
-            .lines()
-            .any(|l| l.starts_with("train") && l.contains("done")),
-        "{}",
-        r.stdout
-    );
+    assert_train_done(&r);
     let log = logs_of(&p, "train");
     assert!(
         log.contains(&format!("re-attached to Slurm job {job}")),

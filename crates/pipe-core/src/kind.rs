@@ -295,6 +295,11 @@ pub trait Stage: Send + Sync {
     fn resumable(&self) -> bool {
         false
     }
+    /// How many nodes (machines) run it at once, each a `pipe run-stage` given its
+    /// [`StageNode`]; most stages run on one.
+    fn nodes(&self) -> usize {
+        1
+    }
     /// Things `pipe status` should say about this stage, e.g. that its source is unpinned.
     fn notes(&self) -> Vec<String> {
         Vec::new()
@@ -355,6 +360,19 @@ impl Progress for NoProgress {
     fn set_message(&self, _: String) {}
 }
 
+/// One node of a stage that runs on several machines at once (a train stage's `nodes: N`):
+/// one `pipe run-stage` per node, started by `srun` in a Slurm job or by hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageNode {
+    /// 0 for the node that writes the stage's results; 1.. for the others.
+    pub rank: usize,
+    pub nodes: usize,
+    /// `host:port` where node 0 listens for the others.
+    pub coordinator: String,
+    /// How long a node waits for another before it gives up on it.
+    pub timeout: std::time::Duration,
+}
+
 /// What a running stage gets from the engine.
 pub struct StageContext {
     pub stage_id: String,
@@ -370,6 +388,8 @@ pub struct StageContext {
     pub log_path: PathBuf,
     /// The GPU ordinals the run loop granted it for its `resources:` (empty: none declared).
     pub gpus: Vec<usize>,
+    /// Set when this process is one node of a stage that runs on several (`nodes: N`).
+    pub node: Option<StageNode>,
     pub(crate) log: Arc<Mutex<File>>,
     pub(crate) cancel: Arc<AtomicBool>,
     pub(crate) progress: Arc<dyn Progress>,
@@ -424,6 +444,7 @@ impl StageContext {
             base_dir,
             log_path,
             gpus: Vec::new(),
+            node: None,
             log: Arc::new(Mutex::new(log)),
             cancel: Arc::new(AtomicBool::new(false)),
             progress: Arc::new(NoProgress),

@@ -29,7 +29,7 @@ pub use diag::{FieldError, FieldPath, SpecError};
 pub use key::{KeyFields, KeyRecipe};
 pub use kind::{
     Input, InputSource, Interrupted, ParseContext, Registry, Stage, StageContext, StageInfo,
-    StageKind,
+    StageKind, StageNode,
 };
 pub use runner::{Decision, Engine, Observer, RunOptions, RunSummary, Status, Why};
 pub use spec::{load, LoadError, Pipeline};

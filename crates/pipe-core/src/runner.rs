@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::digest::HashMemo;
 use crate::graph::{Dag, Plan as SelectionPlan, Selection};
 use crate::key::{diff, Change, KeyFields, KeyRecipe};
-use crate::kind::{InputSource, Interrupted, NoProgress, Progress, StageContext};
+use crate::kind::{InputSource, Interrupted, NoProgress, Progress, StageContext, StageNode};
 use crate::lock::WorkspaceLock;
 use crate::remote::{Pushed, RemoteCache, Transfers};
 use crate::resources::{Grant, Ledger, Machine};
@@ -606,6 +606,10 @@ impl<'p> Engine<'p> {
     /// with its upstream results read from the store, run here and committed. The log goes
     /// to `log` (appended); progress to `progress`. Takes no workspace lock: the submitting
     /// run holds it.
+    ///
+    /// With `node`, this process is one node of a stage that runs on several: node 0 runs and
+    /// commits it as above; any other node runs it beside node 0 (reading the same work
+    /// directory) and commits nothing.
     pub fn run_stage(
         &mut self,
         id: &str,
@@ -613,7 +617,51 @@ impl<'p> Engine<'p> {
         log: PathBuf,
         cancel: Arc<AtomicBool>,
         progress: Arc<dyn Progress>,
+        node: Option<StageNode>,
     ) -> anyhow::Result<Status> {
+        let (i, resolved) = self.resolve_with_stored_inputs(id)?;
+        let now = resolved.recipe.key();
+        if now != key {
+            anyhow::bail!(
+                "stage `{id}` has key {now} here, but the job was submitted for key {key}: the pipeline file or the stage's inputs changed since; run `pipe run` again"
+            );
+        }
+        let def = &self.pipeline.stages[i];
+        let job = Job {
+            store: self.store.clone(),
+            remote: None,
+            pull: None,
+            run_if_not_pulled: true,
+            gpus: Vec::new(),
+            pipeline: self.pipeline.name.clone(),
+            base_dir: self.pipeline.base_dir.clone(),
+            stage_index: i,
+            key: key.to_string(),
+            resolved,
+            cancel,
+            progress,
+            stage_command: None,
+        };
+        if let Some(node) = node.as_ref().filter(|n| n.rank > 0) {
+            return job.run_as_other_node(def, log, node.clone());
+        }
+        let status = match job.run_here(def, Some(log), node) {
+            Attempt::Done(_) | Attempt::Pulled(_) => Status::Done,
+            Attempt::Failed { error, .. } => Status::Failed(error),
+            Attempt::Interrupted { .. } => Status::Interrupted,
+            Attempt::NotPulled => Status::Skipped(Skip::NotSelected),
+        };
+        let _ = self.memo.save();
+        Ok(status)
+    }
+
+    /// The key stage `id` has now, for `pipe run-stage` started by hand.
+    pub fn key_of(&mut self, id: &str) -> anyhow::Result<String> {
+        Ok(self.resolve_with_stored_inputs(id)?.1.recipe.key())
+    }
+
+    /// Stage `id` resolved against the results of its inputs in the store.
+    fn resolve_with_stored_inputs(&mut self, id: &str) -> anyhow::Result<(usize, Resolved)> {
         let Some(i) = self.pipeline.index(id) else {
             anyhow::bail!("the pipeline has no stage `{id}`");
         };
@@ -639,36 +687,7 @@ impl<'p> Engine<'p> {
             ),
             Err(e) => anyhow::bail!("stage `{id}`: {e}"),
         };
-        let now = resolved.recipe.key();
-        if now != key {
-            anyhow::bail!(
-                "stage `{id}` has key {now} here, but the job was submitted for key {key}: the pipeline file or the stage's inputs changed since; run `pipe run` again"
-            );
-        }
-        let def = &self.pipeline.stages[i];
-        let job = Job {
-            store: self.store.clone(),
-            remote: None,
-            pull: None,
-            run_if_not_pulled: true,
-            gpus: Vec::new(),
-            pipeline: self.pipeline.name.clone(),
-            base_dir: self.pipeline.base_dir.clone(),
-            stage_index: i,
-            key: key.to_string(),
-            resolved,
-            cancel,
-            progress,
-            stage_command: None,
-        };
-        let status = match job.run_here(def, Some(log)) {
-            Attempt::Done(_) | Attempt::Pulled(_) => Status::Done,
-            Attempt::Failed { error, .. } => Status::Failed(error),
-            Attempt::Interrupted { .. } => Status::Interrupted,
-            Attempt::NotPulled => Status::Skipped(Skip::NotSelected),
-        };
-        let _ = self.memo.save();
-        Ok(status)
+        Ok((i, resolved))
     }
 
     /// Runs the pipeline. Takes the workspace lock for the duration; reports each stage's
@@ -1135,7 +1154,7 @@ impl Job {
             }
         }
         match &def.executor {
-            Executor::Local => self.run_here(def, None),
+            Executor::Local => self.run_here(def, None, None),
             Executor::Slurm(options) => self.run_on_slurm(pipeline, def, options),
         }
     }
@@ -1152,7 +1171,91 @@ impl Job {
 
     /// Runs the stage in this process and commits its outputs. Its log goes to `log`
     /// (appended: a Slurm job's output shares it) or to a new file.
-    fn run_here(&self, def: &crate::spec::StageDef, log: Option<PathBuf>) -> Attempt {
+    /// What the stage gets to run with: its `(out, work)` directories and its `(path, file)`
+    /// log.
+    fn context(
+        &self,
+        def: &crate::spec::StageDef,
+        (out_dir, work_dir): (PathBuf, PathBuf),
+        (log_path, log): (PathBuf, fs::File),
+        node: Option<StageNode>,
+    ) -> StageContext {
+        StageContext {
+            stage_id: def.id.clone(),
+            key: self.key.clone(),
+            inputs: self.resolved.paths.clone(),
+            out_dir,
+            work_dir,
+            base_dir: self.base_dir.clone(),
+            log_path,
+            gpus: self.gpus.clone(),
+            node,
+            log: Arc::new(Mutex::new(log)),
+            cancel: self.cancel.clone(),
+            progress: self.progress.clone(),
+            metrics: None,
+        }
+    }
+
+    /// Runs the stage as node `node.rank` (> 0) of several: in the stage's work directory,
+    /// which node 0 owns (this node only reads it), with outputs that are thrown away —
+    /// node 0 writes and commits the results.
+    fn run_as_other_node(
+        &self,
+        def: &crate::spec::StageDef,
+        log_path: PathBuf,
+        node: StageNode,
+    ) -> anyhow::Result<Status> {
+        let work = self.store.work_dir(&self.key);
+        let scratch = work.join(format!("node-{}", node.rank));
+        if scratch.exists() {
+            fs::remove_dir_all(&scratch)?;
+        }
+        fs::create_dir_all(&scratch)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut cx = self.context(
+            def,
+            (scratch.clone(), work.join("state")),
+            (log_path, log),
+            Some(node.clone()),
+        );
+        cx.log(&format!(
+            "# pipe: stage `{}` ({} v{}) key {} started as node {} of {}",
+            def.id, def.kind, def.kind_version, self.key, node.rank, node.nodes
+        ));
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| def.stage.run(&mut cx)));
+        let _ = fs::remove_dir_all(&scratch);
+        Ok(match result {
+            Ok(Ok(())) => {
+                cx.log("# pipe: done; node 0 commits the results");
+                Status::Done
+            }
+            Ok(Err(e)) if e.is::<Interrupted>() => {
+                cx.log("# pipe: interrupted");
+                Status::Interrupted
+            }
+            Ok(Err(e)) => {
+                let error = format!("{e:#}");
+                cx.log(&format!("# pipe: failed: {error}"));
+                Status::Failed(error)
+            }
+            Err(_) => {
+                let error = format!("the `{}` stage kind crashed (a bug in pipe)", def.kind);
+                cx.log(&format!("# pipe: {error}"));
+                Status::Failed(error)
+            }
+        })
+    }
+
+    fn run_here(
+        &self,
+        def: &crate::spec::StageDef,
+        log: Option<PathBuf>,
+        node: Option<StageNode>,
+    ) -> Attempt {
         let (new_log, stamp) = self.new_log();
         let log_path = log.unwrap_or(new_log);
         let log_rel = log_path
@@ -1191,20 +1294,7 @@ impl Job {
                 }
             }
         };
-        let mut cx = StageContext {
-            stage_id: def.id.clone(),
-            key: self.key.clone(),
-            inputs: self.resolved.paths.clone(),
-            out_dir: out.clone(),
-            work_dir: state,
-            base_dir: self.base_dir.clone(),
-            log_path: log_path.clone(),
-            gpus: self.gpus.clone(),
-            log: Arc::new(Mutex::new(log)),
-            cancel: self.cancel.clone(),
-            progress: self.progress.clone(),
-            metrics: None,
-        };
+        let mut cx = self.context(def, (out.clone(), state), (log_path.clone(), log), node);
         cx.log(&format!(
             "# pipe: stage `{}` ({} v{}) key {} started {stamp}",
             def.id, def.kind, def.kind_version, self.key
@@ -1440,8 +1530,13 @@ impl Job {
             "pipe: stage `{}` of pipeline `{}`, key {}",
             def.id, pipeline.name, self.key
         );
-        fs::write(&script, slurm::batch_script(&comment, &argv)).map_err(io)?;
+        let nodes = def.stage.nodes();
+        fs::write(&script, slurm::batch_script(&comment, &argv, nodes)).map_err(io)?;
         let mut args = options.sbatch_args(&def.resources);
+        if nodes > 1 {
+            args[0] = format!("--nodes={nodes}");
+            args.insert(1, "--ntasks-per-node=1".into());
+        }
         let cwd = std::env::current_dir().unwrap_or_else(|_| pipeline.base_dir.clone());
         args.splice(
             0..0,

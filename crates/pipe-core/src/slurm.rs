@@ -167,9 +167,9 @@ impl SlurmOptions {
                         return Err(FieldError::new(
                             at,
                             Target::Value,
-                            format!("`nodes: {n}`: a stage runs on one node"),
+                            format!("`nodes: {n}` under `slurm:`: the stage says how many nodes it runs on"),
                         )
-                        .with_help("use the node's GPUs with `devices:` (train) and `gpus_per_node`; data-parallel training across nodes is not part of pipe yet"));
+                        .with_help("set `nodes: N` on a train stage (data parallel across nodes); its job asks Slurm for N nodes"));
                     }
                     o.nodes = Some(n);
                 }
@@ -624,11 +624,22 @@ pub fn shell_quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', r"'\''"))
 }
 
-/// The batch script that runs `command` (one stage) on the compute node.
-pub fn batch_script(comment: &str, command: &[String]) -> String {
+/// The batch script that runs `command` (one stage) on the compute node; for a stage on
+/// `nodes` > 1 nodes, on each node of the job through `srun`, told its node number by
+/// `SLURM_PROCID` and node 0's address: the host the script runs on (the job's first node,
+/// where task 0 runs), at a port taken from the job id.
+pub fn batch_script(comment: &str, command: &[String], nodes: usize) -> String {
     let line: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
+    let head = format!(
+        "#!/bin/sh\n# {comment}\n# Written by pipe; the stage's log is this job's output.\n"
+    );
+    if nodes <= 1 {
+        return format!("{head}exec {}\n", line.join(" "));
+    }
     format!(
-        "#!/bin/sh\n# {comment}\n# Written by pipe; the stage's log is this job's output.\nexec {}\n",
+        "{head}# One task per node; node 0 (the first) listens for the others.\n\
+         PIPE_COORDINATOR=\"$(hostname):$((20000 + SLURM_JOB_ID % 20000))\"\n\
+         exec srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 {} --nodes {nodes} --coordinator \"$PIPE_COORDINATOR\"\n",
         line.join(" ")
     )
 }
@@ -798,7 +809,11 @@ mod tests {
         let e = err(Some("slurm"), Some("{time: 'two hours'}"));
         assert!(e.message.contains("one word") || e.message.contains("time limit"));
         let e = err(Some("slurm"), Some("{nodes: 4}"));
-        assert!(e.message.contains("one node"), "{}", e.message);
+        assert!(
+            e.message.contains("the stage says how many nodes"),
+            "{}",
+            e.message
+        );
         let e = err(None, Some("{partition: gpu}"));
         assert!(e.message.contains("local executor"), "{}", e.message);
     }
@@ -913,7 +928,11 @@ mod tests {
         assert!(!parse_state("PENDING|Priority|").ended());
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote("/a/b-c.yaml"), "/a/b-c.yaml");
-        let script = batch_script("x", &["/bin/pipe".into(), "a b".into()]);
+        let script = batch_script("x", &["/bin/pipe".into(), "a b".into()], 1);
         assert!(script.ends_with("exec /bin/pipe 'a b'\n"));
+        let script = batch_script("x", &["/bin/pipe".into(), "run-stage".into()], 2);
+        assert!(script.ends_with(
+            "exec srun --nodes=2 --ntasks=2 --ntasks-per-node=1 /bin/pipe run-stage --nodes 2 --coordinator \"$PIPE_COORDINATOR\"\n"
+        ));
     }
 }

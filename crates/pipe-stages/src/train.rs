@@ -37,8 +37,9 @@ use pipe_train::memory::{
     available_cpu_memory, human_bytes, plan_training, what_would_fit, LoraShape, MemoryPlan,
     TrainShape,
 };
+use pipe_train::nodes::NodeRole;
 use pipe_train::{
-    AdamWSettings, BaseModel, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method, Splits,
+    AdamWSettings, BaseModel, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method, NodeRun, Splits,
     TrainError, TrainSpec,
 };
 use schemars::JsonSchema;
@@ -155,6 +156,11 @@ struct Fields {
     /// work on two CPU cores at once. Instead of `device`.
     #[serde(default)]
     devices: Option<Vec<String>>,
+    /// Data parallelism across machines: one process per node, each with this stage's
+    /// `device`/`devices`, summing their gradients at every step. Runs under `executor:
+    /// slurm` (one task per node through `srun`) or by `pipe run-stage` started on each node.
+    #[serde(default)]
+    nodes: Option<usize>,
     /// Held-out loss on the tokenize stage's validation split every this many steps (and at
     /// the last step), into metrics.jsonl and TensorBoard.
     #[serde(default)]
@@ -188,6 +194,10 @@ impl Fields {
             (None, None) => vec!["cpu".into()],
         }
     }
+}
+
+fn one(n: &usize) -> bool {
+    *n == 1
 }
 
 fn default_method() -> MethodField {
@@ -246,6 +256,10 @@ struct TrainKey<'a> {
     dtype: Dtype,
     save_dtype: Dtype,
     replicas: usize,
+    /// Nodes add their replicas' sums, which rounds differently from one node's replicas.
+    /// Absent at 1, so that keys from before multi-node training stay the same.
+    #[serde(skip_serializing_if = "one")]
+    nodes: usize,
     eval_steps: Option<u64>,
     keep: Keep,
     early_stopping_patience: Option<u64>,
@@ -298,6 +312,7 @@ impl TrainStage {
             dtype: f.dtype,
             save_dtype: f.save_dtype,
             replicas: f.replicas().len(),
+            nodes: f.nodes.unwrap_or(1),
             eval_steps: f.eval_steps,
             keep: f.keep,
             early_stopping_patience: f.early_stopping_patience,
@@ -481,6 +496,9 @@ impl Stage for TrainStage {
     fn resumable(&self) -> bool {
         true
     }
+    fn nodes(&self) -> usize {
+        self.fields.nodes.unwrap_or(1)
+    }
     fn check_upstream<'a>(
         &self,
         stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
@@ -605,7 +623,33 @@ impl TrainStage {
         }
     }
 
+    /// This process's part in a run across `nodes:`, from how pipe run-stage was started.
+    fn node_run(&self, cx: &StageContext) -> anyhow::Result<Option<NodeRun>> {
+        let nodes = self.fields.nodes.unwrap_or(1);
+        match &cx.node {
+            None if nodes > 1 => bail!(
+                "`nodes: {nodes}`: this stage runs as {nodes} processes, one per node; run it under `executor: slurm`, or start `pipe run-stage` on each node (README, \"Multi-node training\")"
+            ),
+            None => Ok(None),
+            Some(node) if node.nodes != nodes => bail!(
+                "this process was started as node {} of {}, but the stage has `nodes: {nodes}`",
+                node.rank,
+                node.nodes
+            ),
+            Some(node) => Ok(Some(NodeRun {
+                role: NodeRole {
+                    rank: node.rank,
+                    nodes: node.nodes,
+                    coordinator: node.coordinator.clone(),
+                    timeout: node.timeout,
+                },
+                key: cx.key.clone(),
+            })),
+        }
+    }
+
     fn run_stage(&self, cx: &mut StageContext) -> anyhow::Result<()> {
+        let node_run = self.node_run(cx)?;
         let devices = self
             .fields
             .replicas()
@@ -662,7 +706,10 @@ impl TrainStage {
             cx_ref.log(&format!("warning: {line}"));
             tracing::warn!("{}: {line}", cx_ref.stage_id);
         };
-        let mlflow = std::cell::RefCell::new(self.start_tracking(cx_ref, &warn));
+        // Node 0 alone reports to MLflow, as it alone writes the run's files.
+        let leader = node_run.as_ref().is_none_or(|n| n.role.rank == 0);
+        let mlflow =
+            std::cell::RefCell::new(leader.then(|| self.start_tracking(cx_ref, &warn)).flatten());
         let scalars = |step: u64, values: &[(&str, f64)]| {
             let mut run = mlflow.borrow_mut();
             if let Some(Err(e)) = run.as_mut().map(|r| r.log(step, values)) {
@@ -682,7 +729,8 @@ impl TrainStage {
         let dirs = Dirs {
             work: &cx_ref.work_dir,
             out: &cx_ref.out_dir,
-            events: Some(&events),
+            events: leader.then_some(events.as_path()),
+            nodes: node_run.as_ref(),
         };
         let spec = &self.spec;
         macro_rules! train_on {
@@ -763,6 +811,13 @@ impl TrainStage {
             }
             Err(e) => return Err(e.into()),
         };
+        if !leader {
+            cx.log(&format!(
+                "{} steps done; node 0 writes the results",
+                trained.summary.steps
+            ));
+            return Ok(());
+        }
         // The model directory carries the tokenizer it was trained with.
         let weights = match self.spec.method {
             Method::Full => cx.out_dir.join("model"),
@@ -1006,15 +1061,23 @@ fn check_devices(cx: &ParseContext<'_>, f: &Fields, micro: usize) -> Result<(), 
             }
         }
     }
-    let n = replicas.len();
+    if f.nodes == Some(0) {
+        return Err(cx
+            .error("nodes", "`nodes: 0`: a stage runs on at least one node")
+            .with_help("leave `nodes` out to train on one"));
+    }
+    let nodes = f.nodes.unwrap_or(1);
+    let n = replicas.len() * nodes;
+    let field = if nodes > 1 { "nodes" } else { "devices" };
     if n > 1 {
         let accumulation = f.batch_size / micro;
         if !accumulation.is_multiple_of(n) {
             return Err(cx
                 .error(
-                    "devices",
+                    field,
                     format!(
-                        "{n} replicas share each step's micro-batches, but there are {accumulation} (batch_size {} / micro_batch_size {micro})",
+                        "{n} replicas{} share each step's micro-batches, but there are {accumulation} (batch_size {} / micro_batch_size {micro})",
+                        if nodes > 1 { format!(" ({nodes} nodes × {})", replicas.len()) } else { String::new() },
                         f.batch_size
                     ),
                 )
@@ -1024,7 +1087,7 @@ fn check_devices(cx: &ParseContext<'_>, f: &Fields, micro: usize) -> Result<(), 
         if dropout > 0.0 {
             return Err(cx
                 .error(
-                    "devices",
+                    field,
                     "LoRA dropout with several replicas is not reproducible: the replicas draw their masks from one shared generator in whatever order they run",
                 )
                 .with_help("set `lora: {dropout: 0}`, or train on one device"));

@@ -3,6 +3,7 @@
 
 pub mod heldout;
 pub mod memory;
+pub mod nodes;
 pub mod run;
 pub mod schedule;
 pub mod step;
@@ -10,11 +11,14 @@ pub mod tensorboard;
 
 pub use heldout::{Best, EvalSettings};
 pub use run::{
-    train, BaseModel, DataMeta, Dirs, Hooks, Method, Splits, Summary, TrainError, TrainSpec,
-    Trained,
+    train, BaseModel, DataMeta, Dirs, Hooks, Method, NodeRun, Splits, Summary, TrainError,
+    TrainSpec, Trained,
 };
 pub use schedule::{Decay, Schedule};
-pub use step::{adamw, train_step, train_step_parallel, AdamWSettings, MicroBatch, StepStats};
+pub use step::{
+    adamw, train_step, train_step_on_nodes, train_step_parallel, AdamWSettings, MicroBatch,
+    StepStats,
+};
 
 /// Tensors are large allocations, which glibc maps fresh from the kernel and unmaps on free, so
 /// every training step page-faults and zeroes its buffers anew. Keeping freed memory in the

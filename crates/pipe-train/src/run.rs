@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 use crate::heldout::{
     best_dir, best_dirs, heldout_loss, prune_best_dirs, Best, EvalSettings, EvalState, Evaluated,
 };
+use crate::nodes::{Agreement, NodeError, NodeGroup, NodeRole};
 use crate::schedule::{Decay, Schedule};
-use crate::step::{adamw, train_step_parallel, AdamWSettings, MicroBatch, Optim, Packing};
+use crate::step::{adamw, train_step_on_nodes, AdamWSettings, MicroBatch, Optim, Packing};
 use crate::tensorboard::EventWriter;
 
 /// Where the weights to start from come from.
@@ -89,6 +90,17 @@ pub struct Dirs<'a> {
     pub out: &'a Path,
     /// Where TensorBoard event files go (the stage's log directory), if anywhere.
     pub events: Option<&'a Path>,
+    /// This process's part in a run across several nodes, if it is one. Every node reads
+    /// `work`'s checkpoint (a shared directory); only node 0 writes there and into `out`.
+    pub nodes: Option<&'a NodeRun>,
+}
+
+/// A node of a run across nodes: where it stands, and the key the nodes must share.
+#[derive(Debug, Clone)]
+pub struct NodeRun {
+    pub role: NodeRole,
+    /// The stage's cache key.
+    pub key: String,
 }
 
 /// What a run trains on, and what it evaluates on (`TrainSpec::eval`).
@@ -124,6 +136,9 @@ pub enum TrainError {
     },
     #[error("no device to train on")]
     NoDevice,
+    /// Training across nodes: a node failed, died or disagrees.
+    #[error(transparent)]
+    Nodes(#[from] NodeError),
     #[error("{replicas} replicas need a number of micro-batches per step that they divide; there are {micro_batches}")]
     Replicas {
         replicas: usize,
@@ -413,14 +428,14 @@ fn evaluate<B: AutodiffBackend>(
     heldout: &Dataset,
     spec: &TrainSpec,
     device: &B::Device,
-    work: &Path,
+    work: Option<&Path>,
     state: &mut CheckpointState,
 ) -> Result<Evaluated, TrainError> {
     let step = state.step;
     let loss = heldout_loss(model, heldout, spec.micro_batch_size, device)
         .map_err(|source| TrainError::Eval { step, source })?;
     let evaluated = state.eval.record(&spec.eval, step, loss);
-    if evaluated.improved && spec.eval.keep_best {
+    if let Some(work) = work.filter(|_| evaluated.improved && spec.eval.keep_best) {
         let dir = best_dir(work, step);
         let tmp = dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&tmp);
@@ -508,8 +523,12 @@ fn build_model<B: AutodiffBackend>(
 /// Trains, checkpointing into `work`, and writes the result into `out`: `model/` (full) or
 /// `adapter/` (LoRA), `metrics.jsonl` and `summary.json`.
 ///
-/// `devices` holds one entry per data-parallel replica (see [`train_step_parallel`]); the
+/// `devices` holds one entry per data-parallel replica (see [`crate::step::train_step_parallel`]); the
 /// model, optimizer and checkpoints live on the first.
+///
+/// With `dirs.nodes`, this process is one node of a run across nodes ([`crate::nodes`]): the
+/// nodes join once each has loaded its resume point, train in lockstep, and a node that fails
+/// tells the others why.
 pub fn train<B: AutodiffBackend>(
     base: &BaseModel,
     splits: &Splits<'_>,
@@ -519,15 +538,38 @@ pub fn train<B: AutodiffBackend>(
     hooks: &Hooks<'_>,
     devices: &[B::Device],
 ) -> Result<Trained, TrainError> {
+    let mut group = None;
+    let result = train_as_node::<B>(base, splits, meta, spec, dirs, hooks, devices, &mut group);
+    if let (Err(e), Some(g)) = (&result, &group) {
+        g.fail(&e.to_string());
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_as_node<B: AutodiffBackend>(
+    base: &BaseModel,
+    splits: &Splits<'_>,
+    meta: &DataMeta,
+    spec: &TrainSpec,
+    dirs: &Dirs<'_>,
+    hooks: &Hooks<'_>,
+    devices: &[B::Device],
+    group: &mut Option<NodeGroup>,
+) -> Result<Trained, TrainError> {
     let (work, out) = (dirs.work, dirs.out);
+    let nodes = dirs.nodes.map_or(1, |n| n.role.nodes);
+    // Only node 0 writes: checkpoints, metrics, best weights and outputs.
+    let leader = dirs.nodes.is_none_or(|n| n.role.rank == 0);
     let (data, heldout) = (splits.train, splits.heldout);
     let Some(device) = devices.first() else {
         return Err(TrainError::NoDevice);
     };
     let accumulation = spec.batch_size / spec.micro_batch_size.max(1);
-    if devices.len() > 1 && !accumulation.is_multiple_of(devices.len()) {
+    let replicas = devices.len() * nodes;
+    if replicas > 1 && !accumulation.is_multiple_of(replicas) {
         return Err(TrainError::Replicas {
-            replicas: devices.len(),
+            replicas,
             micro_batches: accumulation,
         });
     }
@@ -592,13 +634,32 @@ pub fn train<B: AutodiffBackend>(
             state.step
         ));
     }
-    std::fs::write(&metrics_path, &metrics_text).map_err(io("metrics.jsonl"))?;
-    // Best weights that an interrupted attempt kept after the step it resumes from are void.
-    let before: Vec<u64> = best_dirs(work)
-        .into_iter()
-        .filter(|&s| s <= state.step)
-        .collect();
-    prune_best_dirs(work, &before).map_err(io("best weights"))?;
+    if leader {
+        std::fs::write(&metrics_path, &metrics_text).map_err(io("metrics.jsonl"))?;
+        // Best weights that an interrupted attempt kept after the step it resumes from are void.
+        let before: Vec<u64> = best_dirs(work)
+            .into_iter()
+            .filter(|&s| s <= state.step)
+            .collect();
+        prune_best_dirs(work, &before).map_err(io("best weights"))?;
+    }
+    if let Some(run) = dirs.nodes {
+        let agreement = Agreement {
+            key: run.key.clone(),
+            step: state.step,
+            replicas: devices.len(),
+        };
+        (hooks.log)(&format!(
+            "node {} of {}: joining the others at {}",
+            run.role.rank, run.role.nodes, run.role.coordinator
+        ));
+        *group = Some(NodeGroup::join(&run.role, &agreement)?);
+        (hooks.log)(&format!(
+            "all {} nodes joined; training on {replicas} replicas in all",
+            run.role.nodes
+        ));
+    }
+    let group = group.as_ref();
     let mut model = model
         .with_matmul_precision(spec.matmul_precision)
         .keep_frozen_projections_in_bf16();
@@ -609,20 +670,33 @@ pub fn train<B: AutodiffBackend>(
     let log_every = (total / 10).max(1);
     let mut last_loss = None;
     let mut last_checkpoint = state.step;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(io("metrics.jsonl"))?;
+    let mut metrics: Box<dyn Write> = if leader {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(io("metrics.jsonl"))?,
+        )
+    } else {
+        Box::new(std::io::sink())
+    };
     let mut events = TrainEvents::open(dirs.events, state.step, hooks);
     // The checkpoint resumed from becomes the fallback at the next save: its best stays too.
     let mut best_of_previous_checkpoint = state.eval.best;
     let mut stopped_early = false;
     while state.step < total {
         let step_started = Instant::now();
-        if (hooks.cancelled)() {
-            save_checkpoint(&mut model, &optim, &state, &metrics_text, &ckpt, spec)
-                .map_err(|e| e.into_error(state.step, last_checkpoint))?;
+        // The nodes stop together, at the same step, so that node 0's checkpoint is theirs.
+        let cancelled = match group {
+            Some(g) => g.any((hooks.cancelled)())?,
+            None => (hooks.cancelled)(),
+        };
+        if cancelled {
+            if leader {
+                save_checkpoint(&mut model, &optim, &state, &metrics_text, &ckpt, spec)
+                    .map_err(|e| e.into_error(state.step, last_checkpoint))?;
+            }
             return Err(TrainError::Interrupted { step: state.step });
         }
         let step = state.step;
@@ -633,8 +707,15 @@ pub fn train<B: AutodiffBackend>(
             .map(|idx| micro_batch(data, idx, meta.pad_token_id))
             .collect();
         let lr = schedule.lr(step);
-        let (m, stats) =
-            train_step_parallel(model, &mut optim, &batches, devices, lr, spec.max_grad_norm);
+        let (m, stats) = train_step_on_nodes(
+            model,
+            &mut optim,
+            &batches,
+            devices,
+            group,
+            lr,
+            spec.max_grad_norm,
+        )?;
         model = m;
         if !stats.loss.is_finite() {
             return Err(TrainError::NonFinite {
@@ -653,7 +734,14 @@ pub fn train<B: AutodiffBackend>(
         state.first_loss.get_or_insert(stats.loss);
         last_loss = Some(stats.loss);
         let evaluated = match heldout.filter(|_| spec.eval.due(state.step, total)) {
-            Some(h) => Some(evaluate(&mut model, h, spec, device, work, &mut state)?),
+            Some(h) => Some(evaluate(
+                &mut model,
+                h,
+                spec,
+                device,
+                leader.then_some(work),
+                &mut state,
+            )?),
             None => None,
         };
         let line = MetricLine {
@@ -707,6 +795,7 @@ pub fn train<B: AutodiffBackend>(
             .save_steps
             .is_some_and(|k| k > 0 && state.step.is_multiple_of(k))
             && state.step < total
+            && leader
         {
             metrics.flush().map_err(io("metrics.jsonl"))?;
             save_checkpoint(&mut model, &optim, &state, &metrics_text, &ckpt, spec)
@@ -732,6 +821,26 @@ pub fn train<B: AutodiffBackend>(
     }
     metrics.flush().map_err(io("metrics.jsonl"))?;
     let best = state.eval.best.filter(|_| spec.eval.every.is_some());
+    let summary = Summary {
+        steps: state.step,
+        examples: data.len(),
+        first_loss: state.first_loss,
+        last_loss: last_loss.or(state.first_loss),
+        tokens: state.tokens,
+        eval_loss: last_eval_loss(&metrics_text),
+        best,
+        stopped_early,
+    };
+    let wall_s = t0.elapsed().as_secs_f64();
+    let trained = Trained {
+        summary,
+        resumed_from_step,
+        wall_s,
+        tokens_per_s: (state.tokens - tokens_at_start) as f64 / wall_s.max(1e-9),
+    };
+    if !leader {
+        return Ok(trained);
+    }
     match best.filter(|b| spec.eval.keep_best && b.step != state.step) {
         Some(b) => {
             // The outputs are the best step's weights: let the last ones go first.
@@ -754,28 +863,12 @@ pub fn train<B: AutodiffBackend>(
         None => write_outputs(&mut model, spec, out)?,
     }
     std::fs::write(out.join("metrics.jsonl"), &metrics_text).map_err(io("metrics.jsonl"))?;
-    let summary = Summary {
-        steps: state.step,
-        examples: data.len(),
-        first_loss: state.first_loss,
-        last_loss: last_loss.or(state.first_loss),
-        tokens: state.tokens,
-        eval_loss: last_eval_loss(&metrics_text),
-        best,
-        stopped_early,
-    };
     std::fs::write(
         out.join("summary.json"),
-        serde_json::to_vec_pretty(&summary).expect("json"),
+        serde_json::to_vec_pretty(&trained.summary).expect("json"),
     )
     .map_err(io("summary.json"))?;
-    let wall_s = t0.elapsed().as_secs_f64();
-    Ok(Trained {
-        summary,
-        resumed_from_step,
-        wall_s,
-        tokens_per_s: (state.tokens - tokens_at_start) as f64 / wall_s.max(1e-9),
-    })
+    Ok(trained)
 }
 
 /// The trainable weights in files a later run (or transformers/PEFT) can read.

@@ -7,6 +7,8 @@ use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Opt
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use pipe_model::{shifted_cross_entropy, CausalLm};
+
+use crate::nodes::{NodeError, NodeGroup};
 use serde::{Deserialize, Serialize};
 
 /// Token ids and labels (-100: not learned) of one micro-batch, `[batch][seq]`.
@@ -112,16 +114,38 @@ pub fn train_step_parallel<B: AutodiffBackend>(
     lr: f64,
     max_grad_norm: Option<f64>,
 ) -> (CausalLm<B>, StepStats) {
+    train_step_on_nodes(model, optim, batches, replicas, None, lr, max_grad_norm)
+        .expect("one node does not talk to others")
+}
+
+/// [`train_step_parallel`] across the nodes of `group` as well: node `k`'s replica `j` is
+/// replica `k × replicas.len() + j` of the whole run, each node sums its replicas' gradients,
+/// and the nodes add their sums in rank order (see [`crate::nodes`]); every node then makes
+/// the same update. Without a group, one node.
+pub fn train_step_on_nodes<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    optim: &mut Optim<B>,
+    batches: &[MicroBatch],
+    replicas: &[B::Device],
+    group: Option<&NodeGroup>,
+    lr: f64,
+    max_grad_norm: Option<f64>,
+) -> Result<(CausalLm<B>, StepStats), NodeError> {
     let device = model.embed_tokens.val().device();
     let total: usize = batches.iter().map(MicroBatch::target_tokens).sum();
+    let local = replicas.len().max(1);
+    let (nodes, rank) = group.map_or((1, 0), |g| (g.nodes(), g.rank()));
+    let all = nodes * local;
+    // The micro-batches of each of this node's replicas.
+    let mine = |j: usize| batches.iter().skip(rank * local + j).step_by(all);
     let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let mut loss = 0f64;
-    if replicas.len() <= 1 || batches.len() <= 1 {
-        let (grads, part) = forward_backward(&model, batches.iter(), total);
+    if local == 1 || batches.len() <= 1 {
+        let (grads, part) = forward_backward(&model, mine(0), total);
         loss += part;
         acc.accumulate(&model, grads);
     } else {
-        let n = replicas.len().min(batches.len());
+        let n = local.min(batches.len());
         let results: Vec<(GradientsParams, f64)> = std::thread::scope(|scope| {
             let workers: Vec<_> = replicas[..n]
                 .iter()
@@ -130,9 +154,8 @@ pub fn train_step_parallel<B: AutodiffBackend>(
                     // A fork is a fresh leaf per parameter (same ids), so each replica's graph
                     // is its own and the backward passes do not wait for one another.
                     let replica = model.clone().fork(replica_device);
-                    scope.spawn(move || {
-                        forward_backward(&replica, batches.iter().skip(w).step_by(n), total)
-                    })
+                    let batches = mine(w);
+                    scope.spawn(move || forward_backward(&replica, batches, total))
                 })
                 .collect();
             workers
@@ -146,6 +169,21 @@ pub fn train_step_parallel<B: AutodiffBackend>(
         }
     }
     let mut grads = acc.grads();
+    if let Some(group) = group {
+        let mut sum = SumOverNodes::<B> {
+            grads: &mut grads,
+            group,
+            error: None,
+            _b: std::marker::PhantomData,
+        };
+        model.visit(&mut sum);
+        if let Some(e) = sum.error {
+            return Err(e);
+        }
+        let mut l = [loss];
+        group.sum_f64(&mut l)?;
+        loss = l[0];
+    }
     let grad_norm = global_norm(&model, &grads);
     if let Some(max) = max_grad_norm {
         let coef = max / (grad_norm + 1e-6);
@@ -158,14 +196,60 @@ pub fn train_step_parallel<B: AutodiffBackend>(
         }
     }
     let model = optim.step(lr, model, grads);
-    (
+    Ok((
         model,
         StepStats {
             loss,
             grad_norm,
             tokens: total,
         },
-    )
+    ))
+}
+
+/// Replaces each gradient by its sum over the nodes, parameter by parameter in the model's
+/// order (the same on every node), so that no second copy of all gradients is ever held. A
+/// node without micro-batches this step (the last, short batch of an epoch) adds zeros; a
+/// parameter that no node has a gradient for stays without one, as on one node.
+struct SumOverNodes<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    group: &'a NodeGroup,
+    error: Option<NodeError>,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SumOverNodes<'_, B> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if self.error.is_some() {
+            return;
+        }
+        let value = p.val();
+        if !value.is_require_grad() {
+            return;
+        }
+        let (shape, device) = (value.shape(), value.device());
+        let own = self.grads.remove::<B::InnerBackend, D>(p.id);
+        let had = own.is_some();
+        // The gradient (zeros if this node has none), then 1 if it has one, else 0.
+        let mut values: Vec<f32> = match own {
+            Some(g) => g
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32 gradient"),
+            None => vec![0.0; shape.num_elements()],
+        };
+        values.push(f32::from(u8::from(had)));
+        if let Err(e) = self.group.sum_f32(&mut values) {
+            self.error = Some(e);
+            return;
+        }
+        if values.pop().is_some_and(|had| had > 0.0) {
+            self.grads.register::<B::InnerBackend, D>(
+                p.id,
+                Tensor::from_data(TensorData::new(values, shape), &device),
+            );
+        }
+    }
 }
 
 /// The summed gradients of `batches` on `model`'s device, each micro-batch's loss divided by

@@ -122,6 +122,7 @@ fn run_warned<A: AutodiffBackend>(
         work: &work,
         out: &out,
         events: Some(&events),
+        nodes: None,
     };
     let result = train::<A>(
         &BaseModel::Init {

@@ -83,6 +83,7 @@ pub fn train_small(
             work: &work,
             out: &out,
             events: None,
+            nodes: None,
         },
         &hooks,
         &[Default::default()],

@@ -1,0 +1,689 @@
+//! Training across nodes: one process per node, joined over TCP, summing their gradients.
+//!
+//! Node 0 (the coordinator) listens at an address every node is given; the others connect to
+//! it, say who they are and where they resume from, and are refused unless every node runs
+//! the same stage key from the same step. At each step every node sends its gradients (the
+//! sum over its own replicas) to node 0, which adds them in rank order — node 0's, then node
+//! 1's, … — and sends the sum back; so the result is the same on every node and the same
+//! from run to run, and each node applies the identical update to an identical model.
+//!
+//! burn-collective 0.21's global all-reduce was the first choice; it was not used because it
+//! has no timeouts (a dead node hangs the others), panics on a lost peer instead of returning
+//! an error, and sums in arrival order (README, "Multi-node training").
+//!
+//! Every read and write has a deadline, and a node that fails sends the others its error, so a
+//! node that dies, hangs or fails makes the others stop with a message that names it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// This process's place among the nodes of one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRole {
+    /// 0 for the coordinator, which writes checkpoints and outputs.
+    pub rank: usize,
+    pub nodes: usize,
+    /// `host:port` where node 0 listens and the others connect.
+    pub coordinator: String,
+    /// How long a node waits for another (to join, or to send its part of a step).
+    pub timeout: Duration,
+}
+
+/// What the nodes must agree on before they train together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Agreement {
+    /// The stage's cache key: the same pipeline, inputs and settings.
+    pub key: String,
+    /// The step a node resumes from (0: from the start).
+    pub step: u64,
+    /// The number of replicas on each node.
+    pub replicas: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    rank: usize,
+    nodes: usize,
+    agreement: Agreement,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node {rank} of {nodes}: {detail}")]
+    Role {
+        rank: usize,
+        nodes: usize,
+        detail: String,
+    },
+    #[error("cannot listen at {address} for the other nodes: {source}; pick another port for the coordinator")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("{missing} did not join within {secs} s (coordinator {address}); check that they were started, with the same pipeline, and can reach this address")]
+    JoinTimeout {
+        missing: String,
+        address: String,
+        secs: u64,
+    },
+    #[error("cannot reach the coordinator (node 0) at {address} within {secs} s: {last}; check that node 0 is running and that this address reaches it")]
+    Unreachable {
+        address: String,
+        secs: u64,
+        last: String,
+    },
+    #[error("the nodes do not agree: {0}")]
+    Disagree(String),
+    #[error("node {rank} failed: {message}")]
+    PeerFailed { rank: usize, message: String },
+    #[error("node {rank} sent nothing for {secs} s ({during}); it may hang or be unreachable, so this node stops too; see its log")]
+    PeerTimeout {
+        rank: usize,
+        secs: u64,
+        during: &'static str,
+    },
+    #[error("node {rank} closed its connection ({during}): it stopped — killed, or failed — see its log; the next run resumes from the last checkpoint")]
+    PeerGone { rank: usize, during: &'static str },
+    #[error("talking to node {rank} ({during}): {source}")]
+    Io {
+        rank: usize,
+        during: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// The connections of one run's nodes: on node 0 one per other node (index = rank − 1), on
+/// the others one to node 0.
+pub struct NodeGroup {
+    role: NodeRole,
+    peers: Vec<TcpStream>,
+}
+
+const MSG_SUM: u8 = 1;
+const MSG_FAILED: u8 = 2;
+
+impl NodeGroup {
+    /// Joins the run's other nodes: node 0 waits for all of them, the others connect to it.
+    /// Both sides check `agreement`.
+    pub fn join(role: &NodeRole, agreement: &Agreement) -> Result<NodeGroup, NodeError> {
+        if role.nodes < 2 || role.rank >= role.nodes {
+            return Err(NodeError::Role {
+                rank: role.rank,
+                nodes: role.nodes,
+                detail: "a run across nodes needs at least 2 nodes, numbered from 0".into(),
+            });
+        }
+        let peers = if role.rank == 0 {
+            accept_all(role, agreement)?
+        } else {
+            vec![connect(role, agreement)?]
+        };
+        Ok(NodeGroup {
+            role: role.clone(),
+            peers,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.role.rank
+    }
+
+    pub fn nodes(&self) -> usize {
+        self.role.nodes
+    }
+
+    /// Replaces `values` on every node by their sum over the nodes, added in rank order.
+    pub fn sum_f32(&self, values: &mut [f32]) -> Result<(), NodeError> {
+        self.sum(values)
+    }
+
+    /// [`NodeGroup::sum_f32`] for f64 values (losses, flags).
+    pub fn sum_f64(&self, values: &mut [f64]) -> Result<(), NodeError> {
+        self.sum(values)
+    }
+
+    fn sum<T: Wire>(&self, values: &mut [T]) -> Result<(), NodeError> {
+        let mut bytes = vec![0u8; values.len() * T::WIDTH];
+        for (v, b) in values.iter().zip(bytes.chunks_exact_mut(T::WIDTH)) {
+            v.put(b);
+        }
+        self.sum_bytes(&mut bytes, T::WIDTH, |acc, part| {
+            for (a, p) in acc
+                .chunks_exact_mut(T::WIDTH)
+                .zip(part.chunks_exact(T::WIDTH))
+            {
+                (T::get(a) + T::get(p)).put(a);
+            }
+        })?;
+        for (v, b) in values.iter_mut().zip(bytes.chunks_exact(T::WIDTH)) {
+            *v = T::get(b);
+        }
+        Ok(())
+    }
+
+    /// True on every node if `flag` is true on any.
+    pub fn any(&self, flag: bool) -> Result<bool, NodeError> {
+        let mut v = [f64::from(u8::from(flag))];
+        self.sum_f64(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// Tells the other nodes that this one failed, so that they stop at once with its reason
+    /// instead of waiting for it. Best effort: the connection may be gone already.
+    pub fn fail(&self, message: &str) {
+        for peer in &self.peers {
+            let _ = write_frame(peer, MSG_FAILED, message.as_bytes());
+            let _ = peer.shutdown(Shutdown::Write);
+        }
+    }
+
+    fn sum_bytes(
+        &self,
+        bytes: &mut [u8],
+        width: usize,
+        add: impl Fn(&mut [u8], &[u8]),
+    ) -> Result<(), NodeError> {
+        let during = "summing a step's gradients";
+        if self.role.rank == 0 {
+            for (i, peer) in self.peers.iter().enumerate() {
+                let rank = i + 1;
+                let part = self.read_sum(peer, rank, during)?;
+                if part.len() != bytes.len() {
+                    let msg = format!(
+                        "node {rank} sent {} values where node 0 has {}: the nodes train different models",
+                        part.len() / width,
+                        bytes.len() / width
+                    );
+                    self.fail(&msg);
+                    return Err(NodeError::Disagree(msg));
+                }
+                add(bytes, &part);
+            }
+            for (i, peer) in self.peers.iter().enumerate() {
+                write_frame(peer, MSG_SUM, bytes).map_err(|e| self.io_error(i + 1, during, e))?;
+            }
+        } else {
+            let peer = &self.peers[0];
+            write_frame(peer, MSG_SUM, bytes).map_err(|e| self.io_error(0, during, e))?;
+            let sum = self.read_sum(peer, 0, during)?;
+            if sum.len() != bytes.len() {
+                return Err(NodeError::Disagree(format!(
+                    "node 0 sent {} values where this node has {}",
+                    sum.len() / width,
+                    bytes.len() / width
+                )));
+            }
+            bytes.copy_from_slice(&sum);
+        }
+        Ok(())
+    }
+
+    fn read_sum(
+        &self,
+        peer: &TcpStream,
+        rank: usize,
+        during: &'static str,
+    ) -> Result<Vec<u8>, NodeError> {
+        match read_frame(peer).map_err(|e| self.io_error(rank, during, e))? {
+            (MSG_SUM, body) => Ok(body),
+            (MSG_FAILED, body) => Err(NodeError::PeerFailed {
+                rank,
+                message: String::from_utf8_lossy(&body).into_owned(),
+            }),
+            (kind, _) => Err(NodeError::Disagree(format!(
+                "node {rank} sent a message of unknown kind {kind}: is it running another version of pipe?"
+            ))),
+        }
+    }
+
+    fn io_error(&self, rank: usize, during: &'static str, e: std::io::Error) -> NodeError {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            WouldBlock | TimedOut => NodeError::PeerTimeout {
+                rank,
+                secs: self.role.timeout.as_secs(),
+                during,
+            },
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+                NodeError::PeerGone { rank, during }
+            }
+            _ => NodeError::Io {
+                rank,
+                during,
+                source: e,
+            },
+        }
+    }
+}
+
+/// A number as it travels: little-endian, `WIDTH` bytes.
+trait Wire: Copy + std::ops::Add<Output = Self> {
+    const WIDTH: usize;
+    fn get(bytes: &[u8]) -> Self;
+    fn put(self, bytes: &mut [u8]);
+}
+
+impl Wire for f32 {
+    const WIDTH: usize = 4;
+    fn get(bytes: &[u8]) -> Self {
+        f32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+    }
+    fn put(self, bytes: &mut [u8]) {
+        bytes.copy_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl Wire for f64 {
+    const WIDTH: usize = 8;
+    fn get(bytes: &[u8]) -> Self {
+        f64::from_le_bytes(bytes.try_into().expect("8 bytes"))
+    }
+    fn put(self, bytes: &mut [u8]) {
+        bytes.copy_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// A frame: its kind (1 byte), its length (8 bytes, little-endian) and its body.
+fn write_frame(mut stream: &TcpStream, kind: u8, body: &[u8]) -> std::io::Result<()> {
+    let mut head = [0u8; 9];
+    head[0] = kind;
+    head[1..].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    stream.write_all(&head)?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+fn read_frame(mut stream: &TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head)?;
+    let len = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
+    // A gradient tensor of a large model is a few GiB at most; more is a stray connection.
+    if len > 64 << 30 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes: not a pipe node"),
+        ));
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body)?;
+    Ok((head[0], body))
+}
+
+fn configure(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))
+}
+
+/// Where node 0 listens: the coordinator's port on every interface, or on the loopback
+/// interface when the coordinator is a loopback address (a run on one machine).
+fn listen_address(coordinator: &str) -> Result<SocketAddr, String> {
+    let resolved: Vec<SocketAddr> = coordinator
+        .to_socket_addrs()
+        .map_err(|e| format!("`{coordinator}` is not a host:port address: {e}"))?
+        .collect();
+    let first = resolved
+        .first()
+        .ok_or_else(|| format!("`{coordinator}` resolves to no address"))?;
+    if resolved.iter().all(|a| a.ip().is_loopback()) {
+        Ok(*first)
+    } else {
+        Ok(SocketAddr::new(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+            first.port(),
+        ))
+    }
+}
+
+fn accept_all(role: &NodeRole, agreement: &Agreement) -> Result<Vec<TcpStream>, NodeError> {
+    let address = listen_address(&role.coordinator).map_err(|detail| NodeError::Role {
+        rank: 0,
+        nodes: role.nodes,
+        detail,
+    })?;
+    let listener = TcpListener::bind(address).map_err(|source| NodeError::Listen {
+        address: address.to_string(),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| NodeError::Listen {
+            address: address.to_string(),
+            source,
+        })?;
+    let deadline = Instant::now() + role.timeout;
+    let mut peers: Vec<Option<TcpStream>> = (1..role.nodes).map(|_| None).collect();
+    while peers.iter().any(Option::is_none) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                // A connection that is not a pipe node of this run is turned away; the run
+                // goes on waiting for its own.
+                if let Some((rank, stream)) = greet(stream, role, agreement)? {
+                    peers[rank - 1] = Some(stream);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<String> = peers
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.is_none())
+                        .map(|(i, _)| (i + 1).to_string())
+                        .collect();
+                    return Err(NodeError::JoinTimeout {
+                        missing: format!(
+                            "node{} {}",
+                            if missing.len() > 1 { "s" } else { "" },
+                            missing.join(", ")
+                        ),
+                        address: role.coordinator.clone(),
+                        secs: role.timeout.as_secs(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(NodeError::Listen {
+                    address: address.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(peers.into_iter().map(|p| p.expect("all joined")).collect())
+}
+
+/// Reads a joining node's hello and answers it: the node's rank and stream if it belongs to
+/// this run, `None` for a stray connection, an error if it is of this run but disagrees.
+fn greet(
+    stream: TcpStream,
+    role: &NodeRole,
+    agreement: &Agreement,
+) -> Result<Option<(usize, TcpStream)>, NodeError> {
+    let during = "joining";
+    if configure(&stream, role.timeout).is_err() {
+        return Ok(None);
+    }
+    let mut line = String::new();
+    let mut reader = BufReader::new(&stream);
+    if reader.read_line(&mut line).is_err() {
+        return Ok(None);
+    }
+    let Ok(hello) = serde_json::from_str::<Hello>(&line) else {
+        return Ok(None);
+    };
+    let refuse = |msg: String| -> NodeError {
+        let _ = writeln!(&stream, "{}", serde_json::json!({ "refused": msg }));
+        NodeError::Disagree(msg)
+    };
+    if hello.nodes != role.nodes {
+        return Err(refuse(format!(
+            "node {} was started for {} nodes, node 0 for {}",
+            hello.rank, hello.nodes, role.nodes
+        )));
+    }
+    if hello.rank == 0 || hello.rank >= role.nodes {
+        return Err(refuse(format!(
+            "a node says it is node {} of {}; the others are numbered 1 to {}",
+            hello.rank,
+            hello.nodes,
+            role.nodes - 1
+        )));
+    }
+    let theirs = &hello.agreement;
+    if theirs.key != agreement.key {
+        return Err(refuse(format!(
+            "node {} runs the stage with key {}, node 0 with key {}: the nodes must run the same pipeline, settings and inputs",
+            hello.rank, theirs.key, agreement.key
+        )));
+    }
+    if theirs.step != agreement.step {
+        return Err(refuse(format!(
+            "node {} resumes from step {}, node 0 from step {}: they must read the same checkpoint (a shared work directory)",
+            hello.rank, theirs.step, agreement.step
+        )));
+    }
+    if theirs.replicas != agreement.replicas {
+        return Err(refuse(format!(
+            "node {} has {} replicas, node 0 has {}: every node must list the same devices",
+            hello.rank, theirs.replicas, agreement.replicas
+        )));
+    }
+    writeln!(&stream, "{}", serde_json::json!({ "ok": true })).map_err(|source| NodeError::Io {
+        rank: hello.rank,
+        during,
+        source,
+    })?;
+    if reader.buffer().is_empty() {
+        Ok(Some((hello.rank, stream)))
+    } else {
+        Err(refuse(format!(
+            "node {} sent more than its hello",
+            hello.rank
+        )))
+    }
+}
+
+fn connect(role: &NodeRole, agreement: &Agreement) -> Result<TcpStream, NodeError> {
+    let deadline = Instant::now() + role.timeout;
+    let address = role.coordinator.clone();
+    let stream = loop {
+        let attempt = address.to_socket_addrs().and_then(|mut addrs| {
+            let a = addrs
+                .next()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+            TcpStream::connect_timeout(&a, Duration::from_secs(5))
+        });
+        match attempt {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(NodeError::Unreachable {
+                    address,
+                    secs: role.timeout.as_secs(),
+                    last: e.to_string(),
+                })
+            }
+            // Node 0 may not be listening yet.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let during = "joining";
+    let io = |source| NodeError::Io {
+        rank: 0,
+        during,
+        source,
+    };
+    configure(&stream, role.timeout).map_err(io)?;
+    let hello = Hello {
+        rank: role.rank,
+        nodes: role.nodes,
+        agreement: agreement.clone(),
+    };
+    writeln!(&stream, "{}", serde_json::to_string(&hello).expect("json")).map_err(io)?;
+    // One byte at a time: what follows the answer is the first step's sum, not ours to read.
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match (&stream).read(&mut byte) {
+            Ok(0) => {
+                return Err(NodeError::PeerGone {
+                    rank: 0,
+                    during: "joining",
+                })
+            }
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => answer.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        NodeError::PeerTimeout {
+                            rank: 0,
+                            secs: role.timeout.as_secs(),
+                            during,
+                        }
+                    }
+                    _ => io(e),
+                })
+            }
+        }
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+    if let Some(msg) = answer.get("refused").and_then(|m| m.as_str()) {
+        return Err(NodeError::Disagree(msg.to_string()));
+    }
+    if answer.get("ok").and_then(|v| v.as_bool()) != Some(true) {
+        return Err(NodeError::Disagree(format!(
+            "{address} answered, but not as node 0 of a pipe run"
+        )));
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn role(rank: usize, nodes: usize, port: u16, timeout_ms: u64) -> NodeRole {
+        NodeRole {
+            rank,
+            nodes,
+            coordinator: format!("127.0.0.1:{port}"),
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    fn agreement(step: u64) -> Agreement {
+        Agreement {
+            key: "k".into(),
+            step,
+            replicas: 1,
+        }
+    }
+
+    #[test]
+    fn three_nodes_sum_in_rank_order_and_agree_bit_for_bit() {
+        let port = free_port();
+        let results: Vec<(Vec<f32>, Vec<f64>, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    s.spawn(move || {
+                        let g =
+                            NodeGroup::join(&role(rank, 3, port, 10_000), &agreement(7)).unwrap();
+                        // Values whose sum depends on the order of the additions.
+                        let mut v = vec![[1e8f32, 1.0, -1e8][rank], rank as f32 + 0.5];
+                        g.sum_f32(&mut v).unwrap();
+                        let mut w = vec![0.1 * rank as f64];
+                        g.sum_f64(&mut w).unwrap();
+                        let any = g.any(rank == 2).unwrap();
+                        (v, w, any)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let expected_first = (1e8f32 + 1.0) + -1e8;
+        for (v, w, any) in &results {
+            assert_eq!(v[0].to_bits(), expected_first.to_bits());
+            assert_eq!(v[1], 0.5 + 1.5 + 2.5);
+            assert_eq!(w[0].to_bits(), ((0.0 + 0.1) + 0.2f64).to_bits());
+            assert!(any);
+        }
+    }
+
+    #[test]
+    fn a_node_that_resumes_elsewhere_is_refused_on_both_sides() {
+        let port = free_port();
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(move || NodeGroup::join(&role(0, 2, port, 10_000), &agreement(4)));
+            let b = s.spawn(move || NodeGroup::join(&role(1, 2, port, 10_000), &agreement(2)));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        for e in [a.err().unwrap(), b.err().unwrap()] {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("node 1 resumes from step 2, node 0 from step 4"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_node_times_out_with_its_rank() {
+        let port = free_port();
+        let t = Instant::now();
+        let e = NodeGroup::join(&role(0, 3, port, 300), &agreement(0))
+            .err()
+            .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let msg = e.to_string();
+        assert!(msg.contains("nodes 1, 2 did not join within"), "{msg}");
+        let e = NodeGroup::join(&role(1, 2, free_port(), 300), &agreement(0))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("cannot reach the coordinator"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_node_that_dies_or_hangs_or_fails_stops_the_others_with_a_message() {
+        // Dies: its connection closes mid-run.
+        let port = free_port();
+        let err = std::thread::scope(|s| {
+            let a = s.spawn(move || {
+                let g = NodeGroup::join(&role(0, 2, port, 10_000), &agreement(0)).unwrap();
+                g.sum_f32(&mut [1.0]).unwrap();
+                g.sum_f32(&mut [1.0]).err().unwrap()
+            });
+            let g = NodeGroup::join(&role(1, 2, port, 10_000), &agreement(0)).unwrap();
+            g.sum_f32(&mut [2.0]).unwrap();
+            drop(g);
+            a.join().unwrap()
+        });
+        assert!(matches!(err, NodeError::PeerGone { rank: 1, .. }), "{err}");
+        // Hangs: nothing arrives within the timeout.
+        let port = free_port();
+        let err = std::thread::scope(|s| {
+            let b = s.spawn(move || {
+                let g = NodeGroup::join(&role(1, 2, port, 500), &agreement(0)).unwrap();
+                std::thread::sleep(Duration::from_millis(1500));
+                drop(g);
+            });
+            let g = NodeGroup::join(&role(0, 2, port, 500), &agreement(0)).unwrap();
+            let t = Instant::now();
+            let e = g.sum_f32(&mut [1.0]).err().unwrap();
+            assert!(t.elapsed() < Duration::from_millis(1400));
+            b.join().unwrap();
+            e
+        });
+        assert!(
+            matches!(err, NodeError::PeerTimeout { rank: 1, .. }),
+            "{err}"
+        );
+        // Fails: its reason reaches the others.
+        let port = free_port();
+        let err = std::thread::scope(|s| {
+            s.spawn(move || {
+                let g = NodeGroup::join(&role(1, 2, port, 10_000), &agreement(0)).unwrap();
+                g.fail("the disk is full");
+            });
+            let g = NodeGroup::join(&role(0, 2, port, 10_000), &agreement(0)).unwrap();
+            g.sum_f32(&mut [1.0]).err().unwrap()
+        });
+        assert_eq!(err.to_string(), "node 1 failed: the disk is full");
+    }
+}
