@@ -50,13 +50,17 @@ fn prepare(p: &Project) {
 }
 
 fn node(p: &Project, rank: usize, port: u16, timeout_s: u64) -> Child {
+    node_of(p, 2, rank, port, timeout_s)
+}
+
+fn node_of(p: &Project, nodes: usize, rank: usize, port: u16, timeout_s: u64) -> Child {
     p.spawn(&[
         "run-stage",
         "p.yaml",
         "--stage",
         "train",
         "--nodes",
-        "2",
+        &nodes.to_string(),
         "--node",
         &rank.to_string(),
         "--coordinator",
@@ -178,6 +182,43 @@ fn two_nodes_train_the_model_of_one_process_with_as_many_replicas() {
         assert_eq!(metrics(&p), metrics(&reference));
         assert!(metrics(&p) >= 20);
     }
+}
+
+#[test]
+fn three_nodes_sum_around_a_ring_to_the_model_of_one_process_with_three_replicas() {
+    // 3 micro-batches a step: one per node.
+    let stage = |placement: &str| {
+        train_stage(placement).replace("    batch_size: 8\n", "    batch_size: 6\n")
+    };
+    let p = Project::with_examples(&common::example_pipeline(
+        "mn",
+        96,
+        &stage("    nodes: 3\n"),
+    ));
+    prepare(&p);
+    let port = free_port();
+    let nodes: Vec<Child> = (0..3).map(|r| node_of(&p, 3, r, port, 60)).collect();
+    for (rank, n) in nodes.into_iter().enumerate() {
+        let r = finish(n);
+        assert_eq!(r.code, 0, "node {rank}: {}", r.stderr);
+    }
+    assert_eq!(p.pipe(&["run", "p.yaml"]).code, 0);
+    let reference = Project::with_examples(&common::example_pipeline(
+        "mn",
+        96,
+        &stage("    devices: [cpu, cpu, cpu]\n"),
+    ));
+    assert_eq!(reference.pipe(&["run", "p.yaml"]).code, 0);
+    let (ours, theirs) = (
+        tensors(&weights_bytes(&p)),
+        tensors(&weights_bytes(&reference)),
+    );
+    let worst = ours
+        .iter()
+        .flat_map(|(name, a)| a.iter().zip(&theirs[name]).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    eprintln!("three nodes: largest difference to one process with 3 replicas: {worst}");
+    assert!(worst <= 1e-5, "largest difference {worst}");
 }
 
 /// The weights of an uninterrupted run on two nodes.

@@ -2,10 +2,15 @@
 //!
 //! Node 0 (the coordinator) listens at an address every node is given; the others connect to
 //! it, say who they are and where they resume from, and are refused unless every node runs
-//! the same stage key from the same step. At each step every node sends its gradients (the
-//! sum over its own replicas) to node 0, which adds them in rank order — node 0's, then node
-//! 1's, … — and sends the sum back; so the result is the same on every node and the same
-//! from run to run, and each node applies the identical update to an identical model.
+//! the same stage key from the same step. Node 0 then tells every node where the others
+//! listen, and each connects to the next (node N − 1 to node 0): a ring.
+//!
+//! Gradients are summed around the ring (a reduce-scatter, then an all-gather: each node
+//! sends and receives 2 (N − 1)/N times the gradient, whatever N), and every element is
+//! added in a fixed order — starting at the node whose slice holds it and going round — so
+//! the result is the same on every node and the same from run to run, and each node applies
+//! the identical update to an identical model. Small values (losses, the stop flag) go
+//! through node 0, added in rank order.
 //!
 //! burn-collective 0.21's global all-reduce was the first choice; it was not used because it
 //! has no timeouts (a dead node hangs the others), panics on a lost peer instead of returning
@@ -48,6 +53,8 @@ struct Hello {
     rank: usize,
     nodes: usize,
     agreement: Agreement,
+    /// Where this node listens for the ring's connection from the node before it.
+    ring_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,10 +103,12 @@ pub enum NodeError {
 }
 
 /// The connections of one run's nodes: on node 0 one per other node (index = rank − 1), on
-/// the others one to node 0.
+/// the others one to node 0; and the ring's, to the next node and from the one before.
 pub struct NodeGroup {
     role: NodeRole,
     peers: Vec<TcpStream>,
+    next: TcpStream,
+    previous: TcpStream,
 }
 
 const MSG_SUM: u8 = 1;
@@ -116,14 +125,30 @@ impl NodeGroup {
                 detail: "a run across nodes needs at least 2 nodes, numbered from 0".into(),
             });
         }
-        let peers = if role.rank == 0 {
-            accept_all(role, agreement)?
+        let listen = listen_address(&role.coordinator).map_err(|detail| NodeError::Role {
+            rank: role.rank,
+            nodes: role.nodes,
+            detail,
+        })?;
+        // The ring's listener: on the coordinator's interface, at a port the system picks.
+        let ring_address = SocketAddr::new(listen.ip(), 0);
+        let ring = TcpListener::bind(ring_address).map_err(|source| NodeError::Listen {
+            address: ring_address.to_string(),
+            source,
+        })?;
+        let ring_port = ring.local_addr().map(|a| a.port()).unwrap_or(0);
+        let (peers, addresses) = if role.rank == 0 {
+            accept_all(role, agreement, listen, ring_port)?
         } else {
-            vec![connect(role, agreement)?]
+            let (stream, addresses) = connect(role, agreement, ring_port)?;
+            (vec![stream], addresses)
         };
+        let (next, previous) = close_ring(role, &ring, &addresses)?;
         Ok(NodeGroup {
             role: role.clone(),
             peers,
+            next,
+            previous,
         })
     }
 
@@ -135,12 +160,67 @@ impl NodeGroup {
         self.role.nodes
     }
 
-    /// Replaces `values` on every node by their sum over the nodes, added in rank order.
+    /// Replaces `values` on every node by their sum over the nodes, around the ring: with
+    /// `n` nodes the values fall into `n` slices, and slice `c`'s elements are added in the
+    /// order node `c`, `c + 1`, …, `c − 1` (mod `n`).
     pub fn sum_f32(&self, values: &mut [f32]) -> Result<(), NodeError> {
-        self.sum(values)
+        let (n, r) = (self.role.nodes, self.role.rank);
+        let len = values.len();
+        let slice = |c: usize| c * len / n..(c + 1) * len / n;
+        // Reduce-scatter: after n − 1 rounds node r holds slice r + 1 summed over all nodes.
+        for round in 0..n - 1 {
+            let send = slice((r + n - round) % n);
+            let received = self.pass_on(&values[send])?;
+            let into = slice((r + 2 * n - round - 1) % n);
+            self.check_length(received.len(), into.len())?;
+            for (v, x) in values[into].iter_mut().zip(received) {
+                *v += x;
+            }
+        }
+        // All-gather: the summed slices go round once more.
+        for round in 0..n - 1 {
+            let send = slice((r + 1 + n - round) % n);
+            let received = self.pass_on(&values[send])?;
+            let into = slice((r + n - round) % n);
+            self.check_length(received.len(), into.len())?;
+            values[into].copy_from_slice(&received);
+        }
+        Ok(())
     }
 
-    /// [`NodeGroup::sum_f32`] for f64 values (losses, flags).
+    /// Sends `out` to the next node while it receives what the node before sends.
+    fn pass_on(&self, out: &[f32]) -> Result<Vec<f32>, NodeError> {
+        let during = "summing a step's gradients";
+        let (n, r) = (self.role.nodes, self.role.rank);
+        let (next, previous) = ((r + 1) % n, (r + n - 1) % n);
+        let mut bytes = vec![0u8; out.len() * 4];
+        for (v, b) in out.iter().zip(bytes.chunks_exact_mut(4)) {
+            v.put(b);
+        }
+        let (sent, received) = std::thread::scope(|scope| {
+            let sending = scope.spawn(|| write_frame(&self.next, MSG_SUM, &bytes));
+            let received = self.read_sum(&self.previous, previous, during);
+            (sending.join().expect("sending thread"), received)
+        });
+        sent.map_err(|e| self.io_error(next, during, e))?;
+        Ok(received?.chunks_exact(4).map(f32::get).collect())
+    }
+
+    fn check_length(&self, got: usize, expected: usize) -> Result<(), NodeError> {
+        if got == expected {
+            return Ok(());
+        }
+        let msg = format!(
+            "node {} sent {got} values where node {} has {expected}: the nodes train different models",
+            (self.role.rank + self.role.nodes - 1) % self.role.nodes,
+            self.role.rank
+        );
+        self.fail(&msg);
+        Err(NodeError::Disagree(msg))
+    }
+
+    /// Replaces `values` on every node by their sum over the nodes, added in rank order
+    /// through node 0: for a few values (losses, flags).
     pub fn sum_f64(&self, values: &mut [f64]) -> Result<(), NodeError> {
         self.sum(values)
     }
@@ -174,7 +254,7 @@ impl NodeGroup {
     /// Tells the other nodes that this one failed, so that they stop at once with its reason
     /// instead of waiting for it. Best effort: the connection may be gone already.
     pub fn fail(&self, message: &str) {
-        for peer in &self.peers {
+        for peer in self.peers.iter().chain([&self.next]) {
             let _ = write_frame(peer, MSG_FAILED, message.as_bytes());
             let _ = peer.shutdown(Shutdown::Write);
         }
@@ -338,12 +418,14 @@ fn listen_address(coordinator: &str) -> Result<SocketAddr, String> {
     }
 }
 
-fn accept_all(role: &NodeRole, agreement: &Agreement) -> Result<Vec<TcpStream>, NodeError> {
-    let address = listen_address(&role.coordinator).map_err(|detail| NodeError::Role {
-        rank: 0,
-        nodes: role.nodes,
-        detail,
-    })?;
+/// Node 0's side of joining: waits for every other node, then tells each where the ring's
+/// nodes listen. Returns the connections to the others and that list.
+fn accept_all(
+    role: &NodeRole,
+    agreement: &Agreement,
+    address: SocketAddr,
+    ring_port: u16,
+) -> Result<(Vec<TcpStream>, Vec<String>), NodeError> {
     let listener = TcpListener::bind(address).map_err(|source| NodeError::Listen {
         address: address.to_string(),
         source,
@@ -356,13 +438,26 @@ fn accept_all(role: &NodeRole, agreement: &Agreement) -> Result<Vec<TcpStream>, 
         })?;
     let deadline = Instant::now() + role.timeout;
     let mut peers: Vec<Option<TcpStream>> = (1..role.nodes).map(|_| None).collect();
+    // Node 0 is reached at the coordinator's host, the others where they connected from.
+    let host = role
+        .coordinator
+        .rsplit_once(':')
+        .map_or(role.coordinator.as_str(), |(h, _)| h);
+    let mut addresses = vec![format!("{host}:{ring_port}")];
+    addresses.resize(role.nodes, String::new());
     while peers.iter().any(Option::is_none) {
         match listener.accept() {
-            Ok((stream, _)) => {
+            Ok((stream, from)) => {
                 let _ = stream.set_nonblocking(false);
                 // A connection that is not a pipe node of this run is turned away; the run
                 // goes on waiting for its own.
-                if let Some((rank, stream)) = greet(stream, role, agreement)? {
+                if let Some((rank, port, stream)) = greet(stream, role, agreement)? {
+                    if peers[rank - 1].is_some() {
+                        return Err(NodeError::Disagree(format!(
+                            "two nodes say they are node {rank}"
+                        )));
+                    }
+                    addresses[rank] = SocketAddr::new(from.ip(), port).to_string();
                     peers[rank - 1] = Some(stream);
                 }
             }
@@ -394,17 +489,107 @@ fn accept_all(role: &NodeRole, agreement: &Agreement) -> Result<Vec<TcpStream>, 
             }
         }
     }
-    Ok(peers.into_iter().map(|p| p.expect("all joined")).collect())
+    let peers: Vec<TcpStream> = peers.into_iter().map(|p| p.expect("all joined")).collect();
+    let answer = serde_json::json!({ "ok": true, "ring": addresses });
+    for (i, mut peer) in peers.iter().enumerate() {
+        writeln!(peer, "{answer}").map_err(|source| NodeError::Io {
+            rank: i + 1,
+            during: "joining",
+            source,
+        })?;
+    }
+    Ok((peers, addresses))
 }
 
-/// Reads a joining node's hello and answers it: the node's rank and stream if it belongs to
-/// this run, `None` for a stray connection, an error if it is of this run but disagrees.
+/// Connects to the next node of the ring and takes the connection of the one before.
+fn close_ring(
+    role: &NodeRole,
+    listener: &TcpListener,
+    addresses: &[String],
+) -> Result<(TcpStream, TcpStream), NodeError> {
+    let during = "closing the ring";
+    let (n, r) = (role.nodes, role.rank);
+    let (next_rank, previous_rank) = ((r + 1) % n, (r + n - 1) % n);
+    let deadline = Instant::now() + role.timeout;
+    let next =
+        dial(&addresses[next_rank], deadline, Duration::from_millis(50)).map_err(|source| {
+            NodeError::Io {
+                rank: next_rank,
+                during,
+                source,
+            }
+        })?;
+    configure(&next, role.timeout).map_err(|source| NodeError::Io {
+        rank: next_rank,
+        during,
+        source,
+    })?;
+    (&next)
+        .write_all(&(r as u64).to_le_bytes())
+        .map_err(|source| NodeError::Io {
+            rank: next_rank,
+            during,
+            source,
+        })?;
+    let _ = listener.set_nonblocking(true);
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let mut who = [0u8; 8];
+                let ok = configure(&stream, role.timeout).is_ok()
+                    && (&stream).read_exact(&mut who).is_ok();
+                // Anything but the node before is a stray connection.
+                if ok && u64::from_le_bytes(who) == previous_rank as u64 {
+                    return Ok((next, stream));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(NodeError::PeerTimeout {
+                        rank: previous_rank,
+                        secs: role.timeout.as_secs(),
+                        during,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(source) => {
+                return Err(NodeError::Io {
+                    rank: previous_rank,
+                    during,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Connects to `address`, trying again every `pause` until `deadline` (it may not listen yet).
+fn dial(address: &str, deadline: Instant, pause: Duration) -> std::io::Result<TcpStream> {
+    loop {
+        let attempt = address.to_socket_addrs().and_then(|mut addrs| {
+            let a = addrs
+                .next()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+            TcpStream::connect_timeout(&a, Duration::from_secs(5))
+        });
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(pause),
+        }
+    }
+}
+
+/// Reads a joining node's hello: the node's rank, ring port and stream if it belongs to this
+/// run, `None` for a stray connection, an error (told to it too) if it is of this run but
+/// disagrees. It is answered once all have joined.
 fn greet(
     stream: TcpStream,
     role: &NodeRole,
     agreement: &Agreement,
-) -> Result<Option<(usize, TcpStream)>, NodeError> {
-    let during = "joining";
+) -> Result<Option<(usize, u16, TcpStream)>, NodeError> {
     if configure(&stream, role.timeout).is_err() {
         return Ok(None);
     }
@@ -453,13 +638,8 @@ fn greet(
             hello.rank, theirs.replicas, agreement.replicas
         )));
     }
-    writeln!(&stream, "{}", serde_json::json!({ "ok": true })).map_err(|source| NodeError::Io {
-        rank: hello.rank,
-        during,
-        source,
-    })?;
     if reader.buffer().is_empty() {
-        Ok(Some((hello.rank, stream)))
+        Ok(Some((hello.rank, hello.ring_port, stream)))
     } else {
         Err(refuse(format!(
             "node {} sent more than its hello",
@@ -468,29 +648,23 @@ fn greet(
     }
 }
 
-fn connect(role: &NodeRole, agreement: &Agreement) -> Result<TcpStream, NodeError> {
+/// The other nodes' side of joining: connects to node 0, says who it is, and waits for all to
+/// have joined. Returns the connection and where the ring's nodes listen.
+fn connect(
+    role: &NodeRole,
+    agreement: &Agreement,
+    ring_port: u16,
+) -> Result<(TcpStream, Vec<String>), NodeError> {
     let deadline = Instant::now() + role.timeout;
     let address = role.coordinator.clone();
-    let stream = loop {
-        let attempt = address.to_socket_addrs().and_then(|mut addrs| {
-            let a = addrs
-                .next()
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
-            TcpStream::connect_timeout(&a, Duration::from_secs(5))
-        });
-        match attempt {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(NodeError::Unreachable {
-                    address,
-                    secs: role.timeout.as_secs(),
-                    last: e.to_string(),
-                })
-            }
-            // Node 0 may not be listening yet.
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+    // Node 0 may not be listening yet.
+    let stream = dial(&address, deadline, Duration::from_millis(100)).map_err(|e| {
+        NodeError::Unreachable {
+            address: address.clone(),
+            secs: role.timeout.as_secs(),
+            last: e.to_string(),
         }
-    };
+    })?;
     let during = "joining";
     let io = |source| NodeError::Io {
         rank: 0,
@@ -502,9 +676,11 @@ fn connect(role: &NodeRole, agreement: &Agreement) -> Result<TcpStream, NodeErro
         rank: role.rank,
         nodes: role.nodes,
         agreement: agreement.clone(),
+        ring_port,
     };
     writeln!(&stream, "{}", serde_json::to_string(&hello).expect("json")).map_err(io)?;
-    // One byte at a time: what follows the answer is the first step's sum, not ours to read.
+    // One byte at a time: what follows the answer is not ours to read. Node 0 answers once
+    // every node has joined, which may take up to its timeout.
     let mut answer = Vec::new();
     let mut byte = [0u8; 1];
     loop {
@@ -536,12 +712,20 @@ fn connect(role: &NodeRole, agreement: &Agreement) -> Result<TcpStream, NodeErro
     if let Some(msg) = answer.get("refused").and_then(|m| m.as_str()) {
         return Err(NodeError::Disagree(msg.to_string()));
     }
-    if answer.get("ok").and_then(|v| v.as_bool()) != Some(true) {
-        return Err(NodeError::Disagree(format!(
+    let ring: Option<Vec<String>> = answer
+        .get("ring")
+        .and_then(|r| serde_json::from_value(r.clone()).ok());
+    match ring {
+        Some(ring)
+            if answer.get("ok").and_then(|v| v.as_bool()) == Some(true)
+                && ring.len() == role.nodes =>
+        {
+            Ok((stream, ring))
+        }
+        _ => Err(NodeError::Disagree(format!(
             "{address} answered, but not as node 0 of a pipe run"
-        )));
+        ))),
     }
-    Ok(stream)
 }
 
 #[cfg(test)]
@@ -573,34 +757,63 @@ mod tests {
         }
     }
 
+    /// Node `rank`'s `len` values: magnitudes far apart, so that the order of the additions
+    /// shows in the result.
+    fn values(rank: usize, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| [1e8f32, 1.0, -1e8, 3.5e-3][(rank + i) % 4] * (1.0 + i as f32 / 7.0))
+            .collect()
+    }
+
     #[test]
-    fn three_nodes_sum_in_rank_order_and_agree_bit_for_bit() {
+    fn three_nodes_sum_around_the_ring_in_a_fixed_order_and_agree_bit_for_bit() {
         let port = free_port();
-        let results: Vec<(Vec<f32>, Vec<f64>, bool)> = std::thread::scope(|s| {
+        let lengths = [7usize, 1, 0, 3];
+        let results: Vec<Vec<(Vec<f32>, f64, bool)>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..3)
                 .map(|rank| {
                     s.spawn(move || {
                         let g =
                             NodeGroup::join(&role(rank, 3, port, 10_000), &agreement(7)).unwrap();
-                        // Values whose sum depends on the order of the additions.
-                        let mut v = vec![[1e8f32, 1.0, -1e8][rank], rank as f32 + 0.5];
-                        g.sum_f32(&mut v).unwrap();
-                        let mut w = vec![0.1 * rank as f64];
-                        g.sum_f64(&mut w).unwrap();
-                        let any = g.any(rank == 2).unwrap();
-                        (v, w, any)
+                        lengths
+                            .iter()
+                            .map(|&len| {
+                                let mut v = values(rank, len);
+                                g.sum_f32(&mut v).unwrap();
+                                let mut w = [0.1 * rank as f64];
+                                g.sum_f64(&mut w).unwrap();
+                                (v, w[0], g.any(rank == 2).unwrap())
+                            })
+                            .collect()
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let expected_first = (1e8f32 + 1.0) + -1e8;
-        for (v, w, any) in &results {
-            assert_eq!(v[0].to_bits(), expected_first.to_bits());
-            assert_eq!(v[1], 0.5 + 1.5 + 2.5);
-            assert_eq!(w[0].to_bits(), ((0.0 + 0.1) + 0.2f64).to_bits());
-            assert!(any);
+        for (k, &len) in lengths.iter().enumerate() {
+            // Element i lies in slice c (of 3); its sum starts at node c and goes round.
+            let expected: Vec<f32> = (0..len)
+                .map(|i| {
+                    let c = (0..3).find(|&c| (c * len / 3..(c + 1) * len / 3).contains(&i));
+                    let c = c.unwrap();
+                    let at = |r: usize| values(r, len)[i];
+                    (at(c) + at((c + 1) % 3)) + at((c + 2) % 3)
+                })
+                .collect();
+            for node in &results {
+                let (v, w, any) = &node[k];
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(v), bits(&expected), "length {len}");
+                assert_eq!(w.to_bits(), ((0.0 + 0.1) + 0.2f64).to_bits());
+                assert!(any);
+            }
         }
+        // The order matters for these values: not every slice adds in rank order.
+        let len = 7;
+        let rank_order: Vec<f32> = (0..len)
+            .map(|i| (values(0, len)[i] + values(1, len)[i]) + values(2, len)[i])
+            .collect();
+        assert_ne!(results[0][0].0, rank_order);
     }
 
     #[test]
