@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two nodes on 127.0.0.1, one CPU device each, doing three global all-reduces with
 # burn-collective 0.21 (an orchestrator process and two node processes); then the same with
-# node 1 SIGKILLed before its second all-reduce. Each node is limited to 60 s.
+# node 1 SIGKILLed before its second all-reduce. Node 0 is limited to 60 s.
 # Measured 2026-11-30 (README, "Multi-node training"): all-reduce #0 is right (3 = 1 + 2), #1
 # never returns on either node; with node 1 killed, node 0's #1 fails with LocalServerMissing
 # after two of its tasks panic ("Peer closed download connection").
@@ -15,10 +15,10 @@ pair() { # TAG ORCH_PORT DATA_PORT_BASE [env for node 1...]
   "$BIN" orchestrator "$op" > "$LOGS/$tag.orchestrator" 2>&1 & local orch=$!
   sleep 1
   ORCH_PORT=$op DATA_PORT_BASE=$db timeout 60 "$BIN" node 0 > "$LOGS/$tag.node0" 2>&1 & local n0=$!
-  env ORCH_PORT="$op" DATA_PORT_BASE="$db" "$@" timeout 60 "$BIN" node 1 > "$LOGS/$tag.node1" 2>&1 & local n1=$!
-  if [ "$tag" = kill ]; then sleep 2; kill -9 "$n1"; fi
+  env ORCH_PORT="$op" DATA_PORT_BASE="$db" "$@" "$BIN" node 1 > "$LOGS/$tag.node1" 2>&1 & local n1=$!
+  if [ "$tag" = kill ]; then sleep 2; kill -9 "$n1"; echo "== $tag: node 1 SIGKILLed"; fi
   wait "$n0"; echo "== $tag: node 0 exited with $? (124: killed at its 60 s limit)"
-  wait "$n1" 2>/dev/null
+  kill -9 "$n1" 2>/dev/null; wait "$n1" 2>/dev/null
   kill "$orch" 2>/dev/null; wait "$orch" 2>/dev/null
   grep -h "all_reduce\|panicked" "$LOGS/$tag.node0" "$LOGS/$tag.node1" | sed 's/\x1b\[[0-9;]*m//g'
 }
