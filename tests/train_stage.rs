@@ -48,6 +48,17 @@ fn wait_steps(p: &Project, n: usize) {
     }
 }
 
+/// The train stage's last loss is below its first.
+fn assert_learned(p: &Project) {
+    let summary: serde_json::Value =
+        serde_json::from_str(&p.pipe(&["show", "p.yaml", "train", "--json"]).ok().stdout).unwrap();
+    let m = &summary["metrics"];
+    assert!(
+        m["last_loss"].as_f64().unwrap() < m["first_loss"].as_f64().unwrap(),
+        "the model learns: {m}"
+    );
+}
+
 fn train_log(p: &Project) -> String {
     let mut all = String::new();
     for e in std::fs::read_dir(p.path("cache/logs")).unwrap() {
@@ -68,18 +79,7 @@ fn sigkill_and_ctrl_c_during_training_resume_to_identical_weights() {
         r.stdout
     );
     let expected = weights(&reference);
-    let summary: serde_json::Value = serde_json::from_str(
-        &reference
-            .pipe(&["show", "p.yaml", "train", "--json"])
-            .ok()
-            .stdout,
-    )
-    .unwrap();
-    let m = &summary["metrics"];
-    assert!(
-        m["last_loss"].as_f64().unwrap() < m["first_loss"].as_f64().unwrap(),
-        "the model learns: {m}"
-    );
+    assert_learned(&reference);
 
     // SIGKILL after the checkpoint at step 3, before the one at step 6.
     let p = project();
@@ -117,4 +117,59 @@ fn sigkill_and_ctrl_c_during_training_resume_to_identical_weights() {
         weights(&q) == expected,
         "weights after Ctrl-C and resume differ"
     );
+}
+
+/// Full fine-tuning with `weights: bf16` through the binary: the plan counts its bf16 states,
+/// it learns, its saved weights are bf16 values, and a SIGKILLed run resumes to the same bytes.
+#[test]
+fn bf16_weights_train_and_resume_to_identical_weights() {
+    let stage = common::checkpointed_train_stage(6) + "    dtype: bf16\n    weights: bf16\n";
+    let pipeline = common::example_pipeline("bf16-weights", 96, &stage);
+    let reference = Project::with_examples(&pipeline);
+    reference.pipe(&["run", "p.yaml"]).ok();
+    let expected = weights(&reference);
+    assert_learned(&reference);
+    // The layers' projections were bf16: their saved f32 values have empty low halves.
+    let header_len = u64::from_le_bytes(expected[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&expected[8..8 + header_len]).unwrap();
+    let data = &expected[8 + header_len..];
+    let offsets = &header["model.layers.0.mlp.down_proj.weight"]["data_offsets"];
+    let (s, e) = (
+        offsets[0].as_u64().unwrap() as usize,
+        offsets[1].as_u64().unwrap() as usize,
+    );
+    assert!(data[s..e].chunks_exact(4).all(|c| c[0] == 0 && c[1] == 0));
+    let offsets = &header["model.embed_tokens.weight"]["data_offsets"];
+    let (s, e) = (
+        offsets[0].as_u64().unwrap() as usize,
+        offsets[1].as_u64().unwrap() as usize,
+    );
+    assert!(!data[s..e].chunks_exact(4).all(|c| c[0] == 0 && c[1] == 0));
+
+    let p = Project::with_examples(&pipeline);
+    let mut child = p.spawn(&["run", "p.yaml"]);
+    wait_steps(&p, 4);
+    sigkill(&mut child);
+    p.pipe(&["run", "p.yaml"]).ok();
+    assert!(train_log(&p).contains("resuming from the checkpoint"));
+    assert!(weights(&p) == expected, "resumed bf16 weights differ");
+
+    // What it needs, said where it is written.
+    for (extra, message) in [
+        ("    weights: bf16\n", "`weights: bf16` needs `dtype: bf16`"),
+        (
+            "    dtype: bf16\n    weights: bf16\n    method: lora\n",
+            "`weights: bf16` is for full fine-tuning",
+        ),
+    ] {
+        let bad = Project::with_examples(&common::example_pipeline(
+            "bf16-weights",
+            96,
+            &(common::checkpointed_train_stage(6) + extra),
+        ));
+        let r = bad.pipe(&["check", "p.yaml"]);
+        assert_ne!(r.code, 0);
+        assert!(r.stderr.contains(message), "{}", r.stderr);
+        assert!(r.stderr.contains("p.yaml:"), "{}", r.stderr);
+    }
 }

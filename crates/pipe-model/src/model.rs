@@ -910,6 +910,31 @@ impl<B: Backend> CausalLm<B> {
         self
     }
 
+    /// Stores every trainable projection matrix in bf16 (full fine-tuning with `weights:
+    /// bf16`): the weights, their gradients and the optimizer's state of them take half the
+    /// memory, and the optimizer updates them with compensated summation
+    /// (`pipe_train::optimizer`). Embeddings, the output layer and norms stay f32. Products
+    /// must be at `MatmulPrecision::Bf16`, which rounds both operands to bf16 anyway.
+    pub fn keep_trainable_projections_in_bf16(mut self) -> Self {
+        for (name, proj) in self.linear_modules_mut() {
+            let weight = proj.weight.val();
+            if name == "lm_head"
+                || !weight.is_require_grad()
+                || weight.dtype() == burn::tensor::DType::BF16
+            {
+                continue;
+            }
+            // A leaf of its own: the cast must not be a step of the graph.
+            let weight = weight
+                .detach()
+                .cast(FloatDType::BF16)
+                .detach()
+                .require_grad();
+            proj.weight = Param::initialized(proj.weight.id, weight);
+        }
+        self
+    }
+
     /// Every linear layer with its Hugging Face module name (PEFT's target names).
     pub fn linear_modules_mut(&mut self) -> Vec<(String, &mut Proj<B>)> {
         let mut out = Vec::new();

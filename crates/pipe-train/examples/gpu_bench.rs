@@ -5,11 +5,12 @@
 //!       DIR is written by `gpu_reference.py numerics`: a small random Llama (`DIR/model`, saved
 //!       by transformers) and `DIR/expected.json` (torch's f32 logits, its logits under autocast
 //!       to bf16, and four AdamW steps). Prints pipe's distance to each.
-//!   gpu_bench throughput DEVICE METHOD CONFIG_JSON SEQ BATCH STEPS [DTYPE] [checkpointing] [REPLICAS]
+//!   gpu_bench throughput DEVICE METHOD CONFIG_JSON SEQ BATCH STEPS [DTYPE] [checkpointing] [bf16-weights] [REPLICAS]
 //!       Training steps on random tokens of a randomly initialised Llama of the shape in
 //!       CONFIG_JSON (a Hugging Face config.json), AdamW, clipping at 1.0; METHOD is `full` or
 //!       `lora` (r 16, alpha 32, all linear layers, the base frozen); DTYPE `bf16` (mixed
 //!       precision, the default) or `f32`; `checkpointing` turns gradient checkpointing on;
+//!       `bf16-weights` keeps full fine-tuning's projections in bf16 (`weights: bf16`);
 //!       REPLICAS (CPU) splits each batch over that many data-parallel replicas. Two untimed
 //!       steps first (kernel compilation and autotuning), then STEPS timed. The output carries
 //!       pipe's memory plan for the run (pipe_train::memory), to set beside the measured peak.
@@ -36,7 +37,7 @@ use serde_json::{json, Value};
 
 fn usage() -> ! {
     eprintln!("usage: gpu_bench numerics DIR DEVICE");
-    eprintln!("       gpu_bench throughput DEVICE full|lora CONFIG_JSON SEQ BATCH STEPS [bf16|f32] [checkpointing] [REPLICAS]");
+    eprintln!("       gpu_bench throughput DEVICE full|lora CONFIG_JSON SEQ BATCH STEPS [bf16|f32] [checkpointing] [bf16-weights] [REPLICAS]");
     std::process::exit(2);
 }
 
@@ -92,6 +93,7 @@ fn dispatch<B: AutodiffBackend>(args: &[String], device: B::Device) {
                 steps: num(6),
                 bf16: args.get(7).map(String::as_str) != Some("f32"),
                 checkpointing: args.iter().any(|a| a == "checkpointing"),
+                bf16_weights: args.iter().any(|a| a == "bf16-weights"),
                 replicas: args[7..].iter().find_map(|a| a.parse().ok()).unwrap_or(1),
                 on_gpu: args[1] != "cpu",
             };
@@ -229,6 +231,8 @@ struct Run {
     steps: usize,
     bf16: bool,
     checkpointing: bool,
+    /// Full fine-tuning's projections in bf16 (`weights: bf16`).
+    bf16_weights: bool,
     replicas: usize,
     on_gpu: bool,
 }
@@ -249,6 +253,7 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
             micro_batch_size: batch.div_ceil(run.replicas),
             seq_len: seq,
             bf16_products: run.bf16,
+            bf16_weights: run.bf16_weights && method == "full",
             gradient_checkpointing: run.checkpointing,
             replicas: run.replicas,
             on_gpu: run.on_gpu,
@@ -280,6 +285,9 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
     let mut model = model
         .with_matmul_precision(precision)
         .keep_frozen_projections_in_bf16();
+    if run.bf16_weights && method == "full" {
+        model = model.keep_trainable_projections_in_bf16();
+    }
     let init_s = t_init.elapsed().as_secs_f64();
     let params = model.num_params();
     let trainable = trainable_params(&model);
@@ -325,7 +333,11 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
     let secs = t0.elapsed().as_secs_f64();
     let tokens = steps * batch * seq;
     json!({
-        "impl": "pipe (burn 0.21, f32 weights and AdamW)",
+        "impl": if run.bf16_weights && method == "full" {
+            "pipe (burn 0.21, bf16 projections with compensated AdamW)"
+        } else {
+            "pipe (burn 0.21, f32 weights and AdamW)"
+        },
         "dtype": if run.bf16 { "bf16 (bf16 products)" } else { "f32" },
         "gradient_checkpointing": run.checkpointing,
         "replicas": run.replicas,

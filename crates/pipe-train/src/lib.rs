@@ -4,6 +4,7 @@
 pub mod heldout;
 pub mod memory;
 pub mod nodes;
+pub mod optimizer;
 pub mod run;
 pub mod schedule;
 pub mod step;

@@ -9,7 +9,10 @@
 //!   (`dtype: bf16`: the rounded operand lives until the backward pass has used it) — except a
 //!   LoRA base's projections at `dtype: bf16`, which are kept in bf16 alone, as PEFT keeps a
 //!   bf16 base (`CausalLm::keep_frozen_projections_in_bf16`);
-//! - gradients: one f32 value per trainable parameter, and AdamW's two f32 moments;
+//! - gradients: one f32 value per trainable parameter, and AdamW's two f32 moments — for full
+//!   fine-tuning with `weights: bf16`, the layers' projections instead hold their weight,
+//!   gradient, two moments and compensation in bf16 (10 bytes, `crate::optimizer`), and have
+//!   no second bf16 copy;
 //! - activations: per decoder layer, the saved results of the norms, projections, rotary
 //!   embedding, grouped-query expansion, attention scores and probabilities (seq × seq per
 //!   head: burn 0.21's `attention` op is fused on CUDA and tiled on the CPU, but its autodiff
@@ -33,6 +36,8 @@ pub struct TrainShape {
     pub seq_len: usize,
     /// bf16 matrix products (`dtype: bf16`).
     pub bf16_products: bool,
+    /// Full fine-tuning with the layers' projections in bf16 (`weights: bf16`).
+    pub bf16_weights: bool,
     pub gradient_checkpointing: bool,
     pub replicas: usize,
     pub on_gpu: bool,
@@ -118,6 +123,12 @@ fn projection_count(cfg: &ModelConfig) -> u64 {
     n.l * n.per_layer() + lm_head
 }
 
+/// The parameters of every layer's seven projections (what `weights: bf16` keeps in bf16).
+fn layer_projection_count(cfg: &ModelConfig) -> u64 {
+    let n = Dims::of(cfg);
+    n.l * n.per_layer()
+}
+
 /// LoRA's parameters for `shape` on `cfg`: A `[in, r]` and B `[r, out]` on each targeted
 /// projection, counted as if all seven were targeted and scaled to the targeted share.
 fn lora_parameters(cfg: &ModelConfig, shape: LoraShape) -> u64 {
@@ -158,9 +169,16 @@ pub fn plan_training(cfg: &ModelConfig, shape: &TrainShape) -> MemoryPlan {
     } else {
         0
     };
-    let mut weights = (all - bf16_base + adapters) * F32 + bf16_base * BF16;
+    // Full fine-tuning's layer projections in bf16: weight, gradient, moments, compensation.
+    let bf16_trained = if shape.lora.is_none() && shape.bf16_weights {
+        layer_projection_count(cfg)
+    } else {
+        0
+    };
+    let in_bf16 = bf16_base + bf16_trained;
+    let mut weights = (all - in_bf16 + adapters) * F32 + in_bf16 * BF16;
     if shape.bf16_products {
-        weights += (matrices - bf16_base) * BF16;
+        weights += (matrices - in_bf16) * BF16;
     }
     let tokens = (shape.micro_batch_size * shape.seq_len) as u64;
     let scores = (shape.micro_batch_size * shape.seq_len * shape.seq_len) as u64;
@@ -174,8 +192,8 @@ pub fn plan_training(cfg: &ModelConfig, shape: &TrainShape) -> MemoryPlan {
         // The bf16 operands of the products: inputs of every projection, q, k, v, probs.
         activations += layers * tokens * (4 * cfg.hidden_size as u64) * BF16;
     }
-    let gradients = trainable * F32;
-    let optimizer = 2 * trainable * F32;
+    let gradients = (trainable - bf16_trained) * F32 + bf16_trained * BF16;
+    let optimizer = 2 * (trainable - bf16_trained) * F32 + 3 * bf16_trained * BF16;
     let replicas = shape.replicas.max(1) as u64;
     let (overhead, total) = if shape.on_gpu {
         (
@@ -271,6 +289,22 @@ pub fn what_would_fit(
             advice.push(with_micro("gradient_checkpointing: true", m));
         }
     }
+    if shape.lora.is_none() && !shape.bf16_weights {
+        let bf16 = TrainShape {
+            bf16_products: true,
+            bf16_weights: true,
+            gradient_checkpointing: true,
+            ..shape.clone()
+        };
+        let change = if shape.bf16_products {
+            "weights: bf16, gradient_checkpointing: true"
+        } else {
+            "dtype: bf16, weights: bf16, gradient_checkpointing: true"
+        };
+        if let Some(m) = largest(&bf16).filter(|&m| better(m) || plain.is_none()) {
+            advice.push(with_micro(change, m));
+        }
+    }
     if shape.lora.is_none() {
         let lora = TrainShape {
             lora: Some(LoraShape {
@@ -354,6 +388,7 @@ mod tests {
             micro_batch_size: 4,
             seq_len: 512,
             bf16_products,
+            bf16_weights: false,
             gradient_checkpointing: true,
             replicas: 1,
             on_gpu: true,
@@ -388,6 +423,7 @@ mod tests {
             micro_batch_size: 1,
             seq_len,
             bf16_products: true,
+            bf16_weights: false,
             gradient_checkpointing: true,
             replicas: 1,
             on_gpu: true,
@@ -411,6 +447,7 @@ mod tests {
             micro_batch_size: 1,
             seq_len: 1,
             bf16_products: false,
+            bf16_weights: false,
             gradient_checkpointing: false,
             replicas: 1,
             on_gpu: true,
@@ -423,12 +460,44 @@ mod tests {
     }
 
     #[test]
+    fn full_fine_tuning_of_7b_with_bf16_weights_fits_one_80_gb_gpu() {
+        let shape = |bf16_weights, micro_batch_size| TrainShape {
+            lora: None,
+            micro_batch_size,
+            seq_len: 512,
+            bf16_products: true,
+            bf16_weights,
+            gradient_checkpointing: true,
+            replicas: 1,
+            on_gpu: true,
+        };
+        let cfg = llama2_7b();
+        let f32 = plan_training(&cfg, &shape(false, 1));
+        let bf16 = plan_training(&cfg, &shape(true, 1));
+        // The layers' 6.5 billion projection parameters at 10 bytes instead of 16 (and no
+        // second bf16 copy); embeddings, lm_head and norms as before.
+        let p = layer_projection_count(&cfg);
+        assert_eq!(p, 6_476_005_376);
+        assert_eq!(
+            (f32.weights + f32.gradients + f32.optimizer)
+                - (bf16.weights + bf16.gradients + bf16.optimizer),
+            p * (16 + 2 - 10)
+        );
+        // An 80 GB card holds 80 GiB: 73.4 GiB with bf16 weights (78.8 GB), against 107 GiB.
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        assert!(gib(f32.total) > 100.0, "{}", gib(f32.total));
+        assert!(gib(bf16.total) < 74.0, "{}", gib(bf16.total));
+        assert!(gib(plan_training(&cfg, &shape(true, 2)).total) > 80.0);
+    }
+
+    #[test]
     fn checkpointing_and_lora_shrink_the_plan_and_batch_grows_it() {
         let base = TrainShape {
             lora: None,
             micro_batch_size: 4,
             seq_len: 512,
             bf16_products: true,
+            bf16_weights: false,
             gradient_checkpointing: false,
             replicas: 1,
             on_gpu: true,
@@ -473,15 +542,20 @@ mod tests {
             micro_batch_size: 8,
             seq_len: 512,
             bf16_products: true,
+            bf16_weights: false,
             gradient_checkpointing: false,
             replicas: 1,
             on_gpu: true,
         };
-        // An 80 GB card cannot hold full fine-tuning in f32 (108 GB of states alone) …
+        // An 80 GB card cannot hold full fine-tuning with f32 weights (108 GB of states
+        // alone), but can with bf16 weights at micro-batch 1, or LoRA …
         let advice = what_would_fit(&cfg, &shape, 8, 80 << 30);
-        assert!(
-            advice.len() == 1 && advice[0].starts_with("method: lora"),
-            "{advice:?}"
+        assert_eq!(
+            advice,
+            [
+                "weights: bf16, gradient_checkpointing: true, micro_batch_size: 1",
+                "method: lora, micro_batch_size: 4"
+            ],
         );
         // … a 141 GB one can at a smaller micro-batch: the largest that divides the batch of 8
         // and fits is proposed.
@@ -523,6 +597,7 @@ mod tests {
                         micro_batch_size: 8,
                         seq_len: 512,
                         bf16_products: false,
+                        bf16_weights: false,
                         gradient_checkpointing: false,
                         replicas: 1,
                         on_gpu: true,

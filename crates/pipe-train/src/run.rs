@@ -13,8 +13,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::optim::Optimizer;
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, Optimizer};
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder, RecorderError};
 use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::Dataset;
 use pipe_model::save::{write_safetensors, SaveDtype};
@@ -67,6 +68,10 @@ pub struct TrainSpec {
     /// its `dtype` field.
     #[serde(skip)]
     pub matmul_precision: MatmulPrecision,
+    /// Full fine-tuning keeps its trainable projection matrices, their gradients and AdamW's
+    /// state of them in bf16, updated with compensated summation ([`crate::optimizer`]).
+    #[serde(default)]
+    pub bf16_weights: bool,
     /// Held-out evaluation during training (none by default).
     pub eval: EvalSettings,
 }
@@ -256,6 +261,27 @@ struct CheckpointState {
     first_loss: Option<f64>,
     #[serde(default)]
     eval: EvalState,
+    /// How optimizer.bin is laid out; absent in checkpoints of earlier versions (burn's
+    /// AdamW), and so not written for them, to keep their digests.
+    #[serde(default, skip_serializing_if = "OptimizerFormat::is_plain")]
+    optimizer: OptimizerFormat,
+}
+
+/// The layout of a checkpoint's optimizer.bin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum OptimizerFormat {
+    /// burn's AdamW record (checkpoints written before compensated updates).
+    #[default]
+    PlainAdamw,
+    /// [`crate::optimizer::CompensatedAdamW`]'s record.
+    CompensatedAdamw,
+}
+
+impl OptimizerFormat {
+    fn is_plain(&self) -> bool {
+        *self == OptimizerFormat::PlainAdamw
+    }
 }
 
 /// One file of a checkpoint as it was written.
@@ -623,6 +649,7 @@ fn train_as_node<B: AutodiffBackend>(
         tokens: 0,
         first_loss: None,
         eval: EvalState::default(),
+        optimizer: OptimizerFormat::CompensatedAdamw,
     };
     // The metrics so far; the work directory's metrics.jsonl is only a live view of them, and
     // what a checkpoint and the outputs hold comes from here.
@@ -663,6 +690,9 @@ fn train_as_node<B: AutodiffBackend>(
     let mut model = model
         .with_matmul_precision(spec.matmul_precision)
         .keep_frozen_projections_in_bf16();
+    if spec.bf16_weights {
+        model = model.keep_trainable_projections_in_bf16();
+    }
     let resumed_from_step = state.step;
     let tokens_at_start = state.tokens;
     let t0 = Instant::now();
@@ -1047,7 +1077,12 @@ fn write_checkpoint<B: AutodiffBackend>(
     let metrics_path = dir.join("metrics.jsonl");
     std::fs::write(&metrics_path, metrics).map_err(SaveFailure::io(&metrics_path))?;
     let files = digest_files(dir).map_err(SaveFailure::io(dir))?;
-    let manifest = CheckpointManifest::new(state.clone(), files);
+    // What this version writes, whatever the checkpoint resumed from was.
+    let state = CheckpointState {
+        optimizer: OptimizerFormat::CompensatedAdamw,
+        ..state.clone()
+    };
+    let manifest = CheckpointManifest::new(state, files);
     let state_path = dir.join("state.json");
     std::fs::write(
         &state_path,
@@ -1195,9 +1230,17 @@ fn load_checkpoint<B: AutodiffBackend>(
     let bytes =
         std::fs::read(dir.join("optimizer.bin")).map_err(|e| format!("optimizer.bin: {e}"))?;
     let model = load_weights::<B>(&dir.join("weights"), base, spec, meta, device)?;
-    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .load(bytes, device)
-        .map_err(|e| format!("optimizer.bin cannot be read: {e}"))?;
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let unreadable = |e: RecorderError| format!("optimizer.bin cannot be read: {e}");
+    type Plain<B> = OptimizerAdaptor<AdamW, CausalLm<B>, B>;
+    let record = match state.optimizer {
+        OptimizerFormat::CompensatedAdamw => recorder.load(bytes, device).map_err(unreadable)?,
+        OptimizerFormat::PlainAdamw => crate::optimizer::from_plain_adamw::<B, CausalLm<B>>(
+            recorder
+                .load::<<Plain<B> as Optimizer<CausalLm<B>, B>>::Record>(bytes, device)
+                .map_err(unreadable)?,
+        ),
+    };
     let optim = adamw::<B>(&spec.adamw).load_record(record);
     Ok((model, optim, state, metrics))
 }

@@ -3,12 +3,13 @@
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
 use pipe_model::{shifted_cross_entropy, CausalLm};
 
 use crate::nodes::{NodeError, NodeGroup};
+use crate::optimizer::{compensated_adamw, CompensatedAdamW};
 use serde::{Deserialize, Serialize};
 
 /// Token ids and labels (-100: not learned) of one micro-batch, `[batch][seq]`.
@@ -69,16 +70,11 @@ pub struct StepStats {
     pub tokens: usize,
 }
 
-pub type Optim<B> = OptimizerAdaptor<AdamW, CausalLm<B>, B>;
+/// AdamW (burn's for f32 weights; compensated for bf16 ones, see [`crate::optimizer`]).
+pub type Optim<B> = OptimizerAdaptor<CompensatedAdamW, CausalLm<B>, B>;
 
 pub fn adamw<B: AutodiffBackend>(s: &AdamWSettings) -> Optim<B> {
-    AdamWConfig::new()
-        .with_beta_1(s.beta1 as f32)
-        .with_beta_2(s.beta2 as f32)
-        .with_epsilon(s.eps as f32)
-        .with_weight_decay(s.weight_decay as f32)
-        .with_grad_clipping(None)
-        .init()
+    compensated_adamw(s)
 }
 
 fn ids<B: AutodiffBackend>(rows: &[Vec<i64>], device: &B::Device) -> Tensor<B, 2, Int> {
@@ -299,6 +295,8 @@ struct SquaredNorm<'a, B: AutodiffBackend> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
+            // bf16 gradients (of bf16 weights) are squared and summed in f32.
+            let g = g.cast(FloatDType::F32);
             self.sum += g.powi_scalar(2).sum().into_scalar().elem::<f64>();
         }
     }

@@ -43,6 +43,7 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
         save_steps: None,
         save_dtype_bf16: false,
         matmul_precision: Default::default(),
+        bf16_weights: false,
         eval: Default::default(),
     };
     support::train_small(dir, &data, &spec, &|_, _, _| {}).unwrap();
