@@ -378,17 +378,22 @@ impl Context {
         pipe_core::load(&f.file, &f.set, &self.registry).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
-    /// The remote cache this command uses, if any. A mistake in its URL or remote.yaml is an
-    /// error; a remote that cannot be reached shows only when it is used (and the command
-    /// goes on without it).
-    fn remote(&self) -> Result<Option<Arc<RemoteCache>>> {
-        let settings = pipe_remote::Settings::resolve(
+    /// Which remote cache this command uses and where that was set, if any (see
+    /// `pipe_remote::Settings::resolve`).
+    fn remote_settings(&self) -> Result<Option<(pipe_remote::Settings, pipe_remote::Origin)>> {
+        Ok(pipe_remote::Settings::resolve(
             &self.cache,
             self.remote.url.as_deref(),
             self.remote.read_only,
             self.remote.none,
-        )?;
-        let Some((settings, _)) = settings else {
+        )?)
+    }
+
+    /// The remote cache this command uses, if any. A mistake in its URL or remote.yaml is an
+    /// error; a remote that cannot be reached shows only when it is used (and the command
+    /// goes on without it).
+    fn remote(&self) -> Result<Option<Arc<RemoteCache>>> {
+        let Some((settings, _)) = self.remote_settings()? else {
             return Ok(None);
         };
         Ok(Some(Arc::new(pipe_remote::connect(&settings)?)))
@@ -909,28 +914,21 @@ fn remote(cx: &Context, command: RemoteCommand) -> Result<ExitCode> {
             }
             Err(e) => bail!("cannot remove {}: {e}", path.display()),
         },
-        RemoteCommand::Show => {
-            match pipe_remote::Settings::resolve(
-                &cx.cache,
-                cx.remote.url.as_deref(),
-                cx.remote.read_only,
-                cx.remote.none,
-            )? {
-                None if cx.remote.none => println!("no remote cache (--no-remote)"),
-                None => println!(
-                    "no remote cache (set one with `pipe remote set URL`, --remote or PIPE_REMOTE)"
-                ),
-                Some((s, origin)) => println!(
-                    "{}{} (from {})",
-                    s.url,
-                    if s.read_only { ", read-only" } else { "" },
-                    match origin {
-                        pipe_remote::Origin::CommandLine => "--remote / PIPE_REMOTE".to_string(),
-                        pipe_remote::Origin::File(p) => p.display().to_string(),
-                    }
-                ),
-            }
-        }
+        RemoteCommand::Show => match cx.remote_settings()? {
+            None if cx.remote.none => println!("no remote cache (--no-remote)"),
+            None => println!(
+                "no remote cache (set one with `pipe remote set URL`, --remote or PIPE_REMOTE)"
+            ),
+            Some((s, origin)) => println!(
+                "{}{} (from {})",
+                s.url,
+                if s.read_only { ", read-only" } else { "" },
+                match origin {
+                    pipe_remote::Origin::CommandLine => "--remote / PIPE_REMOTE".to_string(),
+                    pipe_remote::Origin::File(p) => p.display().to_string(),
+                }
+            ),
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
