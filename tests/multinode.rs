@@ -244,18 +244,25 @@ fn wait_steps(p: &Project, steps: usize) {
     }
 }
 
+/// Starts both nodes of `p`, SIGKILLs node 1 once 7 steps are done, and waits for node 0:
+/// how it ended, and how long that took after the kill.
+fn kill_node_1_after_7_steps(p: &Project) -> (common::Run, Duration) {
+    prepare(p);
+    let port = free_port();
+    let (a, mut b) = (node(p, 0, port, 60), node(p, 1, port, 60));
+    wait_steps(p, 7);
+    sigkill(&mut b);
+    let t = Instant::now();
+    let r = finish(a);
+    (r, t.elapsed())
+}
+
 #[test]
 fn a_run_resumed_after_a_node_was_killed_ends_bit_for_bit_where_an_uninterrupted_one_does() {
     let p = two_nodes();
-    prepare(&p);
-    let port = free_port();
-    let (a, mut b) = (node(&p, 0, port, 60), node(&p, 1, port, 60));
-    wait_steps(&p, 7);
-    sigkill(&mut b);
     // Node 0 stops at once, saying which node went away, and keeps its last checkpoint.
-    let t = Instant::now();
-    let r = finish(a);
-    assert!(t.elapsed() < Duration::from_secs(30));
+    let (r, took) = kill_node_1_after_7_steps(&p);
+    assert!(took < Duration::from_secs(30));
     assert_ne!(r.code, 0);
     let log = logs(&p);
     assert!(
@@ -269,6 +276,31 @@ fn a_run_resumed_after_a_node_was_killed_ends_bit_for_bit_where_an_uninterrupted
 
     train_on_two_nodes(&p);
     assert!(logs(&p).contains("resuming from the checkpoint at step"));
+    assert!(weights_bytes(&p) == uninterrupted_weights());
+}
+
+#[test]
+fn a_damaged_checkpoint_is_passed_over_by_every_node_and_removed_by_node_0_alone() {
+    let p = two_nodes();
+    kill_node_1_after_7_steps(&p);
+    // Steps 6 (`checkpoint`) and 3 (`checkpoint.old`) are saved; step 6's is damaged.
+    let state = std::fs::read_dir(p.path("cache/work"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("state"))
+        .find(|s| s.join("checkpoint").exists())
+        .expect("a checkpoint");
+    assert!(state.join("checkpoint.old").exists());
+    let optimizer = state.join("checkpoint/optimizer.bin");
+    let mut bytes = std::fs::read(&optimizer).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&optimizer, bytes).unwrap();
+    train_on_two_nodes(&p);
+    let log = logs(&p);
+    assert_eq!(
+        log.matches("is damaged and is not used").count(),
+        2,
+        "{log}"
+    );
     assert!(weights_bytes(&p) == uninterrupted_weights());
 }
 

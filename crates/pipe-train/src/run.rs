@@ -654,7 +654,7 @@ fn train_as_node<B: AutodiffBackend>(
     // The metrics so far; the work directory's metrics.jsonl is only a live view of them, and
     // what a checkpoint and the outputs hold comes from here.
     let mut metrics_text = String::new();
-    if let Some(resumed) = resume_point::<B>(&ckpt, base, spec, meta, device, hooks)? {
+    if let Some(resumed) = resume_point::<B>(&ckpt, base, spec, meta, device, hooks, leader)? {
         (model, optim, state, metrics_text) = resumed;
         (hooks.log)(&format!(
             "resuming from the checkpoint at step {} of {total}",
@@ -1194,6 +1194,7 @@ fn resume_point<B: AutodiffBackend>(
     meta: &DataMeta,
     device: &B::Device,
     hooks: &Hooks<'_>,
+    leader: bool,
 ) -> Result<Option<Resumed<B>>, TrainError> {
     // A kill between the two renames of save_checkpoint leaves only `.old`.
     let candidates: Vec<PathBuf> = [ckpt.to_path_buf(), ckpt.with_extension("old")]
@@ -1213,7 +1214,10 @@ fn resume_point<B: AutodiffBackend>(
             "the checkpoint {} is damaged and is not used: {damage}; {next}",
             dir.display()
         ));
-        std::fs::remove_dir_all(dir).map_err(io("damaged checkpoint"))?;
+        // Node 0's to remove, in a run across nodes; the others only read the work directory.
+        if leader {
+            std::fs::remove_dir_all(dir).map_err(io("damaged checkpoint"))?;
+        }
     }
     Ok(None)
 }
