@@ -518,12 +518,7 @@ fn run_stage(
                 .map_err(|e| anyhow::anyhow!(e))?;
             log
         }
-        None => store.log_dir(&key).join(format!(
-            "{}.log",
-            humantime::format_rfc3339_millis(std::time::SystemTime::now())
-                .to_string()
-                .replace(':', "-")
-        )),
+        None => store.new_log(&key).0,
     };
     // The other nodes log beside node 0: `<log>.node-R`.
     let log = match node.as_ref().filter(|n| n.rank > 0) {

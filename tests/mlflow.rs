@@ -31,11 +31,7 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = pipe_testkit::free_loopback_port();
         let mlflow = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/bin/mlflow");
         assert!(
             mlflow.exists(),
@@ -150,11 +146,7 @@ fn a_tracked_train_stage_logs_its_run_to_mlflow() {
 #[test]
 fn an_unreachable_server_is_a_warning_not_a_failure() {
     // A port that nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = pipe_testkit::free_loopback_port();
     let p = Project::with_examples(&pipeline(&format!("http://127.0.0.1:{port}")));
     let r = p.pipe(&["run", "p.yaml"]);
     assert_eq!(r.code, 0, "{}", r.stderr);

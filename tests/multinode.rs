@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::process::Child;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -28,14 +27,6 @@ fn two_nodes() -> Project {
         96,
         &train_stage("    nodes: 2\n    devices: [cpu, cpu]\n"),
     ))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Runs the stages before `train` (a local `pipe run` refuses `nodes: 2`, saying how to run it).
@@ -76,7 +67,7 @@ fn finish(child: Child) -> common::Run {
 
 /// Both nodes to the end; then the stage is a cache hit of `pipe run`.
 fn train_on_two_nodes(p: &Project) {
-    let port = free_port();
+    let port = pipe_testkit::free_loopback_port();
     let (a, b) = (node(p, 0, port, 60), node(p, 1, port, 60));
     for (rank, r) in [(0, finish(a)), (1, finish(b))] {
         assert_eq!(r.code, 0, "node {rank}: {}{}", r.stdout, r.stderr);
@@ -196,7 +187,7 @@ fn three_nodes_sum_around_a_ring_to_the_model_of_one_process_with_three_replicas
         &stage("    nodes: 3\n"),
     ));
     prepare(&p);
-    let port = free_port();
+    let port = pipe_testkit::free_loopback_port();
     let nodes: Vec<Child> = (0..3).map(|r| node_of(&p, 3, r, port, 60)).collect();
     for (rank, n) in nodes.into_iter().enumerate() {
         let r = finish(n);
@@ -248,7 +239,7 @@ fn wait_steps(p: &Project, steps: usize) {
 /// how it ended, and how long that took after the kill.
 fn kill_node_1_after_7_steps(p: &Project) -> (common::Run, Duration) {
     prepare(p);
-    let port = free_port();
+    let port = pipe_testkit::free_loopback_port();
     let (a, mut b) = (node(p, 0, port, 60), node(p, 1, port, 60));
     wait_steps(p, 7);
     sigkill(&mut b);
@@ -308,7 +299,7 @@ fn a_damaged_checkpoint_is_passed_over_by_every_node_and_removed_by_node_0_alone
 fn ctrl_c_on_one_node_stops_both_at_one_step_and_the_run_resumes_from_there() {
     let p = two_nodes();
     prepare(&p);
-    let port = free_port();
+    let port = pipe_testkit::free_loopback_port();
     let (a, b) = (node(&p, 0, port, 60), node(&p, 1, port, 60));
     wait_steps(&p, 5);
     common::signal(&b, libc::SIGINT);
@@ -329,7 +320,7 @@ fn ctrl_c_on_one_node_stops_both_at_one_step_and_the_run_resumes_from_there() {
 fn a_node_that_never_comes_makes_the_other_stop_with_a_message() {
     let p = two_nodes();
     prepare(&p);
-    let port = free_port();
+    let port = pipe_testkit::free_loopback_port();
     let t = Instant::now();
     let r = finish(node(&p, 0, port, 3));
     assert!(t.elapsed() < Duration::from_secs(60));
@@ -340,7 +331,7 @@ fn a_node_that_never_comes_makes_the_other_stop_with_a_message() {
         r.stderr
     );
     // The other side: no node 0 to join.
-    let r = finish(node(&p, 1, free_port(), 3));
+    let r = finish(node(&p, 1, pipe_testkit::free_loopback_port(), 3));
     assert_ne!(r.code, 0);
     assert!(
         r.stderr.contains("cannot reach the coordinator (node 0)"),

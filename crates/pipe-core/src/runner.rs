@@ -1110,6 +1110,33 @@ enum Attempt {
 
 /// One attempt at one stage, on a worker thread: a pull from the remote cache, or a run (and
 /// then a push).
+/// Runs the stage kind's own code in `cx`: `Done`, `Interrupted`, or `Failed` with the error —
+/// a panic included, as a bug in pipe — which is logged.
+fn run_kind(def: &crate::spec::StageDef, cx: &mut StageContext) -> Status {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| def.stage.run(cx))) {
+        Ok(Ok(())) => Status::Done,
+        Ok(Err(e)) if e.is::<Interrupted>() => Status::Interrupted,
+        Ok(Err(e)) => {
+            let error = format!("{e:#}");
+            cx.log(&format!("# pipe: failed: {error}"));
+            Status::Failed(error)
+        }
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let error = format!(
+                "the `{}` stage kind crashed (a bug in pipe): {msg}",
+                def.kind
+            );
+            cx.log(&format!("# pipe: {error}"));
+            Status::Failed(error)
+        }
+    }
+}
+
 struct Job {
     store: Store,
     remote: Option<Arc<RemoteCache>>,
@@ -1161,12 +1188,7 @@ impl Job {
 
     /// A new log file's path, named for when it starts, and that time.
     fn new_log(&self) -> (PathBuf, String) {
-        let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let path = self
-            .store
-            .log_dir(&self.key)
-            .join(format!("{}.log", stamp.replace(':', "-")));
-        (path, stamp)
+        self.store.new_log(&self.key)
     }
 
     /// Runs the stage in this process and commits its outputs. Its log goes to `log`
@@ -1226,28 +1248,14 @@ impl Job {
             "# pipe: stage `{}` ({} v{}) key {} started as node {} of {}",
             def.id, def.kind, def.kind_version, self.key, node.rank, node.nodes
         ));
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| def.stage.run(&mut cx)));
+        let status = run_kind(def, &mut cx);
         let _ = fs::remove_dir_all(&scratch);
-        Ok(match result {
-            Ok(Ok(())) => {
-                cx.log("# pipe: done; node 0 commits the results");
-                Status::Done
-            }
-            Ok(Err(e)) if e.is::<Interrupted>() => {
-                cx.log("# pipe: interrupted");
-                Status::Interrupted
-            }
-            Ok(Err(e)) => {
-                let error = format!("{e:#}");
-                cx.log(&format!("# pipe: failed: {error}"));
-                Status::Failed(error)
-            }
-            Err(_) => {
-                let error = format!("the `{}` stage kind crashed (a bug in pipe)", def.kind);
-                cx.log(&format!("# pipe: {error}"));
-                Status::Failed(error)
-            }
-        })
+        match status {
+            Status::Done => cx.log("# pipe: done; node 0 commits the results"),
+            Status::Interrupted => cx.log("# pipe: interrupted"),
+            _ => {}
+        }
+        Ok(status)
     }
 
     fn run_here(
@@ -1300,33 +1308,16 @@ impl Job {
             def.id, def.kind, def.kind_version, self.key
         ));
         let t = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| def.stage.run(&mut cx)));
+        let status = run_kind(def, &mut cx);
         let wall = t.elapsed();
         let log = Some(log_path.clone());
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if e.is::<Interrupted>() => {
+        match status {
+            Status::Interrupted => {
                 cx.log("# pipe: interrupted; work state kept for the next run");
                 return Attempt::Interrupted { log };
             }
-            Ok(Err(e)) => {
-                let error = format!("{e:#}");
-                cx.log(&format!("# pipe: failed: {error}"));
-                return Attempt::Failed { error, log };
-            }
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                let error = format!(
-                    "the `{}` stage kind crashed (a bug in pipe): {msg}",
-                    def.kind
-                );
-                cx.log(&format!("# pipe: {error}"));
-                return Attempt::Failed { error, log };
-            }
+            Status::Failed(error) => return Attempt::Failed { error, log },
+            _ => {}
         }
         let finished = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let manifest = Manifest {

@@ -249,6 +249,15 @@ impl Store {
     pub fn log_dir(&self, key: &str) -> PathBuf {
         self.root.join("logs").join(key)
     }
+    /// A new log file of key `key`'s, named for when it starts (RFC 3339, `:` as `-`), and
+    /// that time.
+    pub fn new_log(&self, key: &str) -> (PathBuf, String) {
+        let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let path = self
+            .log_dir(key)
+            .join(format!("{}.log", stamp.replace(':', "-")));
+        (path, stamp)
+    }
     pub fn work_dir(&self, key: &str) -> PathBuf {
         self.root.join("work").join(key)
     }

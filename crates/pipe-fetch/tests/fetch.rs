@@ -172,11 +172,7 @@ fn not_found_and_unreachable_say_what_to_do() {
         .to_string();
     assert!(e.contains("HTTP 404") && e.contains("/missing.json"), "{e}");
     // A port nothing listens on, on the loopback address.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = pipe_testkit::free_loopback_port();
     let e = get(
         &format!("http://127.0.0.1:{port}/x.json"),
         &opts(&srv.base),

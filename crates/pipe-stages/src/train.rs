@@ -37,7 +37,6 @@ use pipe_train::memory::{
     available_cpu_memory, human_bytes, plan_training, what_would_fit, LoraShape, MemoryPlan,
     TrainShape,
 };
-use pipe_train::nodes::NodeRole;
 use pipe_train::{
     AdamWSettings, BaseModel, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method, NodeRun, Splits,
     TrainError, TrainSpec,
@@ -652,7 +651,7 @@ impl TrainStage {
 
     /// This process's part in a run across `nodes:`, from how pipe run-stage was started.
     fn node_run(&self, cx: &StageContext) -> anyhow::Result<Option<NodeRun>> {
-        let nodes = self.fields.nodes.unwrap_or(1);
+        let nodes = self.nodes();
         match &cx.node {
             None if nodes > 1 => bail!(
                 "`nodes: {nodes}`: this stage runs as {nodes} processes, one per node; run it under `executor: slurm`, or start `pipe run-stage` on each node (README, \"Multi-node training\")"
@@ -664,12 +663,7 @@ impl TrainStage {
                 node.nodes
             ),
             Some(node) => Ok(Some(NodeRun {
-                role: NodeRole {
-                    rank: node.rank,
-                    nodes: node.nodes,
-                    coordinator: node.coordinator.clone(),
-                    timeout: node.timeout,
-                },
+                role: node.clone(),
                 key: cx.key.clone(),
             })),
         }
@@ -734,7 +728,7 @@ impl TrainStage {
             tracing::warn!("{}: {line}", cx_ref.stage_id);
         };
         // Node 0 alone reports to MLflow, as it alone writes the run's files.
-        let leader = node_run.as_ref().is_none_or(|n| n.role.rank == 0);
+        let leader = pipe_train::run::writes_results(node_run.as_ref());
         let mlflow =
             std::cell::RefCell::new(leader.then(|| self.start_tracking(cx_ref, &warn)).flatten());
         let scalars = |step: u64, values: &[(&str, f64)]| {

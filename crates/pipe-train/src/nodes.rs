@@ -25,17 +25,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// This process's place among the nodes of one run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeRole {
-    /// 0 for the coordinator, which writes checkpoints and outputs.
-    pub rank: usize,
-    pub nodes: usize,
-    /// `host:port` where node 0 listens and the others connect.
-    pub coordinator: String,
-    /// How long a node waits for another (to join, or to send its part of a step).
-    pub timeout: Duration,
-}
+/// This process's place among the nodes of one run: its rank (0 is the coordinator, which
+/// writes checkpoints and outputs), the number of nodes, where node 0 listens, and how long a
+/// node waits for another (to join, or to send its part of a step). The engine's
+/// [`pipe_core::StageNode`], which `pipe run-stage` is started with.
+pub use pipe_core::StageNode as NodeRole;
 
 /// What the nodes must agree on before they train together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -732,14 +726,6 @@ fn connect(
 mod tests {
     use super::*;
 
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     fn role(rank: usize, nodes: usize, port: u16, timeout_ms: u64) -> NodeRole {
         NodeRole {
             rank,
@@ -767,7 +753,7 @@ mod tests {
 
     #[test]
     fn three_nodes_sum_around_the_ring_in_a_fixed_order_and_agree_bit_for_bit() {
-        let port = free_port();
+        let port = pipe_testkit::free_loopback_port();
         let lengths = [7usize, 1, 0, 3];
         let results: Vec<Vec<(Vec<f32>, f64, bool)>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..3)
@@ -818,7 +804,7 @@ mod tests {
 
     #[test]
     fn a_node_that_resumes_elsewhere_is_refused_on_both_sides() {
-        let port = free_port();
+        let port = pipe_testkit::free_loopback_port();
         let (a, b) = std::thread::scope(|s| {
             let a = s.spawn(move || NodeGroup::join(&role(0, 2, port, 10_000), &agreement(4)));
             let b = s.spawn(move || NodeGroup::join(&role(1, 2, port, 10_000), &agreement(2)));
@@ -835,7 +821,7 @@ mod tests {
 
     #[test]
     fn a_missing_node_times_out_with_its_rank() {
-        let port = free_port();
+        let port = pipe_testkit::free_loopback_port();
         let t = Instant::now();
         let e = NodeGroup::join(&role(0, 3, port, 300), &agreement(0))
             .err()
@@ -843,9 +829,12 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(5));
         let msg = e.to_string();
         assert!(msg.contains("nodes 1, 2 did not join within"), "{msg}");
-        let e = NodeGroup::join(&role(1, 2, free_port(), 300), &agreement(0))
-            .err()
-            .unwrap();
+        let e = NodeGroup::join(
+            &role(1, 2, pipe_testkit::free_loopback_port(), 300),
+            &agreement(0),
+        )
+        .err()
+        .unwrap();
         assert!(
             e.to_string().contains("cannot reach the coordinator"),
             "{e}"
@@ -855,7 +844,7 @@ mod tests {
     #[test]
     fn a_node_that_dies_or_hangs_or_fails_stops_the_others_with_a_message() {
         // Dies: its connection closes mid-run.
-        let port = free_port();
+        let port = pipe_testkit::free_loopback_port();
         let err = std::thread::scope(|s| {
             let a = s.spawn(move || {
                 let g = NodeGroup::join(&role(0, 2, port, 10_000), &agreement(0)).unwrap();
@@ -869,7 +858,7 @@ mod tests {
         });
         assert!(matches!(err, NodeError::PeerGone { rank: 1, .. }), "{err}");
         // Hangs: nothing arrives within the timeout.
-        let port = free_port();
+        let port = pipe_testkit::free_loopback_port();
         let err = std::thread::scope(|s| {
             let b = s.spawn(move || {
                 let g = NodeGroup::join(&role(1, 2, port, 500), &agreement(0)).unwrap();
@@ -888,7 +877,7 @@ mod tests {
             "{err}"
         );
         // Fails: its reason reaches the others.
-        let port = free_port();
+        let port = pipe_testkit::free_loopback_port();
         let err = std::thread::scope(|s| {
             s.spawn(move || {
                 let g = NodeGroup::join(&role(1, 2, port, 10_000), &agreement(0)).unwrap();

@@ -108,6 +108,12 @@ pub struct NodeRun {
     pub key: String,
 }
 
+/// Whether this process writes the run's checkpoints, metrics and outputs: a run on one node
+/// does; of a run across nodes, node 0.
+pub fn writes_results(nodes: Option<&NodeRun>) -> bool {
+    nodes.is_none_or(|n| n.role.rank == 0)
+}
+
 /// What a run trains on, and what it evaluates on (`TrainSpec::eval`).
 pub struct Splits<'a> {
     pub train: &'a Dataset,
@@ -586,7 +592,7 @@ fn train_as_node<B: AutodiffBackend>(
     let (work, out) = (dirs.work, dirs.out);
     let nodes = dirs.nodes.map_or(1, |n| n.role.nodes);
     // Only node 0 writes: checkpoints, metrics, best weights and outputs.
-    let leader = dirs.nodes.is_none_or(|n| n.role.rank == 0);
+    let leader = writes_results(dirs.nodes);
     let (data, heldout) = (splits.train, splits.heldout);
     let Some(device) = devices.first() else {
         return Err(TrainError::NoDevice);

@@ -116,8 +116,8 @@ pub fn train_step_parallel<B: AutodiffBackend>(
 
 /// [`train_step_parallel`] across the nodes of `group` as well: node `k`'s replica `j` is
 /// replica `k × replicas.len() + j` of the whole run, each node sums its replicas' gradients,
-/// and the nodes add their sums in rank order (see [`crate::nodes`]); every node then makes
-/// the same update. Without a group, one node.
+/// and the nodes add their sums around a ring in a fixed order (see [`crate::nodes`]); every
+/// node then makes the same update. Without a group, one node.
 pub fn train_step_on_nodes<B: AutodiffBackend>(
     model: CausalLm<B>,
     optim: &mut Optim<B>,
