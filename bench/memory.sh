@@ -38,6 +38,7 @@ lora b 256 4 bf16
 full b 512 2 bf16 checkpointing
 full a 128 8 bf16 bf16-weights
 full b 256 4 bf16 bf16-weights
+full b 256 4 bf16 bf16-weights stochastic
 full b 512 2 bf16 checkpointing bf16-weights
 RUNS
 python3 -c "print(f'largest error: {$worst:.1%} (target: within 20%)')"

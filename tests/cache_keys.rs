@@ -260,6 +260,60 @@ fn examples() -> Vec<Example> {
             pinned: "8baa21a86afd54b0727ac6a06e2d8e5e3660dc78a598ffc1fb17be45f13c8eb0",
         },
         Example {
+            name: "train in full with bf16 weights across nodes",
+            kind: "train",
+            yaml: "
+  {u}:
+    kind: format
+    input: {d}/records/records.json
+  {v}:
+    kind: tokenize
+    input: {u}
+    tokenizer: {d}/tok
+    max_len: 32
+  {s}:
+    kind: train
+    data: {v}
+    model: INIT
+    method: full
+    lr: 2.0e-5
+    batch_size: 4
+    micro_batch_size: 2
+    dtype: bf16
+    weights: bf16
+    nodes: 2",
+            run_settings: &[],
+            key_changes: &[("weights=f32", "weights"), ("nodes=1", "nodes")],
+            pinned: "15858f08f6db5463baad1ee5488bc69d91220027bf7eec7e3e8960f93362c238",
+        },
+        Example {
+            name: "train with stochastically rounded bf16 weights",
+            kind: "train",
+            yaml: "
+  {u}:
+    kind: format
+    input: {d}/records/records.json
+  {v}:
+    kind: tokenize
+    input: {u}
+    tokenizer: {d}/tok
+    max_len: 32
+  {s}:
+    kind: train
+    data: {v}
+    model: INIT
+    method: full
+    lr: 2.0e-5
+    batch_size: 4
+    micro_batch_size: 2
+    dtype: bf16
+    weights: bf16
+    bf16_rounding: stochastic",
+            run_settings: &[],
+            key_changes: &[("bf16_rounding=compensated", "bf16_rounding")],
+            pinned: "696c05167536e9bb82b4c324e9e1f687b6913f8ba9ba3ea38517d3c91e626bd4",
+        },
+        Example {
             name: "evaluate",
             kind: "evaluate",
             yaml: "

@@ -161,6 +161,12 @@ fn bf16_weights_train_and_resume_to_identical_weights() {
             "    dtype: bf16\n    weights: bf16\n    method: lora\n",
             "`weights: bf16` is for full fine-tuning",
         ),
+        (
+            "    dtype: bf16
+    bf16_rounding: stochastic
+",
+            "`bf16_rounding` is for `weights: bf16`",
+        ),
     ] {
         let bad = Project::with_examples(&common::example_pipeline(
             "bf16-weights",

@@ -38,8 +38,8 @@ use pipe_train::memory::{
     TrainShape,
 };
 use pipe_train::{
-    AdamWSettings, BaseModel, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method, NodeRun, Splits,
-    TrainError, TrainSpec,
+    AdamWSettings, BaseModel, Bf16Rounding, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method,
+    NodeRun, Splits, TrainError, TrainSpec,
 };
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -99,6 +99,13 @@ enum Dtype {
     Bf16,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+enum Bf16RoundingField {
+    Compensated,
+    Stochastic,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Fields {
@@ -149,6 +156,11 @@ struct Fields {
     /// output layer and norms stay f32.
     #[serde(default = "default_dtype")]
     weights: Dtype,
+    /// How `weights: bf16` rounds each update back to bf16: `compensated` (the default) keeps
+    /// what rounding dropped and adds it to the next update; `stochastic` rounds up or down at
+    /// random in proportion, unbiased, and keeps nothing: 8 bytes a parameter instead of 10.
+    #[serde(default)]
+    bf16_rounding: Option<Bf16RoundingField>,
     /// `cpu`, or `cuda[:N]` (builds with the `cuda` feature).
     #[serde(default)]
     device: Option<String>,
@@ -267,6 +279,10 @@ struct TrainKey<'a> {
     /// Absent at f32, so that keys from before bf16 weights stay the same.
     #[serde(skip_serializing_if = "is_f32")]
     weights: Dtype,
+    /// Absent for compensated updates (the default, and all there was before), so that
+    /// their keys stay the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bf16_rounding: Option<Bf16RoundingField>,
     replicas: usize,
     /// Nodes add their replicas' sums, which rounds differently from one node's replicas.
     /// Absent at 1, so that keys from before multi-node training stay the same.
@@ -324,6 +340,9 @@ impl TrainStage {
             dtype: f.dtype,
             save_dtype: f.save_dtype,
             weights: f.weights,
+            bf16_rounding: f
+                .bf16_rounding
+                .filter(|&r| r == Bf16RoundingField::Stochastic),
             replicas: f.replicas().len(),
             nodes: f.nodes.unwrap_or(1),
             eval_steps: f.eval_steps,
@@ -455,6 +474,11 @@ impl StageKind for TrainKind {
                     .with_help("LoRA's adapters are small and train in f32; under `dtype: bf16` its frozen base is kept in bf16 already"));
             }
         }
+        if f.bf16_rounding.is_some() && f.weights != Dtype::Bf16 {
+            return Err(cx
+                .error("bf16_rounding", "`bf16_rounding` is for `weights: bf16`")
+                .with_help("f32 weights take every update as it is: set `weights: bf16` (full fine-tuning under `dtype: bf16`) or remove `bf16_rounding`"));
+        }
         check_evaluation(cx, &f)?;
         let spec = TrainSpec {
             method,
@@ -472,6 +496,10 @@ impl StageKind for TrainKind {
                 beta2: f.adam_beta2,
                 eps: f.adam_epsilon,
                 weight_decay: f.weight_decay,
+                bf16_rounding: match f.bf16_rounding {
+                    Some(Bf16RoundingField::Stochastic) => Bf16Rounding::Stochastic,
+                    Some(Bf16RoundingField::Compensated) | None => Bf16Rounding::Compensated,
+                },
             },
             seed: f.seed,
             save_steps: f.save_steps,
@@ -923,6 +951,7 @@ impl TrainStage {
             seq_len,
             bf16_products: self.spec.matmul_precision == MatmulPrecision::Bf16,
             bf16_weights: self.spec.bf16_weights,
+            bf16_rounding: self.spec.adamw.bf16_rounding,
             gradient_checkpointing: self.fields.gradient_checkpointing,
             replicas: replicas.len(),
             on_gpu: replicas.iter().any(|d| d.starts_with("cuda")),

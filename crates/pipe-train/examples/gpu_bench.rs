@@ -5,12 +5,13 @@
 //!       DIR is written by `gpu_reference.py numerics`: a small random Llama (`DIR/model`, saved
 //!       by transformers) and `DIR/expected.json` (torch's f32 logits, its logits under autocast
 //!       to bf16, and four AdamW steps). Prints pipe's distance to each.
-//!   gpu_bench throughput DEVICE METHOD CONFIG_JSON SEQ BATCH STEPS [DTYPE] [checkpointing] [bf16-weights] [REPLICAS]
+//!   gpu_bench throughput DEVICE METHOD CONFIG_JSON SEQ BATCH STEPS [DTYPE] [checkpointing] [bf16-weights [stochastic]] [REPLICAS]
 //!       Training steps on random tokens of a randomly initialised Llama of the shape in
 //!       CONFIG_JSON (a Hugging Face config.json), AdamW, clipping at 1.0; METHOD is `full` or
 //!       `lora` (r 16, alpha 32, all linear layers, the base frozen); DTYPE `bf16` (mixed
 //!       precision, the default) or `f32`; `checkpointing` turns gradient checkpointing on;
-//!       `bf16-weights` keeps full fine-tuning's projections in bf16 (`weights: bf16`);
+//!       `bf16-weights` keeps full fine-tuning's projections in bf16 (`weights: bf16`), with
+//!       compensated updates or, with `stochastic`, stochastically rounded ones;
 //!       REPLICAS (CPU) splits each batch over that many data-parallel replicas. Two untimed
 //!       steps first (kernel compilation and autotuning), then STEPS timed. The output carries
 //!       pipe's memory plan for the run (pipe_train::memory), to set beside the measured peak.
@@ -30,6 +31,7 @@ use pipe_model::{init_model, load_model_with, CausalLm, LoraSpec, MatmulPrecisio
 use pipe_model::{shifted_cross_entropy, Targets};
 use pipe_train::memory::{plan_training, LoraShape, TrainShape};
 use pipe_train::step::for_inference;
+use pipe_train::Bf16Rounding;
 use pipe_train::{
     adamw, train_step, train_step_parallel, AdamWSettings, Decay, MicroBatch, Schedule,
 };
@@ -37,7 +39,7 @@ use serde_json::{json, Value};
 
 fn usage() -> ! {
     eprintln!("usage: gpu_bench numerics DIR DEVICE");
-    eprintln!("       gpu_bench throughput DEVICE full|lora CONFIG_JSON SEQ BATCH STEPS [bf16|f32] [checkpointing] [bf16-weights] [REPLICAS]");
+    eprintln!("       gpu_bench throughput DEVICE full|lora CONFIG_JSON SEQ BATCH STEPS [bf16|f32] [checkpointing] [bf16-weights [stochastic]] [REPLICAS]");
     std::process::exit(2);
 }
 
@@ -94,6 +96,11 @@ fn dispatch<B: AutodiffBackend>(args: &[String], device: B::Device) {
                 bf16: args.get(7).map(String::as_str) != Some("f32"),
                 checkpointing: args.iter().any(|a| a == "checkpointing"),
                 bf16_weights: args.iter().any(|a| a == "bf16-weights"),
+                bf16_rounding: if args.iter().any(|a| a == "stochastic") {
+                    Bf16Rounding::Stochastic
+                } else {
+                    Bf16Rounding::Compensated
+                },
                 replicas: args[7..].iter().find_map(|a| a.parse().ok()).unwrap_or(1),
                 on_gpu: args[1] != "cpu",
             };
@@ -233,6 +240,7 @@ struct Run {
     checkpointing: bool,
     /// Full fine-tuning's projections in bf16 (`weights: bf16`).
     bf16_weights: bool,
+    bf16_rounding: Bf16Rounding,
     replicas: usize,
     on_gpu: bool,
 }
@@ -254,6 +262,7 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
             seq_len: seq,
             bf16_products: run.bf16,
             bf16_weights: run.bf16_weights && method == "full",
+            bf16_rounding: run.bf16_rounding,
             gradient_checkpointing: run.checkpointing,
             replicas: run.replicas,
             on_gpu: run.on_gpu,
@@ -291,7 +300,10 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
     let init_s = t_init.elapsed().as_secs_f64();
     let params = model.num_params();
     let trainable = trainable_params(&model);
-    let mut optim = adamw::<B>(&AdamWSettings::default());
+    let mut optim = adamw::<B>(&AdamWSettings {
+        bf16_rounding: run.bf16_rounding,
+        ..AdamWSettings::default()
+    });
     let mut state = 12345u64;
     let mut next_token = move || {
         state = state

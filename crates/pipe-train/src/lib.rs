@@ -11,6 +11,7 @@ pub mod step;
 pub mod tensorboard;
 
 pub use heldout::{Best, EvalSettings};
+pub use optimizer::Bf16Rounding;
 pub use run::{
     train, BaseModel, DataMeta, Dirs, Hooks, Method, NodeRun, Splits, Summary, TrainError,
     TrainSpec, Trained,

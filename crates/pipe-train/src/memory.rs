@@ -11,8 +11,8 @@
 //!   bf16 base (`CausalLm::keep_frozen_projections_in_bf16`);
 //! - gradients: one f32 value per trainable parameter, and AdamW's two f32 moments — for full
 //!   fine-tuning with `weights: bf16`, the layers' projections instead hold their weight,
-//!   gradient, two moments and compensation in bf16 (10 bytes, `crate::optimizer`), and have
-//!   no second bf16 copy;
+//!   gradient, two moments and (with compensated updates) compensation in bf16 (10 or 8 bytes,
+//!   `crate::optimizer`), and have no second bf16 copy;
 //! - activations: per decoder layer, the saved results of the norms, projections, rotary
 //!   embedding, grouped-query expansion, attention scores and probabilities (seq × seq per
 //!   head: burn 0.21's `attention` op is fused on CUDA and tiled on the CPU, but its autodiff
@@ -20,9 +20,13 @@
 //!   the cross-entropy over the vocabulary. Gradient checkpointing keeps only what is costly to
 //!   recompute (the products' results) and recomputes the elementwise ones.
 //! - on a CPU, replicas share one memory: the weights count once, each replica adds its own
-//!   activations and gradients; on GPUs each device holds a whole replica.
+//!   activations and gradients; on GPUs each device holds a whole replica's weights,
+//!   activations and gradients, and its share of the optimizer state and of the summed
+//!   gradients (ZeRO stage 1, `crate::step::optimizer_owners`).
 
 use pipe_model::ModelConfig;
+
+use crate::optimizer::Bf16Rounding;
 use serde::Serialize;
 
 /// What a training run's memory depends on besides the model's shape.
@@ -38,6 +42,8 @@ pub struct TrainShape {
     pub bf16_products: bool,
     /// Full fine-tuning with the layers' projections in bf16 (`weights: bf16`).
     pub bf16_weights: bool,
+    /// How their updates are rounded: compensation keeps a bf16 value a parameter more.
+    pub bf16_rounding: Bf16Rounding,
     pub gradient_checkpointing: bool,
     pub replicas: usize,
     pub on_gpu: bool,
@@ -192,9 +198,19 @@ pub fn plan_training(cfg: &ModelConfig, shape: &TrainShape) -> MemoryPlan {
         // The bf16 operands of the products: inputs of every projection, q, k, v, probs.
         activations += layers * tokens * (4 * cfg.hidden_size as u64) * BF16;
     }
-    let gradients = (trainable - bf16_trained) * F32 + bf16_trained * BF16;
-    let optimizer = 2 * (trainable - bf16_trained) * F32 + 3 * bf16_trained * BF16;
+    let mut gradients = (trainable - bf16_trained) * F32 + bf16_trained * BF16;
+    let bf16_states = match shape.bf16_rounding {
+        Bf16Rounding::Compensated => 3,
+        Bf16Rounding::Stochastic => 2,
+    };
+    let mut optimizer = 2 * (trainable - bf16_trained) * F32 + bf16_states * bf16_trained * BF16;
     let replicas = shape.replicas.max(1) as u64;
+    if shape.on_gpu && replicas > 1 {
+        // ZeRO stage 1 (`crate::step::optimizer_owners`): each device keeps its share of the
+        // optimizer state and of the summed gradients, besides its replica's own gradients.
+        optimizer = optimizer.div_ceil(replicas);
+        gradients += gradients.div_ceil(replicas);
+    }
     let (overhead, total) = if shape.on_gpu {
         (
             GPU_OVERHEAD,
@@ -249,13 +265,13 @@ pub fn what_would_fit(
     batch_size: usize,
     available: u64,
 ) -> Vec<String> {
-    let replicas = shape.replicas.max(1);
-    let valid =
-        |m: usize| batch_size.is_multiple_of(m) && (batch_size / m).is_multiple_of(replicas);
+    let valid = |m: usize, replicas: usize| {
+        batch_size.is_multiple_of(m) && (batch_size / m).is_multiple_of(replicas.max(1))
+    };
     // The largest valid micro-batch, up to the current one, at which `s` fits.
     let largest = |s: &TrainShape| {
         (1..=shape.micro_batch_size).rev().find(|&m| {
-            valid(m)
+            valid(m, s.replicas)
                 && plan_training(
                     cfg,
                     &TrainShape {
@@ -289,20 +305,58 @@ pub fn what_would_fit(
             advice.push(with_micro("gradient_checkpointing: true", m));
         }
     }
-    if shape.lora.is_none() && !shape.bf16_weights {
-        let bf16 = TrainShape {
+    if shape.lora.is_none() {
+        // bf16 weights with compensated updates where they fit, else with stochastic rounding
+        // (a bf16 value a parameter less).
+        let dtype = if shape.bf16_products {
+            ""
+        } else {
+            "dtype: bf16, "
+        };
+        let rounded = |rounding| TrainShape {
             bf16_products: true,
             bf16_weights: true,
+            bf16_rounding: rounding,
             gradient_checkpointing: true,
             ..shape.clone()
         };
-        let change = if shape.bf16_products {
-            "weights: bf16, gradient_checkpointing: true"
-        } else {
-            "dtype: bf16, weights: bf16, gradient_checkpointing: true"
-        };
-        if let Some(m) = largest(&bf16).filter(|&m| better(m) || plain.is_none()) {
-            advice.push(with_micro(change, m));
+        let compensated = (!shape.bf16_weights)
+            .then(|| largest(&rounded(Bf16Rounding::Compensated)))
+            .flatten()
+            .filter(|&m| better(m) || plain.is_none());
+        let stochastic = (shape.bf16_rounding == Bf16Rounding::Compensated)
+            .then(|| largest(&rounded(Bf16Rounding::Stochastic)))
+            .flatten()
+            .filter(|&m| compensated.is_none_or(|c| m > c) && (better(m) || plain.is_none()));
+        if let Some(m) = compensated {
+            let change = format!("{dtype}weights: bf16, gradient_checkpointing: true");
+            advice.push(with_micro(&change, m));
+        }
+        if let Some(m) = stochastic {
+            let change = format!(
+                "{dtype}weights: bf16, bf16_rounding: stochastic, gradient_checkpointing: true"
+            );
+            advice.push(with_micro(&change, m));
+        }
+    }
+    if shape.on_gpu {
+        // More GPUs share out the optimizer state: the fewest (up to 8) at which the settings
+        // as they are fit.
+        let more = (1..=3)
+            .map(|doublings| shape.replicas.max(1) << doublings)
+            .filter(|&n| n <= 8)
+            .find_map(|n| {
+                let wider = TrainShape {
+                    replicas: n,
+                    ..shape.clone()
+                };
+                largest(&wider)
+                    .filter(|&m| better(m) || plain.is_none())
+                    .map(|m| (n, m))
+            });
+        if let Some((n, m)) = more {
+            let names: Vec<String> = (0..n).map(|k| format!("cuda:{k}")).collect();
+            advice.push(with_micro(&format!("devices: [{}]", names.join(", ")), m));
         }
     }
     if shape.lora.is_none() {
@@ -362,6 +416,21 @@ mod tests {
         .unwrap()
     }
 
+    /// Full fine-tuning of one row of 512 tokens under `dtype: bf16` on one GPU.
+    fn full_at_512() -> TrainShape {
+        TrainShape {
+            lora: None,
+            micro_batch_size: 1,
+            seq_len: 512,
+            bf16_products: true,
+            bf16_weights: false,
+            bf16_rounding: Bf16Rounding::Compensated,
+            gradient_checkpointing: false,
+            replicas: 1,
+            on_gpu: true,
+        }
+    }
+
     #[test]
     fn llama2_7b_has_its_published_parameter_count() {
         let (all, _) = parameter_count(&llama2_7b());
@@ -389,6 +458,7 @@ mod tests {
             seq_len: 512,
             bf16_products,
             bf16_weights: false,
+            bf16_rounding: Bf16Rounding::Compensated,
             gradient_checkpointing: true,
             replicas: 1,
             on_gpu: true,
@@ -424,6 +494,7 @@ mod tests {
             seq_len,
             bf16_products: true,
             bf16_weights: false,
+            bf16_rounding: Bf16Rounding::Compensated,
             gradient_checkpointing: true,
             replicas: 1,
             on_gpu: true,
@@ -448,6 +519,7 @@ mod tests {
             seq_len: 1,
             bf16_products: false,
             bf16_weights: false,
+            bf16_rounding: Bf16Rounding::Compensated,
             gradient_checkpointing: false,
             replicas: 1,
             on_gpu: true,
@@ -467,6 +539,7 @@ mod tests {
             seq_len: 512,
             bf16_products: true,
             bf16_weights,
+            bf16_rounding: Bf16Rounding::Compensated,
             gradient_checkpointing: true,
             replicas: 1,
             on_gpu: true,
@@ -488,19 +561,81 @@ mod tests {
         assert!(gib(f32.total) > 100.0, "{}", gib(f32.total));
         assert!(gib(bf16.total) < 74.0, "{}", gib(bf16.total));
         assert!(gib(plan_training(&cfg, &shape(true, 2)).total) > 80.0);
+        // Stochastic rounding keeps no compensation: 2 bytes a projection parameter less, and
+        // the whole run within 72 GB.
+        let stochastic = plan_training(
+            &cfg,
+            &TrainShape {
+                bf16_rounding: Bf16Rounding::Stochastic,
+                ..shape(true, 1)
+            },
+        );
+        assert_eq!(bf16.optimizer - stochastic.optimizer, 2 * p);
+        assert_eq!(bf16.total - stochastic.total, 2 * p);
+        assert!(stochastic.total <= 72_000_000_000, "{}", stochastic.total);
+    }
+
+    #[test]
+    fn four_80_gb_gpus_hold_the_published_alpaca_recipe_with_a_fifth_to_spare() {
+        // Stanford Alpaca: full fine-tuning of 7B at 512 tokens in bf16 on 4 × A100 80 GB.
+        let shape = |replicas| TrainShape {
+            bf16_weights: true,
+            gradient_checkpointing: true,
+            replicas,
+            ..full_at_512()
+        };
+        let cfg = llama2_7b();
+        let (one, four) = (
+            plan_training(&cfg, &shape(1)),
+            plan_training(&cfg, &shape(4)),
+        );
+        // Each GPU keeps a quarter of the optimizer state and of the summed gradients, besides
+        // its replica's weights, gradients and activations.
+        assert_eq!(four.optimizer, one.optimizer.div_ceil(4));
+        assert_eq!(four.gradients, one.gradients + one.gradients.div_ceil(4));
+        assert_eq!(
+            (four.weights, four.activations),
+            (one.weights, one.activations)
+        );
+        let gpu = 80u64 << 30;
+        assert!(four.total * 5 <= gpu * 4, "{} GiB", four.total >> 30);
+        // Every replica holding all of the optimizer state would leave no such room.
+        assert!((four.total - four.optimizer + one.optimizer) * 5 > gpu * 4);
+    }
+
+    #[test]
+    fn advice_offers_more_gpus_when_sharing_the_optimizer_state_out_fits() {
+        let cfg = llama2_7b();
+        let shape = TrainShape {
+            bf16_weights: true,
+            gradient_checkpointing: true,
+            ..full_at_512()
+        };
+        // 73 GiB on one GPU; 61 GiB without the compensation, or a GPU on two.
+        let advice = what_would_fit(&cfg, &shape, 8, 70 << 30);
+        assert_eq!(
+            advice,
+            [
+                "weights: bf16, bf16_rounding: stochastic, gradient_checkpointing: true",
+                "devices: [cuda:0, cuda:1]",
+                "method: lora"
+            ]
+        );
+        // On a CPU, replicas share one memory: more of them never help.
+        let cpu = TrainShape {
+            on_gpu: false,
+            ..shape
+        };
+        assert!(!what_would_fit(&cfg, &cpu, 8, 70 << 30)
+            .iter()
+            .any(|a| a.starts_with("devices")));
     }
 
     #[test]
     fn checkpointing_and_lora_shrink_the_plan_and_batch_grows_it() {
         let base = TrainShape {
-            lora: None,
             micro_batch_size: 4,
-            seq_len: 512,
-            bf16_products: true,
-            bf16_weights: false,
-            gradient_checkpointing: false,
-            replicas: 1,
-            on_gpu: true,
+            ..full_at_512()
         };
         let cfg = llama2_7b();
         let full = plan_training(&cfg, &base);
@@ -538,22 +673,18 @@ mod tests {
     fn advice_names_settings_that_fit_and_none_that_do_not() {
         let cfg = llama2_7b();
         let shape = TrainShape {
-            lora: None,
             micro_batch_size: 8,
-            seq_len: 512,
-            bf16_products: true,
-            bf16_weights: false,
-            gradient_checkpointing: false,
-            replicas: 1,
-            on_gpu: true,
+            ..full_at_512()
         };
         // An 80 GB card cannot hold full fine-tuning with f32 weights (108 GB of states
-        // alone), but can with bf16 weights at micro-batch 1, or LoRA …
+        // alone), but can with bf16 weights at micro-batch 1, at 2 with stochastic rounding,
+        // or LoRA …
         let advice = what_would_fit(&cfg, &shape, 8, 80 << 30);
         assert_eq!(
             advice,
             [
                 "weights: bf16, gradient_checkpointing: true, micro_batch_size: 1",
+                "weights: bf16, bf16_rounding: stochastic, gradient_checkpointing: true, micro_batch_size: 2",
                 "method: lora, micro_batch_size: 4"
             ],
         );
@@ -598,6 +729,7 @@ mod tests {
                         seq_len: 512,
                         bf16_products: false,
                         bf16_weights: false,
+                        bf16_rounding: Bf16Rounding::Compensated,
                         gradient_checkpointing: false,
                         replicas: 1,
                         on_gpu: true,

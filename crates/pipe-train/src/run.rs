@@ -27,7 +27,9 @@ use crate::heldout::{
 };
 use crate::nodes::{Agreement, NodeError, NodeGroup, NodeRole};
 use crate::schedule::{Decay, Schedule};
-use crate::step::{adamw, train_step_on_nodes, AdamWSettings, MicroBatch, Optim, Packing};
+use crate::step::{
+    adamw, optimizer_owners, train_step_on_nodes, AdamWSettings, MicroBatch, Optim, Packing,
+};
 use crate::tensorboard::EventWriter;
 
 /// Where the weights to start from come from.
@@ -698,6 +700,15 @@ fn train_as_node<B: AutodiffBackend>(
         .keep_frozen_projections_in_bf16();
     if spec.bf16_weights {
         model = model.keep_trainable_projections_in_bf16();
+    }
+    if devices.len() > 1 && state.step > 0 {
+        // A resumed run read every state onto the first device; each goes to its owner now,
+        // before the first step's activations and gradients join them there.
+        let owners = optimizer_owners(&model, devices.len());
+        let record = crate::optimizer::place_states::<B, CausalLm<B>>(optim.to_record(), |id| {
+            owners.get(&id).map(|&k| devices[k].clone())
+        });
+        optim = adamw::<B>(&spec.adamw).load_record(record);
     }
     let resumed_from_step = state.step;
     let tokens_at_start = state.tokens;

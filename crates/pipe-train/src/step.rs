@@ -1,7 +1,9 @@
 //! One optimizer step over an effective batch of micro-batches: token-exact loss
 //! normalisation across them, global-norm gradient clipping, AdamW.
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use std::collections::HashMap;
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
@@ -9,7 +11,7 @@ use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
 use pipe_model::{shifted_cross_entropy, CausalLm};
 
 use crate::nodes::{NodeError, NodeGroup};
-use crate::optimizer::{compensated_adamw, CompensatedAdamW};
+use crate::optimizer::{compensated_adamw, Bf16Rounding, CompensatedAdamW};
 use serde::{Deserialize, Serialize};
 
 /// Token ids and labels (-100: not learned) of one micro-batch, `[batch][seq]`.
@@ -48,6 +50,9 @@ pub struct AdamWSettings {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// How updates of bf16 weights are rounded (f32 weights are not rounded).
+    #[serde(default)]
+    pub bf16_rounding: Bf16Rounding,
 }
 
 impl Default for AdamWSettings {
@@ -57,6 +62,7 @@ impl Default for AdamWSettings {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            bf16_rounding: Bf16Rounding::Compensated,
         }
     }
 }
@@ -99,9 +105,10 @@ pub fn train_step<B: AutodiffBackend>(
 
 /// [`train_step`] with data parallelism: one replica of the model per entry of `replicas` (a
 /// device may appear more than once: two replicas on the CPU use both its cores), micro-batch
-/// `i` runs on replica `i % replicas.len()`, and the gradients are summed on the model's own
-/// device in replica order before the one update. With one replica this is `train_step` itself,
-/// bit for bit; with more, the sum runs in another order (equal to float rounding).
+/// `i` runs on replica `i % replicas.len()`, and each parameter's gradients are summed in
+/// replica order on the device of the replica that owns it ([`optimizer_owners`]), where its
+/// AdamW state lives and its update runs. With one replica this is `train_step` itself, bit for
+/// bit; with more, the sum runs in another order (equal to float rounding).
 pub fn train_step_parallel<B: AutodiffBackend>(
     model: CausalLm<B>,
     optim: &mut Optim<B>,
@@ -134,41 +141,60 @@ pub fn train_step_on_nodes<B: AutodiffBackend>(
     let all = nodes * local;
     // The micro-batches of each of this node's replicas.
     let mine = |j: usize| batches.iter().skip(rank * local + j).step_by(all);
-    let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let mut loss = 0f64;
-    if local == 1 || batches.len() <= 1 {
-        let (grads, part) = forward_backward(&model, mine(0), total);
-        loss += part;
-        acc.accumulate(&model, grads);
-    } else {
-        let n = local.min(batches.len());
-        let results: Vec<(GradientsParams, f64)> = std::thread::scope(|scope| {
-            let workers: Vec<_> = replicas[..n]
-                .iter()
-                .enumerate()
-                .map(|(w, replica_device)| {
-                    // A fork is a fresh leaf per parameter (same ids), so each replica's graph
-                    // is its own and the backward passes do not wait for one another.
-                    let replica = model.clone().fork(replica_device);
-                    let batches = mine(w);
-                    scope.spawn(move || forward_backward(&replica, batches, total))
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().expect("a training replica panicked"))
-                .collect()
-        });
-        for (grads, part) in results {
+    // With several replicas, each trainable parameter's summed gradient and AdamW state live
+    // on one replica's device (ZeRO stage 1), and its update runs there.
+    let owners = (local > 1).then(|| optimizer_owners(&model, local));
+    let mut grads = match &owners {
+        None => {
+            let (grads, part) = forward_backward(&model, mine(0), total);
             loss += part;
-            acc.accumulate(&model, grads.to_device(&device, &model));
+            let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
+            acc.accumulate(&model, grads);
+            acc.grads()
         }
-    }
-    let mut grads = acc.grads();
+        Some(owners) => {
+            let n = local.min(batches.len()).max(1);
+            let results: Vec<(GradientsParams, f64)> = std::thread::scope(|scope| {
+                let workers: Vec<_> = replicas[..n]
+                    .iter()
+                    .enumerate()
+                    .map(|(w, replica_device)| {
+                        // A fork is a fresh leaf per parameter (same ids), so each replica's
+                        // graph is its own and the backward passes do not wait for one another.
+                        let replica = model.clone().fork(replica_device);
+                        let batches = mine(w);
+                        scope.spawn(move || forward_backward(&replica, batches, total))
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().expect("a training replica panicked"))
+                    .collect()
+            });
+            let mut per_replica = Vec::with_capacity(results.len());
+            for (grads, part) in results {
+                loss += part;
+                per_replica.push(grads);
+            }
+            let mut sum = SumAtOwners::<B> {
+                per_replica,
+                owners,
+                devices: replicas,
+                sums: GradientsParams::new(),
+            };
+            model.visit(&mut sum);
+            sum.sums
+        }
+    };
     if let Some(group) = group {
         let mut sum = SumOverNodes::<B> {
             grads: &mut grads,
             group,
+            owners: owners.as_ref().map(|owners| Placement {
+                owners,
+                devices: replicas,
+            }),
             error: None,
             _b: std::marker::PhantomData,
         };
@@ -191,7 +217,12 @@ pub fn train_step_on_nodes<B: AutodiffBackend>(
             });
         }
     }
-    let model = optim.step(lr, model, grads);
+    let mut model = optim.step(lr, model, grads);
+    if owners.is_some() {
+        // Each update ran where its parameter's state lives; the weights come back together
+        // on the model's device, from which the next step's replicas are forked.
+        model = model.fork(&device);
+    }
     Ok((
         model,
         StepStats {
@@ -202,6 +233,89 @@ pub fn train_step_on_nodes<B: AutodiffBackend>(
     ))
 }
 
+/// Which of `replicas` replicas owns each trainable parameter: keeps its summed gradient and
+/// its AdamW state, and runs its update (ZeRO stage 1, at the granularity of whole parameters).
+/// The largest parameters are placed first, each on the replica with the fewest parameters so
+/// far (ties: the lowest index), so every replica holds close to its share of the optimizer
+/// state: at most one parameter more than an even split. The placement depends only on the
+/// model's shapes and `replicas`, so every step and every resumed run places the same way.
+pub fn optimizer_owners<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    replicas: usize,
+) -> HashMap<ParamId, usize> {
+    struct Trainable(Vec<(ParamId, usize)>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let value = p.val();
+            if value.is_require_grad() {
+                self.0.push((p.id, value.shape().num_elements()));
+            }
+        }
+    }
+    let mut trainable = Trainable(Vec::new());
+    model.visit(&mut trainable);
+    let mut params: Vec<(usize, ParamId, usize)> = trainable
+        .0
+        .into_iter()
+        .enumerate()
+        .map(|(order, (id, size))| (order, id, size))
+        .collect();
+    // Largest first; equal sizes in the model's order.
+    params.sort_by_key(|&(order, _, size)| (std::cmp::Reverse(size), order));
+    let mut load = vec![0usize; replicas.max(1)];
+    params
+        .into_iter()
+        .map(|(_, id, size)| {
+            let lightest = (0..load.len()).min_by_key(|&k| (load[k], k)).unwrap_or(0);
+            load[lightest] += size;
+            (id, lightest)
+        })
+        .collect()
+}
+
+/// Each trainable parameter's owner ([`optimizer_owners`]) and the replicas' devices.
+struct Placement<'a, B: AutodiffBackend> {
+    owners: &'a HashMap<ParamId, usize>,
+    devices: &'a [B::Device],
+}
+
+impl<B: AutodiffBackend> Placement<'_, B> {
+    fn device_of(&self, id: ParamId) -> Option<B::Device> {
+        self.owners.get(&id).map(|&k| self.devices[k].clone())
+    }
+}
+
+/// Sums each owned parameter's gradients over the replicas, in replica order, on its owner's
+/// device, taking them out of the replicas' sets one parameter at a time.
+struct SumAtOwners<'a, B: AutodiffBackend> {
+    per_replica: Vec<GradientsParams>,
+    owners: &'a HashMap<ParamId, usize>,
+    devices: &'a [B::Device],
+    sums: GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SumAtOwners<'_, B> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        let Some(&owner) = self.owners.get(&p.id) else {
+            return;
+        };
+        let device = &self.devices[owner];
+        let mut sum: Option<Tensor<B::InnerBackend, D>> = None;
+        for grads in &mut self.per_replica {
+            if let Some(g) = grads.remove::<B::InnerBackend, D>(p.id) {
+                let g = g.to_device(device);
+                sum = Some(match sum {
+                    Some(s) => s + g,
+                    None => g,
+                });
+            }
+        }
+        if let Some(sum) = sum {
+            self.sums.register::<B::InnerBackend, D>(p.id, sum);
+        }
+    }
+}
+
 /// Replaces each gradient by its sum over the nodes, parameter by parameter in the model's
 /// order (the same on every node), so that no second copy of all gradients is ever held. A
 /// node without micro-batches this step (the last, short batch of an epoch) adds zeros; a
@@ -209,6 +323,9 @@ pub fn train_step_on_nodes<B: AutodiffBackend>(
 struct SumOverNodes<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     group: &'a NodeGroup,
+    /// Where each parameter's gradient lives with several replicas; else on the parameter's
+    /// own device.
+    owners: Option<Placement<'a, B>>,
     error: Option<NodeError>,
     _b: std::marker::PhantomData<B>,
 }
@@ -222,7 +339,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SumOverNodes<'_, B> {
         if !value.is_require_grad() {
             return;
         }
-        let (shape, device) = (value.shape(), value.device());
+        let shape = value.shape();
+        let device = self
+            .owners
+            .as_ref()
+            .and_then(|o| o.device_of(p.id))
+            .unwrap_or_else(|| value.device());
         let own = self.grads.remove::<B::InnerBackend, D>(p.id);
         let had = own.is_some();
         // The gradient (zeros if this node has none), then 1 if it has one, else 0.
@@ -320,4 +442,161 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
 /// The model without its autodiff graph, for evaluation.
 pub fn for_inference<B: AutodiffBackend>(model: &CausalLm<B>) -> CausalLm<B::InnerBackend> {
     model.valid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Autodiff;
+    use pipe_model::{init_model, LoraSpec, ModelConfig, Targets};
+
+    type B = Autodiff<pipe_model::CpuBackend>;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::from_json(
+            r#"{"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 64}"#,
+        )
+        .unwrap()
+    }
+
+    /// (id, elements) of every trainable parameter, in the model's order.
+    fn trainable(model: &CausalLm<B>) -> Vec<(ParamId, usize)> {
+        struct Collect(Vec<(ParamId, usize)>);
+        impl ModuleVisitor<B> for Collect {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                if p.val().is_require_grad() {
+                    self.0.push((p.id, p.val().shape().num_elements()));
+                }
+            }
+        }
+        let mut c = Collect(Vec::new());
+        model.visit(&mut c);
+        c.0
+    }
+
+    #[test]
+    fn every_trainable_parameter_has_one_owner_and_the_shares_are_even() {
+        let full: CausalLm<B> = init_model(&tiny(), 3, 0.02, &Default::default(), true);
+        let lora = init_model::<B>(&tiny(), 3, 0.02, &Default::default(), false)
+            .add_lora(
+                &LoraSpec {
+                    r: 4,
+                    alpha: 8.0,
+                    dropout: 0.0,
+                    targets: Targets::AllLinear,
+                    modules_to_save: Vec::new(),
+                },
+                5,
+            )
+            .unwrap();
+        for model in [&full, &lora] {
+            let params = trainable(model);
+            let largest = params.iter().map(|&(_, n)| n).max().unwrap();
+            let all: usize = params.iter().map(|&(_, n)| n).sum();
+            for replicas in [2, 3, 4] {
+                let owners = optimizer_owners(model, replicas);
+                // Only trainable parameters (a LoRA base has no optimizer state), each once.
+                assert_eq!(owners.len(), params.len());
+                assert!(params.iter().all(|(id, _)| owners[id] < replicas));
+                let mut load = vec![0usize; replicas];
+                for (id, n) in &params {
+                    load[owners[id]] += n;
+                }
+                for (k, &l) in load.iter().enumerate() {
+                    assert!(l > 0, "replica {k} of {replicas} owns nothing");
+                    assert!(
+                        l <= all / replicas + largest,
+                        "replica {k} of {replicas}: {l} of {all} (largest {largest})"
+                    );
+                }
+                // Fixed by the shapes: the same on every call (every step, every resume).
+                assert_eq!(owners, optimizer_owners(model, replicas));
+            }
+        }
+        // Full fine-tuning's 21 parameters (9 a layer, embeddings, lm_head, final norm); the
+        // 28 adapters (A and B on 7 projections a layer).
+        assert_eq!(trainable(&full).len(), 2 * 9 + 3);
+        assert_eq!(trainable(&lora).len(), 2 * 7 * 2);
+    }
+
+    fn batch(seed: i64) -> MicroBatch {
+        let row = |r: i64| -> Vec<i64> { (0..12).map(|t| (seed * 7 + r * 3 + t) % 40).collect() };
+        let input_ids = vec![row(0), row(1)];
+        let mut labels = input_ids.clone();
+        labels[0][..4].fill(-100);
+        MicroBatch {
+            input_ids,
+            labels,
+            attention_mask: None,
+            packing: None,
+        }
+    }
+
+    /// Sharding moves where each sum and update runs, not what it computes: two replicas'
+    /// step equals summing both micro-batches' gradients in one place and one plain update, bit
+    /// for bit, and leaves one AdamW state per trainable parameter.
+    #[test]
+    fn a_sharded_step_makes_the_update_of_an_unsharded_one() {
+        let model: CausalLm<B> = init_model(&tiny(), 3, 0.02, &Default::default(), true);
+        let batches = [batch(1), batch(2), batch(3), batch(4)];
+        let settings = AdamWSettings {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let device = Default::default();
+
+        let mut sharded_optim = adamw::<B>(&settings);
+        let mut sharded = model.clone();
+        for _ in 0..2 {
+            (sharded, _) = train_step_parallel(
+                sharded,
+                &mut sharded_optim,
+                &batches,
+                &[device, device],
+                1e-2,
+                Some(1.0),
+            );
+        }
+
+        let mut plain_optim = adamw::<B>(&settings);
+        let mut plain = model;
+        let total: usize = batches.iter().map(MicroBatch::target_tokens).sum();
+        for _ in 0..2 {
+            let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
+            for replica in 0..2 {
+                let fork = plain.clone().fork(&device);
+                let (grads, _) =
+                    forward_backward(&fork, batches.iter().skip(replica).step_by(2), total);
+                acc.accumulate(&plain, grads);
+            }
+            let mut grads = acc.grads();
+            let coef = 1.0 / (global_norm(&plain, &grads) + 1e-6);
+            if coef < 1.0 {
+                plain.visit(&mut Scale::<B> {
+                    grads: &mut grads,
+                    factor: coef,
+                    _b: std::marker::PhantomData,
+                });
+            }
+            plain = plain_optim.step(1e-2, plain, grads);
+        }
+        let values = |m: &CausalLm<B>| -> Vec<u32> {
+            struct Bits(Vec<u32>);
+            impl ModuleVisitor<B> for Bits {
+                fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                    let v = p.val().into_data().to_vec::<f32>().unwrap();
+                    self.0.extend(v.iter().map(|x| x.to_bits()));
+                }
+            }
+            let mut b = Bits(Vec::new());
+            m.visit(&mut b);
+            b.0
+        };
+        assert_eq!(values(&sharded), values(&plain));
+        assert_eq!(sharded_optim.to_record().len(), trainable(&sharded).len());
+        // The weights came back as trainable leaves.
+        assert_eq!(trainable(&sharded).len(), trainable(&plain).len());
+    }
 }

@@ -10,8 +10,8 @@ use burn::tensor::backend::AutodiffBackend;
 use pipe_data::dataset::{write, Dataset};
 use pipe_model::{CausalLm, LoraSpec, MatmulPrecision, Targets};
 use pipe_train::{
-    train, AdamWSettings, BaseModel, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method, Splits,
-    TrainError, TrainSpec,
+    train, AdamWSettings, BaseModel, Bf16Rounding, DataMeta, Decay, Dirs, EvalSettings, Hooks,
+    Method, Splits, TrainError, TrainSpec,
 };
 
 mod support;
@@ -370,26 +370,39 @@ fn mixed_precision_resumes_bit_identically_and_tracks_f32() {
     }
 }
 
-/// Full fine-tuning with its projections, their gradients and AdamW's state in bf16
-/// (compensated updates) resumes bit for bit, on one replica and on two.
+/// Full fine-tuning with its projections, their gradients and AdamW's state in bf16 resumes
+/// bit for bit, on one replica and on two, with compensated updates and with stochastic
+/// rounding (whose draws a resumed run repeats).
 #[test]
 fn bf16_weights_resume_bit_identically() {
-    let s = TrainSpec {
-        matmul_precision: MatmulPrecision::Bf16,
-        bf16_weights: true,
-        ..spec(Method::Full)
-    };
-    for replicas in [1, 2] {
-        check_on(s.clone(), "model/model.safetensors", replicas);
+    for bf16_rounding in [Bf16Rounding::Compensated, Bf16Rounding::Stochastic] {
+        let s = TrainSpec {
+            matmul_precision: MatmulPrecision::Bf16,
+            bf16_weights: true,
+            adamw: AdamWSettings {
+                bf16_rounding,
+                ..AdamWSettings::default()
+            },
+            ..spec(Method::Full)
+        };
+        for replicas in [1, 2] {
+            check_on(s.clone(), "model/model.safetensors", replicas);
+        }
     }
 }
 
-/// Over 200 steps, bf16 weights with compensated updates train to the loss of f32 weights
-/// within 1%, at a learning rate where the model learns fast and at one whose updates (about
-/// 1e-4 on weights of about 0.02) are near half a bf16 step, which plain rounding would drop.
+/// Over 200 steps, bf16 weights train to the loss of f32 weights within 1%, with compensated
+/// updates and with stochastic rounding, at a learning rate where the model learns fast and at
+/// one whose updates (about 1e-4 on weights of about 0.02) are near half a bf16 step, which
+/// plain rounding would drop.
 #[test]
 fn bf16_weights_train_to_the_f32_loss_within_one_percent_over_200_steps() {
-    for lr in [1e-3, 1e-4] {
+    for (lr, bf16_rounding) in [
+        (1e-3, Bf16Rounding::Compensated),
+        (1e-4, Bf16Rounding::Compensated),
+        (1e-3, Bf16Rounding::Stochastic),
+        (1e-4, Bf16Rounding::Stochastic),
+    ] {
         let long = |precision, bf16_weights| TrainSpec {
             lr,
             epochs: 100,
@@ -397,6 +410,10 @@ fn bf16_weights_train_to_the_f32_loss_within_one_percent_over_200_steps() {
             save_steps: None,
             matmul_precision: precision,
             bf16_weights,
+            adamw: AdamWSettings {
+                bf16_rounding,
+                ..AdamWSettings::default()
+            },
             ..spec(Method::Full)
         };
         let final_loss = |s: TrainSpec| {
@@ -418,11 +435,11 @@ fn bf16_weights_train_to_the_f32_loss_within_one_percent_over_200_steps() {
         let (f32_loss, first) = final_loss(long(MatmulPrecision::F32, false));
         let (mixed, _) = final_loss(long(MatmulPrecision::Bf16, false));
         let (bf16, _) = final_loss(long(MatmulPrecision::Bf16, true));
-        eprintln!("lr {lr}: loss {first:.5} at the first step; over the last 20 of 200: f32 {f32_loss:.5}, bf16 products {mixed:.5}, bf16 weights {bf16:.5} ({:+.3}%)", 100.0 * (bf16 - f32_loss) / f32_loss);
+        eprintln!("lr {lr}, {bf16_rounding:?}: loss {first:.5} at the first step; over the last 20 of 200: f32 {f32_loss:.5}, bf16 products {mixed:.5}, bf16 weights {bf16:.5} ({:+.3}%)", 100.0 * (bf16 - f32_loss) / f32_loss);
         assert!(bf16 < 0.97 * first, "it must learn: {first} -> {bf16}");
         assert!(
             (bf16 - f32_loss).abs() < 0.01 * f32_loss,
-            "lr {lr}: bf16 weights {bf16} vs f32 {f32_loss}"
+            "lr {lr}, {bf16_rounding:?}: bf16 weights {bf16} vs f32 {f32_loss}"
         );
     }
 }
