@@ -24,7 +24,7 @@ pub use config::{Activation, ConfigError, LayerType, ModelConfig, NormStyle};
 pub use family::Family;
 pub use load::{load_model, load_model_with, Checkpoint};
 pub use lora::{LoraSpec, Targets};
-pub use model::{shifted_cross_entropy, CausalLm, KvCache, MatmulPrecision};
+pub use model::{shifted_cross_entropy, CausalLm, KvCache, LayerContext, MatmulPrecision, Rows};
 pub use rope::{RopeConfig, RopeScaling};
 pub use save::{init_model, SaveDtype};
 

@@ -827,6 +827,24 @@ pub struct CausalLm<B: Backend> {
     pub config: ModelConfig,
 }
 
+/// How the rows of a forward call are laid out.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// One sequence a row from position 0; `attention_mask` `[batch, seq]`: 1 for tokens, 0
+    /// for padding (see [`CausalLm::forward`]).
+    Plain {
+        attention_mask: Option<&'a [Vec<u8>]>,
+    },
+    /// Several sequences a row (see [`CausalLm::hidden_packed`]).
+    Packed {
+        positions: &'a [Vec<usize>],
+        segments: &'a [Vec<i32>],
+    },
+}
+
+/// What every layer of one forward call shares, built once ([`CausalLm::layer_context`]).
+pub struct LayerContext<B: Backend>(CallContext<B>);
+
 /// What every layer of one forward call shares: each kind of layer's rotary tables and mask.
 struct CallContext<B: Backend> {
     rope: RopeTables<B>,
@@ -969,15 +987,6 @@ impl<B: Backend> CausalLm<B> {
     /// The token embeddings of `input_ids` `[batch, seq]` → `[batch, seq, hidden]`, scaled by
     /// √hidden_size where the family does (Gemma, with the factor rounded to f32 as
     /// transformers casts it to the activations' dtype).
-    fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
-        if self.config.scale_embeddings {
-            x * ((self.config.hidden_size as f64).sqrt() as f32)
-        } else {
-            x
-        }
-    }
-
     fn run_layers(
         &self,
         mut x: Tensor<B, 3>,
@@ -1019,16 +1028,8 @@ impl<B: Backend> CausalLm<B> {
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<&[Vec<u8>]>,
     ) -> Tensor<B, 3> {
-        let [b, s] = input_ids.dims();
-        let device = input_ids.device();
-        let cx = CallContext::new(
-            &self.config,
-            &[(0..s).collect()],
-            s,
-            |window| additive_mask::<B>(b, s, 0, attention_mask, window, &device),
-            &device,
-        );
-        self.run_layers(self.embed(input_ids), &cx, None)
+        let cx = self.layer_context(Rows::Plain { attention_mask }, &input_ids);
+        self.run_layers(self.embed(input_ids), &cx.0, None)
     }
 
     /// [`Self::hidden`] for rows that hold several sequences side by side (packed):
@@ -1043,28 +1044,87 @@ impl<B: Backend> CausalLm<B> {
         positions: &[Vec<usize>],
         segments: &[Vec<i32>],
     ) -> Tensor<B, 3> {
+        let cx = self.layer_context(
+            Rows::Packed {
+                positions,
+                segments,
+            },
+            &input_ids,
+        );
+        self.run_layers(self.embed(input_ids), &cx.0, None)
+    }
+
+    /// What every layer of a forward call over `input_ids` (`[batch, seq]`) laid out as `rows`
+    /// shares — rotary tables and masks — for running the layers one at a time
+    /// ([`Self::layer_forward`]), as training does when it recomputes them.
+    pub fn layer_context(&self, rows: Rows<'_>, input_ids: &Tensor<B, 2, Int>) -> LayerContext<B> {
         let [b, s] = input_ids.dims();
         let device = input_ids.device();
-        let end = positions.iter().flatten().max().map_or(0, |p| p + 1);
-        let mask = |window: Option<usize>| {
-            let mut m = vec![f32::MIN; b * s * s];
-            for (bi, seg) in segments.iter().enumerate() {
-                let pos = &positions[bi];
-                for i in 0..s {
-                    for j in 0..=i {
-                        let in_window = window.is_none_or(|w| pos[i] < pos[j] + w);
-                        let visible = seg[i] >= 0 && (seg[j] == seg[i] || seg[j] == 0) && in_window;
-                        // Padding sees itself, so that its (unused) softmax stays finite.
-                        if visible || i == j {
-                            m[(bi * s + i) * s + j] = 0.0;
+        let cx = match rows {
+            Rows::Plain { attention_mask } => CallContext::new(
+                &self.config,
+                &[(0..s).collect()],
+                s,
+                |window| additive_mask::<B>(b, s, 0, attention_mask, window, &device),
+                &device,
+            ),
+            Rows::Packed {
+                positions,
+                segments,
+            } => {
+                let end = positions.iter().flatten().max().map_or(0, |p| p + 1);
+                let mask = |window: Option<usize>| {
+                    let mut m = vec![f32::MIN; b * s * s];
+                    for (bi, seg) in segments.iter().enumerate() {
+                        let pos = &positions[bi];
+                        for i in 0..s {
+                            for j in 0..=i {
+                                let in_window = window.is_none_or(|w| pos[i] < pos[j] + w);
+                                let visible =
+                                    seg[i] >= 0 && (seg[j] == seg[i] || seg[j] == 0) && in_window;
+                                // Padding sees itself, so that its (unused) softmax stays
+                                // finite.
+                                if visible || i == j {
+                                    m[(bi * s + i) * s + j] = 0.0;
+                                }
+                            }
                         }
                     }
-                }
+                    Tensor::<B, 4>::from_data(TensorData::new(m, [b, 1, s, s]), &device)
+                };
+                CallContext::new(&self.config, positions, end, mask, &device)
             }
-            Tensor::<B, 4>::from_data(TensorData::new(m, [b, 1, s, s]), &device)
         };
-        let cx = CallContext::new(&self.config, positions, end, mask, &device);
-        self.run_layers(self.embed(input_ids), &cx, None)
+        LayerContext(cx)
+    }
+
+    /// The token embeddings (scaled where the family does): `[batch, seq]` →
+    /// `[batch, seq, hidden]`, the first layer's input.
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
+        if self.config.scale_embeddings {
+            x * ((self.config.hidden_size as f64).sqrt() as f32)
+        } else {
+            x
+        }
+    }
+
+    /// Layer `index` alone: `[batch, seq, hidden]` → same.
+    pub fn layer_forward(
+        &self,
+        index: usize,
+        x: Tensor<B, 3>,
+        cx: &LayerContext<B>,
+    ) -> Tensor<B, 3> {
+        let layer = &self.layers[index];
+        let (rope, mask) = cx.0.for_layer(layer.layer_type);
+        layer.forward(x, rope, mask, None)
+    }
+
+    /// The norm after the last layer: `[batch, seq, hidden]` → same, the input of
+    /// [`Self::logits`].
+    pub fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.norm.forward(x)
     }
 
     /// The output projection: `[batch, seq, hidden]` → logits `[batch, seq, vocab]`

@@ -18,13 +18,12 @@
 //!   epochs: 3                    # or max_steps
 //!   batch_size: 128              # per optimizer step = micro_batch_size × accumulation
 //!   micro_batch_size: 4
-//!   gradient_checkpointing: true # less memory: recompute elementwise results in backward
+//!   gradient_checkpointing: true # less memory: recompute each layer in the backward pass
 //!   device: cpu                  # or cuda, cuda:N; `devices: [cuda:0, cuda:1]` (or
 //!                                # `[cpu, cpu]`): data parallel, one replica per entry
 //! ```
 
 use anyhow::{anyhow, bail};
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use pipe_core::diag::{FieldError, FieldPath, Target};
 use pipe_core::{
@@ -164,9 +163,9 @@ struct Fields {
     /// `cpu`, or `cuda[:N]` (builds with the `cuda` feature).
     #[serde(default)]
     device: Option<String>,
-    /// Recompute cheap intermediate results (elementwise ops, norms, softmax) in the backward
-    /// pass instead of keeping them from the forward pass: less memory, a little more time,
-    /// the same weights.
+    /// Keep only each layer's input from the forward pass and recompute one layer at a time
+    /// in the backward pass: one layer's intermediate results held instead of all of them, a
+    /// third more time, the same weights.
     #[serde(default)]
     gradient_checkpointing: bool,
     /// Data parallelism: one replica per entry, e.g. `[cuda:0, cuda:1]`, or `[cpu, cpu]` to
@@ -509,6 +508,7 @@ impl StageKind for TrainKind {
                 Dtype::Bf16 => MatmulPrecision::Bf16,
             },
             bf16_weights: f.weights == Dtype::Bf16,
+            gradient_checkpointing: f.gradient_checkpointing,
             eval: EvalSettings {
                 every: f.eval_steps,
                 keep_best: f.keep == Keep::Best,
@@ -798,16 +798,11 @@ impl TrainStage {
                 )
             };
         }
-        let checkpointing = self.fields.gradient_checkpointing;
         let result = match devices[0] {
             Device::Cpu => {
                 use pipe_model::CpuBackend;
                 let replicas = vec![Default::default(); devices.len()];
-                if checkpointing {
-                    train_on!(Autodiff<CpuBackend, BalancedCheckpointing>, &replicas)
-                } else {
-                    train_on!(Autodiff<CpuBackend>, &replicas)
-                }
+                train_on!(Autodiff<CpuBackend>, &replicas)
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => {
@@ -820,11 +815,7 @@ impl TrainStage {
                     })
                     .collect();
                 // bf16 is mixed precision (`spec.matmul_precision`) on f32 parameters.
-                if checkpointing {
-                    train_on!(Autodiff<Cuda<f32, i32>, BalancedCheckpointing>, &gpus)
-                } else {
-                    train_on!(Autodiff<Cuda<f32, i32>>, &gpus)
-                }
+                train_on!(Autodiff<Cuda<f32, i32>>, &gpus)
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => unreachable!("Device::open refuses cuda without the feature"),

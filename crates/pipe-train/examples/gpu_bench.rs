@@ -22,7 +22,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
@@ -33,7 +32,8 @@ use pipe_train::memory::{plan_training, LoraShape, TrainShape};
 use pipe_train::step::for_inference;
 use pipe_train::Bf16Rounding;
 use pipe_train::{
-    adamw, train_step, train_step_parallel, AdamWSettings, Decay, MicroBatch, Schedule,
+    adamw, train_step, train_step_on_nodes, AdamWSettings, Decay, MicroBatch, Schedule,
+    StepSettings,
 };
 use serde_json::{json, Value};
 
@@ -57,23 +57,14 @@ fn main() {
         Some("throughput") => arg(1),
         _ => usage(),
     };
-    let checkpointing = args.iter().any(|a| a == "checkpointing");
-    match (device, checkpointing) {
-        ("cpu", false) => dispatch::<Autodiff<pipe_model::CpuBackend>>(&args, Default::default()),
-        ("cpu", true) => dispatch::<Autodiff<pipe_model::CpuBackend, BalancedCheckpointing>>(
-            &args,
-            Default::default(),
-        ),
+    match device {
+        "cpu" => dispatch::<Autodiff<pipe_model::CpuBackend>>(&args, Default::default()),
         #[cfg(feature = "cuda")]
-        ("cuda" | "cuda:0", false) => dispatch::<Autodiff<burn::backend::Cuda<f32, i32>>>(
+        "cuda" | "cuda:0" => dispatch::<Autodiff<burn::backend::Cuda<f32, i32>>>(
             &args,
             burn::backend::cuda::CudaDevice::new(0),
         ),
-        #[cfg(feature = "cuda")]
-        ("cuda" | "cuda:0", true) => dispatch::<
-            Autodiff<burn::backend::Cuda<f32, i32>, BalancedCheckpointing>,
-        >(&args, burn::backend::cuda::CudaDevice::new(0)),
-        (other, _) => fail(format!(
+        other => fail(format!(
             "device `{other}` is not available in this build (cpu; cuda with --features cuda)"
         )),
     }
@@ -334,8 +325,13 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
             })
             .collect();
         // The loss is read back every step (a device sync), so the clock measures finished work.
+        let settings = StepSettings {
+            recompute_layers: run.checkpointing,
+            ..StepSettings::plain(1e-5, Some(1.0))
+        };
         let (next, stats) =
-            train_step_parallel(model, &mut optim, &micro, &replicas, 1e-5, Some(1.0));
+            train_step_on_nodes(model, &mut optim, &micro, &replicas, None, &settings)
+                .expect("one node");
         model = next;
         loss = stats.loss;
         if !loss.is_finite() {

@@ -14,12 +14,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use pipe_model::{init_model, load_model_with, CausalLm, LoraSpec, ModelConfig, Targets};
-use pipe_train::step::{adamw, train_step_parallel, AdamWSettings, MicroBatch};
+use pipe_train::step::{adamw, train_step_on_nodes, AdamWSettings, MicroBatch, StepSettings};
 
 enum Model {
     Random {
@@ -79,17 +78,16 @@ fn main() {
         replicas: args.get(rest + 4).map_or(1, |_| num(rest + 4)),
     };
     match args.get(rest + 3).map(String::as_str).unwrap_or("flex") {
-        "flex" => run::<Autodiff<pipe_model::CpuBackend>>(&bench, "flex"),
-        "flex-checkpointing" => run::<Autodiff<pipe_model::CpuBackend, BalancedCheckpointing>>(
-            &bench,
-            "flex, gradient checkpointing",
-        ),
+        "flex" => run::<Autodiff<pipe_model::CpuBackend>>(&bench, "flex", false),
+        "flex-checkpointing" => {
+            run::<Autodiff<pipe_model::CpuBackend>>(&bench, "flex, gradient checkpointing", true)
+        }
         #[cfg(feature = "bench-ndarray")]
-        "ndarray" => run::<Autodiff<burn::backend::NdArray<f32>>>(&bench, "ndarray"),
+        "ndarray" => run::<Autodiff<burn::backend::NdArray<f32>>>(&bench, "ndarray", false),
         // Deprecated in burn 0.21, measured all the same.
         #[cfg(feature = "bench-candle")]
         #[allow(deprecated)]
-        "candle" => run::<Autodiff<burn::backend::Candle<f32, i64>>>(&bench, "candle"),
+        "candle" => run::<Autodiff<burn::backend::Candle<f32, i64>>>(&bench, "candle", false),
         other => {
             eprintln!("backend {other} is not compiled in (features bench-ndarray, bench-candle)");
             std::process::exit(2);
@@ -129,7 +127,7 @@ fn build<B: AutodiffBackend>(model: &Model) -> (CausalLm<B>, usize) {
     }
 }
 
-fn run<B: AutodiffBackend>(bench: &Bench, backend: &str) {
+fn run<B: AutodiffBackend>(bench: &Bench, backend: &str, recompute_layers: bool) {
     let Bench {
         seq,
         batch,
@@ -167,7 +165,12 @@ fn run<B: AutodiffBackend>(bench: &Bench, backend: &str) {
                 packing: None,
             })
             .collect();
-        let (m, stats) = train_step_parallel(model, &mut optim, &micro, &devices, 1e-4, Some(1.0));
+        let settings = StepSettings {
+            recompute_layers,
+            ..StepSettings::plain(1e-4, Some(1.0))
+        };
+        let (m, stats) = train_step_on_nodes(model, &mut optim, &micro, &devices, None, &settings)
+            .expect("one node");
         model = m;
         loss = stats.loss;
     }

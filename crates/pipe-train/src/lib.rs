@@ -7,6 +7,7 @@ pub mod nodes;
 pub mod optimizer;
 pub mod run;
 pub mod schedule;
+pub mod segments;
 pub mod step;
 pub mod tensorboard;
 
@@ -19,7 +20,7 @@ pub use run::{
 pub use schedule::{Decay, Schedule};
 pub use step::{
     adamw, train_step, train_step_on_nodes, train_step_parallel, AdamWSettings, MicroBatch,
-    StepStats,
+    StepSettings, StepStats,
 };
 
 /// Tensors are large allocations, which glibc maps fresh from the kernel and unmaps on free, so

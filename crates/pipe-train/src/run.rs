@@ -29,6 +29,7 @@ use crate::nodes::{Agreement, NodeError, NodeGroup, NodeRole};
 use crate::schedule::{Decay, Schedule};
 use crate::step::{
     adamw, optimizer_owners, train_step_on_nodes, AdamWSettings, MicroBatch, Optim, Packing,
+    StepSettings,
 };
 use crate::tensorboard::EventWriter;
 
@@ -74,6 +75,10 @@ pub struct TrainSpec {
     /// state of them in bf16, updated with compensated summation ([`crate::optimizer`]).
     #[serde(default)]
     pub bf16_weights: bool,
+    /// Recompute each layer in the backward pass instead of keeping its intermediate results
+    /// ([`crate::segments`]): less memory, the same weights, so not part of the result.
+    #[serde(skip)]
+    pub gradient_checkpointing: bool,
     /// Held-out evaluation during training (none by default).
     pub eval: EvalSettings,
 }
@@ -732,6 +737,8 @@ fn train_as_node<B: AutodiffBackend>(
     // The checkpoint resumed from becomes the fallback at the next save: its best stays too.
     let mut best_of_previous_checkpoint = state.eval.best;
     let mut stopped_early = false;
+    // LoRA dropout is the only thing that draws in a pass; without it nothing is seeded.
+    let draws = matches!(&spec.method, Method::Lora(l) if l.dropout > 0.0);
     while state.step < total {
         let step_started = Instant::now();
         // The nodes stop together, at the same step, so that node 0's checkpoint is theirs.
@@ -754,15 +761,14 @@ fn train_as_node<B: AutodiffBackend>(
             .map(|idx| micro_batch(data, idx, meta.pad_token_id))
             .collect();
         let lr = schedule.lr(step);
-        let (m, stats) = train_step_on_nodes(
-            model,
-            &mut optim,
-            &batches,
-            devices,
-            group,
+        let settings = StepSettings {
             lr,
-            spec.max_grad_norm,
-        )?;
+            max_grad_norm: spec.max_grad_norm,
+            recompute_layers: spec.gradient_checkpointing,
+            dropout_seed: draws.then(|| spec.seed.wrapping_add(step.wrapping_mul(1_000_003))),
+        };
+        let (m, stats) =
+            train_step_on_nodes(model, &mut optim, &batches, devices, group, &settings)?;
         model = m;
         if !stats.loss.is_finite() {
             return Err(TrainError::NonFinite {

@@ -7,11 +7,12 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, FloatDType, Int, Tensor, TensorData};
-use pipe_model::{shifted_cross_entropy, CausalLm};
+use burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData};
+use pipe_model::CausalLm;
 
 use crate::nodes::{NodeError, NodeGroup};
 use crate::optimizer::{compensated_adamw, Bf16Rounding, CompensatedAdamW};
+use crate::segments::{micro_batch_gradients, Pass};
 use serde::{Deserialize, Serialize};
 
 /// Token ids and labels (-100: not learned) of one micro-batch, `[batch][seq]`.
@@ -83,12 +84,29 @@ pub fn adamw<B: AutodiffBackend>(s: &AdamWSettings) -> Optim<B> {
     compensated_adamw(s)
 }
 
-fn ids<B: AutodiffBackend>(rows: &[Vec<i64>], device: &B::Device) -> Tensor<B, 2, Int> {
-    let (b, s) = (rows.len(), rows[0].len());
-    Tensor::from_data(
-        TensorData::new(rows.iter().flatten().copied().collect::<Vec<i64>>(), [b, s]),
-        device,
-    )
+/// What a step needs besides the model, its optimizer and its data.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSettings {
+    pub lr: f64,
+    pub max_grad_norm: Option<f64>,
+    /// Recompute each layer in the backward pass instead of keeping its intermediate results
+    /// (gradient checkpointing; [`crate::segments`]).
+    pub recompute_layers: bool,
+    /// Seeds the step's random draws (LoRA dropout), per micro-batch and layer; `None` where
+    /// nothing draws.
+    pub dropout_seed: Option<u64>,
+}
+
+impl StepSettings {
+    /// At `lr`, clipping at `max_grad_norm`, keeping every layer's results, seeding nothing.
+    pub fn plain(lr: f64, max_grad_norm: Option<f64>) -> Self {
+        StepSettings {
+            lr,
+            max_grad_norm,
+            recompute_layers: false,
+            dropout_seed: None,
+        }
+    }
 }
 
 /// Runs forward and backward over `batches` and one AdamW update at `lr`.
@@ -117,7 +135,8 @@ pub fn train_step_parallel<B: AutodiffBackend>(
     lr: f64,
     max_grad_norm: Option<f64>,
 ) -> (CausalLm<B>, StepStats) {
-    train_step_on_nodes(model, optim, batches, replicas, None, lr, max_grad_norm)
+    let settings = StepSettings::plain(lr, max_grad_norm);
+    train_step_on_nodes(model, optim, batches, replicas, None, &settings)
         .expect("one node does not talk to others")
 }
 
@@ -131,23 +150,29 @@ pub fn train_step_on_nodes<B: AutodiffBackend>(
     batches: &[MicroBatch],
     replicas: &[B::Device],
     group: Option<&NodeGroup>,
-    lr: f64,
-    max_grad_norm: Option<f64>,
+    settings: &StepSettings,
 ) -> Result<(CausalLm<B>, StepStats), NodeError> {
+    let (lr, max_grad_norm) = (settings.lr, settings.max_grad_norm);
     let device = model.embed_tokens.val().device();
     let total: usize = batches.iter().map(MicroBatch::target_tokens).sum();
     let local = replicas.len().max(1);
     let (nodes, rank) = group.map_or((1, 0), |g| (g.nodes(), g.rank()));
     let all = nodes * local;
-    // The micro-batches of each of this node's replicas.
-    let mine = |j: usize| batches.iter().skip(rank * local + j).step_by(all);
+    // The micro-batches of each of this node's replicas, with their places in the step.
+    let mine = |j: usize| {
+        batches
+            .iter()
+            .enumerate()
+            .skip(rank * local + j)
+            .step_by(all)
+    };
     let mut loss = 0f64;
     // With several replicas, each trainable parameter's summed gradient and AdamW state live
     // on one replica's device (ZeRO stage 1), and its update runs there.
     let owners = (local > 1).then(|| optimizer_owners(&model, local));
     let mut grads = match &owners {
         None => {
-            let (grads, part) = forward_backward(&model, mine(0), total);
+            let (grads, part) = forward_backward(&model, mine(0), total, settings);
             loss += part;
             let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
             acc.accumulate(&model, grads);
@@ -164,7 +189,7 @@ pub fn train_step_on_nodes<B: AutodiffBackend>(
                         // graph is its own and the backward passes do not wait for one another.
                         let replica = model.clone().fork(replica_device);
                         let batches = mine(w);
-                        scope.spawn(move || forward_backward(&replica, batches, total))
+                        scope.spawn(move || forward_backward(&replica, batches, total, settings))
                     })
                     .collect();
                 workers
@@ -370,28 +395,26 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SumOverNodes<'_, B> {
     }
 }
 
-/// The summed gradients of `batches` on `model`'s device, each micro-batch's loss divided by
-/// the effective batch's `total` target tokens, and the sum of those losses.
+/// The summed gradients of `batches` (each with its place in the step) on `model`'s device,
+/// each micro-batch's loss divided by the effective batch's `total` target tokens, and the sum
+/// of those losses.
 fn forward_backward<'a, B: AutodiffBackend>(
     model: &CausalLm<B>,
-    batches: impl Iterator<Item = &'a MicroBatch>,
+    batches: impl Iterator<Item = (usize, &'a MicroBatch)>,
     total: usize,
+    settings: &StepSettings,
 ) -> (GradientsParams, f64) {
-    let device = model.embed_tokens.val().device();
     let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
     let mut loss = 0f64;
-    for mb in batches {
-        let input_ids = ids::<B>(&mb.input_ids, &device);
-        let logits = match &mb.packing {
-            Some(p) => model.logits(model.hidden_packed(input_ids, &p.positions, &p.segments)),
-            None => model.forward(input_ids, mb.attention_mask.as_deref()),
+    for (place, mb) in batches {
+        let pass = Pass {
+            recompute_layers: settings.recompute_layers,
+            dropout_seed: settings
+                .dropout_seed
+                .map(|seed| seed.wrapping_add((place as u64).wrapping_mul(0x2545_f491_4f6c_dd1d))),
         };
-        let (sum, _) = shifted_cross_entropy(logits, &mb.labels);
-        // Each micro-batch's summed loss over the whole effective batch's token count, so the
-        // accumulated gradient is that of the mean over every target token.
-        let part = sum / total.max(1) as f64;
-        loss += part.clone().into_scalar().elem::<f64>();
-        let grads = GradientsParams::from_grads(part.backward(), model);
+        let (grads, part) = micro_batch_gradients(model, mb, total, pass);
+        loss += part;
         acc.accumulate(model, grads);
     }
     (acc.grads(), loss)
@@ -567,8 +590,12 @@ mod tests {
             let mut acc = GradientsAccumulator::<CausalLm<B>>::new();
             for replica in 0..2 {
                 let fork = plain.clone().fork(&device);
-                let (grads, _) =
-                    forward_backward(&fork, batches.iter().skip(replica).step_by(2), total);
+                let (grads, _) = forward_backward(
+                    &fork,
+                    batches.iter().enumerate().skip(replica).step_by(2),
+                    total,
+                    &StepSettings::plain(1e-2, Some(1.0)),
+                );
                 acc.accumulate(&plain, grads);
             }
             let mut grads = acc.grads();

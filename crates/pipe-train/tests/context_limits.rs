@@ -32,6 +32,7 @@ fn train_error(n: usize, len: usize, pack_to: Option<usize>) -> String {
         save_dtype_bf16: false,
         matmul_precision: Default::default(),
         bf16_weights: false,
+        gradient_checkpointing: false,
         eval: Default::default(),
     };
     assert_eq!(support::tiny_config().max_position_embeddings, 64);

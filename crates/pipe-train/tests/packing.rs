@@ -22,7 +22,11 @@ fn examples() -> Vec<Example> {
 }
 
 /// Trains one step over every unit of the dataset; returns metrics.jsonl's first line.
-fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
+fn one_step(
+    dir: &Path,
+    pack_to: Option<usize>,
+    gradient_checkpointing: bool,
+) -> (serde_json::Value, usize) {
     let file = dir.join("train.safetensors");
     write(&file, &examples(), pack_to, Default::default()).unwrap();
     let data = Dataset::open(&file).unwrap();
@@ -44,6 +48,7 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
         save_dtype_bf16: false,
         matmul_precision: Default::default(),
         bf16_weights: false,
+        gradient_checkpointing,
         eval: Default::default(),
     };
     support::train_small(dir, &data, &spec, &|_, _, _| {}).unwrap();
@@ -54,11 +59,27 @@ fn one_step(dir: &Path, pack_to: Option<usize>) -> (serde_json::Value, usize) {
     )
 }
 
+/// Packed rows recompute their layers (gradient checkpointing) under the same masks and
+/// positions: the same step, bit for bit.
+#[test]
+fn packed_rows_recompute_their_layers_to_the_same_step() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (kept, _) = one_step(a.path(), Some(24), false);
+    let (recomputed, _) = one_step(b.path(), Some(24), true);
+    for k in ["loss", "grad_norm"] {
+        assert_eq!(
+            kept[k].as_f64().unwrap().to_bits(),
+            recomputed[k].as_f64().unwrap().to_bits(),
+            "{k}"
+        );
+    }
+}
+
 #[test]
 fn packed_rows_train_like_their_examples() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (plain, n_plain) = one_step(a.path(), None);
-    let (packed, n_rows) = one_step(b.path(), Some(24));
+    let (plain, n_plain) = one_step(a.path(), None, false);
+    let (packed, n_rows) = one_step(b.path(), Some(24), false);
     assert_eq!(n_plain, 7);
     assert!(n_rows < n_plain, "{n_rows} rows for {n_plain} examples");
     let close = |k: &str, tol: f64| {
