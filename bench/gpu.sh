@@ -21,6 +21,10 @@
 #   (c) the tiny pipeline end to end on `cuda` (wall time, held-out loss, exact match)
 #   (d) multiple-choice scoring (ARC-Easy rows, a random model of SmolLM2-135M's shape):
 #       items/s of pipe's evaluate stage and of the transformers reference, same answers
+#   (e) the memory targets on Llama-2-7B's shape at 512 tokens, when time is left: LoRA r16
+#       at micro-batch 4 with gradient checkpointing (<= 20 GB), full fine-tuning with
+#       `weights: bf16`, stochastic rounding and gradient checkpointing at micro-batch 1
+#       (<= 72 GB): peak GPU memory beside pipe's plan, one timed step each
 #
 # Invocation through the device tool:  run(command="bash bench/gpu.sh run \"$OUT\"",
 #                                          carry=["bench/gpu-stage"], timeout_s=600)
@@ -246,6 +250,10 @@ PYEOF
     && part scoring 150 env PIPE="$BIN/pipe" DEVICE="$DEVICE" EVAL_WORK="$WORK/eval" \
          bash bench/eval.sh "$WORK/scoring-model" "$rows" "$limit" "$PY"
 
+  # (e) memory targets (last: skipped when the run's time is spent)
+  with_memory target_lora part target_lora 120 "$BIN/gpu_bench" throughput "$DEVICE" lora "$WORK/llama-7b.json" $seq $lora_batch 1 bf16 checkpointing
+  with_memory target_full part target_full 150 "$BIN/gpu_bench" throughput "$DEVICE" full "$WORK/llama-7b.json" $seq 1 1 bf16 checkpointing bf16-weights stochastic
+
   summarize
   rm -rf "$WORK"
 }
@@ -292,6 +300,7 @@ if scoring is not None and "error" not in scoring:
     js = [l for l in (text("scoring", "out") or "").splitlines() if l.startswith("json: ")]
     scoring = json.loads(js[-1][6:]) if js else {"error": "no figures", "stdout": text("scoring", "out")}
 report["scoring"] = scoring
+report["memory_targets"] = {"lora_r16_checkpointing": result("target_lora"), "full_bf16_weights_stochastic_checkpointing": result("target_full")}
 
 # MFU: model FLOPs per token (fwd + bwd) over the device's dense bf16 peak. Full fine-tuning
 # 6N + 12·L·d·s (weights' and activations' gradients, attention scores); LoRA 4N + 12·L·d·s
@@ -356,6 +365,18 @@ lines += ["", "(c) tiny pipeline on the device: " + ("not run" if not t else t.g
     f"exact match {tuned.get('generation', {}).get('exact_match', float('nan')):.1%}"))]
 s = report["scoring"] or {}
 lines += ["", "(d) multiple-choice scoring: " + ("not run" if not s else s.get("error") or f"pipe {s.get('pipe_items_per_s', 0):.1f} items/s, transformers {s.get('reference_items_per_s', 0):.1f} items/s, {s.get('n')} items, same acc/acc_norm: {s.get('same_acc')}")]
+def target(name, r):
+    if not r:
+        return f"{name}: not run"
+    if "error" in r:
+        return f"{name}: {r['error']}"
+    plan = (r.get("memory_plan") or {}).get("total")
+    peak = r.get("peak_gpu_mib")
+    plan = "—" if plan is None else f"{plan / 2**20:.0f}"
+    return f"{name}: peak {'—' if peak is None else peak} MiB, plan {plan} MiB, {r.get('tokens_per_s', 0):.0f} tokens/s"
+mt = report["memory_targets"]
+lines += ["", "(e) memory targets, 7B shape: " + target("LoRA r16 mb 4 checkpointing", mt["lora_r16_checkpointing"])
+          + "; " + target("full, bf16 weights, stochastic, checkpointing, mb 1", mt["full_bf16_weights_stochastic_checkpointing"])]
 open(os.path.join(out, "gpu.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PYEOF

@@ -341,10 +341,14 @@ fn throughput<B: AutodiffBackend>(device: &B::Device, config: &Path, run: &Run) 
     let secs = t0.elapsed().as_secs_f64();
     let tokens = steps * batch * seq;
     json!({
-        "impl": if run.bf16_weights && method == "full" {
-            "pipe (burn 0.21, bf16 projections with compensated AdamW)"
-        } else {
-            "pipe (burn 0.21, f32 weights and AdamW)"
+        "impl": match (run.bf16_weights && method == "full", run.bf16_rounding) {
+            (true, Bf16Rounding::Compensated) => {
+                "pipe (burn 0.21, bf16 projections with compensated AdamW)"
+            }
+            (true, Bf16Rounding::Stochastic) => {
+                "pipe (burn 0.21, bf16 projections with stochastically rounded AdamW)"
+            }
+            (false, _) => "pipe (burn 0.21, f32 weights and AdamW)",
         },
         "dtype": if run.bf16 { "bf16 (bf16 products)" } else { "f32" },
         "gradient_checkpointing": run.checkpointing,
