@@ -984,9 +984,6 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 
-    /// The token embeddings of `input_ids` `[batch, seq]` → `[batch, seq, hidden]`, scaled by
-    /// √hidden_size where the family does (Gemma, with the factor rounded to f32 as
-    /// transformers casts it to the activations' dtype).
     fn run_layers(
         &self,
         mut x: Tensor<B, 3>,
@@ -1098,8 +1095,9 @@ impl<B: Backend> CausalLm<B> {
         LayerContext(cx)
     }
 
-    /// The token embeddings (scaled where the family does): `[batch, seq]` →
-    /// `[batch, seq, hidden]`, the first layer's input.
+    /// The token embeddings of `input_ids` `[batch, seq]` → `[batch, seq, hidden]`, the first
+    /// layer's input, scaled by √hidden_size where the family does (Gemma, with the factor
+    /// rounded to f32 as transformers casts it to the activations' dtype).
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let x = burn::tensor::module::embedding(self.embed_tokens.val(), input_ids);
         if self.config.scale_embeddings {

@@ -754,8 +754,10 @@ fn train_as_node<B: AutodiffBackend>(
             return Err(TrainError::Interrupted { step: state.step });
         }
         let step = state.step;
-        // Dropout masks depend on the step only, so a resumed run draws the same ones.
-        B::seed(device, spec.seed.wrapping_add(step.wrapping_mul(1_000_003)));
+        // Every draw of a step (dropout masks, stochastic rounding) depends on the step only,
+        // so a resumed run draws the same ones.
+        let step_seed = spec.seed.wrapping_add(step.wrapping_mul(1_000_003));
+        B::seed(device, step_seed);
         let batches: Vec<MicroBatch> = step_examples(spec, n, step)
             .iter()
             .map(|idx| micro_batch(data, idx, meta.pad_token_id))
@@ -765,7 +767,7 @@ fn train_as_node<B: AutodiffBackend>(
             lr,
             max_grad_norm: spec.max_grad_norm,
             recompute_layers: spec.gradient_checkpointing,
-            dropout_seed: draws.then(|| spec.seed.wrapping_add(step.wrapping_mul(1_000_003))),
+            dropout_seed: draws.then_some(step_seed),
         };
         let (m, stats) =
             train_step_on_nodes(model, &mut optim, &batches, devices, group, &settings)?;
