@@ -216,24 +216,8 @@ fn data_parallel_replicas_resume_bit_identically_and_match_one_replica() {
     let weights = "model/model.safetensors";
     let one = check(Method::Full, weights);
     let two = check_on(spec(Method::Full), weights, 2);
-    let read = |d: &Path| std::fs::read(d.join("out").join(weights)).unwrap();
-    let (a, b) = (read(one.path()), read(two.path()));
-    let (a, b) = (
-        safetensors::SafeTensors::deserialize(&a).unwrap(),
-        safetensors::SafeTensors::deserialize(&b).unwrap(),
-    );
-    let mut max_diff = 0f32;
-    for (name, t) in a.tensors() {
-        let u = b.tensor(&name).unwrap();
-        let floats = |d: &[u8]| -> Vec<f32> {
-            d.chunks(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect()
-        };
-        for (x, y) in floats(t.data()).iter().zip(floats(u.data())) {
-            max_diff = max_diff.max((x - y).abs());
-        }
-    }
+    let out = |d: &tempfile::TempDir| d.path().join("out").join(weights);
+    let max_diff = largest_weight_difference(&out(&one), &out(&two));
     assert!(
         max_diff < 1e-5,
         "two replicas differ from one by {max_diff}"
@@ -494,8 +478,40 @@ fn a_checkpoint_of_the_previous_format_resumes_to_the_same_weights() {
     }
     let resumed = run(&s, b.path(), None).unwrap();
     assert_eq!(resumed.resumed_from_step, 5);
-    let read = |d: &Path| std::fs::read(d.join(weights)).unwrap();
-    assert!(read(a.path()) == read(b.path()));
+    // The fixture's five steps were computed on one CPU; the matrix-product kernel gemm picks
+    // at run time (AVX2/FMA or AVX-512) sums in its own order, so on another CPU the
+    // uninterrupted run's first five steps differ in the last bits. Bit-identical resume on
+    // one machine is checked by the tests above; what this one checks is that the old record
+    // is read whole. Resuming with fresh AdamW moments instead ends 4.7e-3 away; the kernels'
+    // summation order alone leaves 1.2e-7.
+    let max_diff = largest_weight_difference(&a.path().join(weights), &b.path().join(weights));
+    assert!(
+        max_diff < 1e-5,
+        "resumed from the old format, the weights differ from an uninterrupted run's by {max_diff}"
+    );
+}
+
+/// The largest absolute difference between two f32 safetensors files' same-named tensors.
+fn largest_weight_difference(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&a).unwrap(),
+        safetensors::SafeTensors::deserialize(&b).unwrap(),
+    );
+    let floats = |d: &[u8]| -> Vec<f32> {
+        d.chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let mut max_diff = 0f32;
+    for (name, t) in a.tensors() {
+        let u = b.tensor(&name).unwrap();
+        assert_eq!(t.shape(), u.shape(), "{name}");
+        for (x, y) in floats(t.data()).iter().zip(floats(u.data())) {
+            max_diff = max_diff.max((x - y).abs());
+        }
+    }
+    max_diff
 }
 
 /// Interrupts a run at step 5, leaving the checkpoints of steps 5 (`checkpoint`) and 4
