@@ -208,12 +208,20 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
-/// The rotary tables of one call for one kind of layer: `[rows, seq, 1, rotary_dim]` each
-/// (rows 1 when every row has the same positions).
+/// The rotary tables of one call for one kind of layer. The rotation runs on `[batch, heads,
+/// seq, head_dim]` values flattened to `[batch, heads, seq · head_dim]`, so that the tables
+/// broadcast over batch and heads as one shared row (contiguous, vectorised) rather than a
+/// strided walk.
 #[derive(Clone)]
 pub struct RopeTables<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub sin: Tensor<B, 4>,
+    /// `[rows, 1, seq · head_dim]`: the cosines of each position's angles, 1 past the rotary
+    /// dimensions (rows 1 when every row has the same positions).
+    pub cos: Tensor<B, 3>,
+    /// `[rows, 1, seq · head_dim]`: the sines, 0 past the rotary dimensions.
+    pub sin: Tensor<B, 3>,
+    /// `[head_dim, head_dim]`: `x · rotate_half = rotate_half(x)` on the rotary dimensions
+    /// (`[a, b]` → `[-b, a]`), 0 past them. A signed permutation: the product is exact.
+    pub rotate_half: Tensor<B, 2>,
 }
 
 impl<B: Backend> RopeTables<B> {
@@ -233,32 +241,44 @@ impl<B: Backend> RopeTables<B> {
             positions.iter().flatten().copied(),
             seq_len,
         );
-        let d = rope.rotary_dim(cfg.head_dim);
+        let (d, r) = (cfg.head_dim, rope.rotary_dim(cfg.head_dim));
+        // Each position's r rotary values, then the pass-through dimensions: cos 1, sin 0.
+        let widen = |v: Vec<f32>, pass: f32| -> Vec<f32> {
+            v.chunks(r)
+                .flat_map(|c| c.iter().copied().chain(std::iter::repeat_n(pass, d - r)))
+                .collect()
+        };
         let t =
-            |v: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(v, [rows, s, 1, d]), device);
+            |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, [rows, 1, s * d]), device);
+        let mut rotate = vec![0f32; d * d];
+        for j in 0..r / 2 {
+            rotate[(j + r / 2) * d + j] = -1.0;
+            rotate[j * d + j + r / 2] = 1.0;
+        }
         RopeTables {
-            cos: t(cos),
-            sin: t(sin),
+            cos: t(widen(cos, 1.0)),
+            sin: t(widen(sin, 0.0)),
+            rotate_half: Tensor::from_data(TensorData::new(rotate, [d, d]), device),
         }
     }
 
-    /// Rotates the leading `rotary_dim` dimensions of `x` (`[batch, seq, heads, head_dim]`) as
-    /// `x·cos + rotate_half(x)·sin` (`rotate_half([a, b]) = [-b, a]`); the rest pass through.
+    /// Rotates the leading `rotary_dim` dimensions of `x` (`[batch, heads, seq, head_dim]`) as
+    /// `x·cos + rotate_half(x)·sin`; the rest pass through. → `[batch, heads, seq, head_dim]`,
+    /// contiguous.
     fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, _, _, d] = x.dims();
-        let r = self.cos.dims()[3];
-        let (rot, pass) = if r == d {
-            (x, None)
+        let [b, n, s, d] = x.dims();
+        let flat = x.reshape([b * n * s, d]);
+        // A plain f32 product even under bf16 matrix products: it only moves values.
+        let rotated = flat.clone().matmul(self.rotate_half.clone());
+        if self.cos.dims()[0] == 1 {
+            let row = |t: &Tensor<B, 3>| t.clone().reshape([1, s * d]);
+            (flat.reshape([b * n, s * d]) * row(&self.cos)
+                + rotated.reshape([b * n, s * d]) * row(&self.sin))
+            .reshape([b, n, s, d])
         } else {
-            (x.clone().narrow(3, 0, r), Some(x.narrow(3, r, d - r)))
-        };
-        let first = rot.clone().narrow(3, 0, r / 2);
-        let second = rot.clone().narrow(3, r / 2, r / 2);
-        let rotated = Tensor::cat(vec![second.neg(), first], 3);
-        let out = rot * self.cos.clone() + rotated * self.sin.clone();
-        match pass {
-            None => out,
-            Some(p) => Tensor::cat(vec![out, p], 3),
+            (flat.reshape([b, n, s * d]) * self.cos.clone()
+                + rotated.reshape([b, n, s * d]) * self.sin.clone())
+            .reshape([b, n, s, d])
         }
     }
 }
@@ -421,11 +441,8 @@ impl<B: Backend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        // The rotation is applied while heads are still the inner dimension ([batch, seq,
-        // heads, head_dim], as the projections leave them), where the elementwise work runs on
-        // contiguous memory.
-        let q = rope.apply(q).swap_dims(1, 2);
-        let k = rope.apply(k).swap_dims(1, 2);
+        let q = rope.apply(q.swap_dims(1, 2));
+        let k = rope.apply(k.swap_dims(1, 2));
         let v = v.swap_dims(1, 2);
         let (k, v) = match past {
             None => (k, v),
@@ -439,39 +456,43 @@ impl<B: Backend> Attention<B> {
             }
         };
         let t = k.dims()[2];
-        // Head i reads key/value head i / (h / kv), as transformers' repeat_kv arranges it.
-        let (k, v) = if kv == h {
-            (k, v)
-        } else {
-            let rep = h / kv;
-            let k = k
-                .unsqueeze_dim::<5>(2)
-                .expand([b, kv, rep, t, d])
-                .reshape([b, h, t, d]);
-            let v = v
-                .unsqueeze_dim::<5>(2)
-                .expand([b, kv, rep, t, d])
-                .reshape([b, h, t, d]);
-            (k, v)
-        };
+        // Query head i reads key/value head i / rep, as transformers' repeat_kv arranges it.
+        let rep = h / kv;
         let out = if self.precision == MatmulPrecision::F32 && !B::ad_enabled(&q.device()) {
             // Scoring and generation: the backend's own attention (burn-flex tiles the keys
             // with an online softmax once the score matrix outgrows its cache, so no seq ×
             // seq matrix per head is held; it scales, soft-caps, then adds the mask, as
             // transformers does). Training keeps the explicit form below: burn's autodiff
             // decomposes `attention` into the same operations anyway.
+            let every_head = |x: Tensor<B, 4>| {
+                x.unsqueeze_dim::<5>(2)
+                    .expand([b, kv, rep, t, d])
+                    .reshape([b, h, t, d])
+            };
             let options = AttentionModuleOptions {
                 scale: Some(self.scale),
                 softcap: self.softcap,
                 is_causal: false,
             };
-            attention(q, k, v, None, Some(mask), options)
+            let [mb, _, ms, mt] = mask.dims();
+            let mask = if mb == b {
+                mask
+            } else {
+                mask.expand([b, 1, ms, mt])
+            };
+            attention(q, every_head(k), every_head(v), None, Some(mask), options)
         } else {
-            let mut scores = matmul_at(self.precision, q, k.swap_dims(2, 3)) * self.scale;
+            // The `rep` query heads of a key/value head stacked into one matrix against its
+            // keys: no repeated copies of keys and values, in the forward or the backward pass.
+            let grouped = q.reshape([b, kv, rep * s, d]);
+            let mut scores = matmul_at(self.precision, grouped, k.swap_dims(2, 3))
+                .reshape([b, h, s, t])
+                * self.scale;
             if let Some(c) = self.softcap {
                 scores = (scores / c).tanh() * c;
             }
-            matmul_at(self.precision, softmax(scores + mask, 3), v)
+            let probs = softmax(add_mask(scores, mask), 3).reshape([b, kv, rep * s, t]);
+            matmul_at(self.precision, probs, v).reshape([b, h, s, d])
         };
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
@@ -1258,10 +1279,23 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// `scores` `[batch, heads, s, t]` plus the additive `mask` `[batch or 1, 1, s, t]`; a mask
+/// shared by every row is added as one row broadcast over batch and heads, which the CPU
+/// backend vectorises, instead of a strided walk.
+fn add_mask<B: Backend>(scores: Tensor<B, 4>, mask: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, h, s, t] = scores.dims();
+    if mask.dims()[0] == 1 {
+        (scores.reshape([b * h, s * t]) + mask.reshape([1, s * t])).reshape([b, h, s, t])
+    } else {
+        scores + mask
+    }
+}
+
 /// The causal mask (with padding and a sliding window of `window` keys, the query's own
 /// included, if given) as additive biases: 0 where attending is allowed,
 /// the lowest f32 elsewhere (as transformers uses `finfo.min`). The `s` queries follow `past`
-/// cached positions: `[batch, 1, s, past + s]`.
+/// cached positions: `[batch, 1, s, past + s]`, or `[1, 1, s, past + s]` when every row has
+/// the same mask.
 fn additive_mask<B: Backend>(
     b: usize,
     s: usize,
@@ -1270,6 +1304,16 @@ fn additive_mask<B: Backend>(
     window: Option<usize>,
     device: &B::Device,
 ) -> Tensor<B, 4> {
+    // Padding at the end of every row hides nothing from a real token that causality does
+    // not: all its keys come before the padding. Such rows share the causal mask, in which
+    // padding also sees padding; what padding's positions compute carries no label.
+    let right_padded = padding
+        .is_none_or(|rows| past == 0 && rows.iter().all(|r| r.windows(2).all(|w| w[0] >= w[1])));
+    let (b, padding) = if right_padded {
+        (1, None)
+    } else {
+        (b, padding)
+    };
     let t = past + s;
     let mut m = vec![0f32; b * s * t];
     for bi in 0..b {
@@ -1310,4 +1354,31 @@ pub fn shifted_cross_entropy<B: Backend>(
     let picked = logp.gather(1, idx).reshape([b * (s - 1)]);
     let w = Tensor::<B, 1>::from_data(TensorData::new(weights, [b * (s - 1)]), &device);
     ((picked * w).sum().neg(), count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = burn::backend::Flex;
+
+    /// Rows padded only at the end share one causal mask; any other padding keeps a mask a
+    /// row, hiding the padding from every query.
+    #[test]
+    fn only_rows_padded_at_the_end_share_one_mask() {
+        let device = Default::default();
+        let mask = |padding: &[Vec<u8>]| {
+            let m = additive_mask::<B>(padding.len(), 3, 0, Some(padding), None, &device);
+            (m.dims(), m.into_data().to_vec::<f32>().unwrap())
+        };
+        let (dims, values) = mask(&[vec![1, 1, 1], vec![1, 1, 0]]);
+        assert_eq!(dims, [1, 1, 3, 3]);
+        let x = f32::MIN;
+        assert_eq!(values, [0.0, x, x, 0.0, 0.0, x, 0.0, 0.0, 0.0]);
+
+        let (dims, values) = mask(&[vec![1, 1, 1], vec![0, 1, 1]]);
+        assert_eq!(dims, [2, 1, 3, 3]);
+        // The second row's first key is padding: no query of that row sees it.
+        assert_eq!(&values[9..], [x, x, x, x, 0.0, x, x, 0.0, 0.0]);
+    }
 }

@@ -150,11 +150,12 @@ fn lora_parameters(cfg: &ModelConfig, shape: LoraShape) -> u64 {
 fn saved_per_layer(cfg: &ModelConfig) -> (u64, u64) {
     let Dims { d, i, q, kv, .. } = Dims::of(cfg);
     let h = cfg.num_attention_heads as u64;
-    // Norms (input, squared, normalised: two norms), q/k/v, rotary (the rotated halves and
-    // products for q and k), keys and values expanded to every head, attention output, o_proj
-    // input, the residuals, SwiGLU (gate, its sigmoid, silu, up, product).
+    // Norms (input, squared, normalised: two norms), q/k/v, rotary (inputs laid out by head,
+    // rotated halves and products for q and k), attention output, o_proj input, the
+    // residuals, SwiGLU (gate, its sigmoid, silu, up, product). Keys and values are not
+    // repeated for every query head: each key/value head's queries are stacked against it.
     let norms = 2 * 3 * d;
-    let attention = (q + 2 * kv) + 3 * (q + kv) + 2 * q + 2 * q + 2 * d;
+    let attention = (q + 2 * kv) + 3 * (q + kv) + 2 * q + 2 * d;
     let mlp = 5 * i;
     // Scores, their scaled-and-masked sum, the softmax's exp and result.
     (norms + attention + mlp, 4 * h)

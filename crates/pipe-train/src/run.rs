@@ -667,7 +667,8 @@ fn train_as_node<B: AutodiffBackend>(
     // The metrics so far; the work directory's metrics.jsonl is only a live view of them, and
     // what a checkpoint and the outputs hold comes from here.
     let mut metrics_text = String::new();
-    if let Some(resumed) = resume_point::<B>(&ckpt, base, spec, meta, device, hooks, leader)? {
+    let (resumed, damaged) = resume_point::<B>(&ckpt, base, spec, meta, device, hooks)?;
+    if let Some(resumed) = resumed {
         (model, optim, state, metrics_text) = resumed;
         (hooks.log)(&format!(
             "resuming from the checkpoint at step {} of {total}",
@@ -698,6 +699,14 @@ fn train_as_node<B: AutodiffBackend>(
             "all {} nodes joined; training on {replicas} replicas in all",
             run.role.nodes
         ));
+    }
+    // Node 0's to remove, in a run across nodes, and only once every node has joined: each
+    // joins after choosing its resume point, so none can find the damaged checkpoint gone
+    // half-way (or at all) and all of them pass it over alike.
+    if leader {
+        for dir in damaged {
+            std::fs::remove_dir_all(dir).map_err(io("damaged checkpoint"))?;
+        }
     }
     let group = group.as_ref();
     let mut model = model
@@ -1210,8 +1219,8 @@ fn verify_checkpoint(dir: &Path) -> Result<(CheckpointState, String), String> {
 
 type Resumed<B> = (CausalLm<B>, Optim<B>, CheckpointState, String);
 
-/// The checkpoint to resume from: the latest whole one. A damaged checkpoint is named in a
-/// warning and removed, and the previous one is tried; with none left the run starts over.
+/// The checkpoint to resume from: the latest whole one (none: the run starts over), and the
+/// damaged ones passed over on the way, each named in a warning, for the caller to remove.
 fn resume_point<B: AutodiffBackend>(
     ckpt: &Path,
     base: &BaseModel,
@@ -1219,16 +1228,16 @@ fn resume_point<B: AutodiffBackend>(
     meta: &DataMeta,
     device: &B::Device,
     hooks: &Hooks<'_>,
-    leader: bool,
-) -> Result<Option<Resumed<B>>, TrainError> {
+) -> Result<(Option<Resumed<B>>, Vec<PathBuf>), TrainError> {
     // A kill between the two renames of save_checkpoint leaves only `.old`.
     let candidates: Vec<PathBuf> = [ckpt.to_path_buf(), ckpt.with_extension("old")]
         .into_iter()
         .filter(|d| d.exists())
         .collect();
+    let mut damaged = Vec::new();
     for (i, dir) in candidates.iter().enumerate() {
         let damage = match load_checkpoint::<B>(dir, base, spec, meta, device) {
-            Ok(resumed) => return Ok(Some(resumed)),
+            Ok(resumed) => return Ok((Some(resumed), damaged)),
             Err(damage) => damage,
         };
         let next = match candidates.get(i + 1) {
@@ -1239,12 +1248,9 @@ fn resume_point<B: AutodiffBackend>(
             "the checkpoint {} is damaged and is not used: {damage}; {next}",
             dir.display()
         ));
-        // Node 0's to remove, in a run across nodes; the others only read the work directory.
-        if leader {
-            std::fs::remove_dir_all(dir).map_err(io("damaged checkpoint"))?;
-        }
+        damaged.push(dir.clone());
     }
-    Ok(None)
+    Ok((None, damaged))
 }
 
 /// A verified checkpoint, loaded; or what is damaged in it.
