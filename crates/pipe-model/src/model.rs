@@ -270,16 +270,11 @@ impl<B: Backend> RopeTables<B> {
         let flat = x.reshape([b * n * s, d]);
         // A plain f32 product even under bf16 matrix products: it only moves values.
         let rotated = flat.clone().matmul(self.rotate_half.clone());
-        if self.cos.dims()[0] == 1 {
-            let row = |t: &Tensor<B, 3>| t.clone().reshape([1, s * d]);
-            (flat.reshape([b * n, s * d]) * row(&self.cos)
-                + rotated.reshape([b * n, s * d]) * row(&self.sin))
-            .reshape([b, n, s, d])
-        } else {
-            (flat.reshape([b, n, s * d]) * self.cos.clone()
-                + rotated.reshape([b, n, s * d]) * self.sin.clone())
-            .reshape([b, n, s, d])
-        }
+        // `[rows, batch·heads / rows, seq·head_dim]`: with one row of tables, all of batch and
+        // heads share it.
+        let rows = self.cos.dims()[0];
+        let by_row = |x: Tensor<B, 2>| x.reshape([rows, b * n / rows, s * d]);
+        (by_row(flat) * self.cos.clone() + by_row(rotated) * self.sin.clone()).reshape([b, n, s, d])
     }
 }
 
@@ -465,6 +460,9 @@ impl<B: Backend> Attention<B> {
             // transformers does). Training keeps the explicit form below: burn's autodiff
             // decomposes `attention` into the same operations anyway.
             let every_head = |x: Tensor<B, 4>| {
+                if rep == 1 {
+                    return x;
+                }
                 x.unsqueeze_dim::<5>(2)
                     .expand([b, kv, rep, t, d])
                     .reshape([b, h, t, d])
@@ -1279,16 +1277,14 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// `scores` `[batch, heads, s, t]` plus the additive `mask` `[batch or 1, 1, s, t]`; a mask
-/// shared by every row is added as one row broadcast over batch and heads, which the CPU
-/// backend vectorises, instead of a strided walk.
+/// `scores` `[batch, heads, s, t]` plus the additive `mask` `[batch or 1, 1, s, t]`, laid out
+/// as `[mask rows, batch·heads / mask rows, s·t]`: a mask shared by every row is then one row
+/// broadcast over batch and heads, which the CPU backend vectorises, instead of a strided walk.
 fn add_mask<B: Backend>(scores: Tensor<B, 4>, mask: Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, h, s, t] = scores.dims();
-    if mask.dims()[0] == 1 {
-        (scores.reshape([b * h, s * t]) + mask.reshape([1, s * t])).reshape([b, h, s, t])
-    } else {
-        scores + mask
-    }
+    let rows = mask.dims()[0];
+    (scores.reshape([rows, b * h / rows, s * t]) + mask.reshape([rows, 1, s * t]))
+        .reshape([b, h, s, t])
 }
 
 /// The causal mask (with padding and a sliding window of `window` keys, the query's own
