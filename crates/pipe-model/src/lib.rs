@@ -5,12 +5,14 @@
 //! - [`config`]: one description of a decoder's blocks ([`ModelConfig`]);
 //! - [`family`]: each family's config.json read into it and written back, one file each;
 //! - [`model`]: the blocks (`*Config::init` + `Module`) and the forward passes;
+//! - [`kernels`]: the CPU's fused attention softmax and cross-entropy, with their backward;
 //! - [`weights`]: where a model's weights come from when built (a checkpoint or a seed);
 //! - [`load`], [`save`], [`lora`]: checkpoints, Hugging Face files, PEFT adapters.
 
 pub mod config;
 pub mod family;
 pub mod gguf;
+pub mod kernels;
 pub mod load;
 pub mod lora;
 pub mod model;

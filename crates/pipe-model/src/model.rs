@@ -5,13 +5,14 @@
 //! gated MLPs (SwiGLU, GeGLU; fused or not), tied or untied embeddings.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{gelu_approximate, silu, softmax};
+use burn::tensor::activation::{gelu_approximate, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData};
 
 use crate::config::{Activation, LayerType, ModelConfig, NormStyle};
+use crate::kernels;
 use crate::rope::RopeConfig;
 use crate::save::Named;
 use crate::weights::{Fill, Weights};
@@ -436,9 +437,9 @@ impl<B: Backend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let q = rope.apply(q.swap_dims(1, 2));
-        let k = rope.apply(k.swap_dims(1, 2));
-        let v = v.swap_dims(1, 2);
+        let q = rope.apply(kernels::swap_middle(q));
+        let k = rope.apply(kernels::swap_middle(k));
+        let v = kernels::swap_middle(v);
         let (k, v) = match past {
             None => (k, v),
             Some(cache) => {
@@ -483,17 +484,20 @@ impl<B: Backend> Attention<B> {
             // The `rep` query heads of a key/value head stacked into one matrix against its
             // keys: no repeated copies of keys and values, in the forward or the backward pass.
             let grouped = q.reshape([b, kv, rep * s, d]);
-            let mut scores = matmul_at(self.precision, grouped, k.swap_dims(2, 3))
-                .reshape([b, h, s, t])
-                * self.scale;
-            if let Some(c) = self.softcap {
-                scores = (scores / c).tanh() * c;
-            }
-            let probs = softmax(add_mask(scores, mask), 3).reshape([b, kv, rep * s, t]);
+            let scores =
+                matmul_at(self.precision, grouped, k.swap_dims(2, 3)).reshape([b, h, s, t]);
+            let probs = match self.softcap {
+                None => kernels::masked_softmax(scores, mask, self.scale as f32),
+                Some(c) => {
+                    let scores = ((scores * self.scale) / c).tanh() * c;
+                    softmax(add_mask(scores, mask), 3)
+                }
+            };
+            let probs = probs.reshape([b, kv, rep * s, t]);
             matmul_at(self.precision, probs, v).reshape([b, h, s, d])
         };
         self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+            .forward(kernels::swap_middle(out).reshape([b, s, h * d]))
     }
 
     fn tensors(&self, prefix: &str, out: &mut Vec<Named>) {
@@ -619,11 +623,11 @@ impl<B: Backend> Mlp<B> {
             (None, Some(g), Some(u)) => (g.forward(x.clone()), u.forward(x)),
             _ => unreachable!("a feed-forward block has gate and up projections, fused or not"),
         };
-        let gate = match self.activation {
-            Activation::Silu => silu(gate),
-            Activation::GeluTanh => gelu_approximate(gate),
+        let gated = match self.activation {
+            Activation::Silu => kernels::swiglu(gate, up),
+            Activation::GeluTanh => gelu_approximate(gate) * up,
         };
-        self.down_proj.forward(gate * up)
+        self.down_proj.forward(gated)
     }
 
     fn projections(&self) -> Vec<(&'static str, &Proj<B>)> {
@@ -1334,22 +1338,24 @@ pub fn shifted_cross_entropy<B: Backend>(
     labels: &[Vec<i64>],
 ) -> (Tensor<B, 1>, usize) {
     let [b, s, v] = logits.dims();
-    let device = logits.device();
-    let mut targets = Vec::with_capacity(b * (s - 1));
-    let mut weights = Vec::with_capacity(b * (s - 1));
+    // Every position is a row; the last of each sequence predicts nothing (weight 0), which
+    // spares narrowing the logits (a copy, and a scatter backward).
+    let mut targets = Vec::with_capacity(b * s);
+    let mut weights = Vec::with_capacity(b * s);
     for row in labels {
-        for &l in &row[1..s] {
-            targets.push(if l < 0 { 0 } else { l });
-            weights.push(if l < 0 { 0f32 } else { 1.0 });
+        for i in 0..s {
+            let label = row
+                .get(i + 1)
+                .copied()
+                .filter(|_| i + 1 < s)
+                .unwrap_or(-100);
+            targets.push(usize::try_from(label).unwrap_or(0));
+            weights.push(if label < 0 { 0f32 } else { 1.0 });
         }
     }
     let count = weights.iter().filter(|w| **w > 0.0).count();
-    let logits = logits.narrow(1, 0, s - 1).reshape([b * (s - 1), v]);
-    let logp = burn::tensor::activation::log_softmax(logits, 1);
-    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b * (s - 1), 1]), &device);
-    let picked = logp.gather(1, idx).reshape([b * (s - 1)]);
-    let w = Tensor::<B, 1>::from_data(TensorData::new(weights, [b * (s - 1)]), &device);
-    ((picked * w).sum().neg(), count)
+    let sum = kernels::cross_entropy_sum(logits.reshape([b * s, v]), targets, weights);
+    (sum, count)
 }
 
 #[cfg(test)]

@@ -146,19 +146,27 @@ fn lora_parameters(cfg: &ModelConfig, shape: LoraShape) -> u64 {
 }
 
 /// f32 values one decoder layer keeps for the backward pass, per token of a micro-batch, and
-/// per (query, key) pair: `(per_token, per_score)`.
-fn saved_per_layer(cfg: &ModelConfig) -> (u64, u64) {
+/// per (query, key) pair: `(per_token, per_score)`. `fused`: on the CPU, where attention's
+/// softmax, SwiGLU and the heads' layout are single operations with their own backward
+/// (`pipe_model::kernels`), which keep only their inputs or results.
+fn saved_per_layer(cfg: &ModelConfig, fused: bool) -> (u64, u64) {
     let Dims { d, i, q, kv, .. } = Dims::of(cfg);
     let h = cfg.num_attention_heads as u64;
-    // Norms (input, squared, normalised: two norms), q/k/v, rotary (inputs laid out by head,
-    // rotated halves and products for q and k), attention output, o_proj input, the
-    // residuals, SwiGLU (gate, its sigmoid, silu, up, product). Keys and values are not
-    // repeated for every query head: each key/value head's queries are stacked against it.
+    // Norms (input, squared, normalised: two norms), the rotary embedding (inputs laid out by
+    // head, rotated halves and products for q and k), attention output, o_proj input, the
+    // residuals. Keys and values are not repeated for every query head: each key/value head's
+    // queries are stacked against it.
     let norms = 2 * 3 * d;
-    let attention = (q + 2 * kv) + 3 * (q + kv) + 2 * q + 2 * d;
-    let mlp = 5 * i;
-    // Scores, their scaled-and-masked sum, the softmax's exp and result.
-    (norms + attention + mlp, 4 * h)
+    let shared = 3 * (q + kv) + 2 * q + 2 * d;
+    if fused {
+        // Values laid out by head; SwiGLU's gate, up and product; the probabilities.
+        (norms + shared + kv + 3 * i, h)
+    } else {
+        // The projections q/k/v (views of them are laid out by head); SwiGLU (gate, its
+        // sigmoid, silu, up, product); scores, their scaled-and-masked sum, the softmax's exp
+        // and result.
+        (norms + shared + (q + 2 * kv) + 5 * i, 4 * h)
+    }
 }
 
 /// The estimated peak of a training run.
@@ -197,23 +205,34 @@ pub fn plan_training(cfg: &ModelConfig, shape: &TrainShape) -> MemoryPlan {
     }
     let tokens = (shape.micro_batch_size * shape.seq_len) as u64;
     let scores = (shape.micro_batch_size * shape.seq_len * shape.seq_len) as u64;
-    let (per_token, per_score) = saved_per_layer(cfg);
+    let fused = !shape.on_gpu;
+    let (per_token, per_score) = saved_per_layer(cfg, fused);
     let layers = cfg.num_hidden_layers as u64;
     let (d, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
-    // One layer's results, and with bf16 products the bf16 operands of its products (inputs
-    // of every projection, q, k, v, probabilities).
+    // One layer's results, and with bf16 products the bf16 operands its products keep: the
+    // inputs of the projections (the normed input cast once for each of q, k, v, gate, up;
+    // o_proj's and down_proj's), q, k, v and the probabilities. burn's composed operations
+    // (GPU) measured as `4 · hidden` a token on the CPU, their larger count of f32 results
+    // absorbing the rest; the fused kernels keep fewer, and the bf16 copies show.
     let mut layer = (tokens * per_token + scores * per_score) * F32;
     if shape.bf16_products {
-        layer += tokens * 4 * d * BF16;
+        layer += if fused {
+            let Dims { i, q, kv, .. } = Dims::of(cfg);
+            let h = cfg.num_attention_heads as u64;
+            (tokens * (5 * d + 2 * q + 2 * kv + i) + scores * h) * BF16
+        } else {
+            tokens * 4 * d * BF16
+        };
     }
-    // Final norm, the logits and their log-softmax over the vocabulary.
-    let head = tokens * (3 * d + 2 * v) * F32;
+    // Final norm, the logits, and (composed) their log-softmax over the vocabulary.
+    let logit_copies = if fused { 1 } else { 2 };
+    let head = tokens * (3 * d + logit_copies * v) * F32;
     let activations = if shape.gradient_checkpointing {
         // Every layer's input and the gradient flowing down, beside the peak of the head's
         // backward pass (its results and as many gradients of the logits) or of one recomputed
         // layer's (its results and their gradients) (`crate::segments`). Without
         // recomputation the layers' backward passes free results as they make gradients.
-        let head_backward = tokens * (3 * d + 4 * v) * F32;
+        let head_backward = tokens * (3 * d + 2 * logit_copies * v) * F32;
         (layers + 2) * tokens * d * F32 + head_backward.max(2 * layer)
     } else {
         layers * layer + head

@@ -1,0 +1,887 @@
+//! Fused kernels for the CPU backend, each with its own backward pass: attention's scaled,
+//! masked softmax and the cross-entropy over the vocabulary.
+//!
+//! burn composes each of them from five or more tensor operations (scale, add the mask, max,
+//! subtract, exp, sum, divide — and as many again backward), every one a pass over memory on
+//! one core with glibc's scalar `exp`, which takes its slow underflow path for every masked
+//! score. Here each is one pass forward and one backward, parallel over rows, with an `exp`
+//! the compiler vectorises for the CPU found at run time.
+//!
+//! Only burn-flex tensors of f32 take these kernels, plain or under autodiff; every other
+//! backend (CUDA) and dtype takes burn's composition, unchanged. The choice is made from the
+//! tensor's primitive type at run time: burn's backend traits have no hook for an operation
+//! with its own backward, and a backend-extension trait would have to be carried as a bound
+//! through every generic function of the four crates that run a model.
+
+use std::any::Any;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+/// burn-flex's tensor under autodiff (burn-autodiff names the type only through the backend).
+type AutodiffTensor = FloatTensor<Autodiff<Flex>>;
+
+/// `softmax(scores · scale + mask)` over the last dimension.
+///
+/// `scores`: `[batch, heads, s, t]`; `mask`: additive, `[mask rows, 1, s, t]` where the mask
+/// rows (1 or batch) divide batch·heads evenly, row `r` serving the `batch·heads / rows`
+/// consecutive heads from `r` on → `[batch, heads, s, t]`. The mask takes no gradient.
+pub fn masked_softmax<B: Backend>(
+    scores: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+    scale: f32,
+) -> Tensor<B, 4> {
+    let dims = scores.dims();
+    let (mask_rows, mask_dims) = (mask.dims()[0], mask.dims());
+    let fused =
+        (dims[0] * dims[1]).is_multiple_of(mask_rows) && mask_dims[1..] == [1, dims[2], dims[3]];
+    match (fused, cpu_f32::<B>(scores.into_primitive().tensor())) {
+        (true, CpuF32::Tracked(x)) => {
+            let mask = cpu_f32::<B>(mask.into_primitive().tensor()).flex();
+            from_autodiff(softmax_tracked(x, mask, scale))
+        }
+        (true, CpuF32::Plain(x)) => {
+            let mask = cpu_f32::<B>(mask.into_primitive().tensor()).flex();
+            from_flex(masked_softmax_forward(
+                &x,
+                &mask.expect("a CPU mask"),
+                scale,
+            ))
+        }
+        (_, other) => {
+            let scores =
+                Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(other.into_float::<B>()));
+            let [b, h, s, t] = dims;
+            let z = (scores * scale).reshape([mask_rows, b * h / mask_rows, s * t])
+                + mask.reshape([mask_rows, 1, s * t]);
+            burn::tensor::activation::softmax(z.reshape([b, h, s, t]), 3)
+        }
+    }
+}
+
+/// `Σ_r weights[r] · −log softmax(logits[r])[targets[r]]`: the weighted sum of the rows'
+/// cross-entropies. `logits`: `[rows, vocab]` → `[1]`. Rows of weight 0 cost nothing on the
+/// CPU and take no gradient.
+pub fn cross_entropy_sum<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Vec<usize>,
+    weights: Vec<f32>,
+) -> Tensor<B, 1> {
+    let rows = logits.dims()[0];
+    let device = logits.device();
+    match cpu_f32::<B>(logits.into_primitive().tensor()) {
+        CpuF32::Tracked(x) => from_autodiff(cross_entropy_tracked(x, Rows { targets, weights })),
+        CpuF32::Plain(x) => {
+            let (sum, _) = cross_entropy_forward(&x, &Rows { targets, weights });
+            from_flex(FlexTensor::from_data(TensorData::new(vec![sum], [1])))
+        }
+        CpuF32::Other(x) => {
+            let logits = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
+            let logp = burn::tensor::activation::log_softmax(logits, 1);
+            let targets = targets.iter().map(|&t| t as i64).collect();
+            let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), &device);
+            let picked = logp.gather(1, idx).reshape([rows]);
+            let w = Tensor::<B, 1>::from_data(TensorData::new(weights, [rows]), &device);
+            (picked * w).sum().neg()
+        }
+    }
+}
+
+/// `silu(gate) · up`, SwiGLU's gating, elementwise; `gate` and `up` of one shape.
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    if gate.dims() != up.dims() {
+        return burn::tensor::activation::silu(gate) * up;
+    }
+    match (
+        cpu_f32::<B>(gate.into_primitive().tensor()),
+        cpu_f32::<B>(up.into_primitive().tensor()),
+    ) {
+        (CpuF32::Tracked(gate), CpuF32::Tracked(up)) => from_autodiff(swiglu_tracked(gate, up)),
+        (CpuF32::Plain(gate), CpuF32::Plain(up)) => from_flex(swiglu_forward(&gate, &up)),
+        (gate, up) => {
+            let float = |t: CpuF32<B>| {
+                Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t.into_float::<B>()))
+            };
+            burn::tensor::activation::silu(float(gate)) * float(up)
+        }
+    }
+}
+
+/// `[a, m, n, d]` → `[a, n, m, d]`, the middle dimensions swapped (attention's heads split
+/// from and merged back into the sequence). On the CPU the result is materialised in one
+/// pass of `d`-element block copies, and so is its gradient: burn-flex would otherwise copy
+/// the strided view element by element wherever it is reshaped or read, forward and back.
+/// Elsewhere it is `swap_dims(1, 2)`, a view.
+pub fn swap_middle<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match cpu_f32::<B>(x.into_primitive().tensor()) {
+        CpuF32::Tracked(x) => from_autodiff(swap_middle_tracked(x)),
+        CpuF32::Plain(x) => from_flex(swap_middle_forward(&x)),
+        CpuF32::Other(x) => {
+            Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x)).swap_dims(1, 2)
+        }
+    }
+}
+
+/// A float primitive sorted by whether the kernels here can take it.
+enum CpuF32<B: Backend> {
+    /// burn-flex under autodiff (training).
+    Tracked(AutodiffTensor),
+    /// burn-flex (inference).
+    Plain(FlexTensor),
+    /// Anything else, handed back untouched.
+    Other(FloatTensor<B>),
+}
+
+fn cpu_f32<B: Backend>(t: FloatTensor<B>) -> CpuF32<B> {
+    let boxed: Box<dyn Any> = Box::new(t);
+    let boxed = match boxed.downcast::<AutodiffTensor>() {
+        Ok(t) if t.primitive.dtype() == DType::F32 => return CpuF32::Tracked(*t),
+        Ok(t) => t as Box<dyn Any>,
+        Err(other) => other,
+    };
+    let boxed = match boxed.downcast::<FlexTensor>() {
+        Ok(t) if t.dtype() == DType::F32 => return CpuF32::Plain(*t),
+        Ok(t) => t as Box<dyn Any>,
+        Err(other) => other,
+    };
+    CpuF32::Other(same_type(boxed))
+}
+
+impl<B: Backend> CpuF32<B> {
+    /// The burn-flex tensor itself (the mask takes no gradient), if it is one.
+    fn flex(self) -> Option<FlexTensor> {
+        match self {
+            CpuF32::Tracked(t) => Some(t.primitive),
+            CpuF32::Plain(t) => Some(t),
+            CpuF32::Other(_) => None,
+        }
+    }
+
+    fn into_float<C: Backend>(self) -> FloatTensor<C> {
+        match self {
+            CpuF32::Tracked(t) => same_type(Box::new(t)),
+            CpuF32::Plain(t) => same_type(Box::new(t)),
+            CpuF32::Other(t) => same_type(Box::new(t)),
+        }
+    }
+}
+
+/// The value back as the type it is known to have (it was boxed from a `FloatTensor<B>`).
+fn same_type<T: 'static>(boxed: Box<dyn Any>) -> T {
+    *boxed
+        .downcast::<T>()
+        .unwrap_or_else(|_| unreachable!("a primitive is unboxed as the type it was boxed from"))
+}
+
+fn from_autodiff<B: Backend, const D: usize>(t: AutodiffTensor) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(same_type(Box::new(t))))
+}
+
+fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(same_type(Box::new(t))))
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention's softmax
+
+#[derive(Debug)]
+struct MaskedSoftmaxBackward;
+
+impl Backward<Flex, 1> for MaskedSoftmaxBackward {
+    /// The probabilities and the scale.
+    type State = (FlexTensor, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (probs, scale) = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            masked_softmax_backward(&probs, &grad, scale)
+        });
+    }
+}
+
+fn softmax_tracked(scores: AutodiffTensor, mask: Option<FlexTensor>, scale: f32) -> AutodiffTensor {
+    let mask = mask.expect("a CPU mask beside CPU scores");
+    match MaskedSoftmaxBackward
+        .prepare::<NoCheckpointing>([scores.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let probs = masked_softmax_forward(&scores.primitive, &mask, scale);
+            prep.finish((probs.clone(), scale), probs)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(masked_softmax_forward(&scores.primitive, &mask, scale))
+        }
+    }
+}
+
+fn masked_softmax_forward(scores: &FlexTensor, mask: &FlexTensor, scale: f32) -> FlexTensor {
+    let shape = scores.shape();
+    let (s, t) = (shape[2], shape[3]);
+    let scores = scores.to_contiguous();
+    let mask = mask.to_contiguous();
+    let (x, m) = (scores.storage::<f32>(), mask.storage::<f32>());
+    let heads_per_mask_row = x.len() / m.len();
+    let mut probs = vec![0f32; x.len()];
+    probs
+        .par_chunks_mut(s * t)
+        .zip(x.par_chunks(s * t))
+        .enumerate()
+        .for_each(|(head, (y, x))| {
+            let m = &m[head / heads_per_mask_row * s * t..][..s * t];
+            vectorised(|| {
+                for ((y, x), m) in y
+                    .chunks_exact_mut(t)
+                    .zip(x.chunks_exact(t))
+                    .zip(m.chunks_exact(t))
+                {
+                    softmax_row(x, m, scale, y);
+                }
+            })
+        });
+    FlexTensor::from_data(TensorData::new(probs, shape))
+}
+
+/// `d scores = scale · p ⊙ (g − Σ g ⊙ p)`, row by row.
+fn masked_softmax_backward(probs: &FlexTensor, grad: &FlexTensor, scale: f32) -> FlexTensor {
+    let shape = probs.shape();
+    let t = shape[shape.num_dims() - 1];
+    let grad = grad.to_contiguous();
+    let (p, g) = (probs.storage::<f32>(), grad.storage::<f32>());
+    let mut dx = vec![0f32; p.len()];
+    let rows_per_task = (4096 / t).max(1) * t;
+    dx.par_chunks_mut(rows_per_task)
+        .zip(p.par_chunks(rows_per_task).zip(g.par_chunks(rows_per_task)))
+        .for_each(|(dx, (p, g))| {
+            vectorised(|| {
+                for ((dx, p), g) in dx
+                    .chunks_exact_mut(t)
+                    .zip(p.chunks_exact(t))
+                    .zip(g.chunks_exact(t))
+                {
+                    let dot = lanes_dot(p, g);
+                    for ((dx, &p), &g) in dx.iter_mut().zip(p).zip(g) {
+                        *dx = scale * (p * (g - dot));
+                    }
+                }
+            })
+        });
+    FlexTensor::from_data(TensorData::new(dx, shape))
+}
+
+/// One row: `y = softmax(x · scale + m)`.
+#[inline(always)]
+fn softmax_row(x: &[f32], m: &[f32], scale: f32, y: &mut [f32]) {
+    for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
+        *y = x * scale + m;
+    }
+    let max = lanes_max(y);
+    for y in y.iter_mut() {
+        *y = exp_nonpositive(*y - max);
+    }
+    let sum = lanes_sum(y, |y| y);
+    for y in y.iter_mut() {
+        *y /= sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-entropy
+
+/// Each row's target and weight.
+#[derive(Debug, Clone)]
+struct Rows {
+    targets: Vec<usize>,
+    weights: Vec<f32>,
+}
+
+/// A row's softmax normaliser: its largest logit and `ln Σ exp(x − max)`, kept apart because
+/// `x − max − ln_sum` is exact where `x − (max + ln_sum)` would round the sum to the precision
+/// of `max` — which loses the gradient of a confidently predicted target (`1 − p` of about
+/// 1e-5 against logits near 10).
+#[derive(Debug, Clone, Copy, Default)]
+struct Normaliser {
+    max: f32,
+    ln_sum: f32,
+}
+
+impl Normaliser {
+    fn of(x: &[f32]) -> Self {
+        let max = lanes_max(x);
+        let ln_sum = lanes_sum(x, |x| exp_nonpositive(x - max)).ln();
+        Normaliser { max, ln_sum }
+    }
+
+    /// `log softmax(x)_i` for `x_i`, as PyTorch and burn compute it: `(x − max) − ln_sum`.
+    #[inline(always)]
+    fn log_prob(self, x: f32) -> f32 {
+        (x - self.max) - self.ln_sum
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl Backward<Flex, 1> for CrossEntropyBackward {
+    /// The logits, the rows' targets and weights, and each row's normaliser.
+    type State = (FlexTensor, Rows, Vec<Normaliser>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, rows, normalisers) = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            cross_entropy_backward(&logits, &rows, &normalisers, &grad)
+        });
+    }
+}
+
+fn cross_entropy_tracked(logits: AutodiffTensor, rows: Rows) -> AutodiffTensor {
+    let sum_tensor = |sum: f32| FlexTensor::from_data(TensorData::new(vec![sum], [1]));
+    match CrossEntropyBackward
+        .prepare::<NoCheckpointing>([logits.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let logits = logits.primitive.to_contiguous();
+            let (sum, normalisers) = cross_entropy_forward(&logits, &rows);
+            prep.finish((logits, rows, normalisers), sum_tensor(sum))
+        }
+        OpsKind::UnTracked(prep) => {
+            let (sum, _) = cross_entropy_forward(&logits.primitive, &rows);
+            prep.finish(sum_tensor(sum))
+        }
+    }
+}
+
+/// The weighted sum of the rows' losses, and each row's normaliser (zeros for rows of weight 0).
+fn cross_entropy_forward(logits: &FlexTensor, rows: &Rows) -> (f32, Vec<Normaliser>) {
+    let logits = logits.to_contiguous();
+    let x = logits.storage::<f32>();
+    let vocab = logits.shape()[1];
+    let normalisers: Vec<Normaliser> = x
+        .par_chunks(vocab)
+        .zip(rows.weights.par_iter())
+        .map(|(x, &w)| {
+            if w == 0.0 {
+                return Normaliser::default();
+            }
+            vectorised(|| Normaliser::of(x))
+        })
+        .collect();
+    // Summed in one order, in f64, so that the loss is the same on every run and CPU count.
+    let sum: f64 = normalisers
+        .iter()
+        .zip(x.chunks_exact(vocab))
+        .zip(rows.targets.iter().zip(&rows.weights))
+        .filter(|(_, (_, &w))| w != 0.0)
+        // A target outside the vocabulary makes the loss NaN, which training reports.
+        .map(|((n, x), (&t, &w))| {
+            -(w as f64) * n.log_prob(x.get(t).copied().unwrap_or(f32::NAN)) as f64
+        })
+        .sum();
+    (sum as f32, normalisers)
+}
+
+/// `d logits[r] = g · w_r · (softmax(logits[r]) − onehot(t_r))`.
+fn cross_entropy_backward(
+    logits: &FlexTensor,
+    rows: &Rows,
+    normalisers: &[Normaliser],
+    grad: &FlexTensor,
+) -> FlexTensor {
+    let shape = logits.shape();
+    let vocab = shape[1];
+    let g = grad.to_contiguous().storage::<f32>()[0];
+    let x = logits.storage::<f32>();
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(vocab)
+        .zip(x.par_chunks(vocab))
+        .zip(normalisers.par_iter())
+        .zip(rows.targets.par_iter().zip(rows.weights.par_iter()))
+        .for_each(|(((dx, x), &n), (&t, &w))| {
+            if w == 0.0 {
+                return;
+            }
+            let gw = g * w;
+            vectorised(|| {
+                for (dx, &x) in dx.iter_mut().zip(x) {
+                    *dx = gw * exp_nonpositive(n.log_prob(x));
+                }
+            });
+            if let Some(d) = dx.get_mut(t) {
+                *d -= gw;
+            }
+        });
+    FlexTensor::from_data(TensorData::new(dx, shape))
+}
+
+// ---------------------------------------------------------------------------------------
+// Swapping the middle dimensions
+
+#[derive(Debug)]
+struct SwapMiddleBackward;
+
+impl Backward<Flex, 1> for SwapMiddleBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            swap_middle_forward(&grad)
+        });
+    }
+}
+
+fn swap_middle_tracked(x: AutodiffTensor) -> AutodiffTensor {
+    match SwapMiddleBackward
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((), swap_middle_forward(&x.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(swap_middle_forward(&x.primitive)),
+    }
+}
+
+fn swap_middle_forward(x: &FlexTensor) -> FlexTensor {
+    let shape = x.shape();
+    let [a, m, n, d] = [shape[0], shape[1], shape[2], shape[3]];
+    let x = x.to_contiguous();
+    let x = x.storage::<f32>();
+    let mut y = vec![0f32; x.len()];
+    if y.is_empty() {
+        return FlexTensor::from_data(TensorData::new(y, [a, n, m, d]));
+    }
+    // Each task writes one `[m, d]` block of the output: `y[ai, ni] = x[ai, :, ni]`.
+    y.par_chunks_mut(m * d).enumerate().for_each(|(block, y)| {
+        let (ai, ni) = (block / n, block % n);
+        for (mi, y) in y.chunks_exact_mut(d).enumerate() {
+            let from = ((ai * m + mi) * n + ni) * d;
+            y.copy_from_slice(&x[from..from + d]);
+        }
+    });
+    FlexTensor::from_data(TensorData::new(y, [a, n, m, d]))
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl Backward<Flex, 2> for SwigluBackward {
+    /// `gate` and `up`, contiguous.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (gate, up) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let [gate_node, up_node] = ops.parents;
+        let (d_gate, d_up) = swiglu_backward(&gate, &up, &grad);
+        if let Some(node) = gate_node {
+            grads.register::<Flex>(node.id, d_gate);
+        }
+        if let Some(node) = up_node {
+            grads.register::<Flex>(node.id, d_up);
+        }
+    }
+}
+
+fn swiglu_tracked(gate: AutodiffTensor, up: AutodiffTensor) -> AutodiffTensor {
+    match SwigluBackward
+        .prepare::<NoCheckpointing>([gate.node.clone(), up.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (gate, up) = (gate.primitive.to_contiguous(), up.primitive.to_contiguous());
+            let out = swiglu_forward(&gate, &up);
+            prep.finish((gate, up), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(swiglu_forward(&gate.primitive, &up.primitive)),
+    }
+}
+
+/// Elements a task: enough to outweigh a task's cost, few enough to share the work out.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+fn swiglu_forward(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+    let shape = gate.shape();
+    let (gate, up) = (gate.to_contiguous(), up.to_contiguous());
+    let (g, u) = (gate.storage::<f32>(), up.storage::<f32>());
+    let mut y = vec![0f32; g.len()];
+    y.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(
+            g.par_chunks(ELEMENTS_PER_TASK)
+                .zip(u.par_chunks(ELEMENTS_PER_TASK)),
+        )
+        .for_each(|(y, (g, u))| {
+            vectorised(|| {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    // silu rounded first, then the product: PyTorch's `act_fn(gate) * up`.
+                    *y = (g * sigmoid(g)) * u;
+                }
+            })
+        });
+    FlexTensor::from_data(TensorData::new(y, shape))
+}
+
+/// `d gate = g · up · σ(gate) · (1 + gate · (1 − σ(gate)))`, `d up = g · silu(gate)`.
+fn swiglu_backward(
+    gate: &FlexTensor,
+    up: &FlexTensor,
+    grad: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let shape = gate.shape();
+    let grad = grad.to_contiguous();
+    let (x, u, g) = (
+        gate.storage::<f32>(),
+        up.storage::<f32>(),
+        grad.storage::<f32>(),
+    );
+    let mut d_gate = vec![0f32; x.len()];
+    let mut d_up = vec![0f32; x.len()];
+    d_gate
+        .par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(d_up.par_chunks_mut(ELEMENTS_PER_TASK))
+        .zip(x.par_chunks(ELEMENTS_PER_TASK))
+        .zip(
+            u.par_chunks(ELEMENTS_PER_TASK)
+                .zip(g.par_chunks(ELEMENTS_PER_TASK)),
+        )
+        .for_each(|(((d_gate, d_up), x), (u, g))| {
+            vectorised(|| {
+                for ((((dg, du), &x), &u), &g) in
+                    d_gate.iter_mut().zip(d_up.iter_mut()).zip(x).zip(u).zip(g)
+                {
+                    let s = sigmoid(x);
+                    *du = g * (x * s);
+                    *dg = g * u * (s * (1.0 + x * (1.0 - s)));
+                }
+            })
+        });
+    (
+        FlexTensor::from_data(TensorData::new(d_gate, shape.clone())),
+        FlexTensor::from_data(TensorData::new(d_up, shape)),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Vectorised arithmetic
+
+/// Runs `f` compiled for the widest SIMD instruction set of this CPU (AVX-512, AVX2+FMA or
+/// the x86-64 baseline), chosen at run time; the loops inside are vectorised by the compiler.
+#[inline(always)]
+fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
+/// The lanes of the sums and maxima here: sixteen accumulators let the compiler fill a
+/// register of any width, and fix the order of the additions whatever the CPU.
+const LANES: usize = 16;
+
+/// The largest of `x` (−∞ when empty). A NaN is passed over here and surfaces in the
+/// `exp(x − max)` that follows every call.
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut max = acc.into_iter().fold(f32::NEG_INFINITY, f32::max);
+    for &v in tail {
+        max = max.max(v);
+    }
+    max
+}
+
+/// `Σ f(x_i)`, added in `LANES` interleaved partial sums.
+#[inline(always)]
+fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f(v);
+        }
+    }
+    let mut sum = acc.into_iter().sum::<f32>();
+    for &v in tail {
+        sum += f(v);
+    }
+    sum
+}
+
+/// `Σ a_i · b_i`, added in `LANES` interleaved partial sums.
+#[inline(always)]
+fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_tail, b_tail) = (a_chunks.remainder(), b_chunks.remainder());
+    for (a, b) in a_chunks.zip(b_chunks) {
+        for ((acc, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+            *acc += a * b;
+        }
+    }
+    let mut sum = acc.into_iter().sum::<f32>();
+    for (&a, &b) in a_tail.iter().zip(b_tail) {
+        sum += a * b;
+    }
+    sum
+}
+
+/// `1 / (1 + e^−x)`, from `e^−|x|` so that the exponential never overflows.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    let one_over = 1.0 / (1.0 + e);
+    if x >= 0.0 {
+        one_over
+    } else {
+        e * one_over
+    }
+}
+
+/// `exp(x)` for `x ≤ 0` (every argument here: a value less its row's maximum), within 2 ulp
+/// of the exact value (Cephes' `expf`: `2^n · e^r` with `|r| ≤ ln 2 / 2` and a degree-6
+/// polynomial for `e^r`), written so that the compiler vectorises it. Below −87.3, where
+/// `e^x` leaves the normal floats, it is 0; NaN stays NaN.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // Adding 1.5·2^23 rounds x·log2(e) to the nearest integer n and leaves n in the low bits.
+    const SHIFTER: f32 = 12_582_912.0;
+    // ln 2 in two parts: n·LN2_HI is exact, so that r = x − n·ln 2 keeps its precision.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = shifted - SHIFTER;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e_r = p * (r * r) + r + 1.0;
+    let n_bits = shifted.to_bits().wrapping_sub(SHIFTER.to_bits());
+    let two_to_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        e_r * two_to_n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_exact_value() {
+        let mut worst = 0f64;
+        let mut x = -87.3f32;
+        while x <= 0.0 {
+            let exact = (x as f64).exp();
+            let ulp = (exact as f32).to_bits();
+            let got = exp_nonpositive(x);
+            let ulps = (got.to_bits() as i64 - ulp as i64).abs() as f64;
+            worst = worst.max(ulps);
+            x += 0.000_37;
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(f32::MIN), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+    }
+
+    type AD = Autodiff<Flex>;
+
+    fn tensor<B: Backend, const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
+        let n: usize = shape.iter().product();
+        let mut state = seed;
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    }
+
+    fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 + 1e-5 * w.abs(),
+                "{what}[{i}]: {g} against burn's {w}"
+            );
+        }
+    }
+
+    /// A causal mask, one per batch row or shared.
+    fn causal<B: Backend>(rows: usize, s: usize) -> Tensor<B, 4> {
+        let m: Vec<f32> = (0..rows * s * s)
+            .map(|k| {
+                let (i, j) = ((k / s) % s, k % s);
+                if j > i || (k / (s * s) == 1 && j == 0 && i > 0) {
+                    f32::MIN
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(m, [rows, 1, s, s]), &Default::default())
+    }
+
+    /// burn's composition, the reference for the fused kernel, on the same backend.
+    fn composed_softmax(scores: Tensor<AD, 4>, mask: Tensor<AD, 4>, scale: f32) -> Tensor<AD, 4> {
+        let [b, h, s, t] = scores.dims();
+        let rows = mask.dims()[0];
+        let z =
+            (scores * scale).reshape([rows, b * h / rows, s * t]) + mask.reshape([rows, 1, s * t]);
+        burn::tensor::activation::softmax(z.reshape([b, h, s, t]), 3)
+    }
+
+    #[test]
+    fn masked_softmax_and_its_gradient_equal_burns_composition() {
+        for (mask_rows, t) in [(1, 5), (2, 37)] {
+            let shape = [2, 3, t, t];
+            let upstream = tensor::<AD, 4>(shape, 7);
+            let run = |fused: bool| {
+                let scores = tensor::<AD, 4>(shape, 1).require_grad();
+                let mask = causal::<AD>(mask_rows, t);
+                let probs = if fused {
+                    masked_softmax(scores.clone(), mask, 0.3)
+                } else {
+                    composed_softmax(scores.clone(), mask, 0.3)
+                };
+                let grads = (probs.clone() * upstream.clone()).sum().backward();
+                (values(probs), values(scores.grad(&grads).unwrap()))
+            };
+            let (p, g) = run(true);
+            let (p_ref, g_ref) = run(false);
+            assert_close(&p, &p_ref, "probabilities");
+            assert_close(&g, &g_ref, "gradient");
+            // Inference takes the same kernel.
+            let plain = masked_softmax(
+                tensor::<Flex, 4>(shape, 1),
+                causal::<Flex>(mask_rows, t),
+                0.3,
+            );
+            assert_close(&values(plain), &p_ref, "probabilities without autodiff");
+        }
+    }
+
+    #[test]
+    fn cross_entropy_and_its_gradient_equal_burns_log_softmax() {
+        let (rows, vocab) = (6, 300);
+        let targets = vec![3, 299, 0, 7, 150, 42];
+        let weights = vec![1.0, 0.0, 1.0, 2.0, 0.0, 1.0];
+        let run = |fused: bool| {
+            let logits = tensor::<AD, 2>([rows, vocab], 3).require_grad();
+            let sum = if fused {
+                cross_entropy_sum(logits.clone(), targets.clone(), weights.clone())
+            } else {
+                let logp = burn::tensor::activation::log_softmax(logits.clone(), 1);
+                let idx = targets.iter().map(|&t| t as i64).collect();
+                let idx = Tensor::<AD, 2, Int>::from_data(
+                    TensorData::new(idx, [rows, 1]),
+                    &Default::default(),
+                );
+                let w = Tensor::<AD, 1>::from_data(
+                    TensorData::new(weights.clone(), [rows]),
+                    &Default::default(),
+                );
+                (logp.gather(1, idx).reshape([rows]) * w).sum().neg()
+            };
+            let grads = (sum.clone() * 0.5).backward();
+            (values(sum), values(logits.grad(&grads).unwrap()))
+        };
+        let (l, g) = run(true);
+        let (l_ref, g_ref) = run(false);
+        assert_close(&l, &l_ref, "loss");
+        assert_close(&g, &g_ref, "gradient");
+        // Rows of weight 0 take no gradient.
+        assert!(g[vocab..2 * vocab].iter().all(|&d| d == 0.0));
+        let plain = cross_entropy_sum(
+            tensor::<Flex, 2>([rows, vocab], 3),
+            targets.clone(),
+            weights.clone(),
+        );
+        assert_close(&values(plain), &l_ref, "loss without autodiff");
+    }
+
+    #[test]
+    fn swiglu_and_its_gradients_equal_burns_silu_product() {
+        let shape = [3, 7, 37];
+        let upstream = tensor::<AD, 3>(shape, 9);
+        let run = |fused: bool| {
+            let gate = (tensor::<AD, 3>(shape, 4) * 4.0).require_grad();
+            let up = tensor::<AD, 3>(shape, 5).require_grad();
+            let y = if fused {
+                swiglu(gate.clone(), up.clone())
+            } else {
+                burn::tensor::activation::silu(gate.clone()) * up.clone()
+            };
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            (
+                values(y),
+                values(gate.grad(&grads).unwrap()),
+                values(up.grad(&grads).unwrap()),
+            )
+        };
+        let (y, d_gate, d_up) = run(true);
+        let (y_ref, d_gate_ref, d_up_ref) = run(false);
+        assert_close(&y, &y_ref, "output");
+        assert_close(&d_gate, &d_gate_ref, "gate's gradient");
+        assert_close(&d_up, &d_up_ref, "up's gradient");
+        let plain = swiglu(
+            tensor::<Flex, 3>(shape, 4) * 4.0,
+            tensor::<Flex, 3>(shape, 5),
+        );
+        assert_close(&values(plain), &y_ref, "output without autodiff");
+    }
+
+    #[test]
+    fn swap_middle_and_its_gradient_equal_swap_dims() {
+        let shape = [2, 5, 3, 4];
+        let upstream = tensor::<AD, 4>([2, 3, 5, 4], 11);
+        let run = |fused: bool| {
+            let x = tensor::<AD, 4>(shape, 6).require_grad();
+            let y = if fused {
+                swap_middle(x.clone())
+            } else {
+                x.clone().swap_dims(1, 2)
+            };
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            (y.dims(), values(y), values(x.grad(&grads).unwrap()))
+        };
+        let (dims, y, g) = run(true);
+        let (dims_ref, y_ref, g_ref) = run(false);
+        assert_eq!(dims, dims_ref);
+        assert_eq!(y, y_ref);
+        assert_eq!(g, g_ref);
+        let plain = swap_middle(tensor::<Flex, 4>(shape, 6));
+        assert_eq!(values(plain), y_ref);
+    }
+}
