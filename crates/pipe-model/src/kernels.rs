@@ -1,11 +1,13 @@
 //! Fused kernels for the CPU backend, each with its own backward pass: attention's scaled,
-//! masked softmax and the cross-entropy over the vocabulary.
+//! masked softmax, the cross-entropy over the vocabulary, SwiGLU's gating, and the swap of
+//! attention's heads with the sequence.
 //!
-//! burn composes each of them from five or more tensor operations (scale, add the mask, max,
-//! subtract, exp, sum, divide — and as many again backward), every one a pass over memory on
-//! one core with glibc's scalar `exp`, which takes its slow underflow path for every masked
-//! score. Here each is one pass forward and one backward, parallel over rows, with an `exp`
-//! the compiler vectorises for the CPU found at run time.
+//! burn composes the first three from several tensor operations each (the softmax: scale, add
+//! the mask, max, subtract, exp, sum, divide — and as many again backward), every one a pass
+//! over memory on one core with glibc's scalar `exp`, which takes its slow underflow path for
+//! every masked score; and it copies a swapped view element by element wherever it is
+//! reshaped. Here each is one pass forward and one backward, parallel over rows, with an
+//! `exp` the compiler vectorises for the CPU found at run time.
 //!
 //! Only burn-flex tensors of f32 take these kernels, plain or under autodiff; every other
 //! backend (CUDA) and dtype takes burn's composition, unchanged. The choice is made from the
@@ -39,31 +41,27 @@ pub fn masked_softmax<B: Backend>(
     mask: Tensor<B, 4>,
     scale: f32,
 ) -> Tensor<B, 4> {
-    let dims = scores.dims();
-    let (mask_rows, mask_dims) = (mask.dims()[0], mask.dims());
-    let fused =
-        (dims[0] * dims[1]).is_multiple_of(mask_rows) && mask_dims[1..] == [1, dims[2], dims[3]];
-    match (fused, cpu_f32::<B>(scores.into_primitive().tensor())) {
-        (true, CpuF32::Tracked(x)) => {
-            let mask = cpu_f32::<B>(mask.into_primitive().tensor()).flex();
-            from_autodiff(softmax_tracked(x, mask, scale))
-        }
-        (true, CpuF32::Plain(x)) => {
-            let mask = cpu_f32::<B>(mask.into_primitive().tensor()).flex();
-            from_flex(masked_softmax_forward(
-                &x,
-                &mask.expect("a CPU mask"),
-                scale,
-            ))
-        }
-        (_, other) => {
-            let scores =
-                Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(other.into_float::<B>()));
-            let [b, h, s, t] = dims;
+    let [b, h, s, t] = scores.dims();
+    let mask_rows = mask.dims()[0];
+    let fits = (b * h).is_multiple_of(mask_rows) && mask.dims()[1..] == [1, s, t];
+    match cpu_f32::<B>(scores.into_primitive().tensor()) {
+        CpuF32::Tracked(x) if fits => from_autodiff(softmax_tracked(x, &cpu_mask(mask), scale)),
+        CpuF32::Plain(x) if fits => from_flex(masked_softmax_forward(&x, &cpu_mask(mask), scale)),
+        other => {
+            let scores = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(other.into_float()));
             let z = (scores * scale).reshape([mask_rows, b * h / mask_rows, s * t])
                 + mask.reshape([mask_rows, 1, s * t]);
             burn::tensor::activation::softmax(z.reshape([b, h, s, t]), 3)
         }
+    }
+}
+
+/// The burn-flex tensor of a mask beside burn-flex scores (it takes no gradient).
+fn cpu_mask<B: Backend>(mask: Tensor<B, 4>) -> FlexTensor {
+    match cpu_f32::<B>(mask.into_primitive().tensor()) {
+        CpuF32::Tracked(t) => t.primitive,
+        CpuF32::Plain(t) => t,
+        CpuF32::Other(_) => unreachable!("scores on burn-flex come with their mask on burn-flex"),
     }
 }
 
@@ -108,7 +106,7 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
         (CpuF32::Plain(gate), CpuF32::Plain(up)) => from_flex(swiglu_forward(&gate, &up)),
         (gate, up) => {
             let float = |t: CpuF32<B>| {
-                Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t.into_float::<B>()))
+                Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t.into_float()))
             };
             burn::tensor::activation::silu(float(gate)) * float(up)
         }
@@ -156,20 +154,12 @@ fn cpu_f32<B: Backend>(t: FloatTensor<B>) -> CpuF32<B> {
 }
 
 impl<B: Backend> CpuF32<B> {
-    /// The burn-flex tensor itself (the mask takes no gradient), if it is one.
-    fn flex(self) -> Option<FlexTensor> {
-        match self {
-            CpuF32::Tracked(t) => Some(t.primitive),
-            CpuF32::Plain(t) => Some(t),
-            CpuF32::Other(_) => None,
-        }
-    }
-
-    fn into_float<C: Backend>(self) -> FloatTensor<C> {
+    /// The primitive back, for burn's composed operations.
+    fn into_float(self) -> FloatTensor<B> {
         match self {
             CpuF32::Tracked(t) => same_type(Box::new(t)),
             CpuF32::Plain(t) => same_type(Box::new(t)),
-            CpuF32::Other(t) => same_type(Box::new(t)),
+            CpuF32::Other(t) => t,
         }
     }
 }
@@ -207,19 +197,18 @@ impl Backward<Flex, 1> for MaskedSoftmaxBackward {
     }
 }
 
-fn softmax_tracked(scores: AutodiffTensor, mask: Option<FlexTensor>, scale: f32) -> AutodiffTensor {
-    let mask = mask.expect("a CPU mask beside CPU scores");
+fn softmax_tracked(scores: AutodiffTensor, mask: &FlexTensor, scale: f32) -> AutodiffTensor {
     match MaskedSoftmaxBackward
         .prepare::<NoCheckpointing>([scores.node.clone()])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let probs = masked_softmax_forward(&scores.primitive, &mask, scale);
+            let probs = masked_softmax_forward(&scores.primitive, mask, scale);
             prep.finish((probs.clone(), scale), probs)
         }
         OpsKind::UnTracked(prep) => {
-            prep.finish(masked_softmax_forward(&scores.primitive, &mask, scale))
+            prep.finish(masked_softmax_forward(&scores.primitive, mask, scale))
         }
     }
 }

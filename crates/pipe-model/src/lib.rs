@@ -5,7 +5,8 @@
 //! - [`config`]: one description of a decoder's blocks ([`ModelConfig`]);
 //! - [`family`]: each family's config.json read into it and written back, one file each;
 //! - [`model`]: the blocks (`*Config::init` + `Module`) and the forward passes;
-//! - [`kernels`]: the CPU's fused attention softmax and cross-entropy, with their backward;
+//! - [`kernels`]: the CPU's fused attention softmax, cross-entropy, SwiGLU and head swap,
+//!   each with its own backward;
 //! - [`weights`]: where a model's weights come from when built (a checkpoint or a seed);
 //! - [`load`], [`save`], [`lora`]: checkpoints, Hugging Face files, PEFT adapters.
 

@@ -1344,11 +1344,12 @@ pub fn shifted_cross_entropy<B: Backend>(
     let mut weights = Vec::with_capacity(b * s);
     for row in labels {
         for i in 0..s {
-            let label = row
-                .get(i + 1)
-                .copied()
-                .filter(|_| i + 1 < s)
-                .unwrap_or(-100);
+            // Position i predicts the label at i + 1; the last position predicts nothing.
+            let label = if i + 1 < s {
+                row.get(i + 1).copied().unwrap_or(-100)
+            } else {
+                -100
+            };
             targets.push(usize::try_from(label).unwrap_or(0));
             weights.push(if label < 0 { 0f32 } else { 1.0 });
         }
