@@ -1,5 +1,5 @@
 //! The README's first command runs the embedded default pipeline (pipelines/tiny.yaml): keep
-//! it true. One epoch here instead of eight, to keep the test short; the model must still
+//! it true. One epoch here instead of ten, to keep the test short; the model must still
 //! beat its untrained self on held-out loss.
 
 use std::process::Command;

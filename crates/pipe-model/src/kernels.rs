@@ -1,8 +1,8 @@
 //! Fused kernels for the CPU backend, each with its own backward pass: attention's scaled,
-//! masked softmax, the cross-entropy over the vocabulary, SwiGLU's gating, and the swap of
-//! attention's heads with the sequence.
+//! masked softmax, the cross-entropy over the vocabulary, SwiGLU's gating, RMSNorm, and the
+//! swap of attention's heads with the sequence.
 //!
-//! burn composes the first three from several tensor operations each (the softmax: scale, add
+//! burn composes the first four from several tensor operations each (the softmax: scale, add
 //! the mask, max, subtract, exp, sum, divide — and as many again backward), every one a pass
 //! over memory on one core with glibc's scalar `exp`, which takes its slow underflow path for
 //! every masked score; and it copies a swapped view element by element wherever it is
@@ -111,6 +111,47 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
             burn::tensor::activation::silu(float(gate)) * float(up)
         }
     }
+}
+
+/// RMSNorm as transformers computes it in f32: `γ · (x · 1/√(mean(x²) + ε))` over the last
+/// dimension. `x`: `[…, dim]`; `gamma`: `[dim]` → `[…, dim]`.
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let dim = x.dims()[D - 1];
+    if gamma.dims() != [dim] || dim == 0 {
+        return rms_norm_composed(x, gamma, eps);
+    }
+    match (
+        cpu_f32::<B>(x.into_primitive().tensor()),
+        cpu_f32::<B>(gamma.into_primitive().tensor()),
+    ) {
+        (CpuF32::Tracked(x), CpuF32::Tracked(gamma)) => {
+            from_autodiff(rms_norm_tracked(x, gamma, eps as f32))
+        }
+        (CpuF32::Plain(x), CpuF32::Plain(gamma)) => {
+            let gamma = gamma.to_contiguous();
+            from_flex(rms_norm_forward(&x, gamma.storage::<f32>(), eps as f32).0)
+        }
+        (x, gamma) => rms_norm_composed(
+            Tensor::from_primitive(TensorPrimitive::Float(x.into_float())),
+            Tensor::from_primitive(TensorPrimitive::Float(gamma.into_float())),
+            eps,
+        ),
+    }
+}
+
+/// burn's composition of RMSNorm, for every other backend and dtype.
+fn rms_norm_composed<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+    let normed = x * (variance + eps).sqrt().recip();
+    normed * gamma.unsqueeze()
 }
 
 /// `[a, m, n, d]` → `[a, n, m, d]`, the middle dimensions swapped (attention's heads split
@@ -564,6 +605,138 @@ fn swiglu_backward(
 }
 
 // ---------------------------------------------------------------------------------------
+// RMSNorm
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl Backward<Flex, 2> for RmsNormBackward {
+    /// `x` (contiguous), γ, and each row's `1/√(mean(x²) + ε)`.
+    type State = (FlexTensor, Vec<f32>, Vec<f32>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, gamma, inv_rms) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let [x_node, gamma_node] = ops.parents;
+        let (dx, d_gamma) = rms_norm_backward(&x, &gamma, &inv_rms, &grad, gamma_node.is_some());
+        if let Some(node) = x_node {
+            grads.register::<Flex>(node.id, dx);
+        }
+        if let Some(node) = gamma_node {
+            let dim = gamma.len();
+            grads.register::<Flex>(
+                node.id,
+                FlexTensor::from_data(TensorData::new(d_gamma, [dim])),
+            );
+        }
+    }
+}
+
+fn rms_norm_tracked(x: AutodiffTensor, gamma: AutodiffTensor, eps: f32) -> AutodiffTensor {
+    let gamma_values = gamma.primitive.to_contiguous().storage::<f32>().to_vec();
+    match RmsNormBackward
+        .prepare::<NoCheckpointing>([x.node.clone(), gamma.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let x = x.primitive.to_contiguous();
+            let (y, inv_rms) = rms_norm_forward(&x, &gamma_values, eps);
+            prep.finish((x, gamma_values, inv_rms), y)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(rms_norm_forward(&x.primitive, &gamma_values, eps).0)
+        }
+    }
+}
+
+/// Rows of `dim` elements a task: about `ELEMENTS_PER_TASK` elements.
+fn rows_per_task(dim: usize) -> usize {
+    (ELEMENTS_PER_TASK / dim).max(1)
+}
+
+/// The normalised rows, and each row's `1/√(mean(x²) + ε)`.
+fn rms_norm_forward(x: &FlexTensor, gamma: &[f32], eps: f32) -> (FlexTensor, Vec<f32>) {
+    let shape = x.shape();
+    let dim = gamma.len();
+    let x = x.to_contiguous();
+    let x = x.storage::<f32>();
+    let mut y = vec![0f32; x.len()];
+    let mut inv_rms = vec![0f32; x.len() / dim];
+    let rows = rows_per_task(dim);
+    y.par_chunks_mut(rows * dim)
+        .zip(inv_rms.par_chunks_mut(rows))
+        .zip(x.par_chunks(rows * dim))
+        .for_each(|((y, inv_rms), x)| {
+            vectorised(|| {
+                for ((y, r), x) in y
+                    .chunks_exact_mut(dim)
+                    .zip(inv_rms.iter_mut())
+                    .zip(x.chunks_exact(dim))
+                {
+                    let mean_square = lanes_sum(x, |v| v * v) / dim as f32;
+                    *r = 1.0 / (mean_square + eps).sqrt();
+                    for ((y, &x), &g) in y.iter_mut().zip(x).zip(gamma) {
+                        *y = g * (x * *r);
+                    }
+                }
+            })
+        });
+    (FlexTensor::from_data(TensorData::new(y, shape)), inv_rms)
+}
+
+/// With `n = x · r` and `dn = g ⊙ γ`: `dx = r · (dn − n · mean(dn ⊙ n))`, and `dγ = Σ_rows
+/// g ⊙ n` (summed task by task in a fixed order, the same on every run and CPU count; left
+/// empty when γ takes no gradient).
+fn rms_norm_backward(
+    x: &FlexTensor,
+    gamma: &[f32],
+    inv_rms: &[f32],
+    grad: &FlexTensor,
+    with_gamma: bool,
+) -> (FlexTensor, Vec<f32>) {
+    let shape = x.shape();
+    let dim = gamma.len();
+    let grad = grad.to_contiguous();
+    let (x, g) = (x.storage::<f32>(), grad.storage::<f32>());
+    let mut dx = vec![0f32; x.len()];
+    let rows = rows_per_task(dim);
+    let partial_d_gamma: Vec<Vec<f32>> = dx
+        .par_chunks_mut(rows * dim)
+        .zip(x.par_chunks(rows * dim).zip(g.par_chunks(rows * dim)))
+        .zip(inv_rms.par_chunks(rows))
+        .map(|((dx, (x, g)), inv_rms)| {
+            let mut d_gamma = vec![0f32; if with_gamma { dim } else { 0 }];
+            vectorised(|| {
+                for (((dx, x), g), &r) in dx
+                    .chunks_exact_mut(dim)
+                    .zip(x.chunks_exact(dim))
+                    .zip(g.chunks_exact(dim))
+                    .zip(inv_rms)
+                {
+                    let dot = lanes_sum_zip3(x, g, gamma, |x, g, gamma| (g * gamma) * (x * r));
+                    let mean = dot / dim as f32;
+                    for (((dx, &x), &g), &gamma) in dx.iter_mut().zip(x).zip(g).zip(gamma) {
+                        *dx = r * ((g * gamma) - (x * r) * mean);
+                    }
+                    for ((d, &x), &g) in d_gamma.iter_mut().zip(x).zip(g) {
+                        *d += g * (x * r);
+                    }
+                }
+            });
+            d_gamma
+        })
+        .collect();
+    let mut d_gamma = vec![0f32; if with_gamma { dim } else { 0 }];
+    for partial in &partial_d_gamma {
+        for (d, &p) in d_gamma.iter_mut().zip(partial) {
+            *d += p;
+        }
+    }
+    (FlexTensor::from_data(TensorData::new(dx, shape)), d_gamma)
+}
+
+// ---------------------------------------------------------------------------------------
 // Vectorised arithmetic
 
 /// Runs `f` compiled for the widest SIMD instruction set of this CPU (AVX-512, AVX2+FMA or
@@ -628,6 +801,28 @@ fn lanes_dot(a: &[f32], b: &[f32]) -> f32 {
     let mut sum = acc.into_iter().sum::<f32>();
     for (&a, &b) in a_tail.iter().zip(b_tail) {
         sum += a * b;
+    }
+    sum
+}
+
+/// `Σ f(a_i, b_i, c_i)`, added in `LANES` interleaved partial sums.
+#[inline(always)]
+fn lanes_sum_zip3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len().min(b.len()).min(c.len());
+    let whole = n / LANES * LANES;
+    for ((a, b), c) in a[..whole]
+        .chunks_exact(LANES)
+        .zip(b[..whole].chunks_exact(LANES))
+        .zip(c[..whole].chunks_exact(LANES))
+    {
+        for (((acc, &a), &b), &c) in acc.iter_mut().zip(a).zip(b).zip(c) {
+            *acc += f(a, b, c);
+        }
+    }
+    let mut sum = acc.into_iter().sum::<f32>();
+    for ((&a, &b), &c) in a[whole..n].iter().zip(&b[whole..n]).zip(&c[whole..n]) {
+        sum += f(a, b, c);
     }
     sum
 }
@@ -849,6 +1044,48 @@ mod tests {
             tensor::<Flex, 3>(shape, 5),
         );
         assert_close(&values(plain), &y_ref, "output without autodiff");
+    }
+
+    #[test]
+    fn rms_norm_and_its_gradients_equal_burns_composition() {
+        // A row length with a tail past the lanes, and a 4-D input (the q/k norms').
+        for shape in [[2, 3, 5, 37], [1, 2, 4, 64]] {
+            let upstream = tensor::<AD, 4>(shape, 13);
+            let dim = shape[3];
+            let run = |fused: bool, gamma_trained: bool| {
+                let x = tensor::<AD, 4>(shape, 8).require_grad();
+                let gamma = tensor::<AD, 1>([dim], 12) + 1.0;
+                let gamma = if gamma_trained {
+                    gamma.require_grad()
+                } else {
+                    gamma
+                };
+                let y = if fused {
+                    rms_norm(x.clone(), gamma.clone(), 1e-5)
+                } else {
+                    rms_norm_composed(x.clone(), gamma.clone(), 1e-5)
+                };
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                let d_gamma = gamma.grad(&grads).map(values);
+                (values(y), values(x.grad(&grads).unwrap()), d_gamma)
+            };
+            let (y, dx, d_gamma) = run(true, true);
+            let (y_ref, dx_ref, d_gamma_ref) = run(false, true);
+            assert_close(&y, &y_ref, "output");
+            assert_close(&dx, &dx_ref, "input's gradient");
+            assert_close(
+                &d_gamma.unwrap(),
+                &d_gamma_ref.unwrap(),
+                "weight's gradient",
+            );
+            // A frozen weight (LoRA) takes no gradient; the input's is the same.
+            let (_, dx_frozen, d_gamma_frozen) = run(true, false);
+            assert_eq!(dx_frozen, dx);
+            assert!(d_gamma_frozen.is_none());
+            let gamma = tensor::<Flex, 1>([dim], 12) + 1.0;
+            let plain = rms_norm(tensor::<Flex, 4>(shape, 8), gamma, 1e-5);
+            assert_close(&values(plain), &y_ref, "output without autodiff");
+        }
     }
 
     #[test]

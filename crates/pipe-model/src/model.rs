@@ -198,14 +198,12 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     /// `[…, dim]` → same, normalised over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = x * (variance + self.eps).sqrt().recip();
         let gamma = if self.one_plus {
             self.weight.val() + 1.0
         } else {
             self.weight.val()
         };
-        normed * gamma.unsqueeze()
+        kernels::rms_norm(x, gamma, self.eps)
     }
 }
 

@@ -26,7 +26,11 @@ pub use step::{
 /// Tensors are large allocations, which glibc maps fresh from the kernel and unmaps on free, so
 /// every training step page-faults and zeroes its buffers anew. Keeping freed memory in the
 /// heap instead makes training about 10% faster (bench/train.sh); the peak memory is unchanged.
-/// A process-wide setting: call it first thing in `main`, before other threads start.
+/// Buffers above 32 MiB (the largest threshold glibc accepts; a LoRA step's logits over a 49k
+/// vocabulary are 200 MB) are kept too by mapping nothing outside the heap: SmolLM2 LoRA 7.5%
+/// faster for 9% more peak memory, still 40% of PEFT's. A heap that cannot grow still falls back
+/// to a mapping. A process-wide setting: call it first thing in `main`, before other threads
+/// start.
 pub fn keep_freed_tensor_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets glibc's thresholds; called before any other thread starts.
@@ -34,5 +38,6 @@ pub fn keep_freed_tensor_memory() {
         // 32 MiB is the largest mmap threshold glibc accepts on 64-bit systems.
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }

@@ -152,11 +152,11 @@ fn lora_parameters(cfg: &ModelConfig, shape: LoraShape) -> u64 {
 fn saved_per_layer(cfg: &ModelConfig, fused: bool) -> (u64, u64) {
     let Dims { d, i, q, kv, .. } = Dims::of(cfg);
     let h = cfg.num_attention_heads as u64;
-    // Norms (input, squared, normalised: two norms), the rotary embedding (inputs laid out by
-    // head, rotated halves and products for q and k), attention output, o_proj input, the
-    // residuals. Keys and values are not repeated for every query head: each key/value head's
-    // queries are stacked against it.
-    let norms = 2 * 3 * d;
+    // Norms (two of them: input and normalised, and composed their square too), the rotary
+    // embedding (inputs laid out by head, rotated halves and products for q and k), attention
+    // output, o_proj input, the residuals. Keys and values are not repeated for every query
+    // head: each key/value head's queries are stacked against it.
+    let norms = 2 * norm_values(fused) * d;
     let shared = 3 * (q + kv) + 2 * q + 2 * d;
     if fused {
         // Values laid out by head; SwiGLU's gate, up and product; the probabilities.
@@ -166,6 +166,16 @@ fn saved_per_layer(cfg: &ModelConfig, fused: bool) -> (u64, u64) {
         // sigmoid, silu, up, product); scores, their scaled-and-masked sum, the softmax's exp
         // and result.
         (norms + shared + (q + 2 * kv) + 5 * i, 4 * h)
+    }
+}
+
+/// Values of `hidden` an RMSNorm keeps a token: its input and result, and composed (burn's
+/// operations) the square too.
+fn norm_values(fused: bool) -> u64 {
+    if fused {
+        2
+    } else {
+        3
     }
 }
 
@@ -226,13 +236,13 @@ pub fn plan_training(cfg: &ModelConfig, shape: &TrainShape) -> MemoryPlan {
     }
     // Final norm, the logits, and (composed) their log-softmax over the vocabulary.
     let logit_copies = if fused { 1 } else { 2 };
-    let head = tokens * (3 * d + logit_copies * v) * F32;
+    let head = tokens * (norm_values(fused) * d + logit_copies * v) * F32;
     let activations = if shape.gradient_checkpointing {
         // Every layer's input and the gradient flowing down, beside the peak of the head's
         // backward pass (its results and as many gradients of the logits) or of one recomputed
         // layer's (its results and their gradients) (`crate::segments`). Without
         // recomputation the layers' backward passes free results as they make gradients.
-        let head_backward = tokens * (3 * d + 2 * logit_copies * v) * F32;
+        let head_backward = tokens * (norm_values(fused) * d + 2 * logit_copies * v) * F32;
         (layers + 2) * tokens * d * F32 + head_backward.max(2 * layer)
     } else {
         layers * layer + head
