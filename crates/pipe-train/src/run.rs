@@ -1352,4 +1352,42 @@ mod tests {
         assert!(e.contains("optimizer.bin"), "{e}");
         assert!(!e.contains("bad checkpoint"), "{e}");
     }
+
+    /// A state whose losses need all 17 digits to round-trip reads back to the same digest
+    /// (JSON's default float parser may land one ulp off, which made sound checkpoints look
+    /// damaged).
+    #[test]
+    fn a_state_with_any_loss_reads_back_to_its_own_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("optimizer.bin"), b"moments").unwrap();
+        std::fs::write(dir.path().join("metrics.jsonl"), "{}\n".repeat(7)).unwrap();
+        for (first, best) in [
+            (1.8633077471020778, 0.9708457963667825),
+            (1.7437576519952733, 0.1),
+        ] {
+            let state = CheckpointState {
+                step: 7,
+                metrics_lines: 7,
+                tokens: 700,
+                first_loss: Some(first),
+                eval: EvalState {
+                    best: Some(crate::heldout::Best {
+                        step: 6,
+                        loss: best,
+                    }),
+                    since_best: 1,
+                },
+                optimizer: OptimizerFormat::CompensatedAdamw,
+            };
+            let files = digest_files(dir.path()).unwrap();
+            let manifest = CheckpointManifest::new(state.clone(), files);
+            std::fs::write(
+                dir.path().join("state.json"),
+                serde_json::to_vec_pretty(&manifest).unwrap(),
+            )
+            .unwrap();
+            let (read, _) = verify_checkpoint(dir.path()).unwrap();
+            assert_eq!(read, state);
+        }
+    }
 }
