@@ -12,7 +12,9 @@
 #   bench/train.sh --backends      burn 0.21's CPU backends side by side on (a): flex (pipe's),
 #                                  ndarray, candle (built with the bench-* features)
 #
-# Every figure is the median of REPEAT runs (default 3; 1 for --lora), this machine being noisy.
+# Every figure is the median of REPEAT runs (default 3; 1 for --lora), this machine being noisy;
+# PyTorch and pipe take turns (round-robin), so that drift in the machine's load does not
+# favour whichever side ran first.
 # Needs a Rust toolchain and Python 3; PyTorch/transformers/peft are installed into
 # target/bench-venv-train on first use (scripts/requirements-llama-fixtures.txt).
 set -euo pipefail
@@ -32,31 +34,57 @@ if ! "$PY" -c "import torch, transformers, peft" 2>/dev/null; then
 fi
 echo "machine: $(uname -m), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 
-# The run with the median tokens/s of REPEAT runs of a command that prints one JSON line.
-median_of() {
-  local runs=() out rss
-  for _ in $(seq "$REPEAT"); do
-    out=$( { /usr/bin/time -f 'maxrss_kb %M' "$@" ; } 2>&1 )
-    rss=$(($(grep -o 'maxrss_kb [0-9]*' <<<"$out" | cut -d' ' -f2) / 1024))
-    runs+=("$(grep '^{' <<<"$out" | python3 -c "import json,sys; d=json.load(sys.stdin); d['peak_rss_mb']=$rss; print(json.dumps(d))")")
-  done
-  printf '%s\n' "${runs[@]}" | python3 -c "
-import json, sys
-runs = sorted((json.loads(l) for l in sys.stdin), key=lambda d: d['tokens_per_s'])
-print(json.dumps(runs[len(runs) // 2]))"
+RUNS=$(mktemp -d)
+trap 'rm -rf "$RUNS"' EXIT
+# Runs a command that prints one JSON line once, adds its peak RSS, and keeps the line under
+# LABEL.
+run_once() {
+  local label=$1 out rss
+  shift
+  out=$( { /usr/bin/time -f 'maxrss_kb %M' "$@" ; } 2>&1 )
+  rss=$(($(grep -o 'maxrss_kb [0-9]*' <<<"$out" | cut -d' ' -f2) / 1024))
+  grep '^{' <<<"$out" | python3 -c "import json,sys; d=json.load(sys.stdin); d['peak_rss_mb']=$rss; print(json.dumps(d))" >>"$RUNS/$label"
 }
-# Runs pipe with the given arguments, prints its line, and keeps the JSON.
-pipe_run() {
-  local out
-  out=$(median_of "$BIN" "$@")
-  echo "pipe:    $out" >&2
-  echo "$out"
+# The run with the median tokens/s of those kept under LABEL.
+median() {
+  python3 - "$RUNS/$1" <<'PYEOF'
+import json, sys
+runs = sorted((json.loads(l) for l in open(sys.argv[1])), key=lambda d: d['tokens_per_s'])
+print(json.dumps(runs[len(runs) // 2]))
+PYEOF
+}
+# PyTorch and each pipe configuration take turns, REPEAT rounds, so that the machine's drift
+# (other load, clock) falls on both sides of every ratio alike; then the medians.
+# Arguments: the PyTorch arguments, `--`, then one "backend replicas" string per pipe run,
+# `--`, then pipe's shape arguments.
+interleaved() {
+  local ref_args=() configs=() pipe_args=() backend replicas ref
+  while [ "$1" != -- ]; do ref_args+=("$1"); shift; done
+  shift
+  while [ "$1" != -- ]; do configs+=("$1"); shift; done
+  shift
+  pipe_args=("$@")
+  for round in $(seq "$REPEAT"); do
+    echo "round $round of $REPEAT" >&2
+    run_once pytorch "$PY" bench/train_reference.py "${ref_args[@]}"
+    for c in "${configs[@]}"; do
+      read -r backend replicas <<<"$c"
+      run_once "$backend-$replicas" "$BIN" "${pipe_args[@]}" "$backend" "$replicas"
+    done
+  done
+  ref=$(median pytorch)
+  echo "pytorch: $ref"
+  for c in "${configs[@]}"; do
+    read -r backend replicas <<<"$c"
+    echo "pipe:    $(median "$backend-$replicas")"
+    ratio "$(median "$backend-$replicas")" "$ref"
+  done
 }
 ratio() {
   python3 - "$1" "$2" <<'PYEOF'
 import json, sys
 r, p = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(f"  -> {r['impl']}, {r['replicas']} replica(s): {r['tokens_per_s']:.0f} tokens/s vs PyTorch {p['tokens_per_s']:.0f}: {r['tokens_per_s'] / p['tokens_per_s']:.2f}x")
+print(f"  -> {r['impl']}, {r['replicas']} replica(s): {r['tokens_per_s']:.0f} tokens/s vs PyTorch {p['tokens_per_s']:.0f}: {r['tokens_per_s'] / p['tokens_per_s']:.2f}x; peak RSS {r['peak_rss_mb']} MB vs {p['peak_rss_mb']} MB")
 PYEOF
 }
 
@@ -65,27 +93,21 @@ SHAPE=(256 4 4 8000 128 8 10)
 case "$MODE" in
   full)
     echo "(a) full fine-tuning, dim/layers/heads/vocab/seq/batch/steps = ${SHAPE[*]}"
-    REF=$(median_of "$PY" bench/train_reference.py "${SHAPE[@]}")
-    echo "pytorch: $REF"
-    for args in "flex 1" "flex 2" "flex-checkpointing 1"; do
-      read -r backend replicas <<<"$args"
-      ratio "$(pipe_run "${SHAPE[@]}" "$backend" "$replicas")" "$REF"
-    done
+    interleaved "${SHAPE[@]}" -- "flex 1" "flex 2" "flex-checkpointing 1" -- "${SHAPE[@]}"
     ;;
   --lora)
     DIR=${2:?usage: bench/train.sh --lora MODEL_DIR}
     ARGS=(--lora "$DIR" 16 128 8 5)
     echo "(b) LoRA r=16 all-linear on $DIR, seq 128, batch 8, 5 steps"
-    REF=$(median_of "$PY" bench/train_reference.py "${ARGS[@]}")
-    echo "pytorch: $REF"
-    for replicas in 1 2; do
-      ratio "$(pipe_run "${ARGS[@]}" flex "$replicas")" "$REF"
-    done
+    interleaved "${ARGS[@]}" -- "flex 1" "flex 2" -- "${ARGS[@]}"
     ;;
   --backends)
     for backend in flex ndarray candle; do
       for replicas in 1 2; do
-        pipe_run "${SHAPE[@]}" "$backend" "$replicas" >/dev/null
+        for _ in $(seq "$REPEAT"); do
+          run_once "$backend-$replicas" "$BIN" "${SHAPE[@]}" "$backend" "$replicas"
+        done
+        echo "pipe:    $(median "$backend-$replicas")"
       done
     done
     ;;
