@@ -5,6 +5,7 @@
 //! the tracking token is never written anywhere.
 
 mod common;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,6 +48,9 @@ impl Server {
             .arg(dir.join("artifacts"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own process group: `mlflow server` runs the app as a child (uvicorn), which
+            // must stop with it.
+            .process_group(0)
             .spawn()
             .unwrap();
         let server = Server {
@@ -84,7 +88,8 @@ fn healthy(port: u16) -> bool {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: kill(2) on the group this test started; no memory is involved.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
