@@ -58,7 +58,7 @@ PYEOF
 # Arguments: the PyTorch arguments, `--`, then one "backend replicas" string per pipe run,
 # `--`, then pipe's shape arguments.
 interleaved() {
-  local ref_args=() configs=() pipe_args=() backend replicas ref
+  local ref_args=() configs=() pipe_args=() backend replicas ref run
   while [ "$1" != -- ]; do ref_args+=("$1"); shift; done
   shift
   while [ "$1" != -- ]; do configs+=("$1"); shift; done
@@ -76,8 +76,9 @@ interleaved() {
   echo "pytorch: $ref"
   for c in "${configs[@]}"; do
     read -r backend replicas <<<"$c"
-    echo "pipe:    $(median "$backend-$replicas")"
-    ratio "$(median "$backend-$replicas")" "$ref"
+    run=$(median "$backend-$replicas")
+    echo "pipe:    $run"
+    ratio "$run" "$ref"
   done
 }
 ratio() {

@@ -62,7 +62,7 @@ impl Server {
         let t0 = Instant::now();
         while !healthy(port) {
             assert!(
-                t0.elapsed() < Duration::from_secs(180),
+                t0.elapsed() < Duration::from_secs(120),
                 "mlflow server did not start"
             );
             std::thread::sleep(Duration::from_millis(250));
