@@ -15,7 +15,7 @@
 //! with its own backward, and a backend-extension trait would have to be carried as a bound
 //! through every generic function of the four crates that run a model.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -169,6 +169,194 @@ pub fn swap_middle<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     }
 }
 
+/// `a·b` over the last two dimensions: `[…, m, k]·[…, k, n]` → `[…, m, n]`, the leading
+/// (batch) dimensions of `a` and `b` equal. On the CPU the products run in gemm exactly as
+/// burn-flex runs them (same strides, same split across threads, so the same sums), but the
+/// result is written into fresh memory: burn-flex zeroes every result buffer and then copies
+/// it to realign it, two passes over memory on one core for every product, forward and back,
+/// while the other core waits. Elsewhere (other backends, dtypes, broadcast batch
+/// dimensions) it is burn's `matmul`.
+pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    let (a_dims, b_dims) = (a.dims(), b.dims());
+    let fits = D >= 2 && a_dims[..D - 2] == b_dims[..D - 2] && a_dims[D - 1] == b_dims[D - 2];
+    match (
+        cpu_f32::<B>(a.into_primitive().tensor()),
+        cpu_f32::<B>(b.into_primitive().tensor()),
+    ) {
+        (CpuF32::Tracked(a), CpuF32::Tracked(b)) if fits => from_autodiff(matmul_tracked(a, b)),
+        (CpuF32::Plain(a), CpuF32::Plain(b)) if fits => from_flex(gemm_product(&a, &b)),
+        (a, b) => {
+            let float = |t: CpuF32<B>| {
+                Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t.into_float()))
+            };
+            float(a).matmul(float(b))
+        }
+    }
+}
+
+/// Rotary position embedding, transformers' `x·cos + rotate_half(x)·sin`, on the leading
+/// `rotary_dim` of each head's dimensions (`rotate_half`: the halves `[a, b]` → `[−b, a]`);
+/// the rest pass through.
+///
+/// `x`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[rows, 1, seq · head_dim]` (1 and 0
+/// past the rotary dimensions), where the rows (1 or batch) divide batch·heads evenly, row `r`
+/// serving the `batch·heads / rows` consecutive heads from `r` on; `rotate_half`:
+/// `[head_dim, head_dim]`, the signed permutation with `x · rotate_half = rotate_half(x)`. →
+/// `[batch, heads, seq, head_dim]`, contiguous. The tables take no gradient.
+///
+/// On the CPU the rotation is one pass forward and one back, parallel over heads; elsewhere
+/// the permutation is a matrix product (exact: one ±1 a column), then two products and a sum
+/// with the tables, which is what the CPU computes too.
+pub fn rotary<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 3>,
+    sin: Tensor<B, 3>,
+    rotate_half: Tensor<B, 2>,
+    rotary_dim: usize,
+) -> Tensor<B, 4> {
+    let [b, n, s, d] = x.dims();
+    let rows = cos.dims()[0];
+    let fits = rows > 0
+        && (b * n).is_multiple_of(rows)
+        && cos.dims() == [rows, 1, s * d]
+        && sin.dims() == cos.dims()
+        && rotary_dim <= d
+        && rotary_dim.is_multiple_of(2);
+    let tables = |t: Tensor<B, 3>| match cpu_f32::<B>(t.into_primitive().tensor()) {
+        CpuF32::Tracked(t) => Some(t.primitive),
+        CpuF32::Plain(t) => Some(t),
+        CpuF32::Other(_) => None,
+    };
+    if fits {
+        if let (Some(c), Some(sn)) = (tables(cos.clone()), tables(sin.clone())) {
+            let table = RotaryTables {
+                cos: c.to_contiguous(),
+                sin: sn.to_contiguous(),
+                rotary_dim,
+                block: s * d,
+                head_dim: d,
+            };
+            match cpu_f32::<B>(x.into_primitive().tensor()) {
+                CpuF32::Tracked(x) => return from_autodiff(rotary_tracked(x, table)),
+                CpuF32::Plain(x) => return from_flex(rotary_pass(&x, &table, Direction::Forward)),
+                CpuF32::Other(other) => {
+                    let x = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(other));
+                    return rotary_composed(x, cos, sin, rotate_half);
+                }
+            }
+        }
+    }
+    rotary_composed(x, cos, sin, rotate_half)
+}
+
+/// burn's composition of [`rotary`], for every other backend and dtype.
+fn rotary_composed<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 3>,
+    sin: Tensor<B, 3>,
+    rotate_half: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    let [b, n, s, d] = x.dims();
+    let flat = x.reshape([b * n * s, d]);
+    // A plain f32 product even under bf16 matrix products: it only moves values.
+    let rotated = matmul(flat.clone(), rotate_half);
+    let rows = cos.dims()[0];
+    let by_row = |x: Tensor<B, 2>| x.reshape([rows, b * n / rows, s * d]);
+    (by_row(flat) * cos + by_row(rotated) * sin).reshape([b, n, s, d])
+}
+
+/// Whether `t` is an f32 tensor of the CPU backend outside autodiff: what [`adamw_update`]
+/// takes.
+pub fn is_plain_cpu_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    TypeId::of::<FloatTensor<B>>() == TypeId::of::<FlexTensor>() && t.dtype() == DType::F32
+}
+
+/// The constants of one AdamW update as burn's `AdamW` (decoupled weight decay, no AMSGrad)
+/// uses them.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWUpdate {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+    pub lr: f64,
+    /// The number of this update, from 1.
+    pub time: usize,
+}
+
+/// One AdamW update of a weight: `(weight, moment 1, moment 2)` after it, given the gradient
+/// and the moments before (`None` at the first update). The operations of burn's `AdamW`, in
+/// its order and precision, so the result is its result bit for bit — but in one pass over
+/// the four tensors, in place where they are not shared, parallel over chunks, where burn
+/// makes about fifteen single-threaded passes, each with a fresh buffer.
+///
+/// Every tensor must satisfy [`is_plain_cpu_f32`], all of one shape.
+pub fn adamw_update<B: Backend, const D: usize>(
+    weight: Tensor<B, D>,
+    grad: Tensor<B, D>,
+    moments: Option<(Tensor<B, D>, Tensor<B, D>)>,
+    u: &AdamWUpdate,
+) -> (Tensor<B, D>, Tensor<B, D>, Tensor<B, D>) {
+    let flex = |t: Tensor<B, D>| -> FlexTensor {
+        let t: FlexTensor = same_type(Box::new(t.into_primitive().tensor()));
+        // Unique and contiguous from element 0 (a copy only where it is not).
+        FlexTensor::from_data(t.into_data())
+    };
+    let mut w = flex(weight);
+    let g = flex(grad);
+    let first = moments.is_none();
+    let (mut m1, mut m2) = match moments {
+        Some((m1, m2)) => (flex(m1), flex(m2)),
+        None => {
+            let zeros = || {
+                FlexTensor::from_data(TensorData::new(
+                    vec![0f32; g.shape().num_elements()],
+                    g.shape(),
+                ))
+            };
+            (zeros(), zeros())
+        }
+    };
+    let (b1, b2, eps) = (u.beta_1, u.beta_2, u.epsilon);
+    let (f1, f2) = (1.0 - b1, 1.0 - b2);
+    let time = u.time as i32;
+    // As burn's `div_scalar(1 − β^t)`: an f32, divided by (not multiplied by its reciprocal).
+    let (c1, c2) = (1f32 - b1.powi(time), 1f32 - b2.powi(time));
+    let decay_rate = u.lr * u.weight_decay as f64;
+    let decay = (decay_rate != 0.0).then_some((1.0 - decay_rate) as f32);
+    let lr = u.lr as f32;
+    let g_values = g.storage::<f32>();
+    let (w_values, m1_values, m2_values) = (
+        w.try_storage_mut::<f32>().expect("made unique above"),
+        m1.try_storage_mut::<f32>().expect("made unique above"),
+        m2.try_storage_mut::<f32>().expect("made unique above"),
+    );
+    w_values
+        .par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(m1_values.par_chunks_mut(ELEMENTS_PER_TASK))
+        .zip(m2_values.par_chunks_mut(ELEMENTS_PER_TASK))
+        .zip(g_values.par_chunks(ELEMENTS_PER_TASK))
+        .for_each(|(((w, m1), m2), g)| {
+            vectorised(|| {
+                for (((w, m1), m2), &g) in w.iter_mut().zip(m1).zip(m2).zip(g) {
+                    let g2 = g * g;
+                    (*m1, *m2) = if first {
+                        (g * f1, g2 * f2)
+                    } else {
+                        (*m1 * b1 + g * f1, *m2 * b2 + g2 * f2)
+                    };
+                    let delta = (*m1 / c1) / ((*m2 / c2).sqrt() + eps);
+                    let decayed = match decay {
+                        Some(factor) => *w * factor,
+                        None => *w,
+                    };
+                    *w = decayed - delta * lr;
+                }
+            })
+        });
+    (from_flex(w), from_flex(m1), from_flex(m2))
+}
+
 /// A float primitive sorted by whether the kernels here can take it.
 enum CpuF32<B: Backend> {
     /// burn-flex under autodiff (training).
@@ -218,6 +406,246 @@ fn from_autodiff<B: Backend, const D: usize>(t: AutodiffTensor) -> Tensor<B, D> 
 
 fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(same_type(Box::new(t))))
+}
+
+// ---------------------------------------------------------------------------------------
+// Matrix products
+
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl Backward<Flex, 2> for MatmulBackward {
+    /// `a` when `b` takes a gradient, `b` when `a` does (what burn's matmul keeps).
+    type State = (Option<FlexTensor>, Option<FlexTensor>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (a, b) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let [a_node, b_node] = ops.parents;
+        let last = grad.shape().num_dims() - 1;
+        if let (Some(node), Some(b)) = (a_node, b) {
+            // d a = g · bᵀ; the transpose is a view, read through its strides.
+            grads.register::<Flex>(node.id, gemm_product(&grad, &b.transpose(last - 1, last)));
+        }
+        if let (Some(node), Some(a)) = (b_node, a) {
+            // d b = aᵀ · g
+            grads.register::<Flex>(node.id, gemm_product(&a.transpose(last - 1, last), &grad));
+        }
+    }
+}
+
+fn matmul_tracked(a: AutodiffTensor, b: AutodiffTensor) -> AutodiffTensor {
+    let (a_tracked, b_tracked) = (a.is_tracked(), b.is_tracked());
+    match MatmulBackward
+        .prepare::<NoCheckpointing>([a.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let out = gemm_product(&a.primitive, &b.primitive);
+            let keep_a = b_tracked.then(|| a.primitive.clone());
+            let keep_b = a_tracked.then(|| b.primitive.clone());
+            prep.finish((keep_a, keep_b), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(gemm_product(&a.primitive, &b.primitive)),
+    }
+}
+
+/// Products below this many multiply-adds run on one thread (burn-flex's threshold).
+const GEMM_PARALLEL_OPS: usize = 192 * 192 * 192;
+/// Batches of small products above this many multiply-adds in all are shared out a product
+/// per task (burn-flex's threshold).
+const GEMM_BATCH_PARALLEL_OPS: usize = 128 * 128 * 128;
+
+/// `a·b` over the last two dimensions, through gemm, into a buffer gemm writes without reading
+/// (`[…, m, k]·[…, k, n]` → `[…, m, n]`, equal batch dimensions, any strides). The products
+/// are split across threads as burn-flex splits them, so the sums are its sums.
+fn gemm_product(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+    let (a_shape, b_shape) = (a.shape(), b.shape());
+    let rank = a_shape.num_dims();
+    let (m, k, n) = (a_shape[rank - 2], a_shape[rank - 1], b_shape[rank - 1]);
+    let batch_dims: Vec<usize> = (0..rank - 2).map(|i| a_shape[i]).collect();
+    let batches: usize = batch_dims.iter().product();
+    let mut out_dims = batch_dims.clone();
+    out_dims.extend([m, n]);
+    let size = m * n;
+    let (a_layout, b_layout) = (a.layout(), b.layout());
+    let (a_strides, b_strides) = (a_layout.strides(), b_layout.strides());
+    // The element offset of batch `i`'s matrix in a tensor of these strides.
+    let offset = |i: usize, start: usize, strides: &[isize]| -> isize {
+        let mut rest = i;
+        let mut at = start as isize;
+        for d in (0..batch_dims.len()).rev() {
+            at += (rest % batch_dims[d]) as isize * strides[d];
+            rest /= batch_dims[d];
+        }
+        at
+    };
+    let (a_data, b_data) = (a.storage::<f32>(), b.storage::<f32>());
+    let mut out: Vec<f32> = Vec::with_capacity(batches * size);
+    if k == 0 {
+        out.resize(batches * size, 0.0);
+        return FlexTensor::from_data(TensorData::new(out, out_dims));
+    }
+    let dst = SendPtr(out.as_mut_ptr());
+    let one = |i: usize, parallelism: gemm::Parallelism| {
+        // SAFETY: every batch index writes its own `m × n` block of `out`, whose capacity
+        // holds all of them; the operands are read inside their storage through their
+        // layouts' strides and offsets.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.at(i * size),
+                1,
+                n as isize,
+                false,
+                a_data
+                    .as_ptr()
+                    .offset(offset(i, a_layout.start_offset(), a_strides)),
+                a_strides[rank - 1],
+                a_strides[rank - 2],
+                b_data
+                    .as_ptr()
+                    .offset(offset(i, b_layout.start_offset(), b_strides)),
+                b_strides[rank - 1],
+                b_strides[rank - 2],
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
+    };
+    let per_product = m.saturating_mul(n).saturating_mul(k);
+    let total = per_product.saturating_mul(batches);
+    let prefer_batches = batches >= 4 && total >= GEMM_BATCH_PARALLEL_OPS;
+    if per_product >= GEMM_PARALLEL_OPS && !prefer_batches {
+        (0..batches).for_each(|i| one(i, gemm::Parallelism::Rayon(0)));
+    } else if batches > 1 && total >= GEMM_BATCH_PARALLEL_OPS {
+        (0..batches)
+            .into_par_iter()
+            .for_each(|i| one(i, gemm::Parallelism::None));
+    } else {
+        (0..batches).for_each(|i| one(i, gemm::Parallelism::None));
+    }
+    // SAFETY: gemm wrote all `batches · m · n` elements (it does not read the destination).
+    unsafe { out.set_len(batches * size) };
+    FlexTensor::from_data(TensorData::new(out, out_dims))
+}
+
+/// A result buffer shared by the tasks that each write their own part of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the tasks write disjoint parts of one buffer that outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY (callers): `offset` lies within the buffer's capacity.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rotary position embedding
+
+/// The tables of one rotation, contiguous (see [`rotary`]).
+#[derive(Debug, Clone)]
+struct RotaryTables {
+    /// `[rows, seq · head_dim]`
+    cos: FlexTensor,
+    sin: FlexTensor,
+    rotary_dim: usize,
+    /// `seq · head_dim`: one head's values.
+    block: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Direction {
+    /// `y = x·cos + rotate_half(x)·sin`
+    Forward,
+    /// `dx = g·cos + rotate_halfᵀ(g·sin)`
+    Backward,
+}
+
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl Backward<Flex, 1> for RotaryBackward {
+    type State = RotaryTables;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let tables = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            rotary_pass(&grad, &tables, Direction::Backward)
+        });
+    }
+}
+
+fn rotary_tracked(x: AutodiffTensor, tables: RotaryTables) -> AutodiffTensor {
+    match RotaryBackward
+        .prepare::<NoCheckpointing>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = rotary_pass(&x.primitive, &tables, Direction::Forward);
+            prep.finish(tables, y)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(rotary_pass(&x.primitive, &tables, Direction::Forward))
+        }
+    }
+}
+
+/// One pass of the rotation over `x` (`[batch, heads, seq, head_dim]`), forward or its
+/// gradient, a task per head. Each value is computed with the operations and in the order of
+/// the composition (products with the tables, then their sum), so the two agree.
+fn rotary_pass(x: &FlexTensor, t: &RotaryTables, direction: Direction) -> FlexTensor {
+    let shape = x.shape();
+    let x = x.to_contiguous();
+    let x = x.storage::<f32>();
+    let (cos, sin) = (t.cos.storage::<f32>(), t.sin.storage::<f32>());
+    let rows = cos.len() / t.block;
+    let heads_per_row = x.len() / t.block / rows;
+    let (d, half) = (t.head_dim, t.rotary_dim / 2);
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(t.block)
+        .zip(x.par_chunks(t.block))
+        .enumerate()
+        .for_each(|(head, (y, x))| {
+            let row = head / heads_per_row;
+            let (cos, sin) = (
+                &cos[row * t.block..][..t.block],
+                &sin[row * t.block..][..t.block],
+            );
+            for (((y, x), cos), sin) in y
+                .chunks_exact_mut(d)
+                .zip(x.chunks_exact(d))
+                .zip(cos.chunks_exact(d))
+                .zip(sin.chunks_exact(d))
+            {
+                for j in 0..d {
+                    let turned = match direction {
+                        // rotate_half(x)_j · sin_j
+                        Direction::Forward if j < half => -x[j + half] * sin[j],
+                        Direction::Forward if j < 2 * half => x[j - half] * sin[j],
+                        // (g·sin) through rotate_half's transpose
+                        Direction::Backward if j < half => x[j + half] * sin[j + half],
+                        Direction::Backward if j < 2 * half => -(x[j - half] * sin[j - half]),
+                        _ => 0.0 * sin[j],
+                    };
+                    y[j] = x[j] * cos[j] + turned;
+                }
+            }
+        });
+    FlexTensor::from_data(TensorData::new(y, shape))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1013,6 +1441,118 @@ mod tests {
             weights.clone(),
         );
         assert_close(&values(plain), &l_ref, "loss without autodiff");
+    }
+
+    #[test]
+    fn matmul_and_its_gradients_are_burns_bit_for_bit() {
+        // Sizes on both sides of the thresholds that split a product across threads or a batch
+        // of products across tasks, a transposed (strided) operand, and an operand that takes
+        // no gradient.
+        let shapes: [([usize; 4], [usize; 4], bool); 4] = [
+            ([1, 1, 5, 3], [1, 1, 3, 4], false),
+            ([2, 3, 33, 17], [2, 3, 17, 9], false),
+            ([1, 2, 200, 190], [1, 2, 190, 210], true),
+            ([4, 2, 70, 64], [4, 2, 64, 70], true),
+        ];
+        for (i, (a_shape, b_shape, b_transposed)) in shapes.into_iter().enumerate() {
+            let upstream = tensor::<AD, 4>([a_shape[0], a_shape[1], a_shape[2], b_shape[3]], 3);
+            let run = |fused: bool, b_trains: bool| {
+                let a = tensor::<AD, 4>(a_shape, 1 + i as u64).require_grad();
+                let b = if b_transposed {
+                    let [n0, n1, k, n] = b_shape;
+                    tensor::<AD, 4>([n0, n1, n, k], 2).swap_dims(2, 3)
+                } else {
+                    tensor::<AD, 4>(b_shape, 2)
+                };
+                let b = if b_trains { b.require_grad() } else { b };
+                let y = if fused {
+                    matmul(a.clone(), b.clone())
+                } else {
+                    a.clone().matmul(b.clone())
+                };
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                (
+                    values(y),
+                    values(a.grad(&grads).unwrap()),
+                    b.grad(&grads).map(values),
+                )
+            };
+            for b_trains in [true, false] {
+                let got = run(true, b_trains);
+                let want = run(false, b_trains);
+                assert_eq!(got.0, want.0, "product {i}");
+                assert_eq!(got.1, want.1, "product {i}: a's gradient");
+                assert_eq!(got.2, want.2, "product {i}: b's gradient");
+                assert_eq!(got.2.is_some(), b_trains);
+            }
+        }
+        let a = tensor::<Flex, 2>([130, 250], 7);
+        let b = tensor::<Flex, 2>([250, 260], 8);
+        assert_eq!(
+            values(matmul(a.clone(), b.clone())),
+            values(a.matmul(b)),
+            "2-D product without autodiff"
+        );
+    }
+
+    #[test]
+    fn rotary_and_its_gradient_equal_the_composition() {
+        // Whole and partial rotation (pass-through dimensions), tables shared by all heads or
+        // one row of them per batch row.
+        for (rotary_dim, rows) in [(8, 1), (4, 2)] {
+            let (b, n, s, d) = (2, 3, 5, 8);
+            let table = |seed| {
+                let t = tensor::<AD, 3>([rows, 1, s * d], seed);
+                // 1 and 0 past the rotary dimensions, as the model's tables are.
+                let keep: Vec<f32> = (0..rows * s * d)
+                    .map(|i| if i % d < rotary_dim { 1.0 } else { 0.0 })
+                    .collect();
+                let keep = Tensor::<AD, 3>::from_data(
+                    TensorData::new(keep, [rows, 1, s * d]),
+                    &Default::default(),
+                );
+                (t * keep.clone(), keep)
+            };
+            let (cos, keep) = table(11);
+            let cos = cos + (keep.neg() + 1.0);
+            let (sin, _) = table(12);
+            let mut rotate = vec![0f32; d * d];
+            for j in 0..rotary_dim / 2 {
+                rotate[(j + rotary_dim / 2) * d + j] = -1.0;
+                rotate[j * d + j + rotary_dim / 2] = 1.0;
+            }
+            let rotate =
+                Tensor::<AD, 2>::from_data(TensorData::new(rotate, [d, d]), &Default::default());
+            let upstream = tensor::<AD, 4>([b, n, s, d], 13);
+            let run = |fused: bool| {
+                let x = tensor::<AD, 4>([b, n, s, d], 14).require_grad();
+                let y = if fused {
+                    rotary(
+                        x.clone(),
+                        cos.clone(),
+                        sin.clone(),
+                        rotate.clone(),
+                        rotary_dim,
+                    )
+                } else {
+                    rotary_composed(x.clone(), cos.clone(), sin.clone(), rotate.clone())
+                };
+                let grads = (y.clone() * upstream.clone()).sum().backward();
+                (values(y), values(x.grad(&grads).unwrap()))
+            };
+            let (y, dx) = run(true);
+            let (y_ref, dx_ref) = run(false);
+            assert_eq!(y, y_ref, "rotary_dim {rotary_dim}, rows {rows}");
+            assert_eq!(dx, dx_ref, "rotary_dim {rotary_dim}, rows {rows}: gradient");
+            let plain = rotary(
+                tensor::<Flex, 4>([b, n, s, d], 14),
+                Tensor::from_data(cos.clone().into_data(), &Default::default()),
+                Tensor::from_data(sin.clone().into_data(), &Default::default()),
+                Tensor::from_data(rotate.clone().into_data(), &Default::default()),
+                rotary_dim,
+            );
+            assert_eq!(values(plain), y_ref, "without autodiff");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn matmul_at<B: Backend, const D: usize>(
     b: Tensor<B, D>,
 ) -> Tensor<B, D> {
     match precision {
-        MatmulPrecision::F32 => a.matmul(b),
+        MatmulPrecision::F32 => kernels::matmul(a, b),
         MatmulPrecision::Bf16 => a
             .cast(FloatDType::BF16)
             .matmul(b.cast(FloatDType::BF16))
@@ -221,6 +221,8 @@ pub struct RopeTables<B: Backend> {
     /// `[head_dim, head_dim]`: `x · rotate_half = rotate_half(x)` on the rotary dimensions
     /// (`[a, b]` → `[-b, a]`), 0 past them. A signed permutation: the product is exact.
     pub rotate_half: Tensor<B, 2>,
+    /// How many of each head's leading dimensions rotate.
+    pub rotary_dim: usize,
 }
 
 impl<B: Backend> RopeTables<B> {
@@ -258,6 +260,7 @@ impl<B: Backend> RopeTables<B> {
             cos: t(widen(cos, 1.0)),
             sin: t(widen(sin, 0.0)),
             rotate_half: Tensor::from_data(TensorData::new(rotate, [d, d]), device),
+            rotary_dim: r,
         }
     }
 
@@ -265,15 +268,13 @@ impl<B: Backend> RopeTables<B> {
     /// `x·cos + rotate_half(x)·sin`; the rest pass through. → `[batch, heads, seq, head_dim]`,
     /// contiguous.
     fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, n, s, d] = x.dims();
-        let flat = x.reshape([b * n * s, d]);
-        // A plain f32 product even under bf16 matrix products: it only moves values.
-        let rotated = flat.clone().matmul(self.rotate_half.clone());
-        // `[rows, batch·heads / rows, seq·head_dim]`: with one row of tables, all of batch and
-        // heads share it.
-        let rows = self.cos.dims()[0];
-        let by_row = |x: Tensor<B, 2>| x.reshape([rows, b * n / rows, s * d]);
-        (by_row(flat) * self.cos.clone() + by_row(rotated) * self.sin.clone()).reshape([b, n, s, d])
+        kernels::rotary(
+            x,
+            self.cos.clone(),
+            self.sin.clone(),
+            self.rotate_half.clone(),
+            self.rotary_dim,
+        )
     }
 }
 

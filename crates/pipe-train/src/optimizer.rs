@@ -27,6 +27,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Distribution, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use pipe_model::kernels;
+
 use crate::step::AdamWSettings;
 
 /// How a bf16 weight's update is rounded back to bf16 (see the module's documentation).
@@ -45,6 +47,11 @@ pub enum Bf16Rounding {
 #[derive(Clone)]
 pub struct CompensatedAdamW {
     adamw: AdamW,
+    /// `adamw`'s settings, for the CPU's fused update of f32 weights.
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    weight_decay: f32,
     rounding: Bf16Rounding,
 }
 
@@ -60,17 +67,7 @@ pub struct CompensatedAdamWState<B: Backend, const D: usize> {
 pub fn compensated_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
     s: &AdamWSettings,
 ) -> OptimizerAdaptor<CompensatedAdamW, M, B> {
-    let adamw = AdamWConfig::new()
-        .with_beta_1(s.beta1 as f32)
-        .with_beta_2(s.beta2 as f32)
-        .with_epsilon(s.eps as f32)
-        .with_weight_decay(s.weight_decay as f32)
-        .with_grad_clipping(None)
-        .build();
-    OptimizerAdaptor::from(CompensatedAdamW {
-        adamw,
-        rounding: s.bf16_rounding,
-    })
+    OptimizerAdaptor::from(CompensatedAdamW::new(s))
 }
 
 fn cast<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
@@ -103,6 +100,9 @@ impl<B: Backend> SimpleOptimizer<B> for CompensatedAdamW {
         state: Option<Self::State<D>>,
     ) -> (Tensor<B, D>, Option<Self::State<D>>) {
         if tensor.dtype() != DType::BF16 {
+            if fusable(&tensor, &grad, state.as_ref()) {
+                return self.fused_step(lr, tensor, grad, state);
+            }
             let (updated, adam) = self.adamw.step(lr, tensor, grad, state.map(|s| s.adam));
             let state = adam.map(|adam| CompensatedAdamWState {
                 adam,
@@ -149,6 +149,92 @@ impl<B: Backend> SimpleOptimizer<B> for CompensatedAdamW {
             compensation: state.compensation.map(|c| c.to_device(device)),
         }
     }
+}
+
+impl CompensatedAdamW {
+    fn new(s: &AdamWSettings) -> Self {
+        let (beta_1, beta_2, epsilon, weight_decay) = (
+            s.beta1 as f32,
+            s.beta2 as f32,
+            s.eps as f32,
+            s.weight_decay as f32,
+        );
+        CompensatedAdamW {
+            adamw: AdamWConfig::new()
+                .with_beta_1(beta_1)
+                .with_beta_2(beta_2)
+                .with_epsilon(epsilon)
+                .with_weight_decay(weight_decay)
+                .with_grad_clipping(None)
+                .build(),
+            beta_1,
+            beta_2,
+            epsilon,
+            weight_decay,
+            rounding: s.bf16_rounding,
+        }
+    }
+
+    /// burn's AdamW update of an f32 weight on the CPU, fused into one parallel pass
+    /// ([`kernels::adamw_update`]: the same result, bit for bit).
+    fn fused_step<B: Backend, const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<CompensatedAdamWState<B, D>>,
+    ) -> (Tensor<B, D>, Option<CompensatedAdamWState<B, D>>) {
+        let (time, moments) = match state {
+            Some(s) => {
+                let m = s.adam.momentum;
+                (m.time + 1, Some((m.moment_1, m.moment_2)))
+            }
+            None => (1, None),
+        };
+        let update = kernels::AdamWUpdate {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            weight_decay: self.weight_decay,
+            lr,
+            time,
+        };
+        let (updated, moment_1, moment_2) = kernels::adamw_update(tensor, grad, moments, &update);
+        let adam = AdamWState {
+            momentum: AdaptiveMomentumState {
+                time,
+                moment_1,
+                moment_2,
+                max_moment_2: None,
+            },
+        };
+        let state = CompensatedAdamWState {
+            adam,
+            compensation: None,
+        };
+        (updated, Some(state))
+    }
+}
+
+/// Whether an f32 weight's update can take the CPU's fused kernel: weight, gradient and
+/// moments all on the CPU backend in f32, no AMSGrad maximum, no compensation.
+fn fusable<B: Backend, const D: usize>(
+    weight: &Tensor<B, D>,
+    grad: &Tensor<B, D>,
+    state: Option<&CompensatedAdamWState<B, D>>,
+) -> bool {
+    kernels::is_plain_cpu_f32(weight)
+        && kernels::is_plain_cpu_f32(grad)
+        && weight.dims() == grad.dims()
+        && state.is_none_or(|s| {
+            let m = &s.adam.momentum;
+            s.compensation.is_none()
+                && m.max_moment_2.is_none()
+                && kernels::is_plain_cpu_f32(&m.moment_1)
+                && kernels::is_plain_cpu_f32(&m.moment_2)
+                && m.moment_1.dims() == weight.dims()
+                && m.moment_2.dims() == weight.dims()
+        })
 }
 
 /// `x` rounded to one of its two bf16 neighbours at random: the upper one with probability
@@ -320,23 +406,32 @@ mod tests {
     #[test]
     fn f32_weights_are_updated_by_burns_adamw_bit_for_bit() {
         let _turn = one_generator_user();
-        let adamw = AdamWConfig::new()
-            .with_weight_decay(0.01)
-            .with_grad_clipping(None)
-            .build();
-        let ours = CompensatedAdamW {
-            adamw: adamw.clone(),
-            rounding: Bf16Rounding::Compensated,
-        };
-        let (mut a, mut b) = (random(1, [8, 16]), random(1, [8, 16]));
-        let (mut sa, mut sb) = (None, None);
-        for step in 0..5 {
-            let g = random(100 + step, [8, 16]);
-            (a, sa) = adamw.step(1e-2, a, g.clone(), sa);
-            let (t, s) = ours.step(1e-2, b, g, sb);
-            assert!(s.as_ref().is_some_and(|s| s.compensation.is_none()));
-            (b, sb) = (t, s);
-            assert_eq!(bits(a.clone()), bits(b.clone()), "step {step}");
+        // With and without weight decay; a small weight and one of several tasks' chunks with
+        // a tail (the CPU's fused update).
+        for (decay, shape) in [(0.01, [8, 16]), (0.0, [8, 16]), (0.1, [61, 709])] {
+            let settings = AdamWSettings {
+                weight_decay: decay,
+                ..AdamWSettings::default()
+            };
+            let ours = CompensatedAdamW::new(&settings);
+            let adamw = ours.adamw.clone();
+            let (mut a, mut b) = (random(1, shape), random(1, shape));
+            let (mut sa, mut sb) = (None, None);
+            for step in 0..5 {
+                let g = random(100 + step, shape);
+                (a, sa) = adamw.step(1e-2, a, g.clone(), sa);
+                let (t, s) = ours.step(1e-2, b, g, sb);
+                assert!(s.as_ref().is_some_and(|s| s.compensation.is_none()));
+                (b, sb) = (t, s);
+                assert_eq!(bits(a.clone()), bits(b.clone()), "step {step}, {shape:?}");
+                let (ma, mb) = (
+                    &sa.as_ref().unwrap().momentum,
+                    &sb.as_ref().unwrap().adam.momentum,
+                );
+                assert_eq!(ma.time, mb.time);
+                assert_eq!(bits(ma.moment_1.clone()), bits(mb.moment_1.clone()));
+                assert_eq!(bits(ma.moment_2.clone()), bits(mb.moment_2.clone()));
+            }
         }
     }
 
@@ -344,10 +439,7 @@ mod tests {
     fn compensation_keeps_a_bf16_weight_on_its_f32_course_where_plain_rounding_stalls() {
         let _turn = one_generator_user();
         // Updates of about 1e-4 on weights of about 1: far below half a bf16 step (2^-9).
-        let ours = CompensatedAdamW {
-            adamw: AdamWConfig::new().with_grad_clipping(None).build(),
-            rounding: Bf16Rounding::Compensated,
-        };
+        let ours = CompensatedAdamW::new(&AdamWSettings::default());
         // All three start from the same (bf16) values.
         let start = bf16_weights_near_one([4, 64]);
         let (mut f32w, mut kahan, mut plain) = (
@@ -464,11 +556,11 @@ mod tests {
     #[test]
     fn stochastic_rounding_keeps_a_bf16_weight_on_its_f32_course_on_average() {
         let _turn = one_generator_user();
-        let adamw = AdamWConfig::new().with_grad_clipping(None).build();
-        let stochastic = CompensatedAdamW {
-            adamw: adamw.clone(),
-            rounding: Bf16Rounding::Stochastic,
-        };
+        let stochastic = CompensatedAdamW::new(&AdamWSettings {
+            bf16_rounding: Bf16Rounding::Stochastic,
+            ..AdamWSettings::default()
+        });
+        let adamw = stochastic.adamw.clone();
         // As in the compensated test: updates of about 1e-4 that always push the same way, far
         // below half a bf16 step.
         let start = bf16_weights_near_one([16, 64]);
