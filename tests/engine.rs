@@ -341,6 +341,8 @@ fn ctrl_c_stops_the_command_and_releases_the_lock() {
 
 #[test]
 fn resumable_command_continues_after_a_kill() {
+    // The script saves its counter by renaming a finished file over it, as a resumable script
+    // must: a kill between `>`'s truncation and its write would leave an empty counter.
     let step_loop = |resumable: bool| {
         format!(
             r#"name: res
@@ -350,7 +352,7 @@ stages:
     resumable: {resumable}
     cmd: |
       n=$(cat ${{work}}/n 2>/dev/null || echo 0)
-      while [ $n -lt 12 ]; do n=$((n+1)); echo step $n >> steps.log; echo $n > ${{work}}/n; sleep 0.1; done
+      while [ $n -lt 12 ]; do n=$((n+1)); echo step $n >> steps.log; echo $n > ${{work}}/n.new; mv ${{work}}/n.new ${{work}}/n; sleep 0.1; done
       cp ${{work}}/n ${{out}}/n
 "#
         )
