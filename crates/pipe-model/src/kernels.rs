@@ -48,7 +48,7 @@ pub fn masked_softmax<B: Backend>(
         CpuF32::Tracked(x) if fits => from_autodiff(softmax_tracked(x, &cpu_mask(mask), scale)),
         CpuF32::Plain(x) if fits => from_flex(masked_softmax_forward(&x, &cpu_mask(mask), scale)),
         other => {
-            let scores = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(other.into_float()));
+            let scores: Tensor<B, 4> = other.into_tensor();
             let z = (scores * scale).reshape([mask_rows, b * h / mask_rows, s * t])
                 + mask.reshape([mask_rows, 1, s * t]);
             burn::tensor::activation::softmax(z.reshape([b, h, s, t]), 3)
@@ -104,12 +104,7 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     ) {
         (CpuF32::Tracked(gate), CpuF32::Tracked(up)) => from_autodiff(swiglu_tracked(gate, up)),
         (CpuF32::Plain(gate), CpuF32::Plain(up)) => from_flex(swiglu_forward(&gate, &up)),
-        (gate, up) => {
-            let float = |t: CpuF32<B>| {
-                Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t.into_float()))
-            };
-            burn::tensor::activation::silu(float(gate)) * float(up)
-        }
+        (gate, up) => burn::tensor::activation::silu(gate.into_tensor()) * up.into_tensor::<D>(),
     }
 }
 
@@ -135,11 +130,7 @@ pub fn rms_norm<B: Backend, const D: usize>(
             let gamma = gamma.to_contiguous();
             from_flex(rms_norm_forward(&x, gamma.storage::<f32>(), eps as f32).0)
         }
-        (x, gamma) => rms_norm_composed(
-            Tensor::from_primitive(TensorPrimitive::Float(x.into_float())),
-            Tensor::from_primitive(TensorPrimitive::Float(gamma.into_float())),
-            eps,
-        ),
+        (x, gamma) => rms_norm_composed(x.into_tensor(), gamma.into_tensor(), eps),
     }
 }
 
@@ -185,12 +176,7 @@ pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> T
     ) {
         (CpuF32::Tracked(a), CpuF32::Tracked(b)) if fits => from_autodiff(matmul_tracked(a, b)),
         (CpuF32::Plain(a), CpuF32::Plain(b)) if fits => from_flex(gemm_product(&a, &b)),
-        (a, b) => {
-            let float = |t: CpuF32<B>| {
-                Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t.into_float()))
-            };
-            float(a).matmul(float(b))
-        }
+        (a, b) => a.into_tensor::<D>().matmul(b.into_tensor()),
     }
 }
 
@@ -222,31 +208,27 @@ pub fn rotary<B: Backend>(
         && sin.dims() == cos.dims()
         && rotary_dim <= d
         && rotary_dim.is_multiple_of(2);
-    let tables = |t: Tensor<B, 3>| match cpu_f32::<B>(t.into_primitive().tensor()) {
-        CpuF32::Tracked(t) => Some(t.primitive),
-        CpuF32::Plain(t) => Some(t),
+    let table = |t: &Tensor<B, 3>| match cpu_f32::<B>(t.clone().into_primitive().tensor()) {
+        CpuF32::Tracked(t) => Some(t.primitive.to_contiguous()),
+        CpuF32::Plain(t) => Some(t.to_contiguous()),
         CpuF32::Other(_) => None,
     };
-    if fits {
-        if let (Some(c), Some(sn)) = (tables(cos.clone()), tables(sin.clone())) {
-            let table = RotaryTables {
-                cos: c.to_contiguous(),
-                sin: sn.to_contiguous(),
+    let tables = fits
+        .then(|| {
+            Some(RotaryTables {
+                cos: table(&cos)?,
+                sin: table(&sin)?,
                 rotary_dim,
                 block: s * d,
                 head_dim: d,
-            };
-            match cpu_f32::<B>(x.into_primitive().tensor()) {
-                CpuF32::Tracked(x) => return from_autodiff(rotary_tracked(x, table)),
-                CpuF32::Plain(x) => return from_flex(rotary_pass(&x, &table, Direction::Forward)),
-                CpuF32::Other(other) => {
-                    let x = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(other));
-                    return rotary_composed(x, cos, sin, rotate_half);
-                }
-            }
-        }
+            })
+        })
+        .flatten();
+    match (cpu_f32::<B>(x.into_primitive().tensor()), tables) {
+        (CpuF32::Tracked(x), Some(t)) => from_autodiff(rotary_tracked(x, t)),
+        (CpuF32::Plain(x), Some(t)) => from_flex(rotary_pass(&x, &t, Direction::Forward)),
+        (x, _) => rotary_composed(x.into_tensor(), cos, sin, rotate_half),
     }
-    rotary_composed(x, cos, sin, rotate_half)
 }
 
 /// burn's composition of [`rotary`], for every other backend and dtype.
@@ -383,6 +365,11 @@ fn cpu_f32<B: Backend>(t: FloatTensor<B>) -> CpuF32<B> {
 }
 
 impl<B: Backend> CpuF32<B> {
+    /// The tensor back, for burn's composed operations.
+    fn into_tensor<const D: usize>(self) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(self.into_float()))
+    }
+
     /// The primitive back, for burn's composed operations.
     fn into_float(self) -> FloatTensor<B> {
         match self {
