@@ -61,7 +61,10 @@ LOG=$(ls "$WORK/cache/logs/$key/"*.log | tail -n 1)
 "$PY" - "$OUT" "$WORK/ref.json" "$t0" "$t1" "$MODEL" "$LOG" <<'PY'
 import json, sys, platform, os, re
 out, ref_path, t0, t1, model, log = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]
-scoring = float(re.search(r"scored in ([0-9.]+) s", open(log).read()).group(1))
+log_text = open(log).read()
+scoring = float(re.search(r"scored in ([0-9.]+) s", log_text).group(1))
+plan = re.search(r"memory plan: (.*)", log_text)
+plan = plan.group(1).strip() if plan else None
 m = json.load(open(os.path.join(out, "metrics.json")))["model"]["tasks"]["arc_easy"]
 items = [json.loads(l) for l in open(os.path.join(out, "items", "arc_easy.jsonl"))]
 ref = json.load(open(ref_path))
@@ -83,11 +86,12 @@ print(f"same prediction (acc / acc_norm): {same_pred}/{n}, {same_norm}/{n}; max 
 print(f"{'items/s (scoring)':24}{n / scoring:>10.2f}{ref['items_per_s']:>12.2f}   (pipe {scoring:.1f} s, reference {ref['seconds']:.1f} s)")
 print(f"{'items/s (whole run)':24}{n / pipe_s:>10.2f}{'':>12}   (pipe run: load, tokenize, score, write: {pipe_s:.1f} s)")
 print(f"ratio pipe/reference (scoring): {(n / scoring) / ref['items_per_s']:.2f}x")
+print(f"pipe's memory plan: {plan}")
 ok = m["acc"] == ref["acc"] and m["acc_norm"] == ref["acc_norm"]
 print("acc and acc_norm equal: " + ("yes" if ok else "NO"))
 print("json: " + json.dumps({"n": n, "pipe_items_per_s": n / scoring, "reference_items_per_s": ref["items_per_s"],
       "pipe_whole_run_s": pipe_s, "acc": m["acc"], "acc_norm": m["acc_norm"], "reference_acc": ref["acc"],
       "reference_acc_norm": ref["acc_norm"], "same_acc": ok, "same_predictions": same_pred,
-      "max_abs_loglikelihood_diff": d}))
+      "max_abs_loglikelihood_diff": d, "memory_plan": plan}))
 sys.exit(0 if ok else 1)
 PY

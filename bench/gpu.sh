@@ -364,7 +364,7 @@ lines += ["", "(c) tiny pipeline on the device: " + ("not run" if not t else t.g
     f"{t.get('wall_s', 0):.1f} s wall; tuned held-out loss {tuned.get('heldout', {}).get('loss', float('nan')):.3f}, "
     f"exact match {tuned.get('generation', {}).get('exact_match', float('nan')):.1%}"))]
 s = report["scoring"] or {}
-lines += ["", "(d) multiple-choice scoring: " + ("not run" if not s else s.get("error") or f"pipe {s.get('pipe_items_per_s', 0):.1f} items/s, transformers {s.get('reference_items_per_s', 0):.1f} items/s, {s.get('n')} items, same acc/acc_norm: {s.get('same_acc')}")]
+lines += ["", "(d) multiple-choice scoring: " + ("not run" if not s else s.get("error") or f"pipe {s.get('pipe_items_per_s', 0):.1f} items/s, transformers {s.get('reference_items_per_s', 0):.1f} items/s, {s.get('n')} items, same acc/acc_norm: {s.get('same_acc')}; pipe's memory plan: {s.get('memory_plan')}")]
 def target(name, r):
     if not r:
         return f"{name}: not run"

@@ -27,6 +27,18 @@ pub enum Sampling {
 /// `max_new_tokens`, and no further than the model's context. `stream` is a per-prompt
 /// number mixed into the sampling seed, so each prompt's draw is reproducible on its own.
 /// `cancelled()` is polled between tokens.
+/// How much of a prompt of `prompt_len` tokens [`generate`] keeps (its last tokens, leaving room
+/// for one new token) and the most tokens the sequence can reach — what its key/value cache
+/// holds at the end — with a model of `max_pos` positions.
+pub fn generation_length(
+    prompt_len: usize,
+    max_new_tokens: usize,
+    max_pos: usize,
+) -> (usize, usize) {
+    let kept = prompt_len.min(max_pos.saturating_sub(1));
+    (kept, kept + max_new_tokens.min(max_pos - kept))
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn generate<B: Backend>(
     model: &CausalLm<B>,
@@ -42,9 +54,9 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         return Err(EvalError::Task("an empty prompt".into()));
     }
-    // Keep room for at least one new token.
-    let prompt = &prompt[prompt.len().saturating_sub(max_pos - 1)..];
-    let budget = max_new_tokens.min(max_pos - prompt.len());
+    let (kept, total) = generation_length(prompt.len(), max_new_tokens, max_pos);
+    let prompt = &prompt[prompt.len() - kept..];
+    let budget = total - kept;
     let mut rng = match sampling {
         Sampling::Sample { seed, .. } => {
             SplitMix64::new(seed ^ stream.wrapping_mul(0xD134_2543_DE82_EF95))
@@ -162,5 +174,13 @@ mod tests {
         let expected =
             (1.0 + 1f64.exp() + 0.5f64.exp()) / (1.0 + 1f64.exp() + 6f64.exp() + 0.5f64.exp());
         assert!((other - expected).abs() < 0.02, "{other} vs {expected}");
+    }
+
+    #[test]
+    fn a_generation_stays_within_the_model_s_positions() {
+        assert_eq!(generation_length(10, 5, 100), (10, 15));
+        assert_eq!(generation_length(10, 500, 100), (10, 100));
+        // A long prompt keeps its last tokens, with room for one new token.
+        assert_eq!(generation_length(200, 5, 100), (99, 100));
     }
 }

@@ -7,7 +7,7 @@ use pipe_data::dataset::Dataset;
 use pipe_model::CausalLm;
 use serde::Serialize;
 
-use crate::EvalError;
+use crate::{EvalError, ForwardPass};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct HeldOut {
@@ -20,6 +20,43 @@ pub struct HeldOut {
     pub perplexity: f64,
 }
 
+/// The forward passes [`heldout_loss`] makes over `data` with a model of `max_len` positions:
+/// what the memory plan sizes before the model is loaded.
+pub fn heldout_passes(data: &Dataset, batch_size: usize, max_len: usize) -> Vec<ForwardPass> {
+    batches(data, batch_size, max_len)
+        .into_iter()
+        .map(|(batch, seq)| ForwardPass {
+            rows: batch.len(),
+            seq,
+            scored: batch
+                .iter()
+                .map(|&i| labelled_positions(data, i, seq).count())
+                .sum(),
+            packed: false,
+        })
+        .filter(|p| p.seq > 0 && p.scored > 0)
+        .collect()
+}
+
+/// Examples one by one, packed or not (the loss of each is its own), longest first,
+/// `batch_size` at a time; each batch with its row length, at most `max_len`.
+fn batches(data: &Dataset, batch_size: usize, max_len: usize) -> Vec<(Vec<usize>, usize)> {
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(data.example(i).0.len()));
+    order
+        .chunks(batch_size.max(1))
+        .map(|batch| (batch.to_vec(), data.example(batch[0]).0.len().min(max_len)))
+        .collect()
+}
+
+/// The positions of example `i` (in a row of `seq` tokens) whose logits are scored: those
+/// followed by a label, as training counts them.
+fn labelled_positions(data: &Dataset, i: usize, seq: usize) -> impl Iterator<Item = usize> + '_ {
+    let (input, labels) = data.example(i);
+    let n = input.len().min(seq);
+    (0..n.saturating_sub(1)).filter(move |&t| labels[t + 1] >= 0)
+}
+
 /// Token-weighted mean cross-entropy of `data`'s examples, `batch_size` at a time: the logits
 /// at position t are scored against the label at t + 1, as in training. `on_batch(n)` reports
 /// progress; returning `false` stops with [`EvalError::Interrupted`].
@@ -30,28 +67,20 @@ pub fn heldout_loss<B: Backend>(
     device: &B::Device,
     on_batch: &mut dyn FnMut(usize) -> bool,
 ) -> Result<HeldOut, EvalError> {
-    // Examples one by one, packed or not: the loss of each is its own.
-    let max_len = model.config.max_position_embeddings;
-    let mut order: Vec<usize> = (0..data.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(data.example(i).0.len()));
     let mut total = 0.0f64;
     let mut tokens = 0usize;
-    for batch in order.chunks(batch_size.max(1)) {
-        let seq = data.example(batch[0]).0.len().min(max_len);
+    for (batch, seq) in batches(data, batch_size, model.config.max_position_embeddings) {
         let mut ids = vec![0i64; batch.len() * seq];
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         for (bi, &i) in batch.iter().enumerate() {
             let (input, labels) = data.example(i);
-            let n = input.len().min(seq);
-            for t in 0..n {
-                ids[bi * seq + t] = input[t] as i64;
+            for (t, &id) in input.iter().take(seq).enumerate() {
+                ids[bi * seq + t] = id as i64;
             }
-            for t in 0..n.saturating_sub(1) {
-                if labels[t + 1] >= 0 {
-                    rows.push((bi * seq + t) as i64);
-                    targets.push(labels[t + 1] as i64);
-                }
+            for t in labelled_positions(data, i, seq) {
+                rows.push((bi * seq + t) as i64);
+                targets.push(labels[t + 1] as i64);
             }
         }
         if !rows.is_empty() && seq > 0 {

@@ -10,7 +10,7 @@ use tokenizers::Tokenizer;
 
 use crate::stats::{mean_and_stderr, Estimate};
 use crate::tasks::{prefix, Doc, FewShot};
-use crate::EvalError;
+use crate::{EvalError, ForwardPass};
 
 /// One tokenized request: the model reads `context` and is scored on `continuation`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,14 +79,9 @@ pub struct Scored {
 
 /// Scores every request: the sum over the continuation's tokens of log-softmax of the logits
 /// that predict them, the model reading at most `max_len + 1` tokens (longer requests lose
-/// tokens from the left, as the harness does).
-///
-/// Consecutive requests with the same context — the choices of one item — read that context
-/// once: the item becomes one packed row (the context, then every continuation attending to
-/// it), which scores the same positions with a fraction of the work. Other requests are
-/// batched longest first, right-padded (a causal model's earlier positions never see the
-/// padding).
-/// `on_batch(n)` reports progress; returning `false` stops with [`EvalError::Interrupted`].
+/// tokens from the left, as the harness does); the choices of an item share one row
+/// ([`Layout`]). `on_batch(n)` reports progress; returning `false` stops with
+/// [`EvalError::Interrupted`].
 pub fn loglikelihoods<B: Backend>(
     model: &CausalLm<B>,
     requests: &[Request],
@@ -94,7 +89,7 @@ pub fn loglikelihoods<B: Backend>(
     device: &B::Device,
     on_batch: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Vec<Scored>, EvalError> {
-    let max_len = model.config.max_position_embeddings;
+    let layout = Layout::new(requests, model.config.max_position_embeddings);
     let mut scored = vec![
         Scored {
             loglikelihood: 0.0,
@@ -102,30 +97,10 @@ pub fn loglikelihoods<B: Backend>(
         };
         requests.len()
     ];
-    let shareable = |r: &Request| {
-        !r.context.is_empty()
-            && !r.continuation.is_empty()
-            && r.context.len() + r.continuation.len() <= max_len + 1
-    };
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut single: Vec<usize> = Vec::new();
-    let mut i = 0;
-    while i < requests.len() {
-        let mut j = i + 1;
-        while j < requests.len() && requests[j].context == requests[i].context {
-            j += 1;
-        }
-        if j - i >= 2 && (i..j).all(|k| shareable(&requests[k])) {
-            groups.push((i..j).collect());
-        } else {
-            single.extend(i..j);
-        }
-        i = j;
-    }
     score_packed(
         model,
         requests,
-        &groups,
+        &layout.packed,
         batch_size,
         device,
         &mut scored,
@@ -134,7 +109,7 @@ pub fn loglikelihoods<B: Backend>(
     score_batched(
         model,
         requests,
-        &single,
+        &layout.single,
         batch_size,
         device,
         &mut scored,
@@ -143,69 +118,165 @@ pub fn loglikelihoods<B: Backend>(
     Ok(scored)
 }
 
-/// Items whose choices share a context, packed one item per row: the context once, then each
-/// continuation but its last token, each seeing the context and its own earlier tokens at the
-/// positions it would have alone (see [`CausalLm::hidden_packed`]). Rows go `batch_size` at a
-/// time, longest first.
+/// The forward passes [`loglikelihoods`] makes for `requests` with a model of `max_len`
+/// positions: what the memory plan sizes before the model is loaded.
+pub fn loglikelihood_passes(
+    requests: &[Request],
+    batch_size: usize,
+    max_len: usize,
+) -> Vec<ForwardPass> {
+    let layout = Layout::new(requests, max_len);
+    let packed = layout
+        .packed
+        .chunks(batch_size.max(1))
+        .map(|batch| ForwardPass {
+            rows: batch.len(),
+            seq: batch[0].ids.len(),
+            scored: batch
+                .iter()
+                .flat_map(|p| &p.scored)
+                .map(|(_, at)| at.len())
+                .sum(),
+            packed: true,
+        });
+    let single = layout
+        .single
+        .chunks(batch_size.max(1))
+        .map(|batch| ForwardPass {
+            rows: batch.len(),
+            seq: batch[0].tokens.len(),
+            scored: batch.iter().map(|r| r.scored).sum(),
+            packed: false,
+        });
+    packed
+        .chain(single)
+        .filter(|p| p.seq > 0 && p.scored > 0)
+        .collect()
+}
+
+/// How [`loglikelihoods`] lays requests out in rows, each kind longest first (in request
+/// order among equals), to be taken `batch_size` rows at a time.
+///
+/// Consecutive requests with the same context — the choices of one item — read that context
+/// once: the item becomes one packed row (the context, then every continuation attending to
+/// it), which scores the same positions with a fraction of the work. Other requests are a row
+/// each, right-padded in their batch (a causal model's earlier positions never see the
+/// padding).
+struct Layout {
+    packed: Vec<Packed>,
+    single: Vec<Single>,
+}
+
+/// The choices of one item in one row: the context once, then each continuation but its last
+/// token, each seeing the context and its own earlier tokens at the positions it would have
+/// alone (see [`CausalLm::hidden_packed`]).
+struct Packed {
+    ids: Vec<u32>,
+    positions: Vec<usize>,
+    segments: Vec<i32>,
+    /// Per request of the group: (request, the row index predicting each of its tokens).
+    scored: Vec<(usize, Vec<usize>)>,
+}
+
+/// A request read alone: what the model reads (the whole text but its last token, at most
+/// `max_len + 1` tokens, losing tokens from the left as the harness does) and how many
+/// trailing positions are scored.
+struct Single {
+    request: usize,
+    tokens: Vec<u32>,
+    scored: usize,
+}
+
+impl Layout {
+    fn new(requests: &[Request], max_len: usize) -> Layout {
+        let shareable = |r: &Request| {
+            !r.context.is_empty()
+                && !r.continuation.is_empty()
+                && r.context.len() + r.continuation.len() <= max_len + 1
+        };
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut alone: Vec<usize> = Vec::new();
+        let mut i = 0;
+        while i < requests.len() {
+            let mut j = i + 1;
+            while j < requests.len() && requests[j].context == requests[i].context {
+                j += 1;
+            }
+            if j - i >= 2 && (i..j).all(|k| shareable(&requests[k])) {
+                groups.push((i..j).collect());
+            } else {
+                alone.extend(i..j);
+            }
+            i = j;
+        }
+        let mut packed: Vec<Packed> = groups
+            .iter()
+            .map(|group| {
+                let context = &requests[group[0]].context;
+                let l = context.len();
+                let mut p = Packed {
+                    ids: context.clone(),
+                    positions: (0..l).collect(),
+                    segments: vec![0; l],
+                    scored: Vec::new(),
+                };
+                for (c, &r) in group.iter().enumerate() {
+                    let cont = &requests[r].continuation;
+                    let start = p.ids.len();
+                    let mut at = vec![l - 1];
+                    for (j, &t) in cont[..cont.len() - 1].iter().enumerate() {
+                        p.ids.push(t);
+                        p.positions.push(l + j);
+                        p.segments.push(c as i32 + 1);
+                        at.push(start + j);
+                    }
+                    p.scored.push((r, at));
+                }
+                p
+            })
+            .collect();
+        let mut single: Vec<Single> = alone
+            .into_iter()
+            .map(|i| {
+                let r = &requests[i];
+                let mut whole: Vec<u32> =
+                    r.context.iter().chain(&r.continuation).copied().collect();
+                if whole.len() > max_len + 1 {
+                    whole.drain(..whole.len() - (max_len + 1));
+                }
+                whole.pop();
+                Single {
+                    request: i,
+                    tokens: whole,
+                    scored: r.continuation.len().min(max_len),
+                }
+            })
+            .collect();
+        // Stable sorts: equal lengths keep request order.
+        packed.sort_by_key(|p| std::cmp::Reverse(p.ids.len()));
+        single.sort_by_key(|r| std::cmp::Reverse(r.tokens.len()));
+        Layout { packed, single }
+    }
+}
+
+/// The packed rows, `batch_size` at a time.
 fn score_packed<B: Backend>(
     model: &CausalLm<B>,
     requests: &[Request],
-    groups: &[Vec<usize>],
+    packed: &[Packed],
     batch_size: usize,
     device: &B::Device,
     scored: &mut [Scored],
     on_batch: &mut dyn FnMut(usize) -> bool,
 ) -> Result<(), EvalError> {
-    struct Packed {
-        ids: Vec<u32>,
-        positions: Vec<usize>,
-        segments: Vec<i32>,
-        /// Per request of the group: (request, the row index predicting each of its tokens).
-        scored: Vec<(usize, Vec<usize>)>,
-    }
-    let packed: Vec<Packed> = groups
-        .iter()
-        .map(|group| {
-            let context = &requests[group[0]].context;
-            let l = context.len();
-            let mut p = Packed {
-                ids: context.clone(),
-                positions: (0..l).collect(),
-                segments: vec![0; l],
-                scored: Vec::new(),
-            };
-            for (c, &r) in group.iter().enumerate() {
-                let cont = &requests[r].continuation;
-                let start = p.ids.len();
-                let mut at = vec![l - 1];
-                for (j, &t) in cont[..cont.len() - 1].iter().enumerate() {
-                    p.ids.push(t);
-                    p.positions.push(l + j);
-                    p.segments.push(c as i32 + 1);
-                    at.push(start + j);
-                }
-                p.scored.push((r, at));
-            }
-            p
-        })
-        .collect();
-    let mut order: Vec<usize> = (0..packed.len()).collect();
-    order.sort_by(|&a, &b| {
-        packed[b]
-            .ids
-            .len()
-            .cmp(&packed[a].ids.len())
-            .then(a.cmp(&b))
-    });
-    for batch in order.chunks(batch_size.max(1)) {
-        let seq = packed[batch[0]].ids.len();
+    for batch in packed.chunks(batch_size.max(1)) {
+        let seq = batch[0].ids.len();
         let mut ids = vec![0i64; batch.len() * seq];
         let mut positions = Vec::with_capacity(batch.len());
         let mut segments = Vec::with_capacity(batch.len());
         let mut rows = Vec::new();
         let mut targets = Vec::new();
-        for (bi, &g) in batch.iter().enumerate() {
-            let p = &packed[g];
+        for (bi, p) in batch.iter().enumerate() {
             for (t, &id) in p.ids.iter().enumerate() {
                 ids[bi * seq + t] = id as i64;
             }
@@ -228,8 +299,8 @@ fn score_packed<B: Backend>(
         let (logp, greedy) = score_rows(model, hidden.reshape([b * s, h]), rows, &targets, device)?;
         let mut k = 0;
         let mut n = 0;
-        for &g in batch {
-            for (r, at) in &packed[g].scored {
+        for p in batch {
+            for (r, at) in &p.scored {
                 let len = at.len();
                 scored[*r] = Scored {
                     loglikelihood: logp[k..k + len].iter().map(|&x| x as f64).sum(),
@@ -246,48 +317,30 @@ fn score_packed<B: Backend>(
     Ok(())
 }
 
-/// Requests scored independently, `batch_size` at a time, longest first.
+/// The requests read alone, `batch_size` at a time.
 fn score_batched<B: Backend>(
     model: &CausalLm<B>,
     requests: &[Request],
-    which: &[usize],
+    single: &[Single],
     batch_size: usize,
     device: &B::Device,
     scored: &mut [Scored],
     on_batch: &mut dyn FnMut(usize) -> bool,
 ) -> Result<(), EvalError> {
-    let max_len = model.config.max_position_embeddings;
-    // What the model reads (the whole text but its last token) and how many trailing
-    // positions are scored.
-    let inputs: Vec<(Vec<u32>, usize)> = which
-        .iter()
-        .map(|&i| {
-            let r = &requests[i];
-            let mut whole: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
-            if whole.len() > max_len + 1 {
-                whole.drain(..whole.len() - (max_len + 1));
-            }
-            whole.pop();
-            (whole, r.continuation.len().min(max_len))
-        })
-        .collect();
-    let mut order: Vec<usize> = (0..which.len()).collect();
-    order.sort_by(|&a, &b| inputs[b].0.len().cmp(&inputs[a].0.len()).then(a.cmp(&b)));
-    for batch in order.chunks(batch_size.max(1)) {
-        let seq = inputs[batch[0]].0.len();
+    for batch in single.chunks(batch_size.max(1)) {
+        let seq = batch[0].tokens.len();
         let mut ids = vec![0i64; batch.len() * seq];
         // Rows of the flattened `[batch·seq, hidden]` states that predict continuation tokens.
         let mut rows = Vec::new();
         let mut targets = Vec::new();
-        for (bi, &k) in batch.iter().enumerate() {
-            let (tokens, n_scored) = &inputs[k];
-            for (t, &id) in tokens.iter().enumerate() {
+        for (bi, r) in batch.iter().enumerate() {
+            for (t, &id) in r.tokens.iter().enumerate() {
                 ids[bi * seq + t] = id as i64;
             }
-            let cont = &requests[which[k]].continuation;
-            let cont = &cont[cont.len() - n_scored..];
+            let cont = &requests[r.request].continuation;
+            let cont = &cont[cont.len() - r.scored..];
             for (j, &target) in cont.iter().enumerate() {
-                rows.push((bi * seq + tokens.len() - n_scored + j) as i64);
+                rows.push((bi * seq + r.tokens.len() - r.scored + j) as i64);
                 targets.push(target as i64);
             }
         }
@@ -299,9 +352,9 @@ fn score_batched<B: Backend>(
             let (logp, greedy) =
                 score_rows(model, hidden.reshape([b * s, h]), rows, &targets, device)?;
             let mut k = 0;
-            for &bk in batch {
-                let n = inputs[bk].1;
-                scored[which[bk]] = Scored {
+            for r in batch {
+                let n = r.scored;
+                scored[r.request] = Scored {
                     loglikelihood: logp[k..k + n].iter().map(|&x| x as f64).sum(),
                     is_greedy: (k..k + n).all(|i| greedy[i] == targets[i]),
                 };
@@ -445,5 +498,53 @@ pub fn task_result(docs: &[Doc], scored: &[Scored], counts: &[usize]) -> TaskRes
         acc: mean_and_stderr(&acc),
         acc_norm: acc_norm.map(|v| mean_and_stderr(&v)),
         per_item,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(context: &[u32], continuation: &[u32]) -> Request {
+        Request {
+            context: context.to_vec(),
+            continuation: continuation.to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_passes_are_the_rows_scoring_lays_out() {
+        let requests = [
+            // An item of two choices: one packed row of 3 + 0 + 1 tokens, 1 + 2 scored.
+            request(&[1, 2, 3], &[4]),
+            request(&[1, 2, 3], &[5, 6]),
+            // Another: 2 + 2 + 0 tokens, 3 + 1 scored.
+            request(&[7, 8], &[9, 10, 11]),
+            request(&[7, 8], &[12]),
+            // Alone: reads 2 tokens, 2 scored; 4 tokens, 1 scored; 7 tokens cut to the last
+            // max_len + 1 = 5, of which it reads 4, 1 scored.
+            request(&[1], &[2, 3]),
+            request(&[5, 5, 5, 5], &[6]),
+            request(&[1, 2, 3, 4, 5, 6], &[7]),
+        ];
+        let pass = |rows, seq, scored, packed| ForwardPass {
+            rows,
+            seq,
+            scored,
+            packed,
+        };
+        assert_eq!(
+            loglikelihood_passes(&requests, 2, 4),
+            [
+                pass(2, 4, 7, true),
+                // Longest first, request order among equals.
+                pass(2, 4, 2, false),
+                pass(1, 2, 2, false),
+            ]
+        );
+        let layout = Layout::new(&requests, 4);
+        let order: Vec<usize> = layout.single.iter().map(|s| s.request).collect();
+        assert_eq!(order, [5, 6, 4]);
+        assert_eq!(loglikelihood_passes(&requests, 8, 4).len(), 2);
     }
 }

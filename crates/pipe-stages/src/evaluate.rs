@@ -41,7 +41,8 @@ use anyhow::{anyhow, bail, Context};
 use burn::tensor::backend::Backend;
 use pipe_core::diag::FieldError;
 use pipe_core::{
-    Input, InputSource, Interrupted, KeyFields, ParseContext, Stage, StageContext, StageKind,
+    Input, InputSource, Interrupted, KeyFields, ParseContext, Stage, StageContext, StageInfo,
+    StageKind,
 };
 use pipe_data::dataset::Dataset;
 use pipe_data::format::find_data_file;
@@ -49,8 +50,10 @@ use pipe_data::prompt::{Template, TemplateSpec};
 use pipe_data::records::Record;
 use pipe_eval::score::{task_requests, task_result};
 use pipe_eval::tasks::{read_docs, FewShot, TaskFormat};
+use pipe_eval::ForwardPass;
 use pipe_eval::{EvalError, Request, Sampling};
-use pipe_model::{init_model, load_model, CausalLm, CpuBackend};
+use pipe_model::{init_model, load_model, CausalLm, CpuBackend, ModelConfig};
+use pipe_train::memory::{human_bytes, plan_evaluation, EvalPeak, EvalShape, MemoryPlan};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -442,19 +445,122 @@ impl Stage for EvaluateStage {
         self.sources.learn(&self.inputs, stage);
         Ok(())
     }
+    fn memory_plan<'a>(&self, stage: &dyn Fn(&str) -> Option<StageInfo<'a>>) -> Option<String> {
+        let known = |m: &ModelSource| crate::models::known_config(m, &self.inputs, stage);
+        let Some(config) = largest(
+            [Some(&self.model), self.base.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(known),
+        ) else {
+            return Some(
+                "known once its model is available (a download or an earlier stage)".into(),
+            );
+        };
+        // Before anything runs, the held-out rows are known by their longest (the tokenize
+        // stage's `max_len`); the tasks and prompts are tokenized when the stage runs.
+        let longest = self
+            .inputs
+            .iter()
+            .find(|i| i.name == "data")
+            .and_then(|i| match &i.source {
+                InputSource::Stage { stage: id, .. } => stage(id)?.fields["max_len"].as_u64(),
+                InputSource::Path(_) => None,
+            })
+            .and_then(|n| usize::try_from(n).ok());
+        let passes = longest
+            .map(|len| {
+                let seq = len.min(config.max_position_embeddings);
+                let rows = self.fields.batch_size;
+                vec![ForwardPass {
+                    rows,
+                    seq,
+                    scored: rows * seq.saturating_sub(1),
+                    packed: false,
+                }]
+            })
+            .unwrap_or_default();
+        let shape = EvalShape {
+            passes,
+            generation: None,
+            on_gpu: self.on_gpu(),
+        };
+        let (plan, peak) = plan_evaluation(&config, &shape);
+        let mut text = describe_plan(&plan, peak);
+        if !self.tasks.is_empty() || self.fields.generate.is_some() {
+            text.push_str(
+                "; its tasks and prompts are sized when it runs, before the model is loaded",
+            );
+        }
+        Some(text)
+    }
     fn run(&self, cx: &mut StageContext) -> anyhow::Result<()> {
         self.run_stage(cx)
             .map_err(|e| self.sources.rename_in(cx, e))
     }
 }
 
+/// The largest `n` below `limit` for which `fits(n)` holds, where a larger `n` never needs less
+/// memory (a batch size, a number of new tokens): found by bisection, as `limit` may be large.
+fn largest_fitting(limit: usize, fits: impl Fn(usize) -> bool) -> Option<usize> {
+    if limit <= 1 || !fits(1) {
+        return None;
+    }
+    // `fits(low)` holds; `high` is excluded.
+    let (mut low, mut high) = (1, limit);
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        if fits(mid) {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    Some(low)
+}
+
+/// The config of the largest model among `configs` (by parameters).
+fn largest(configs: impl IntoIterator<Item = ModelConfig>) -> Option<ModelConfig> {
+    configs
+        .into_iter()
+        .max_by_key(|c| pipe_train::memory::parameter_count(c).0)
+}
+
+/// An evaluation's memory plan in words: the total per device and what makes it up.
+fn describe_plan(plan: &MemoryPlan, peak: EvalPeak) -> String {
+    let widest = match peak {
+        EvalPeak::Loading => "loading the model".to_string(),
+        EvalPeak::Pass(p) => format!(
+            "its widest batch: {} × {} tokens, {} scored",
+            p.rows, p.seq, p.scored
+        ),
+        EvalPeak::Generation { prompt, tokens } => {
+            format!("a generation of {tokens} tokens from a prompt of {prompt}")
+        }
+    };
+    format!(
+        "about {} per device: weights {}, activations {} ({widest})",
+        human_bytes(plan.total),
+        human_bytes(plan.weights),
+        human_bytes(plan.activations),
+    )
+}
+
 impl EvaluateStage {
+    fn on_gpu(&self) -> bool {
+        self.fields.device.starts_with("cuda")
+    }
+
     fn run_stage(&self, cx: &mut StageContext) -> anyhow::Result<()> {
-        match Device::open(&self.fields.device)? {
-            Device::Cpu => self.evaluate::<CpuBackend>(cx, &Default::default()),
+        let device = Device::open(&self.fields.device)?;
+        let work = self.prepare(cx)?;
+        self.check_memory(cx, &work, device)?;
+        match device {
+            Device::Cpu => self.evaluate::<CpuBackend>(cx, work, &Default::default()),
             #[cfg(feature = "cuda")]
             Device::Cuda(index) => self.evaluate::<burn::backend::Cuda<f32, i32>>(
                 cx,
+                work,
                 &burn::backend::cuda::CudaDevice::new(index),
             ),
             #[cfg(not(feature = "cuda"))]
@@ -809,12 +915,115 @@ impl EvaluateStage {
         full(source)
     }
 
+    /// The config of a model to evaluate, read before it is loaded (an adapter's is its
+    /// base's); `None` where it cannot be read (loading will say why).
+    fn config_of(&self, cx: &StageContext, source: &ModelSource) -> Option<ModelConfig> {
+        match source {
+            ModelSource::Init { config, .. } => Some(config.as_ref().clone()),
+            ModelSource::Input(name) => match find_weights(cx.input(name).ok()?).ok()? {
+                Weights::Model(dir) => ModelConfig::from_file(&dir.join("config.json")).ok(),
+                Weights::Adapter(_) => self.config_of(cx, self.base.as_ref()?),
+            },
+        }
+    }
+
+    /// The passes and the longest generation of scoring `work` `batch_size` rows at a time
+    /// with a model of `max_pos` positions, generating `max_new_tokens` at most.
+    fn eval_shape(
+        &self,
+        work: &Work,
+        batch_size: usize,
+        max_pos: usize,
+        max_new_tokens: usize,
+    ) -> EvalShape {
+        let mut passes = Vec::new();
+        if let Some(data) = &work.heldout {
+            passes.extend(pipe_eval::heldout_passes(data, batch_size, max_pos));
+        }
+        for t in &work.tasks {
+            passes.extend(pipe_eval::loglikelihood_passes(
+                &t.requests,
+                batch_size,
+                max_pos,
+            ));
+        }
+        let generation = work
+            .prompts
+            .iter()
+            .map(|p| pipe_eval::generation_length(p.ids.len(), max_new_tokens, max_pos))
+            .reduce(|(a, b), (c, d)| (a.max(c), b.max(d)));
+        EvalShape {
+            passes,
+            generation,
+            on_gpu: self.on_gpu(),
+        }
+    }
+
+    /// Refuses an evaluation whose memory plan is larger than what the device has free,
+    /// before any model is loaded, saying what would fit; logs the plan otherwise.
+    fn check_memory(&self, cx: &StageContext, work: &Work, device: Device) -> anyhow::Result<()> {
+        let configs = self
+            .models()
+            .into_iter()
+            .map(|(_, s)| self.config_of(cx, s));
+        let Some(mut config) = configs.collect::<Option<Vec<_>>>().and_then(largest) else {
+            cx.log(
+                "memory plan: a model's config.json could not be read before loading: not checked",
+            );
+            return Ok(());
+        };
+        // An added pad token grows the embeddings (`load`).
+        config.vocab_size = config.vocab_size.max(work.tokenizer.get_vocab_size(true));
+        let max_pos = config.max_position_embeddings;
+        let max_new = self
+            .fields
+            .generate
+            .as_ref()
+            .map_or(0, |g| g.max_new_tokens);
+        let plan_at = |batch: usize, max_new: usize| {
+            plan_evaluation(&config, &self.eval_shape(work, batch, max_pos, max_new))
+        };
+        let batch = self.fields.batch_size;
+        let (plan, peak) = plan_at(batch, max_new);
+        cx.log(&format!("memory plan: {}", describe_plan(&plan, peak)));
+        let Some((place, available)) = crate::models::free_memory(cx, device) else {
+            return Ok(());
+        };
+        if plan.total <= available {
+            return Ok(());
+        }
+        let fits = |batch: usize, max_new: usize| plan_at(batch, max_new).0.total <= available;
+        let mut advice = Vec::new();
+        if let Some(b) = largest_fitting(batch, |b| fits(b, max_new)) {
+            advice.push(format!("batch_size: {b}"));
+        }
+        if max_new > 0 && !fits(1, max_new) {
+            // The longest generation's key/value cache: fewer new tokens.
+            if let Some(n) = largest_fitting(max_new, |n| fits(batch, n)) {
+                advice.push(format!("generate.max_new_tokens: {n}"));
+            } else if let Some(n) = largest_fitting(max_new, |n| fits(1, n)) {
+                advice.push(format!("generate.max_new_tokens: {n}, batch_size: 1"));
+            }
+        }
+        bail!(
+            "this evaluation needs about {} on {place}, which has {} free; nothing was loaded\n  plan: {}\n  {}",
+            human_bytes(plan.total),
+            human_bytes(available),
+            describe_plan(&plan, peak),
+            if advice.is_empty() {
+                "no setting of this stage would fit: use a smaller model, shorter rows (`limit:` on long tasks, a smaller `max_len`) or a device with more memory".to_string()
+            } else {
+                format!("settings that would fit: {}", advice.join("; or "))
+            }
+        )
+    }
+
     fn evaluate<B: Backend>(
         &self,
         cx: &mut StageContext,
+        work: Work,
         device: &B::Device,
     ) -> anyhow::Result<()> {
-        let work = self.prepare(cx)?;
         let vocab = work.tokenizer.get_vocab_size(true);
         let models = self.models();
         cx.progress()
@@ -840,6 +1049,10 @@ impl EvaluateStage {
             outcome
                 .metrics
                 .insert(label.to_string(), Value::Object(metrics));
+            drop(model);
+            // The next model would be laid out among this one's freed batches, growing the
+            // peak by a fragmented heap.
+            pipe_train::release_freed_memory();
         }
         self.write_outputs(cx, outcome)
     }

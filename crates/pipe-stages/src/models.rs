@@ -36,6 +36,42 @@ pub(crate) enum ModelSource {
     },
 }
 
+/// The config of the model `model` names, when it is known before anything runs: an `init:`
+/// config, a local model directory's config.json, a download of one, or a train stage's own
+/// `init:` model (for `pipe check`'s memory plans).
+pub(crate) fn known_config<'a>(
+    model: &ModelSource,
+    inputs: &[Input],
+    stage: &dyn Fn(&str) -> Option<pipe_core::StageInfo<'a>>,
+) -> Option<ModelConfig> {
+    let name = match model {
+        ModelSource::Init { config, .. } => return Some(config.as_ref().clone()),
+        ModelSource::Input(name) => name,
+    };
+    let input = inputs.iter().find(|i| &i.name == name)?;
+    let dir = match &input.source {
+        InputSource::Path(dir) => dir.clone(),
+        InputSource::Stage { stage: id, .. } => {
+            let up = stage(id)?;
+            match up.kind {
+                "train" => {
+                    let config = &up.fields["init"]["config"];
+                    return serde_json::from_value(config.clone()).ok();
+                }
+                "download" => match &up.inputs.first()?.source {
+                    InputSource::Path(dir) => dir.clone(),
+                    InputSource::Stage { .. } => return None,
+                },
+                _ => return None,
+            }
+        }
+    };
+    match find_weights(&dir).ok()? {
+        Weights::Model(d) => ModelConfig::from_file(&d.join("config.json")).ok(),
+        Weights::Adapter(_) => None,
+    }
+}
+
 /// A model initialised from a config (as config.json spells it) and a seed.
 #[derive(Serialize)]
 pub(crate) struct InitKey<'a> {
@@ -180,6 +216,25 @@ impl Device {
         check_gpu_index(text, index, cuda_device_count()?)?;
         Ok(Device::Cuda(index))
     }
+}
+
+/// The memory `device` has free, named for messages (`cuda:0`, `this machine`): the driver's
+/// count on a GPU, available memory (or a lower cgroup limit) on the CPU. `None` where it
+/// cannot be read, which is logged: the stage then runs unchecked.
+pub(crate) fn free_memory(cx: &pipe_core::StageContext, device: Device) -> Option<(String, u64)> {
+    let (place, available) = match device {
+        Device::Cuda(index) => (format!("cuda:{index}"), cuda_free_memory(index)),
+        Device::Cpu => (
+            "this machine".to_string(),
+            pipe_train::memory::available_cpu_memory(),
+        ),
+    };
+    if available.is_none() {
+        cx.log(&format!(
+            "the free memory of {place} could not be read: not checked"
+        ));
+    }
+    Some((place, available?))
 }
 
 /// The GPUs the devices named in `device:`/`devices:` occupy, as the stage's resources (a

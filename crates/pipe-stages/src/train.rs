@@ -33,8 +33,7 @@ use pipe_core::{
 use pipe_data::dataset::Dataset;
 use pipe_model::{LoraSpec, MatmulPrecision, Targets};
 use pipe_train::memory::{
-    available_cpu_memory, human_bytes, plan_training, what_would_fit, LoraShape, MemoryPlan,
-    TrainShape,
+    human_bytes, plan_training, what_would_fit, LoraShape, MemoryPlan, TrainShape,
 };
 use pipe_train::{
     AdamWSettings, BaseModel, Bf16Rounding, DataMeta, Decay, Dirs, EvalSettings, Hooks, Method,
@@ -896,32 +895,7 @@ impl TrainStage {
         &self,
         stage: &dyn Fn(&str) -> Option<StageInfo<'a>>,
     ) -> Option<pipe_model::ModelConfig> {
-        let name = match &self.model {
-            ModelSource::Init { config, .. } => return Some(config.as_ref().clone()),
-            ModelSource::Input(name) => name,
-        };
-        let input = self.inputs.iter().find(|i| &i.name == name)?;
-        let dir = match &input.source {
-            InputSource::Path(dir) => dir.clone(),
-            InputSource::Stage { stage: id, .. } => {
-                let up = stage(id)?;
-                match up.kind {
-                    "train" => {
-                        let config = &up.fields["init"]["config"];
-                        return serde_json::from_value(config.clone()).ok();
-                    }
-                    "download" => match &up.inputs.first()?.source {
-                        InputSource::Path(dir) => dir.clone(),
-                        InputSource::Stage { .. } => return None,
-                    },
-                    _ => return None,
-                }
-            }
-        };
-        match find_weights(&dir).ok()? {
-            Weights::Model(d) => pipe_model::ModelConfig::from_file(&d.join("config.json")).ok(),
-            Weights::Adapter(_) => None,
-        }
+        crate::models::known_config(&self.model, &self.inputs, stage)
     }
 
     /// What decides this run's memory besides the model: `seq_len` tokens a row.
@@ -960,18 +934,9 @@ impl TrainStage {
     ) -> anyhow::Result<()> {
         let shape = self.train_shape(seq_len);
         let plan = plan_training(config, &shape);
-        let (place, available) = match devices.first() {
-            Some(Device::Cuda(index)) => (
-                format!("cuda:{index}"),
-                crate::models::cuda_free_memory(*index),
-            ),
-            _ => ("this machine".to_string(), available_cpu_memory()),
-        };
         cx.log(&format!("memory plan: {}", describe_plan(&plan, &shape)));
-        let Some(available) = available else {
-            cx.log(&format!(
-                "the free memory of {place} could not be read: not checked"
-            ));
+        let device = devices.first().copied().unwrap_or(Device::Cpu);
+        let Some((place, available)) = crate::models::free_memory(cx, device) else {
             return Ok(());
         };
         if plan.total <= available {

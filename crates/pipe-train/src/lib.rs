@@ -41,3 +41,15 @@ pub fn keep_freed_tensor_memory() {
         libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }
+
+/// Hands the heap's free memory back to the kernel (glibc's `malloc_trim`) where a large
+/// working set was freed and a differently shaped one follows — the next model of an
+/// evaluation. [`keep_freed_tensor_memory`] keeps it otherwise, and the new tensors, placed
+/// among the old ones' freed blocks, would fragment it and raise the peak.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of glibc's heap; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -25,6 +25,7 @@
 //!   activations and gradients, and its share of the optimizer state and of the summed
 //!   gradients (ZeRO stage 1, `crate::step::optimizer_owners`).
 
+use pipe_eval::ForwardPass;
 use pipe_model::ModelConfig;
 
 use crate::optimizer::Bf16Rounding;
@@ -283,25 +284,117 @@ pub fn plan_training(cfg: &ModelConfig, shape: &TrainShape) -> MemoryPlan {
     }
 }
 
-/// The estimated peak of scoring or generating with `cfg` (no gradients): the weights, one
-/// layer's working set at a time, and the logits of a batch.
-pub fn plan_inference(cfg: &ModelConfig, batch: usize, seq_len: usize, on_gpu: bool) -> MemoryPlan {
+/// What an evaluation's memory depends on besides the model's shape: the forward passes its
+/// scorers make (`pipe_eval::heldout_passes`, `pipe_eval::loglikelihood_passes`) and its
+/// longest generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalShape {
+    pub passes: Vec<ForwardPass>,
+    /// The longest generation: the prompt's tokens read at once, and the most tokens its
+    /// key/value cache holds (`pipe_eval::generation_length`).
+    pub generation: Option<(usize, usize)>,
+    pub on_gpu: bool,
+}
+
+/// What sets an evaluation's peak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalPeak {
+    /// Loading the model: its largest tensor is held twice while it is read and converted.
+    Loading,
+    Pass(ForwardPass),
+    /// A generation of that many tokens, from a prompt of that many.
+    Generation {
+        prompt: usize,
+        tokens: usize,
+    },
+}
+
+/// The pipe process itself around an evaluate stage: the engine, the tokenizer, what the
+/// stages before it left in the heap — 29 MiB measured with a one-layer model (`bench/memory.sh`).
+const PIPE_PROCESS_OVERHEAD: u64 = 32 << 20;
+
+/// The estimated peak of an evaluation (no gradients, no autodiff graph): the f32 weights
+/// (`load_model` widens a bf16 or f16 checkpoint), and the largest of loading them (one
+/// tensor twice), its widest forward pass and its longest generation.
+///
+/// A forward pass holds, at its peak, one layer's working set beside the residual stream —
+/// in attention, the normed input, q, k and v laid out by head and rotated, keys and values
+/// repeated for every query head under grouped-query attention, the output and its layout;
+/// in the MLP, the normed input, gate, up and their product — and the attention mask
+/// (one per row for packed rows). Attention scores are not held on the CPU (burn-flex's
+/// `attention` works one head at a time, or tiles the keys); on a GPU burn's flash kernel
+/// declines an additive mask and the composed path holds the scores, their exponentials and
+/// probabilities of every head. Then the scored positions' logits and their log-softmax.
+/// A generation holds its prompt's forward pass and the key/value cache, one layer's keys
+/// or values twice while they grow. Batches of different lengths leave the heap fragmented:
+/// a tenth more, as measured on the CPU.
+pub fn plan_evaluation(cfg: &ModelConfig, shape: &EvalShape) -> (MemoryPlan, EvalPeak) {
     let (all, _) = parameter_count(cfg);
     let weights = all * F32;
-    let tokens = (batch * seq_len) as u64;
-    let h = cfg.num_attention_heads as u64;
-    let layer = tokens * (6 * cfg.hidden_size as u64 + 3 * cfg.intermediate_size as u64)
-        + 3 * h * (batch * seq_len * seq_len) as u64;
-    let activations = (layer + 2 * tokens * cfg.vocab_size as u64) * F32;
-    let overhead = if on_gpu { GPU_OVERHEAD } else { CPU_OVERHEAD };
-    MemoryPlan {
+    let Dims { d, v, i, .. } = Dims::of(cfg);
+    let largest_tensor = (v * d).max(i * d) * F32;
+    let pass_bytes = |p: &ForwardPass| forward_pass_bytes(cfg, p, shape.on_gpu) * 11 / 10;
+    let mut peak = (largest_tensor, EvalPeak::Loading);
+    for p in &shape.passes {
+        let bytes = pass_bytes(p);
+        if bytes > peak.0 {
+            peak = (bytes, EvalPeak::Pass(*p));
+        }
+    }
+    if let Some((prompt, tokens)) = shape.generation {
+        let Dims { l, kv, .. } = Dims::of(cfg);
+        let cache = 2 * l * kv * tokens as u64 * F32;
+        let prefill = ForwardPass {
+            rows: 1,
+            seq: prompt,
+            scored: 1,
+            packed: false,
+        };
+        let bytes = pass_bytes(&prefill) + cache + 2 * cache / l.max(1);
+        if bytes > peak.0 {
+            peak = (bytes, EvalPeak::Generation { prompt, tokens });
+        }
+    }
+    let overhead = if shape.on_gpu {
+        GPU_OVERHEAD
+    } else {
+        PIPE_PROCESS_OVERHEAD
+    };
+    let plan = MemoryPlan {
         weights,
         gradients: 0,
         optimizer: 0,
-        activations,
+        activations: peak.0,
         overhead,
-        total: weights + activations + overhead,
+        total: weights + peak.0 + overhead,
+    };
+    (plan, peak.1)
+}
+
+/// The bytes one forward pass of an evaluation holds at its peak (see [`plan_evaluation`]).
+fn forward_pass_bytes(cfg: &ModelConfig, p: &ForwardPass, on_gpu: bool) -> u64 {
+    let Dims { d, i, v, q, kv, .. } = Dims::of(cfg);
+    let h = cfg.num_attention_heads as u64;
+    let tokens = (p.rows * p.seq) as u64;
+    let repeated = if cfg.num_key_value_heads < cfg.num_attention_heads {
+        2 * q
+    } else {
+        0
+    };
+    // Residual, normed input, q/k/v and their layout by head, output and its layout.
+    let attention = 2 * d + 3 * q + 2 * kv + repeated;
+    // Residual, attention's sum, normed input, gate, up, product (composed: silu too), output.
+    let mlp = 3 * d + if on_gpu { 4 } else { 3 } * i;
+    let mut layer = tokens * attention.max(mlp);
+    let seq = p.seq as u64;
+    let mask_rows = if p.packed { p.rows as u64 } else { 1 };
+    layer += mask_rows * seq * seq;
+    if on_gpu {
+        layer += 3 * h * p.rows as u64 * seq * seq;
     }
+    // The scored positions' hidden states, logits and log-softmax.
+    let head = tokens * d + p.scored as u64 * (d + 2 * v);
+    layer.max(head) * F32
 }
 
 /// Changes to `shape` that bring its plan within `available` bytes, each a complete set of
@@ -781,12 +874,62 @@ mod tests {
         assert!(what_would_fit(&cfg, &shape, 8, 1 << 30).is_empty());
     }
 
+    fn eval_shape(passes: Vec<ForwardPass>, generation: Option<(usize, usize)>) -> EvalShape {
+        EvalShape {
+            passes,
+            generation,
+            on_gpu: true,
+        }
+    }
+
+    fn pass(rows: usize, seq: usize, scored: usize) -> ForwardPass {
+        ForwardPass {
+            rows,
+            seq,
+            scored,
+            packed: false,
+        }
+    }
+
     #[test]
-    fn inference_needs_the_weights_and_a_batch() {
+    fn evaluation_needs_the_weights_and_its_widest_pass() {
         let cfg = llama2_7b();
-        let plan = plan_inference(&cfg, 8, 512, true);
-        assert_eq!(plan.weights, 4 * 6_738_415_616);
-        assert!(plan.activations > 8 * 512 * 32000 * 4);
+        let (nothing, peak) = plan_evaluation(&cfg, &eval_shape(vec![], None));
+        assert_eq!(peak, EvalPeak::Loading);
+        assert_eq!(nothing.weights, 4 * 6_738_415_616);
+        // The embeddings, read and converted.
+        assert_eq!(nothing.activations, 32000 * 4096 * 4);
+        let wide = pass(8, 512, 8 * 511);
+        let (plan, peak) = plan_evaluation(&cfg, &eval_shape(vec![pass(8, 100, 10), wide], None));
+        assert_eq!(peak, EvalPeak::Pass(wide));
+        // Every scored position's logits and their log-softmax at least.
+        assert!(plan.activations > 2 * 8 * 511 * 32000 * 4, "{plan:?}");
+        assert_eq!(plan.total, plan.weights + plan.activations + plan.overhead);
+        // On the CPU (no attention scores held) the logits set the peak: fewer scored
+        // positions, fewer bytes; packed rows carry a mask each.
+        let on_cpu = |passes| {
+            plan_evaluation(
+                &cfg,
+                &EvalShape {
+                    on_gpu: false,
+                    ..eval_shape(passes, None)
+                },
+            )
+            .0
+            .activations
+        };
+        let few = on_cpu(vec![pass(8, 512, 8)]);
+        assert!(few < on_cpu(vec![wide]));
+        let packed = ForwardPass {
+            packed: true,
+            ..pass(8, 512, 8)
+        };
+        // Eight masks instead of the one the rows share (and a tenth for fragmentation).
+        let masks = on_cpu(vec![packed]) - few;
+        assert!(masks.abs_diff(7 * 512 * 512 * 4 * 11 / 10) <= 1, "{masks}");
+        // On a GPU the composed attention's scores come first.
+        assert!(plan.activations >= 3 * 32 * 8 * 512 * 512 * 4, "{plan:?}");
+        // Far less than training the same batch.
         assert!(
             plan.total
                 < plan_training(
@@ -804,6 +947,26 @@ mod tests {
                     }
                 )
                 .total
+        );
+    }
+
+    #[test]
+    fn a_long_generation_is_sized_by_its_key_value_cache() {
+        let cfg = llama2_7b();
+        // 4096 tokens of keys and values, 32 layers of 4096 wide, in f32: 4 GiB.
+        let (plan, peak) =
+            plan_evaluation(&cfg, &eval_shape(vec![pass(1, 64, 63)], Some((96, 4096))));
+        assert_eq!(
+            peak,
+            EvalPeak::Generation {
+                prompt: 96,
+                tokens: 4096
+            }
+        );
+        let cache = 2 * 32 * 4096 * 4096 * 4;
+        assert!(
+            plan.activations >= cache && plan.activations < cache + (1 << 30),
+            "{plan:?}"
         );
     }
 
