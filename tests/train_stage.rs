@@ -109,7 +109,7 @@ fn sigkill_and_ctrl_c_during_training_resume_to_identical_weights() {
     );
     let step = resumed_from(&p);
     assert!(
-        (3..STEPS).contains(&step) && step % 3 == 0,
+        (3..STEPS).contains(&step) && step.is_multiple_of(3),
         "resumed from step {step}"
     );
     assert!(
