@@ -5,8 +5,9 @@
 mod common;
 use common::Project;
 
-/// Long examples packed into rows of 2048 tokens, and a micro-batch of 512 such rows: far more
-/// attention scores than any machine holds, on a model of a few thousand parameters.
+/// Long examples packed into rows of 2048 tokens, and a micro-batch of 512 such rows: a million
+/// tokens' logits over a vocabulary of 32,000 (124 GiB), more than any machine here holds, on a
+/// model of a million parameters.
 const PIPELINE: &str = r#"name: too-big
 stages:
   data:
@@ -28,7 +29,7 @@ stages:
     kind: train
     data: tokens
     model:
-      init: {vocab_size: 2001, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 2048}
+      init: {vocab_size: 32000, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 2048}
       seed: 1
     lr: 1.0e-3
     batch_size: 512

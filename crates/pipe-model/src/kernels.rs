@@ -56,6 +56,29 @@ pub fn masked_softmax<B: Backend>(
     }
 }
 
+/// The backward pass of [`masked_softmax`] given its probabilities `probs` and their gradient
+/// `grad` (both `[batch, heads, s, t]`): `scale · p ⊙ (g − Σ_row g ⊙ p)`, the scores' gradient.
+/// For a caller that makes its own backward pass (untracked tensors).
+pub fn masked_softmax_grad<B: Backend>(
+    probs: Tensor<B, 4>,
+    grad: Tensor<B, 4>,
+    scale: f32,
+) -> Tensor<B, 4> {
+    match (
+        cpu_f32::<B>(probs.into_primitive().tensor()),
+        cpu_f32::<B>(grad.into_primitive().tensor()),
+    ) {
+        (CpuF32::Plain(p), CpuF32::Plain(g)) => {
+            from_flex(masked_softmax_backward(&p.to_contiguous(), &g, scale))
+        }
+        (p, g) => {
+            let (p, g): (Tensor<B, 4>, Tensor<B, 4>) = (p.into_tensor(), g.into_tensor());
+            let dot = (p.clone() * g.clone()).sum_dim(3);
+            p * (g - dot) * scale
+        }
+    }
+}
+
 /// The burn-flex tensor of a mask beside burn-flex scores (it takes no gradient).
 fn cpu_mask<B: Backend>(mask: Tensor<B, 4>) -> FlexTensor {
     match cpu_f32::<B>(mask.into_primitive().tensor()) {

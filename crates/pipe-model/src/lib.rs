@@ -10,6 +10,7 @@
 //! - [`weights`]: where a model's weights come from when built (a checkpoint or a seed);
 //! - [`load`], [`save`], [`lora`]: checkpoints, Hugging Face files, PEFT adapters.
 
+pub mod attention;
 pub mod config;
 pub mod family;
 pub mod gguf;

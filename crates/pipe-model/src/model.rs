@@ -7,10 +7,11 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{gelu_approximate, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
+use burn::tensor::module::attention as backend_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Int, Tensor, TensorData};
 
+use crate::attention;
 use crate::config::{Activation, LayerType, ModelConfig, NormStyle};
 use crate::kernels;
 use crate::rope::RopeConfig;
@@ -453,12 +454,17 @@ impl<B: Backend> Attention<B> {
         let t = k.dims()[2];
         // Query head i reads key/value head i / rep, as transformers' repeat_kv arranges it.
         let rep = h / kv;
-        let out = if self.precision == MatmulPrecision::F32 && !B::ad_enabled(&q.device()) {
+        // Rows too long for their scores to be held whole are attended a block of queries at
+        // a time (with a backward pass that computes each block's scores again).
+        let blocks = attention::query_block_rows(b, h, s, t);
+        let untracked_f32 = self.precision == MatmulPrecision::F32 && !B::ad_enabled(&q.device());
+        let out = if untracked_f32 && (blocks.is_none() || kernels::is_plain_cpu_f32(&q)) {
             // Scoring and generation: the backend's own attention (burn-flex tiles the keys
             // with an online softmax once the score matrix outgrows its cache, so no seq ×
             // seq matrix per head is held; it scales, soft-caps, then adds the mask, as
-            // transformers does). Training keeps the explicit form below: burn's autodiff
-            // decomposes `attention` into the same operations anyway.
+            // transformers does; on CUDA its flash kernel declines an additive mask, so long
+            // rows there are taken in blocks). Training keeps the explicit form below: burn's
+            // autodiff decomposes `attention` into the same operations anyway.
             let every_head = |x: Tensor<B, 4>| {
                 if rep == 1 {
                     return x;
@@ -478,7 +484,14 @@ impl<B: Backend> Attention<B> {
             } else {
                 mask.expand([b, 1, ms, mt])
             };
-            attention(q, every_head(k), every_head(v), None, Some(mask), options)
+            backend_attention(q, every_head(k), every_head(v), None, Some(mask), options)
+        } else if let Some(block) = blocks {
+            let scores = attention::Scores {
+                scale: self.scale,
+                softcap: self.softcap,
+                precision: self.precision,
+            };
+            attention::attention_in_blocks(q, k, v, mask, scores, block)
         } else {
             // The `rep` query heads of a key/value head stacked into one matrix against its
             // keys: no repeated copies of keys and values, in the forward or the backward pass.

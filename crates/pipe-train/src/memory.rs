@@ -16,8 +16,10 @@
 //! - activations: per decoder layer, the saved results of the norms, projections, rotary
 //!   embedding, grouped-query expansion, attention scores and probabilities (seq × seq per
 //!   head: burn 0.21's `attention` op is fused on CUDA and tiled on the CPU, but its autodiff
-//!   decomposes it into these same products and softmax, so training holds them), and SwiGLU; then the final norm, the logits and
-//!   the cross-entropy over the vocabulary. Gradient checkpointing keeps each layer's input
+//!   decomposes it into these same products and softmax, so training holds them — unless a
+//!   layer's scores outgrow `pipe_model::attention::CHUNK_SCORE_BYTES`: then none are held, and
+//!   one layer's backward pass holds a block's), and SwiGLU; then the final norm, the logits
+//!   and the cross-entropy over the vocabulary. Gradient checkpointing keeps each layer's input
 //!   alone and recomputes one layer at a time (`crate::segments`): the inputs, the gradient
 //!   flowing down, and the head's results or one layer's, whichever is larger.
 //! - on a CPU, replicas share one memory: the weights count once, each replica adds its own
@@ -26,6 +28,8 @@
 //!   gradients (ZeRO stage 1, `crate::step::optimizer_owners`).
 
 use pipe_eval::ForwardPass;
+#[cfg(test)]
+use pipe_model::attention::CHUNK_SCORE_BYTES;
 use pipe_model::ModelConfig;
 
 use crate::optimizer::Bf16Rounding;
@@ -215,8 +219,19 @@ pub fn plan_training(cfg: &ModelConfig, shape: &TrainShape) -> MemoryPlan {
         weights += copies * BF16;
     }
     let tokens = (shape.micro_batch_size * shape.seq_len) as u64;
-    let scores = (shape.micro_batch_size * shape.seq_len * shape.seq_len) as u64;
     let fused = !shape.on_gpu;
+    // Scores held from a layer's forward pass to its backward pass, unless rows too long for
+    // that are attended a block of queries at a time: then the backward pass of one layer
+    // holds a block's probabilities, their gradient and the scores' gradient (composed, the
+    // products of the softmax's backward pass too).
+    let score_block = attention_score_block(cfg, shape.micro_batch_size, shape.seq_len);
+    let scores = if score_block.is_some() {
+        0
+    } else {
+        (shape.micro_batch_size * shape.seq_len * shape.seq_len) as u64
+    };
+    let block_copies = if fused { 3 } else { 5 };
+    let attention_blocks = score_block.map_or(0, |n| block_copies * n * F32);
     let (per_token, per_score) = saved_per_layer(cfg, fused);
     let layers = cfg.num_hidden_layers as u64;
     let (d, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
@@ -235,18 +250,26 @@ pub fn plan_training(cfg: &ModelConfig, shape: &TrainShape) -> MemoryPlan {
             tokens * 4 * d * BF16
         };
     }
-    // Final norm, the logits, and (composed) their log-softmax over the vocabulary.
+    // Final norm, the logits, and (composed) their log-softmax over the vocabulary; with bf16
+    // products, the bf16 logits the output product makes (and its backward pass, their
+    // gradient rounded to bf16).
     let logit_copies = if fused { 1 } else { 2 };
-    let head = tokens * (norm_values(fused) * d + logit_copies * v) * F32;
+    let bf16_logits = if shape.bf16_products {
+        tokens * v * BF16
+    } else {
+        0
+    };
+    let head = tokens * (norm_values(fused) * d + logit_copies * v) * F32 + bf16_logits;
     let activations = if shape.gradient_checkpointing {
         // Every layer's input and the gradient flowing down, beside the peak of the head's
         // backward pass (its results and as many gradients of the logits) or of one recomputed
         // layer's (its results and their gradients) (`crate::segments`). Without
         // recomputation the layers' backward passes free results as they make gradients.
-        let head_backward = tokens * (norm_values(fused) * d + 2 * logit_copies * v) * F32;
-        (layers + 2) * tokens * d * F32 + head_backward.max(2 * layer)
+        let head_backward =
+            tokens * (norm_values(fused) * d + 2 * logit_copies * v) * F32 + bf16_logits;
+        (layers + 2) * tokens * d * F32 + head_backward.max(2 * layer + attention_blocks)
     } else {
-        layers * layer + head
+        layers * layer + head.max(attention_blocks)
     };
     let mut gradients = (trainable - bf16_trained) * F32 + bf16_trained * BF16;
     let bf16_states = match shape.bf16_rounding {
@@ -371,6 +394,15 @@ pub fn plan_evaluation(cfg: &ModelConfig, shape: &EvalShape) -> (MemoryPlan, Eva
     (plan, peak.1)
 }
 
+/// The scores (f32 values, every head of every row) of one block of queries when rows of
+/// `seq` tokens are attended a block at a time (`pipe_model::attention`); `None` when a
+/// layer's scores are made whole.
+fn attention_score_block(cfg: &ModelConfig, rows: usize, seq: usize) -> Option<u64> {
+    let h = cfg.num_attention_heads;
+    pipe_model::attention::query_block_rows(rows, h, seq, seq)
+        .map(|block| (block.min(seq) * rows * h * seq) as u64)
+}
+
 /// The bytes one forward pass of an evaluation holds at its peak (see [`plan_evaluation`]).
 fn forward_pass_bytes(cfg: &ModelConfig, p: &ForwardPass, on_gpu: bool) -> u64 {
     let Dims { d, i, v, q, kv, .. } = Dims::of(cfg);
@@ -390,7 +422,10 @@ fn forward_pass_bytes(cfg: &ModelConfig, p: &ForwardPass, on_gpu: bool) -> u64 {
     let mask_rows = if p.packed { p.rows as u64 } else { 1 };
     layer += mask_rows * seq * seq;
     if on_gpu {
-        layer += 3 * h * p.rows as u64 * seq * seq;
+        // burn's flash kernel declines the additive mask: the composed scores, exponentials
+        // and probabilities, of every query or of one block of them.
+        layer +=
+            3 * attention_score_block(cfg, p.rows, p.seq).unwrap_or(h * p.rows as u64 * seq * seq);
     }
     // The scored positions' hidden states, logits and log-softmax.
     let head = tokens * d + p.scored as u64 * (d + 2 * v);
@@ -624,33 +659,44 @@ mod tests {
     }
 
     #[test]
-    fn attention_scores_of_4096_tokens_fill_every_gpu_unless_layers_are_recomputed() {
-        // Scores, their scaled-and-masked sum, exp and probabilities of 32 heads, f32, kept for
-        // the backward pass: 4096² × 32 × 4 × 4 bytes = 8 GiB a layer for one row; 256 GiB
-        // for all 32 layers, but one layer's at a time when they are recomputed.
-        let shape = |seq_len, gradient_checkpointing| TrainShape {
+    fn long_rows_cost_their_tokens_not_the_square_of_their_length() {
+        // Held whole, 32 heads' scores, masked sum, exp and probabilities of a row of 4096
+        // tokens would be 4096² × 32 × 4 × 4 bytes = 8 GiB a layer, 256 GiB for 32 layers.
+        // Attended a block of queries at a time, no layer keeps its scores: one row of 4096
+        // tokens costs what eight rows of 512 do (both in blocks), but for the size of a block.
+        let shape = |micro_batch_size, seq_len, gradient_checkpointing| TrainShape {
             lora: Some(LoraShape {
                 rank: 16,
                 targets_per_layer: 7,
             }),
-            micro_batch_size: 1,
+            micro_batch_size,
             seq_len,
             gradient_checkpointing,
             ..full_at_512()
         };
-        let layer_scores = 4096 * 4096 * 32 * 4 * F32;
-        assert_eq!(layer_scores, 8 << 30);
-        let kept = plan_training(&llama2_7b(), &shape(4096, false));
-        assert!(kept.activations > 32 * layer_scores, "{kept:?}");
-        let recomputed = plan_training(&llama2_7b(), &shape(4096, true));
-        // One layer's, and their gradients while its backward pass runs.
-        assert!(
-            recomputed.activations > 2 * layer_scores && recomputed.activations < 3 * layer_scores,
-            "{recomputed:?}"
+        let block = (CHUNK_SCORE_BYTES * 5) as u64;
+        for checkpointing in [false, true] {
+            let long = plan_training(&llama2_7b(), &shape(1, 4096, checkpointing));
+            let many = plan_training(&llama2_7b(), &shape(8, 512, checkpointing));
+            assert!(
+                long.activations.abs_diff(many.activations) <= block,
+                "{long:?} vs {many:?}"
+            );
+            if checkpointing {
+                // 22.5 GB; 39.6 GB when a layer held its scores whole.
+                assert!(long.total < 24 << 30, "{long:?}");
+            }
+        }
+        // Short rows keep their scores whole (4 rows of 128 tokens: 8 MiB a layer): every
+        // layer, the four composed copies of 32 heads' scores, besides what grows with tokens.
+        let scores = |seq: u64| 32 * 4 * seq * seq * (4 * 32) * F32;
+        let short = plan_training(&llama2_7b(), &shape(4, 128, false));
+        let shorter = plan_training(&llama2_7b(), &shape(4, 64, false));
+        assert_eq!(
+            short.activations - scores(128),
+            2 * (shorter.activations - scores(64)),
+            "{short:?} vs {shorter:?}"
         );
-        assert!(recomputed.total < 80 << 30, "{recomputed:?}");
-        let short = plan_training(&llama2_7b(), &shape(512, true));
-        assert!(short.activations * 10 < recomputed.activations, "{short:?}");
     }
 
     #[test]
@@ -698,7 +744,7 @@ mod tests {
                 - (bf16.weights + bf16.gradients + bf16.optimizer),
             p * (16 - 10) + p / 32 * 2
         );
-        // 71.3 GB with bf16 weights, against 110 GB; the recipe's micro-batch of 4 within an
+        // 71.2 GB with bf16 weights, against 110 GB; the recipe's micro-batch of 4 within an
         // 80 GB card's 80 GiB.
         assert!(f32.total > 100 << 30, "{}", f32.total);
         assert!(bf16.total <= 72_000_000_000, "{}", bf16.total);
