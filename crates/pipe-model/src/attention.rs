@@ -3,7 +3,7 @@
 //! burn 0.21's autodiff holds every head's seq × seq scores (and, composed, their masked sum,
 //! exponentials and probabilities) from the forward pass to the backward pass of a layer:
 //! Llama-2-7B at 4096 tokens would keep 8 GiB a layer per row. Here the queries are taken in
-//! blocks of rows whose scores stay within [`CHUNK_SCORE_BYTES`]; each block's scores are
+//! blocks of rows whose scores stay within [`BLOCK_SCORE_BYTES`]; each block's scores are
 //! computed against every key, so its softmax is exact (no running maximum, no rescaling), and
 //! dropped once the block's output is made. The backward pass keeps only q, k and v and
 //! computes each block's probabilities again (FlashAttention's trade: one more `q·kᵀ` and
@@ -26,7 +26,7 @@
 //! other autodiff backend takes burn's composition of the same blocks, which is exact too but
 //! keeps every block's scores.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -37,17 +37,17 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use crate::kernels;
+use crate::kernels::{self, same_type};
 use crate::model::{matmul_at, MatmulPrecision};
 
 /// The most bytes one block of queries' scores take (f32, every head of every row).
-pub const CHUNK_SCORE_BYTES: usize = 64 << 20;
+pub const BLOCK_SCORE_BYTES: usize = 64 << 20;
 
 /// The query rows a block takes when `batch` rows of `heads` heads, `s` queries against `t`
-/// keys, hold more than [`CHUNK_SCORE_BYTES`] of scores; `None` when they fit whole.
+/// keys, hold more than [`BLOCK_SCORE_BYTES`] of scores; `None` when they fit whole.
 pub fn query_block_rows(batch: usize, heads: usize, s: usize, t: usize) -> Option<usize> {
     let per_query = batch * heads * t * 4;
-    (per_query * s > CHUNK_SCORE_BYTES).then(|| (CHUNK_SCORE_BYTES / per_query.max(1)).max(1))
+    (per_query * s > BLOCK_SCORE_BYTES).then(|| (BLOCK_SCORE_BYTES / per_query.max(1)).max(1))
 }
 
 /// How the scores are formed.
@@ -91,13 +91,6 @@ pub fn attention_in_blocks<B: Backend>(
 
 fn autodiff_over<B: Backend, I: Backend>() -> bool {
     TypeId::of::<FloatTensor<B>>() == TypeId::of::<FloatTensor<Autodiff<I>>>()
-}
-
-/// The value back as the type it is known to have.
-fn same_type<T: 'static>(value: impl Any) -> T {
-    *(Box::new(value) as Box<dyn Any>)
-        .downcast::<T>()
-        .unwrap_or_else(|_| unreachable!("a primitive is cast only to the type it has"))
 }
 
 fn primitive<B: Backend>(t: Tensor<B, 4>) -> FloatTensor<B> {
@@ -252,7 +245,8 @@ impl BlockAttention {
         v: Tensor<B, 4>,
         mask: Tensor<B, 4>,
     ) -> Tensor<B, 4> {
-        let inner = |t: Tensor<B, 4>| -> FloatTensor<Autodiff<I>> { same_type(primitive(t)) };
+        let inner =
+            |t: Tensor<B, 4>| -> FloatTensor<Autodiff<I>> { same_type(Box::new(primitive(t))) };
         let (q, k, v, mask) = (inner(q), inner(k), inner(v), inner(mask));
         let state = (q.primitive, k.primitive, v.primitive, mask.primitive);
         let run = |(q, k, v, mask): &(
@@ -279,7 +273,7 @@ impl BlockAttention {
             }
             OpsKind::UnTracked(prep) => prep.finish(run(&state)),
         };
-        tensor(same_type(out))
+        tensor(same_type(Box::new(out)))
     }
 }
 

@@ -404,7 +404,7 @@ impl<B: Backend> CpuF32<B> {
 }
 
 /// The value back as the type it is known to have (it was boxed from a `FloatTensor<B>`).
-fn same_type<T: 'static>(boxed: Box<dyn Any>) -> T {
+pub(crate) fn same_type<T: 'static>(boxed: Box<dyn Any>) -> T {
     *boxed
         .downcast::<T>()
         .unwrap_or_else(|_| unreachable!("a primitive is unboxed as the type it was boxed from"))

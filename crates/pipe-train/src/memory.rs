@@ -17,7 +17,7 @@
 //!   embedding, grouped-query expansion, attention scores and probabilities (seq × seq per
 //!   head: burn 0.21's `attention` op is fused on CUDA and tiled on the CPU, but its autodiff
 //!   decomposes it into these same products and softmax, so training holds them — unless a
-//!   layer's scores outgrow `pipe_model::attention::CHUNK_SCORE_BYTES`: then none are held, and
+//!   layer's scores outgrow `pipe_model::attention::BLOCK_SCORE_BYTES`: then none are held, and
 //!   one layer's backward pass holds a block's), and SwiGLU; then the final norm, the logits
 //!   and the cross-entropy over the vocabulary. Gradient checkpointing keeps each layer's input
 //!   alone and recomputes one layer at a time (`crate::segments`): the inputs, the gradient
@@ -29,7 +29,7 @@
 
 use pipe_eval::ForwardPass;
 #[cfg(test)]
-use pipe_model::attention::CHUNK_SCORE_BYTES;
+use pipe_model::attention::BLOCK_SCORE_BYTES;
 use pipe_model::ModelConfig;
 
 use crate::optimizer::Bf16Rounding;
@@ -674,7 +674,7 @@ mod tests {
             gradient_checkpointing,
             ..full_at_512()
         };
-        let block = (CHUNK_SCORE_BYTES * 5) as u64;
+        let block = (BLOCK_SCORE_BYTES * 5) as u64;
         for checkpointing in [false, true] {
             let long = plan_training(&llama2_7b(), &shape(1, 4096, checkpointing));
             let many = plan_training(&llama2_7b(), &shape(8, 512, checkpointing));
